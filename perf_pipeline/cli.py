@@ -1,0 +1,204 @@
+"""`perf-pipeline …`: the operator's command line.
+
+Every command works on the configured servers (``PERF_PIPELINE_DATABASE_URL`` / ``PERF_PIPELINE_REDIS_URL``)
+or, when those are unset, on the embedded ones, which it starts if needed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import logging
+import os
+import shlex
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from perf_pipeline.settings import PROJECT_ROOT, Settings, SettingsError, get_settings
+
+log = logging.getLogger("perf_pipeline")
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _urls(start: bool = True):
+    from perf_pipeline.embedded import resolve_urls
+
+    return resolve_urls(get_settings(), start=start)
+
+
+def dagster_environment(settings: Settings | None = None) -> dict[str, str]:
+    """Environment for `dagster dev` / `dagster-daemon`: URLs, DAGSTER_HOME, artifact folders."""
+    from perf_pipeline.embedded import ensure_database
+
+    settings = settings or get_settings()
+    urls = _urls()
+    ensure_database(urls.dagster_database_url)
+    home = settings.state_dir / "dagster_home"
+    home.mkdir(parents=True, exist_ok=True)
+    link = home / "dagster.yaml"
+    if not link.is_symlink():
+        link.unlink(missing_ok=True)
+        link.symlink_to(PROJECT_ROOT / "dagster.yaml")
+    env = urls.exports()
+    env.update({
+        "DAGSTER_HOME": str(home),
+        "PERF_PIPELINE_DAGSTER_ARTIFACTS_DIR": str(settings.state_dir / "dagster_storage"),
+        "PERF_PIPELINE_DAGSTER_COMPUTE_LOGS_DIR": str(settings.state_dir / "dagster_compute_logs"),
+    })
+    return env
+
+
+# ------------------------------------------------------------------------------------------- commands
+
+
+def cmd_env(args: argparse.Namespace) -> int:
+    for key, value in dagster_environment().items():
+        print(f"export {key}={shlex.quote(value)}")
+    return 0
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    urls = _urls()
+    print(f"PostgreSQL: {urls.database_url}{'  (embedded)' if urls.embedded_postgres else ''}")
+    print(f"Redis:      {urls.redis_url}{'  (embedded)' if urls.embedded_redis else ''}")
+    return 0
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    from perf_pipeline.embedded import stop_postgres, stop_redis
+
+    settings = get_settings()
+    if settings.database_url is None:
+        print("embedded PostgreSQL:", "stopped" if stop_postgres(settings.state_dir) else "was not running")
+    if settings.redis_url is None:
+        print("embedded Redis:", "stopped" if stop_redis(settings.state_dir) else "was not running")
+    return 0
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from perf_pipeline.lib.migrations import apply_migrations
+
+    applied = apply_migrations(_urls().database_url)
+    print(f"applied {len(applied)} migration(s)" + (": " + ", ".join(applied) if applied else "; up to date"))
+    return 0
+
+
+def cmd_seed(args: argparse.Namespace) -> int:
+    from perf_pipeline.lib.migrations import apply_migrations
+    from perf_pipeline.lib.workload import WorkloadSpec, database_is_empty, load_workload
+
+    url = _urls().database_url
+    apply_migrations(url)
+    if args.if_empty and not database_is_empty(url):
+        print("database already holds usage/audit rows; not seeding (--if-empty)")
+        return 0
+    spec_kwargs = dict(days=args.days, usage_per_day=args.usage_per_day, audit_per_day=args.audit_per_day,
+                       users=args.users, seed=args.seed)
+    if args.end:
+        spec_kwargs["end"] = args.end
+    result = load_workload(url, WorkloadSpec(**spec_kwargs), workers=args.workers, progress=not args.quiet)
+    rows = result.sessions + result.usage_rows + result.audit_rows
+    print(f"loaded {result.sessions:,} sessions, {result.usage_rows:,} usage rows, {result.audit_rows:,} audit rows "
+          f"in {result.seconds:.2f} s ({rows / result.seconds:,.0f} rows/s)")
+    return 0
+
+
+def cmd_settings(args: argparse.Namespace) -> int:
+    for var, default, doc in Settings.documented():
+        current = os.environ.get(var)
+        print(f"{var}\n    {doc}\n    default: {default or '(unset)'}" + (f"\n    current: {current}" if current else ""))
+    return 0
+
+
+def cmd_dev(args: argparse.Namespace) -> int:
+    """Start servers, migrate, load a demo workload if empty, then exec `dagster dev`."""
+    from perf_pipeline.lib.migrations import apply_migrations
+    from perf_pipeline.lib.workload import WorkloadSpec, database_is_empty, load_workload
+
+    env = dagster_environment()
+    url = env["PERF_PIPELINE_DATABASE_URL"]
+    applied = apply_migrations(url)
+    print(f"migrations: {len(applied)} applied")
+    if database_is_empty(url):
+        print("empty database: loading a small demo workload (120 days)")
+        load_workload(url, WorkloadSpec(days=120, usage_per_day=2000, audit_per_day=5000), progress=True)
+    os.environ.update(env)
+    dagster = Path(sys.executable).with_name("dagster")
+    argv = [str(dagster), "dev", "-w", str(PROJECT_ROOT / "workspace.yaml"), "-h", args.host, "-p", str(args.port)]
+    print("exec", " ".join(argv))
+    os.chdir(PROJECT_ROOT)
+    os.execve(argv[0], argv, os.environ)
+    return 0  # not reached
+
+
+# --------------------------------------------------------------------------------------------- parser
+
+
+def _date(value: str) -> dt.datetime:
+    try:
+        parsed = dt.datetime.fromisoformat(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an ISO date/time: {value!r}") from None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.UTC)
+
+
+def _positive(value: str) -> int:
+    number = int(value)
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {number}")
+    return number
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="perf-pipeline",
+        description="Keeps the platform's audit/usage/session/export tables fast (Dagster code location + tools). "
+                    "Uses PERF_PIPELINE_DATABASE_URL / PERF_PIPELINE_REDIS_URL, or embedded servers when unset.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, handler: Handler, help_: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_, description=help_)
+        p.set_defaults(handler=handler)
+        return p
+
+    add("env", cmd_env, "print shell `export` lines for the URLs in use (starts the embedded servers if needed)")
+    add("up", cmd_up, "start the embedded PostgreSQL and Redis (those not configured by URL) and print the URLs")
+    add("down", cmd_down, "stop the embedded PostgreSQL and Redis")
+    add("migrate", cmd_migrate, "apply pending sql/migrations in order (idempotent)")
+    add("settings", cmd_settings, "list every setting, its default and current value")
+    p = add("seed", cmd_seed, "load a reproducible synthetic workload with COPY")
+    p.add_argument("--days", type=int, required=True, help="UTC calendar days of data, ending today (partial)")
+    p.add_argument("--usage-per-day", type=_positive, required=True, help="usage_log rows (and sessions) per day")
+    p.add_argument("--audit-per-day", type=_positive, required=True, help="audit_log rows per day")
+    p.add_argument("--users", type=int, default=5000, help="distinct users, Zipf-skewed (default 5000)")
+    p.add_argument("--seed", type=_positive, default=42, help="random seed (same seed and --end: same rows)")
+    p.add_argument("--end", type=_date, help="end of the data (ISO, UTC; default: now)")
+    p.add_argument("--workers", type=int, default=2, help="parallel COPY connections (default 2)")
+    p.add_argument("--if-empty", action="store_true", help="do nothing if usage_log or audit_log has rows")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p = add("dev", cmd_dev, "start servers, migrate, seed a demo if empty, and run `dagster dev` (UI + daemon)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=3000)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.handler(args)
+    except SettingsError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return 2
+    except ValueError as exc:  # WorkloadError, PartitionError, …: bad input, named in the message
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

