@@ -50,6 +50,32 @@ def dagster_environment(settings: Settings | None = None) -> dict[str, str]:
     return env
 
 
+def pool_limits(settings: Settings | None = None) -> dict[str, int]:
+    """Dagster pool limits: heavy database work one at a time; exports as configured."""
+    settings = settings or get_settings()
+    return {"postgres_heavy": 1, "exports": settings.export_concurrency}
+
+
+def apply_pool_limits(env: dict[str, str]) -> dict[str, int]:
+    """Write the pool limits into the Dagster instance (they live in its storage, not in dagster.yaml)."""
+    import dagster as dg
+
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        with dg.DagsterInstance.get() as instance:
+            limits = pool_limits()
+            for pool, limit in limits.items():
+                instance.event_log_storage.set_concurrency_slots(pool, limit)
+            return limits
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 # ------------------------------------------------------------------------------------------- commands
 
 
@@ -124,6 +150,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
     if database_is_empty(url):
         print("empty database: loading a small demo workload (120 days)")
         load_workload(url, WorkloadSpec(days=120, usage_per_day=2000, audit_per_day=5000), progress=True)
+    print("Dagster pools:", ", ".join(f"{k}={v}" for k, v in apply_pool_limits(env).items()))
     os.environ.update(env)
     dagster = Path(sys.executable).with_name("dagster")
     argv = [str(dagster), "dev", "-w", str(PROJECT_ROOT / "workspace.yaml"), "-h", args.host, "-p", str(args.port)]
