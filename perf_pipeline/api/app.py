@@ -1,0 +1,243 @@
+"""Dashboard API: KPIs and usage trends for admins, served cache-aside from Redis, from SQL when Redis is
+down; ``/healthz`` for load balancers.
+
+Run it with ``perf-pipeline serve`` (uvicorn, several worker processes). Every endpoint is a plain
+``def``: FastAPI runs it in its thread pool, where the synchronous Redis and psycopg clients of the
+read path block only their own thread.
+
+Auth: ``Authorization: Bearer <token>``. Tokens come from ``PERF_PIPELINE_ADMIN_TOKENS`` (200) and
+``PERF_PIPELINE_USER_TOKENS`` (authenticated but not admin: 403); anything else is 401. Tokens are
+compared with :func:`hmac.compare_digest` against every configured token, so the time taken does not
+tell which prefix or which token matched.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hmac
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Annotated, Any, Literal
+
+import psycopg
+import psycopg_pool
+import redis
+from fastapi import Depends, FastAPI, HTTPException, Query, Request, status
+from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel
+
+from perf_pipeline.lib.cache import DashboardCache, serving_client
+from perf_pipeline.lib.dashboard import TrendRangeError, validate_trend_request
+from perf_pipeline.settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
+
+API_PREFIX = "/api/v1/admin/dashboard"
+
+
+# --------------------------------------------------------------------------------- response models
+
+
+class RealTimeKpis(BaseModel):
+    active_transcriptions: int
+    transcriptions_last_hour: int
+    active_users_24h: int
+    failed_last_hour: int
+    error_rate_percent: float
+    daily_revenue_usd: float
+    avg_duration_minutes: float
+
+
+class KpisResponse(BaseModel):
+    real_time: RealTimeKpis
+    timestamp: str  # ISO instant the KPIs were computed at (database clock)
+
+
+class TrendPeriod(BaseModel):
+    start_date: dt.date
+    end_date: dt.date
+    granularity: Literal["daily", "weekly", "monthly"]
+
+
+class ProviderUsage(BaseModel):
+    provider: str
+    session_count: int
+    minutes: float
+    revenue: float
+
+
+class TrendPoint(BaseModel):
+    period: dt.date  # first day of the day/ISO week/month
+    session_count: int
+    total_minutes: float
+    total_cost: float
+    active_users: int
+    avg_duration: float
+    providers: list[ProviderUsage]
+
+
+class ProviderShare(BaseModel):
+    provider: str
+    session_count: int
+    percentage: float
+
+
+class TrendsResponse(BaseModel):
+    period: TrendPeriod
+    transcription_trend: list[TrendPoint]
+    provider_breakdown: list[ProviderShare]
+
+
+class ComponentHealth(BaseModel):
+    ok: bool
+    latency_ms: float | None = None
+    error: str | None = None
+
+
+class HealthResponse(BaseModel):
+    status: Literal["ok", "degraded", "down"]
+    postgres: ComponentHealth
+    redis: ComponentHealth
+    cache_outcomes: dict[str, int]
+
+
+# ------------------------------------------------------------------------------------------- auth
+
+_bearer = HTTPBearer(auto_error=False, description="Admin bearer token (PERF_PIPELINE_ADMIN_TOKENS)")
+
+
+def _any_matches(token: bytes, candidates: tuple[bytes, ...]) -> bool:
+    # no early exit: every candidate is compared, so timing does not reveal which one matched
+    found = False
+    for candidate in candidates:
+        found |= hmac.compare_digest(token, candidate)
+    return found
+
+
+def require_admin(request: Request,
+                  credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> None:
+    unauthorized = HTTPException(status.HTTP_401_UNAUTHORIZED, "a valid bearer token is required",
+                                 headers={"WWW-Authenticate": "Bearer"})
+    if credentials is None:
+        raise unauthorized
+    token = credentials.credentials.encode()
+    admins: tuple[bytes, ...] = request.app.state.admin_tokens
+    users: tuple[bytes, ...] = request.app.state.user_tokens
+    is_admin, is_user = _any_matches(token, admins), _any_matches(token, users)
+    if is_admin:
+        return
+    if is_user:
+        raise HTTPException(status.HTTP_403_FORBIDDEN, "admin role required")
+    raise unauthorized
+
+
+def _cache(request: Request) -> DashboardCache:
+    return request.app.state.cache
+
+
+# ------------------------------------------------------------------------------------------- app
+
+
+def _default_cache(settings: Settings) -> tuple[DashboardCache, psycopg_pool.ConnectionPool]:
+    from perf_pipeline.embedded import resolve_urls
+
+    urls = resolve_urls(settings, start=False)
+    # a small pool per worker process bounds the SQL fallback's load on PostgreSQL when Redis is down:
+    # 1,000 concurrent requests queue for 4 connections instead of opening 1,000
+    pool = psycopg_pool.ConnectionPool(urls.database_url, min_size=1, max_size=4, timeout=10, open=True,
+                                       kwargs={"autocommit": True, "application_name": "perf_pipeline.api"},
+                                       name="dashboard")
+    client = serving_client(urls.redis_url, settings.redis_socket_timeout_ms)
+    return DashboardCache(client, pool.connection, kpi_ttl_s=settings.kpi_ttl_seconds,
+                          trends_ttl_s=settings.trends_ttl_seconds), pool
+
+
+def create_app(settings: Settings | None = None, cache: DashboardCache | None = None) -> FastAPI:
+    """The ASGI app. Without ``cache``, one is built at startup from the settings (URLs of the configured
+    or running embedded servers) with its own connection pool, closed at shutdown."""
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        pool = None
+        if cache is None:
+            app.state.cache, pool = _default_cache(settings)
+        try:
+            yield
+        finally:
+            if pool is not None:
+                pool.close()
+
+    app = FastAPI(
+        title="perf_pipeline dashboard API",
+        version="1.0",
+        description="Admin dashboard KPIs and usage trends, cached in Redis (cache-aside, single-flight "
+                    "refresh, SQL fallback when Redis is unavailable).",
+        lifespan=lifespan,
+    )
+    app.state.admin_tokens = tuple(t.encode() for t in settings.admin_tokens)
+    app.state.user_tokens = tuple(t.encode() for t in settings.user_tokens)
+    if cache is not None:
+        app.state.cache = cache
+
+    @app.exception_handler(psycopg.OperationalError)
+    @app.exception_handler(psycopg_pool.PoolTimeout)
+    async def database_unavailable(request: Request, exc: Exception) -> JSONResponse:
+        log.error("database unavailable: %s", exc)
+        return JSONResponse({"detail": "the database is unavailable"}, status_code=503)
+
+    @app.get(f"{API_PREFIX}/kpis", response_model=KpisResponse, dependencies=[Depends(require_admin)],
+             summary="Real-time KPIs (cached up to the KPI TTL)")
+    def kpis(cache: Annotated[DashboardCache, Depends(_cache)]) -> dict[str, Any]:
+        return cache.kpis()
+
+    @app.get(f"{API_PREFIX}/usage-trends", response_model=TrendsResponse, dependencies=[Depends(require_admin)],
+             summary="Usage trends per day, ISO week or month, with provider breakdown",
+             responses={422: {"description": "bad dates, inverted or over-long range, unknown granularity"}})
+    def usage_trends(
+        cache: Annotated[DashboardCache, Depends(_cache)],
+        start_date: Annotated[dt.date, Query(description="first day (UTC), YYYY-MM-DD")],
+        end_date: Annotated[dt.date, Query(description="last day (UTC, inclusive), YYYY-MM-DD")],
+        granularity: Annotated[Literal["daily", "weekly", "monthly"], Query()] = "daily",
+    ) -> dict[str, Any]:
+        try:
+            trend_request = validate_trend_request(start_date, end_date, granularity)
+        except TrendRangeError as exc:
+            raise HTTPException(
+                status.HTTP_422_UNPROCESSABLE_CONTENT,
+                [{"loc": ["query", "end_date"], "msg": str(exc), "type": "value_error"}],
+            ) from None
+        return cache.usage_trends(trend_request)
+
+    @app.get("/healthz", response_model=HealthResponse, summary="PostgreSQL and Redis status",
+             responses={503: {"description": "PostgreSQL is unavailable"}})
+    def healthz(request: Request) -> JSONResponse:
+        cache: DashboardCache = request.app.state.cache
+        pg, rd = _probe_postgres(cache), _probe_redis(cache.redis_client)
+        state = "ok" if pg.ok and rd.ok else ("degraded" if pg.ok else "down")
+        body = HealthResponse(status=state, postgres=pg, redis=rd, cache_outcomes=dict(cache.counts))
+        return JSONResponse(body.model_dump(), status_code=200 if pg.ok else 503)
+
+    return app
+
+
+def _probe_postgres(cache: DashboardCache) -> ComponentHealth:
+    started = time.perf_counter()
+    try:
+        with cache.connection() as conn:
+            conn.execute("SELECT 1")
+    except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
+        return ComponentHealth(ok=False, error=str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+    return ComponentHealth(ok=True, latency_ms=(time.perf_counter() - started) * 1000)
+
+
+def _probe_redis(client: redis.Redis) -> ComponentHealth:
+    started = time.perf_counter()
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        return ComponentHealth(ok=False, error=str(exc) or type(exc).__name__)
+    return ComponentHealth(ok=True, latency_ms=(time.perf_counter() - started) * 1000)

@@ -1,0 +1,372 @@
+"""The dashboard cache: Redis layout, the cache-aside read path, warming, invalidation and hit counters.
+
+Layout (all keys under ``dash:``; nothing is ever found by pattern, so no ``KEYS``/``SCAN``):
+
+* ``dash:gen`` — the cache generation (an integer). Every entry records the generation it was computed
+  under; an entry older than the current generation is *stale*. Invalidation is ``INCR dash:gen``:
+  O(1), whatever the number of cached ranges, and atomic with the warm write (same ``MULTI``).
+* ``dash:kpis``, ``dash:trends:<granularity>:<start>:<end>`` — JSON entries
+  ``{"gen", "computed_at", "expires_at", "compute_ms", "payload"}``. ``expires_at`` (computed_at +
+  TTL, 1–5 min from settings) is the freshness bound; Redis keeps the key ``STALE_GRACE_S`` longer so
+  that a stale copy exists to serve while one reader recomputes.
+* ``dash:lock:<key>`` — the single-flight lock of a key's recomputation (``SET NX PX``, token-checked
+  release).
+* ``dash:stats:<unix minute>`` — hash of outcome counters (hit, stale, waited, miss, fallback) per
+  minute, expiring after two hours: the hit rate over any recent window is a few ``HGETALL``.
+
+Stampede protection: **single-flight lock + stale-while-revalidate**, chosen over XFetch (probabilistic
+early recomputation) because XFetch only helps while a copy still exists and every reader must run
+the same computation at random; it cannot stop N readers of a key that is gone (cold start, eviction,
+an invalidated range) from all hitting PostgreSQL. With the lock, exactly one reader (across every API
+process: the lock is in Redis) recomputes an expired key; the others serve the stale copy (expired, or
+of an older generation) for the few milliseconds the recomputation takes, or, when no copy exists,
+wait for it (bounded by ``wait_s``) instead of querying PostgreSQL themselves.
+
+Redis down or slow: the serving client has a short socket timeout (``redis_socket_timeout_ms``) and no
+retries; any Redis error opens a breaker for ``retry_after_s``, during which reads go straight to SQL
+(correct answers, same payloads) without paying the timeout again; after it, Redis is tried again and
+the cache refills on the next misses.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import math
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from perf_pipeline.lib.dashboard import (
+    TrendRequest,
+    compute_kpis,
+    compute_usage_trends,
+    standard_trend_requests,
+)
+
+log = logging.getLogger(__name__)
+
+PREFIX = "dash:"
+GEN_KEY = PREFIX + "gen"
+KPIS_KEY = PREFIX + "kpis"
+STATS_PREFIX = PREFIX + "stats:"
+LOCK_PREFIX = PREFIX + "lock:"
+STALE_GRACE_S = 900  # one warm interval: a stale copy survives until the next scheduled warm at worst
+STATS_KEEP_S = 7200
+OUTCOMES = ("hit", "stale", "waited", "miss", "fallback")
+SERVED_FROM_CACHE = ("hit", "stale", "waited")
+
+# Lua: delete the lock only if we still own it (a lock that expired and was re-taken is not ours)
+_RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end"
+
+ConnectionSource = Callable[[], AbstractContextManager[psycopg.Connection]]
+
+
+def trends_key(request: TrendRequest) -> str:
+    return f"{PREFIX}trends:{request.cache_suffix}"
+
+
+def serving_client(url: str, socket_timeout_ms: int) -> redis.Redis:
+    """A Redis client for the read path: short connect/read timeouts and no retries, so a dead or hung
+    Redis costs one timeout, after which the breaker sends reads to SQL."""
+    timeout = socket_timeout_ms / 1000
+    return redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout,
+                                retry=Retry(NoBackoff(), 0), health_check_interval=0)
+
+
+@dataclass(frozen=True)
+class Entry:
+    gen: int
+    computed_at: float
+    expires_at: float
+    compute_ms: float
+    payload: dict[str, Any]
+
+    def encode(self) -> bytes:
+        return json.dumps({"gen": self.gen, "computed_at": self.computed_at, "expires_at": self.expires_at,
+                           "compute_ms": self.compute_ms, "payload": self.payload},
+                          separators=(",", ":")).encode()
+
+    @staticmethod
+    def decode(raw: bytes | None) -> Entry | None:
+        if raw is None:
+            return None
+        try:
+            d = json.loads(raw)
+            return Entry(int(d["gen"]), float(d["computed_at"]), float(d["expires_at"]), float(d["compute_ms"]),
+                         d["payload"])
+        except (ValueError, KeyError, TypeError):
+            return None  # a corrupt entry is a miss, never an error page
+
+
+def _minute(ts: float) -> int:
+    return int(ts // 60)
+
+
+@dataclass
+class DashboardCache:
+    """Cache-aside reads of the dashboard payloads, shared by the API and the tests.
+
+    ``redis_client`` should come from :func:`serving_client`; ``connection`` opens a psycopg connection
+    (a pool's ``.connection`` in the API). Thread-safe: the API calls it from its worker threads.
+    """
+
+    redis_client: redis.Redis
+    connection: ConnectionSource
+    kpi_ttl_s: int = 60
+    trends_ttl_s: int = 300
+    lock_ms: int = 10_000
+    wait_s: float = 2.0
+    retry_after_s: float = 1.0
+    counts: Counter[str] = field(default_factory=Counter)  # this process's outcomes, Redis up or down
+    recomputations: Counter[str] = field(default_factory=Counter)  # SQL computations per key
+    _down_until: float = 0.0
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    # ------------------------------------------------------------------ public reads
+
+    def kpis(self) -> dict[str, Any]:
+        """Real-time KPIs: one Redis round trip on a hit (plus the counter increment), the KPI SQL on a
+        miss (see :func:`compute_kpis`)."""
+        return self.get(KPIS_KEY, self.kpi_ttl_s, lambda conn: compute_kpis(conn))
+
+    def usage_trends(self, request: TrendRequest) -> dict[str, Any]:
+        """Usage trends for a validated request; the rollup SQL on a miss."""
+        return self.get(trends_key(request), self.trends_ttl_s, lambda conn: compute_usage_trends(conn, request))
+
+    def redis_available(self) -> bool:
+        return time.monotonic() >= self._down_until
+
+    # ------------------------------------------------------------------ the read path
+
+    def get(self, key: str, ttl_s: int, compute: Callable[[psycopg.Connection], dict[str, Any]]) -> dict[str, Any]:
+        """Serve ``key`` from Redis if fresh; otherwise single-flight recompute (see the module doc)."""
+        if not self.redis_available():
+            return self._fallback(key, compute)
+        try:
+            gen_raw, raw = self.redis_client.mget(GEN_KEY, key)
+        except redis.RedisError as exc:
+            self._trip(exc)
+            return self._fallback(key, compute)
+        gen = int(gen_raw or 0)
+        entry = Entry.decode(raw)
+        now = time.time()
+        if entry is not None and entry.gen >= gen and now < entry.expires_at:
+            self._record("hit")
+            return entry.payload
+
+        token = self._try_lock(key)
+        if token is not None:
+            try:
+                return self._recompute(key, ttl_s, gen, compute)
+            except Exception:
+                if entry is None:
+                    raise
+                # PostgreSQL failed: an old answer beats an error page; the next reader retries
+                log.exception("recomputing %s failed; serving the stale copy", key)
+                self._record("stale")
+                return entry.payload
+            finally:
+                self._unlock(key, token)
+        if entry is not None:
+            self._record("stale")  # someone else is recomputing: stale-while-revalidate
+            return entry.payload
+        if not self.redis_available():  # _try_lock hit a Redis error
+            return self._fallback(key, compute)
+        waited = self._wait_for(key, gen)
+        if waited is not None:
+            self._record("waited")
+            return waited.payload
+        # the lock holder is slow or died: answer from SQL rather than keep the reader waiting
+        return self._recompute(key, ttl_s, gen, compute)
+
+    def _recompute(self, key: str, ttl_s: int, gen: int,
+                   compute: Callable[[psycopg.Connection], dict[str, Any]]) -> dict[str, Any]:
+        started = time.perf_counter()
+        with self.connection() as conn:
+            payload = compute(conn)
+        elapsed_ms = (time.perf_counter() - started) * 1000
+        with self._lock:
+            self.recomputations[key] += 1
+        now = time.time()
+        # stamped with the generation read *before* computing: if an invalidation happened meanwhile,
+        # this entry is already stale and the next reader recomputes
+        entry = Entry(gen, now, now + ttl_s, elapsed_ms, payload)
+        if self.redis_available():
+            try:
+                self.redis_client.set(key, entry.encode(), ex=ttl_s + STALE_GRACE_S)
+            except redis.RedisError as exc:
+                self._trip(exc)
+        self._record("miss" if self.redis_available() else "fallback")
+        return payload
+
+    def _fallback(self, key: str, compute: Callable[[psycopg.Connection], dict[str, Any]]) -> dict[str, Any]:
+        with self.connection() as conn:
+            payload = compute(conn)
+        with self._lock:
+            self.recomputations[key] += 1
+            self.counts["fallback"] += 1
+        return payload
+
+    def _wait_for(self, key: str, gen: int) -> Entry | None:
+        deadline = time.monotonic() + self.wait_s
+        delay = 0.005
+        while time.monotonic() < deadline:
+            time.sleep(delay)
+            delay = min(delay * 2, 0.05)
+            try:
+                entry = Entry.decode(self.redis_client.get(key))
+            except redis.RedisError as exc:
+                self._trip(exc)
+                return None
+            if entry is not None and entry.gen >= gen:
+                return entry
+        return None
+
+    def _try_lock(self, key: str) -> str | None:
+        token = uuid.uuid4().hex
+        try:
+            ok = self.redis_client.set(LOCK_PREFIX + key, token, nx=True, px=self.lock_ms)
+        except redis.RedisError as exc:
+            self._trip(exc)
+            return token  # Redis is gone: nobody can coordinate, so this reader computes
+        return token if ok else None
+
+    def _unlock(self, key: str, token: str) -> None:
+        if not self.redis_available():
+            return
+        try:
+            self.redis_client.eval(_RELEASE, 1, LOCK_PREFIX + key, token)
+        except redis.RedisError as exc:
+            self._trip(exc)
+
+    def _trip(self, exc: Exception) -> None:
+        log.warning("Redis unavailable (%s): serving from SQL for %.1f s", exc, self.retry_after_s)
+        self._down_until = time.monotonic() + self.retry_after_s
+
+    def _record(self, outcome: str) -> None:
+        with self._lock:
+            self.counts[outcome] += 1
+        if not self.redis_available():
+            return
+        stats_key = f"{STATS_PREFIX}{_minute(time.time())}"
+        try:
+            pipe = self.redis_client.pipeline(transaction=False)
+            pipe.hincrby(stats_key, outcome, 1)
+            pipe.expire(stats_key, STATS_KEEP_S)
+            pipe.execute()
+        except redis.RedisError as exc:
+            self._trip(exc)
+
+
+# ---------------------------------------------------------------------------------------- warming
+
+
+@dataclass(frozen=True)
+class WarmResult:
+    generation: int
+    keys: dict[str, Entry]
+    bytes: int
+    duration_ms: float
+
+
+def warm_dashboard_cache(conn: psycopg.Connection, client: redis.Redis, *, today: dt.date,
+                         kpi_ttl_s: int, trends_ttl_s: int) -> WarmResult:
+    """Compute the KPIs and the standard trend ranges from SQL, then write them to Redis together with a
+    new generation in one ``MULTI``/``EXEC`` pipeline: readers see either the old cache or the new one,
+    and every other cached range (other dates) becomes stale at the same instant (invalidation).
+
+    Cost: the KPI statement plus five trend reads over the rollups (tens of ms), then two Redis round
+    trips (``GET dash:gen`` and the pipeline). No locks in Redis; ACCESS SHARE in PostgreSQL.
+    """
+    started = time.perf_counter()
+    computed: list[tuple[str, int, float, dict[str, Any]]] = []
+    t0 = time.perf_counter()
+    computed.append((KPIS_KEY, kpi_ttl_s, 0.0, compute_kpis(conn)))
+    computed[-1] = (KPIS_KEY, kpi_ttl_s, (time.perf_counter() - t0) * 1000, computed[-1][3])
+    for request in standard_trend_requests(today):
+        t0 = time.perf_counter()
+        payload = compute_usage_trends(conn, request)
+        computed.append((trends_key(request), trends_ttl_s, (time.perf_counter() - t0) * 1000, payload))
+
+    generation = int(client.get(GEN_KEY) or 0) + 1
+    now = time.time()
+    entries = {key: Entry(generation, now, now + ttl, ms, payload) for key, ttl, ms, payload in computed}
+    size = 0
+    pipe = client.pipeline(transaction=True)
+    for key, entry in entries.items():
+        data = entry.encode()
+        size += len(data)
+        ttl = kpi_ttl_s if key == KPIS_KEY else trends_ttl_s
+        pipe.set(key, data, ex=ttl + STALE_GRACE_S)
+    pipe.set(GEN_KEY, generation)
+    pipe.execute()
+    return WarmResult(generation, entries, size, (time.perf_counter() - started) * 1000)
+
+
+def invalidate(client: redis.Redis) -> int:
+    """Make every cached entry stale at once (``INCR dash:gen``, O(1)); returns the new generation.
+    Stale entries are still served to concurrent readers while one of them recomputes."""
+    return int(client.incr(GEN_KEY))
+
+
+def current_generation(client: redis.Redis) -> int:
+    return int(client.get(GEN_KEY) or 0)
+
+
+def read_entry(client: redis.Redis, key: str) -> Entry | None:
+    return Entry.decode(client.get(key))
+
+
+# ---------------------------------------------------------------------------------------- hit rate
+
+
+@dataclass(frozen=True)
+class HitRate:
+    counts: dict[str, int]
+    window_minutes: int
+
+    @property
+    def requests(self) -> int:
+        return sum(self.counts.values())
+
+    @property
+    def served_from_cache(self) -> int:
+        return sum(self.counts.get(k, 0) for k in SERVED_FROM_CACHE)
+
+    @property
+    def rate(self) -> float:
+        """Share of requests answered from Redis (fresh, stale-while-revalidate or after waiting for
+        the single flight); NaN without requests."""
+        return self.served_from_cache / self.requests if self.requests else math.nan
+
+
+def hit_rate(client: redis.Redis, *, window_minutes: int = 15, now: float | None = None) -> HitRate:
+    """Outcome counts of the last ``window_minutes`` minutes (the current minute included), from the
+    per-minute hashes: one pipelined round trip of ``window_minutes`` HGETALLs."""
+    current = _minute(time.time() if now is None else now)
+    pipe = client.pipeline(transaction=False)
+    for m in range(current - window_minutes + 1, current + 1):
+        pipe.hgetall(f"{STATS_PREFIX}{m}")
+    totals: Counter[str] = Counter()
+    for h in pipe.execute():
+        for k, v in h.items():
+            totals[k.decode() if isinstance(k, bytes) else k] += int(v)
+    return HitRate({k: totals.get(k, 0) for k in OUTCOMES}, window_minutes)
+
+
+def iter_entries(client: redis.Redis, keys: list[str]) -> Iterator[tuple[str, Entry | None]]:
+    """Entries of the given keys in one MGET."""
+    for key, raw in zip(keys, client.mget(keys), strict=True):
+        yield key, Entry.decode(raw)

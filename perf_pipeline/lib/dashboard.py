@@ -1,0 +1,144 @@
+"""The dashboard's numbers, computed from SQL: real-time KPIs and usage trends.
+
+These are the source of truth the cache (:mod:`perf_pipeline.lib.cache`) stores and the asset checks
+compare against. KPIs read ``usage_log`` and ``session`` directly (``sql/queries/dashboard_kpis.sql``);
+trends read the daily rollups through :mod:`perf_pipeline.lib.rollups` (issue 4), so a 90-day trend
+costs 90 rollup rows, not 90 days of ``usage_log``.
+
+Payloads are plain JSON-able dicts (dates as ISO strings, numbers as int/float) so that what the API
+serves from Redis and what it serves from the SQL fallback are byte-for-byte the same shape.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import psycopg
+from psycopg.rows import dict_row
+
+from perf_pipeline.lib.db import load_query
+
+Granularity = Literal["daily", "weekly", "monthly"]
+GRANULARITIES: tuple[Granularity, ...] = ("daily", "weekly", "monthly")
+
+# Longest range a trends request may ask for, per granularity: a year of days, two years of weeks,
+# three years of months. Past that, the answer is a different report (and an expensive one).
+MAX_RANGE_DAYS: dict[str, int] = {"daily": 366, "weekly": 731, "monthly": 1096}
+
+# Ranges the dashboard asks for, kept warm by the dashboard_cache asset: (granularity, days back).
+STANDARD_TRENDS: tuple[tuple[Granularity, int], ...] = (
+    ("daily", 7), ("daily", 30), ("daily", 90), ("weekly", 91), ("monthly", 365),
+)
+
+KPI_FIELDS = ("active_transcriptions", "transcriptions_last_hour", "active_users_24h", "failed_last_hour",
+              "error_rate_percent", "daily_revenue_usd", "avg_duration_minutes")
+
+
+class TrendRangeError(ValueError):
+    """A trends request with a bad range or granularity; the message says what is wrong."""
+
+
+@dataclass(frozen=True)
+class TrendRequest:
+    start: dt.date
+    end: dt.date
+    granularity: Granularity
+
+    @property
+    def cache_suffix(self) -> str:
+        return f"{self.granularity}:{self.start.isoformat()}:{self.end.isoformat()}"
+
+
+def validate_trend_request(start: dt.date, end: dt.date, granularity: str) -> TrendRequest:
+    """Check a trends request (no I/O). Raises :class:`TrendRangeError` with a message for people."""
+    if granularity not in GRANULARITIES:
+        raise TrendRangeError(f"granularity must be one of {', '.join(GRANULARITIES)}; got {granularity!r}")
+    if end < start:
+        raise TrendRangeError(f"end_date {end.isoformat()} is before start_date {start.isoformat()}")
+    days = (end - start).days + 1
+    limit = MAX_RANGE_DAYS[granularity]
+    if days > limit:
+        raise TrendRangeError(f"a {granularity} range may span at most {limit} days; "
+                              f"{start.isoformat()}..{end.isoformat()} spans {days}")
+    return TrendRequest(start, end, granularity)  # type: ignore[arg-type]
+
+
+def standard_trend_requests(today: dt.date) -> list[TrendRequest]:
+    """The ranges the dashboard opens with (last 7/30/90 days daily, ~13 weeks weekly, a year monthly),
+    ending ``today`` (UTC)."""
+    return [TrendRequest(today - dt.timedelta(days=days - 1), today, gran) for gran, days in STANDARD_TRENDS]
+
+
+def compute_kpis(conn: psycopg.Connection, as_of: dt.datetime | None = None) -> dict[str, Any]:
+    """Real-time KPIs at ``as_of`` (default: the database's ``now()``).
+
+    Cost: one statement (see ``sql/queries/dashboard_kpis.sql``), a scan of the last 24 h of usage_log
+    plus two tiny partial-index scans on session; ~5-50 ms for 10k-1M rows a day. Takes ACCESS SHARE
+    locks only. The same ``as_of`` gives the same numbers (except the live ``active_transcriptions``).
+    """
+    with conn.cursor(row_factory=dict_row) as cur:
+        row = cur.execute(load_query("dashboard_kpis"), {"as_of": as_of}).fetchone()
+    assert row is not None
+    return {
+        "real_time": {
+            "active_transcriptions": int(row["active_transcriptions"]),
+            "transcriptions_last_hour": int(row["transcriptions_last_hour"]),
+            "active_users_24h": int(row["active_users_24h"]),
+            "failed_last_hour": int(row["failed_last_hour"]),
+            "error_rate_percent": float(row["error_rate_percent"]),
+            "daily_revenue_usd": float(row["daily_revenue_usd"]),
+            "avg_duration_minutes": float(row["avg_duration_minutes"]),
+        },
+        "timestamp": row["as_of"].astimezone(dt.UTC).isoformat(),
+    }
+
+
+def _num(value: Any) -> int | float:
+    """Decimal/float/int from the rollups as a JSON number (ints stay ints)."""
+    if value is None:
+        return 0
+    if isinstance(value, int):
+        return value
+    f = float(value)
+    return f
+
+
+def compute_usage_trends(conn: psycopg.Connection, request: TrendRequest) -> dict[str, Any]:
+    """Usage trends for ``request`` in the user story's response shape, with a real provider breakdown.
+
+    Cost: two statements over the daily rollups (``usage_daily_metrics`` and
+    ``usage_daily_provider_metrics``), one row per day and provider in range: a few ms for 90 days.
+    ACCESS SHARE locks only.
+    """
+    from perf_pipeline.lib import rollups  # issue 4's module: the one place trends are computed
+
+    rows = rollups.usage_trends(conn, request.start, request.end, request.granularity)
+    breakdown = rollups.provider_breakdown(conn, request.start, request.end)
+    trend = []
+    for r in rows:
+        period = r["period"]
+        trend.append({
+            "period": period.isoformat() if isinstance(period, dt.date) else str(period),
+            "session_count": int(r["session_count"]),
+            "total_minutes": _num(r["total_minutes"]),
+            "total_cost": _num(r["total_cost"]),
+            "active_users": int(r["active_users"]),
+            "avg_duration": _num(r["avg_duration"]),
+            "providers": [
+                {"provider": p["provider"], "session_count": int(p["session_count"]),
+                 "minutes": _num(p["minutes"]), "revenue": _num(p["revenue"])}
+                for p in r.get("providers") or []
+            ],
+        })
+    return {
+        "period": {"start_date": request.start.isoformat(), "end_date": request.end.isoformat(),
+                   "granularity": request.granularity},
+        "transcription_trend": trend,
+        "provider_breakdown": [
+            {"provider": b["provider"], "session_count": int(b["session_count"]),
+             "percentage": _num(b["percentage"])}
+            for b in breakdown
+        ],
+    }

@@ -1,0 +1,310 @@
+"""The dashboard cache read path (lib/cache.py) and KPI SQL (lib/dashboard.py) on real PostgreSQL and Redis.
+
+Covers: KPI values against hand-computed numbers (with the seed's bugs fixed), cache-aside hits and
+misses with their counters, the single-flight stampede protection with many concurrent readers,
+generation-based invalidation, and the SQL fallback when Redis is stopped or hangs (private
+redis-server, never the shared one), then the refill when it is back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import os
+import signal
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import psycopg
+import pytest
+import redis as redis_lib
+
+from perf_pipeline.embedded import launch_redis_server
+from perf_pipeline.lib import cache as cache_lib
+from perf_pipeline.lib.cache import DashboardCache, Entry, hit_rate, invalidate, serving_client
+from perf_pipeline.lib.dashboard import compute_kpis
+
+AS_OF = dt.datetime(2025, 8, 14, 12, 0, tzinfo=dt.UTC)
+
+
+def _usage(conn: psycopg.Connection, at: dt.datetime, minutes: float, cost: float, *, billable: bool = True,
+           user: uuid.UUID | None = None, provider: str = "google") -> None:
+    conn.execute(
+        "INSERT INTO usage_log (user_id, session_id, created_at, duration_minutes, cost_usd, is_billable, stt_provider)"
+        " VALUES (%s, %s, %s, %s, %s, %s, %s)",
+        (user or uuid.uuid4(), uuid.uuid4(), at, minutes, cost, billable, provider))
+
+
+def _session(conn: psycopg.Connection, status: str, created: dt.datetime, updated: dt.datetime) -> None:
+    conn.execute("INSERT INTO session (user_id, status, created_at, updated_at) VALUES (%s, %s, %s, %s)",
+                 (uuid.uuid4(), status, created, updated))
+
+
+@pytest.fixture(scope="module")
+def kpi_db(db_url: str) -> str:
+    """Known rows around AS_OF: the expected KPIs are written out in test_kpis_match_hand_computed_values."""
+    h = dt.timedelta(hours=1)
+    alice, bob = uuid.uuid4(), uuid.uuid4()
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        # last hour: 3 rows (2 users), one not billable
+        _usage(conn, AS_OF - 0.2 * h, 10, 0.24, user=alice)
+        _usage(conn, AS_OF - 0.5 * h, 20, 0.30, user=bob, provider="assemblyai")
+        _usage(conn, AS_OF - 0.9 * h, 30, 0.50, user=alice, billable=False)
+        # earlier in the last 24 h: 2 rows (1 new user)
+        _usage(conn, AS_OF - 5 * h, 40, 1.00, user=bob)
+        _usage(conn, AS_OF - 23 * h, 50, 2.00)
+        # outside the window: older than 24 h, and after AS_OF
+        _usage(conn, AS_OF - 25 * h, 1000, 99.0)
+        _usage(conn, AS_OF + 0.1 * h, 1000, 99.0)
+        # sessions: processing ones (one started 3 days ago: the seed's 24 h filter dropped it)
+        _session(conn, "processing", AS_OF - 0.1 * h, AS_OF - 0.1 * h)
+        _session(conn, "processing", AS_OF - 72 * h, AS_OF - 72 * h)
+        # failed within the hour before AS_OF (one created 2 days ago), one failed 2 h ago, one completed
+        _session(conn, "failed", AS_OF - 0.5 * h, AS_OF - 0.3 * h)
+        _session(conn, "failed", AS_OF - 48 * h, AS_OF - 0.4 * h)
+        _session(conn, "failed", AS_OF - 3 * h, AS_OF - 2 * h)
+        _session(conn, "completed", AS_OF - 0.5 * h, AS_OF - 0.2 * h)
+    return db_url
+
+
+def test_kpis_match_hand_computed_values(kpi_db: str) -> None:
+    with psycopg.connect(kpi_db) as conn:
+        kpis = compute_kpis(conn, AS_OF)
+    assert kpis["timestamp"] == AS_OF.isoformat()
+    assert kpis["real_time"] == {
+        "active_transcriptions": 2,
+        "transcriptions_last_hour": 3,
+        "active_users_24h": 3,
+        "failed_last_hour": 2,
+        "error_rate_percent": pytest.approx(2 / 3 * 100),
+        "daily_revenue_usd": pytest.approx(0.24 + 0.30 + 1.00 + 2.00),
+        "avg_duration_minutes": pytest.approx((10 + 20 + 30 + 40 + 50) / 5),
+    }
+
+
+def test_error_rate_stays_within_100_percent(kpi_db: str) -> None:
+    # in the hour before AS_OF + 2 h nothing was logged, but two sessions failed: the seed said 0 %
+    later = AS_OF + dt.timedelta(hours=2)
+    with psycopg.connect(kpi_db, autocommit=True) as conn:
+        for _ in range(2):
+            _session(conn, "failed", later - dt.timedelta(minutes=50), later - dt.timedelta(minutes=10))
+        kpis = compute_kpis(conn, later)["real_time"]
+    assert kpis["transcriptions_last_hour"] == 0
+    assert kpis["failed_last_hour"] == 2
+    assert kpis["error_rate_percent"] == pytest.approx(100.0)
+
+
+# ------------------------------------------------------------------------------------ read path
+
+
+def _cache(redis_url: str, db_url: str, **kwargs: object) -> DashboardCache:
+    @contextmanager
+    def connection() -> Iterator[psycopg.Connection]:
+        with psycopg.connect(db_url, autocommit=True) as conn:
+            yield conn
+
+    return DashboardCache(serving_client(redis_url, 200), connection, **kwargs)  # type: ignore[arg-type]
+
+
+class CountingCompute:
+    """A compute function that counts its calls and takes ``delay`` seconds (a slow SQL query)."""
+
+    def __init__(self, delay: float = 0.0) -> None:
+        self.calls = 0
+        self.delay = delay
+        self.value = 1
+        self._lock = threading.Lock()
+
+    def __call__(self, conn: psycopg.Connection) -> dict[str, object]:
+        conn.execute("SELECT pg_sleep(%s)", (self.delay,))
+        with self._lock:
+            self.calls += 1
+            return {"value": self.value}
+
+
+def test_cache_aside_counts_hits_and_misses(redis_url: str, db_url: str, redis_client: redis_lib.Redis) -> None:
+    cache = _cache(redis_url, db_url)
+    first = cache.kpis()
+    assert cache.recomputations[cache_lib.KPIS_KEY] == 1
+    for _ in range(9):
+        assert cache.kpis() == first
+    assert cache.recomputations[cache_lib.KPIS_KEY] == 1
+    entry = Entry.decode(redis_client.get(cache_lib.KPIS_KEY))
+    assert entry is not None and entry.payload == first
+    assert 60 <= entry.expires_at - entry.computed_at <= 60.001
+    # Redis keeps the copy past the TTL (stale-while-revalidate), the freshness bound is expires_at
+    assert redis_client.ttl(cache_lib.KPIS_KEY) > 60
+    rate = hit_rate(redis_client, window_minutes=2)
+    assert rate.counts["miss"] == 1 and rate.counts["hit"] == 9
+    assert rate.rate == pytest.approx(0.9)
+
+
+def test_stale_entry_is_recomputed_by_one_reader_while_others_serve_it(
+        redis_url: str, db_url: str, redis_client: redis_lib.Redis) -> None:
+    compute = CountingCompute(delay=0.3)
+    cache = _cache(redis_url, db_url)
+    key = "dash:test:stale"
+    cache.get(key, 60, compute)
+    assert compute.calls == 1
+    # expire it logically (Redis still holds the stale copy)
+    entry = Entry.decode(redis_client.get(key))
+    assert entry is not None
+    redis_client.set(key, Entry(entry.gen, entry.computed_at - 120, time.time() - 1, 1.0, entry.payload).encode())
+    compute.value = 2
+
+    readers = 40
+    barrier = threading.Barrier(readers)
+    results: list[object] = []
+    durations: list[float] = []
+
+    def read() -> None:
+        barrier.wait()
+        t0 = time.perf_counter()
+        results.append(cache.get(key, 60, compute))
+        durations.append(time.perf_counter() - t0)
+
+    threads = [threading.Thread(target=read) for _ in range(readers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert compute.calls == 2  # one recomputation for 40 concurrent readers
+    assert results.count({"value": 2}) == 1 and results.count({"value": 1}) == readers - 1
+    # the 39 others did not wait for the 0.3 s query
+    assert sorted(durations)[-2] < 0.25
+    assert cache.get(key, 60, compute) == {"value": 2}
+    assert compute.calls == 2
+
+
+def test_cold_key_stampede_waits_for_single_flight(redis_url: str, db_url: str) -> None:
+    compute = CountingCompute(delay=0.3)
+    readers = 50
+    # each reader thread has its own DashboardCache (like separate API processes), sharing only Redis
+    caches = [_cache(redis_url, db_url) for _ in range(readers)]
+    barrier = threading.Barrier(readers)
+    results: list[object] = []
+
+    def read(cache: DashboardCache) -> None:
+        barrier.wait()
+        results.append(cache.get("dash:test:cold", 60, compute))
+
+    threads = [threading.Thread(target=read, args=(c,)) for c in caches]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(results) == readers and all(r == {"value": 1} for r in results)
+    assert compute.calls == 1, f"{compute.calls} recomputations for {readers} concurrent readers of a cold key"
+    waited = sum(c.counts["waited"] for c in caches)
+    assert waited == readers - 1
+
+
+def test_without_the_lock_every_reader_recomputes(redis_url: str, db_url: str) -> None:
+    """The control experiment: the same stampede where every reader ignores the lock (plain cache-aside,
+    as in the seed) hits the database once per reader. Shows the single-flight test can fail."""
+    compute = CountingCompute(delay=0.2)
+    readers = 20
+    caches = [_cache(redis_url, db_url) for _ in range(readers)]
+    for c in caches:
+        c._try_lock = lambda key: "no-lock"  # type: ignore[method-assign]
+        c._unlock = lambda key, token: None  # type: ignore[method-assign]
+    barrier = threading.Barrier(readers)
+
+    def read(cache: DashboardCache) -> None:
+        barrier.wait()
+        cache.get("dash:test:nolock", 60, compute)
+
+    threads = [threading.Thread(target=read, args=(c,)) for c in caches]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert compute.calls == readers
+
+
+def test_invalidation_makes_every_entry_stale_without_keys(
+        redis_url: str, db_url: str, redis_client: redis_lib.Redis) -> None:
+    compute = CountingCompute()
+    cache = _cache(redis_url, db_url)
+    for k in ("dash:test:a", "dash:test:b"):
+        cache.get(k, 60, compute)
+    assert compute.calls == 2
+    compute.value = 7
+    generation = invalidate(redis_client)
+    assert generation == 1
+    assert cache.get("dash:test:a", 60, compute) == {"value": 7}
+    assert cache.get("dash:test:b", 60, compute) == {"value": 7}
+    assert compute.calls == 4
+    assert cache.get("dash:test:a", 60, compute) == {"value": 7}
+    assert compute.calls == 4
+
+
+# ------------------------------------------------------------------------- Redis down or slow
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[tuple[str, Path, int]]:
+    """A redis-server of this test only (so it can be stopped); yields (url, dir, port)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    pid = launch_redis_server(tmp_path / "redis", port)
+    yield f"redis://127.0.0.1:{port}/0", tmp_path / "redis", port
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    with contextlib.suppress(FileNotFoundError, ValueError, ProcessLookupError):
+        os.kill(int((tmp_path / "redis" / "redis.pid").read_text()), signal.SIGTERM)
+
+
+def _stop(url: str) -> None:
+    with contextlib.suppress(redis_lib.ConnectionError):
+        redis_lib.Redis.from_url(url).shutdown(nosave=True)
+
+
+def test_redis_stopped_falls_back_to_sql_then_refills(kpi_db: str, private_redis: tuple[str, Path, int]) -> None:
+    url, root, port = private_redis
+    cache = _cache(url, kpi_db, retry_after_s=0.3)
+    expected = cache.kpis()
+    assert cache.kpis() == expected and cache.counts["hit"] == 1
+
+    _stop(url)
+    for _ in range(5):
+        t0 = time.perf_counter()
+        got = cache.kpis()
+        assert time.perf_counter() - t0 < 1.0
+        assert got["real_time"] == expected["real_time"]  # same rows, same numbers, now from SQL
+    assert cache.counts["fallback"] == 5
+
+    launch_redis_server(root, port)
+    time.sleep(0.35)  # the breaker's retry interval
+    cache.kpis()  # the restarted Redis is empty: a miss that refills it
+    assert cache.counts["miss"] == 2
+    assert cache.kpis()["real_time"] == expected["real_time"]
+    assert cache.counts["hit"] == 2
+    assert redis_lib.Redis.from_url(url).exists(cache_lib.KPIS_KEY)
+
+
+def test_hung_redis_costs_one_short_timeout(kpi_db: str, private_redis: tuple[str, Path, int]) -> None:
+    url, _, _ = private_redis
+    cache = DashboardCache(serving_client(url, 50), _cache(url, kpi_db).connection, retry_after_s=5)
+    expected = cache.kpis()
+    # DEBUG SLEEP blocks the whole server, as a swapping or overloaded Redis would
+    sleeper = threading.Thread(target=lambda: redis_lib.Redis.from_url(url).execute_command("DEBUG", "SLEEP", 1.5))
+    sleeper.start()
+    time.sleep(0.1)
+    try:
+        latencies = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            assert cache.kpis()["real_time"] == expected["real_time"]
+            latencies.append(time.perf_counter() - t0)
+    finally:
+        sleeper.join()
+    assert cache.counts["fallback"] == 5
+    assert latencies[0] < 0.5  # one socket timeout (50 ms) plus the SQL
+    assert max(latencies[1:]) < 0.3  # breaker open: no more Redis timeouts
