@@ -1,0 +1,282 @@
+"""The dashboard HTTP API on real PostgreSQL and Redis: values against SQL computed straight from
+usage_log, auth, parameter validation, OpenAPI, /healthz, and Redis stopped mid-test (private server)."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import os
+import signal
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import psycopg_pool
+import pytest
+import redis as redis_lib
+from fastapi.testclient import TestClient
+from psycopg.rows import dict_row
+
+from perf_pipeline.api.app import create_app
+from perf_pipeline.embedded import launch_redis_server
+from perf_pipeline.lib import cache as cache_lib
+from perf_pipeline.lib.cache import DashboardCache, serving_client
+from perf_pipeline.lib.dashboard import TrendRequest, compute_kpis
+from perf_pipeline.lib.rollups import rollup_days
+from perf_pipeline.settings import Settings
+
+ADMIN = "admin-token-0123456789abcdef"
+USER = "user-token-0123456789abcdef"
+FIRST_DAY = dt.date(2025, 6, 1)
+LAST_DAY = dt.date(2025, 9, 10)
+SETTINGS = Settings(admin_tokens=(ADMIN,), user_tokens=(USER,))
+AUTH = {"Authorization": f"Bearer {ADMIN}"}
+TRENDS = "/api/v1/admin/dashboard/usage-trends"
+KPIS = "/api/v1/admin/dashboard/kpis"
+
+
+@pytest.fixture(scope="module")
+def usage_db(db_url: str) -> str:
+    """~100 days of usage (3 providers, 37 users, some non-billable rows), rolled up, plus live sessions."""
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute("""
+            INSERT INTO usage_log (user_id, session_id, created_at, duration_minutes, cost_usd, is_billable,
+                                   stt_provider)
+            SELECT md5('user' || (i * 7 % 37))::uuid, gen_random_uuid(),
+                   timestamptz '2025-06-01 00:00Z' + i * interval '37 minutes',
+                   (i % 50) + 0.25, ((i % 50) + 0.25) * 0.0125, i % 5 <> 0,
+                   (ARRAY['google', 'assemblyai', 'whisper'])[1 + i % 3]
+            FROM generate_series(0, 3900) AS i""")
+        # the last few hours, relative to now, for the KPIs
+        conn.execute("""
+            INSERT INTO usage_log (user_id, session_id, created_at, duration_minutes, cost_usd, is_billable,
+                                   stt_provider)
+            SELECT gen_random_uuid(), gen_random_uuid(), now() - i * interval '7 minutes', 3 + i, 0.1 * i, true,
+                   'google'
+            FROM generate_series(1, 30) AS i""")
+        conn.execute("""
+            INSERT INTO session (user_id, status, created_at, updated_at)
+            SELECT gen_random_uuid(), s, now() - interval '2 hours', now() - interval '10 minutes'
+            FROM unnest(ARRAY['processing', 'processing', 'failed', 'completed']) AS s""")
+        rollup_days(conn, FIRST_DAY, LAST_DAY + dt.timedelta(days=1))
+    return db_url
+
+
+@pytest.fixture(scope="module")
+def pool(usage_db: str) -> Iterator[psycopg_pool.ConnectionPool]:
+    with psycopg_pool.ConnectionPool(usage_db, min_size=1, max_size=4, kwargs={"autocommit": True}) as p:
+        yield p
+
+
+def _client(redis_url: str, pool: psycopg_pool.ConnectionPool, **kwargs: Any) -> tuple[TestClient, DashboardCache]:
+    cache = DashboardCache(serving_client(redis_url, 200), pool.connection, **kwargs)
+    return TestClient(create_app(SETTINGS, cache)), cache
+
+
+def sql_trends(conn: psycopg.Connection, start: dt.date, end: dt.date, granularity: str) -> list[dict[str, Any]]:
+    """The oracle: trends straight from usage_log (not the rollups), periods that have usage."""
+    unit = {"daily": "day", "weekly": "week", "monthly": "month"}[granularity]
+    q = """
+        SELECT date_trunc(%(unit)s, created_at AT TIME ZONE 'UTC')::date AS period,
+               count(*) AS session_count, sum(duration_minutes)::float8 AS total_minutes,
+               coalesce(sum(cost_usd) FILTER (WHERE is_billable), 0)::float8 AS total_cost,
+               count(DISTINCT user_id) AS active_users, avg(duration_minutes)::float8 AS avg_duration
+        FROM usage_log
+        WHERE created_at >= %(start)s::date AT TIME ZONE 'UTC'
+          AND created_at < (%(end)s::date + 1) AT TIME ZONE 'UTC'
+        GROUP BY 1 ORDER BY 1"""
+    with conn.cursor(row_factory=dict_row) as cur:
+        rows = cur.execute(q, {"unit": unit, "start": start, "end": end}).fetchall()
+        prov = cur.execute(q.replace("AS period,", "AS period, stt_provider,").replace(
+            "GROUP BY 1 ORDER BY 1", "GROUP BY 1, 2 ORDER BY 1, 2"), {"unit": unit, "start": start, "end": end}
+        ).fetchall()
+    for r in rows:
+        r["providers"] = {p["stt_provider"]: (p["session_count"], p["total_minutes"], p["total_cost"])
+                          for p in prov if p["period"] == r["period"]}
+    return rows
+
+
+def assert_trends_equal(api: dict[str, Any], oracle: list[dict[str, Any]]) -> None:
+    served = [p for p in api["transcription_trend"] if p["session_count"] > 0]
+    assert [dt.date.fromisoformat(p["period"]) for p in served] == [r["period"] for r in oracle]
+    for p, r in zip(served, oracle, strict=True):
+        assert p["session_count"] == r["session_count"]
+        assert p["active_users"] == r["active_users"]
+        assert p["total_minutes"] == pytest.approx(r["total_minutes"])
+        assert p["total_cost"] == pytest.approx(r["total_cost"])
+        assert p["avg_duration"] == pytest.approx(r["avg_duration"])
+        got = {x["provider"]: (x["session_count"], x["minutes"], x["revenue"]) for x in p["providers"]}
+        assert got.keys() == r["providers"].keys()
+        for name, (count, minutes, revenue) in r["providers"].items():
+            assert got[name][0] == count
+            assert got[name][1] == pytest.approx(minutes)
+            assert got[name][2] == pytest.approx(revenue)
+
+
+# ------------------------------------------------------------------------------------------ values
+
+
+@pytest.mark.parametrize("granularity,start,end", [
+    ("daily", dt.date(2025, 8, 1), dt.date(2025, 8, 14)),
+    ("weekly", dt.date(2025, 6, 4), dt.date(2025, 8, 20)),
+    ("monthly", dt.date(2025, 6, 1), dt.date(2025, 9, 10)),
+])
+def test_usage_trends_equal_sql(redis_url: str, pool: psycopg_pool.ConnectionPool, usage_db: str,
+                                granularity: str, start: dt.date, end: dt.date) -> None:
+    client, cache = _client(redis_url, pool)
+    params = {"start_date": start.isoformat(), "end_date": end.isoformat(), "granularity": granularity}
+    first = client.get(TRENDS, params=params, headers=AUTH)
+    assert first.status_code == 200, first.text
+    body = first.json()
+    assert body["period"] == {"start_date": start.isoformat(), "end_date": end.isoformat(),
+                              "granularity": granularity}
+    with psycopg.connect(usage_db) as conn:
+        oracle = sql_trends(conn, start, end, granularity)
+    assert_trends_equal(body, oracle)
+
+    total = sum(r["session_count"] for r in oracle)
+    breakdown = {b["provider"]: b for b in body["provider_breakdown"]}
+    assert set(breakdown) == {"google", "assemblyai", "whisper"}
+    for name, b in breakdown.items():
+        expected = sum(r["providers"].get(name, (0,))[0] for r in oracle)
+        assert b["session_count"] == expected > 0  # the seed summed an exhausted cursor: always 0
+        assert b["percentage"] == pytest.approx(100 * expected / total, abs=0.01)
+
+    # the second request is a cache hit with the same body
+    second = client.get(TRENDS, params=params, headers=AUTH)
+    assert second.json() == body
+    key = cache_lib.trends_key(TrendRequest(start, end, granularity))  # type: ignore[arg-type]
+    assert cache.recomputations[key] == 1 and cache.counts["hit"] == 1
+
+
+def test_kpis_equal_sql(redis_url: str, pool: psycopg_pool.ConnectionPool, usage_db: str) -> None:
+    client, cache = _client(redis_url, pool)
+    body = client.get(KPIS, headers=AUTH).json()
+    with psycopg.connect(usage_db) as conn:
+        expected = compute_kpis(conn, dt.datetime.fromisoformat(body["timestamp"]))
+    assert body == expected
+    kpis = body["real_time"]
+    assert kpis["active_transcriptions"] == 2 and kpis["failed_last_hour"] == 1
+    assert kpis["transcriptions_last_hour"] == 8  # rows at now - 7, 14, … 56 minutes
+    assert client.get(KPIS, headers=AUTH).json() == body
+    assert cache.counts == {"miss": 1, "hit": 1}
+
+
+# -------------------------------------------------------------------------------------------- auth
+
+
+def test_auth_401_403_200(redis_url: str, pool: psycopg_pool.ConnectionPool) -> None:
+    client, _ = _client(redis_url, pool)
+    params = {"start_date": "2025-08-01", "end_date": "2025-08-02"}
+    for path, p in ((KPIS, None), (TRENDS, params)):
+        missing = client.get(path, params=p)
+        assert missing.status_code == 401 and missing.headers["www-authenticate"] == "Bearer"
+        assert client.get(path, params=p, headers={"Authorization": "Bearer not-a-known-token-xx"}).status_code == 401
+        assert client.get(path, params=p, headers={"Authorization": f"Basic {ADMIN}"}).status_code == 401
+        assert client.get(path, params=p, headers={"Authorization": f"Bearer {ADMIN}x"}).status_code == 401
+        forbidden = client.get(path, params=p, headers={"Authorization": f"Bearer {USER}"})
+        assert forbidden.status_code == 403 and forbidden.json()["detail"] == "admin role required"
+        assert client.get(path, params=p, headers=AUTH).status_code == 200
+
+
+def test_no_configured_tokens_means_nobody_gets_in(redis_url: str, pool: psycopg_pool.ConnectionPool) -> None:
+    cache = DashboardCache(serving_client(redis_url, 200), pool.connection)
+    client = TestClient(create_app(Settings(), cache))
+    assert client.get(KPIS, headers={"Authorization": "Bearer "}).status_code == 401
+    assert client.get(KPIS, headers=AUTH).status_code == 401
+
+
+# ---------------------------------------------------------------------------------------- validation
+
+
+@pytest.mark.parametrize("params,message", [
+    ({"start_date": "2025-13-01", "end_date": "2025-08-02"}, "valid date"),
+    ({"start_date": "yesterday", "end_date": "2025-08-02"}, "valid date"),
+    ({"end_date": "2025-08-02"}, "Field required"),
+    ({"start_date": "2025-08-10", "end_date": "2025-08-01"}, "is before start_date"),
+    ({"start_date": "2024-01-01", "end_date": "2025-08-01"}, "at most 366 days"),
+    ({"start_date": "2019-01-01", "end_date": "2025-08-01", "granularity": "monthly"}, "at most 1096 days"),
+    ({"start_date": "2025-08-01", "end_date": "2025-08-02", "granularity": "hourly"}, "daily"),
+])
+def test_bad_parameters_are_422_and_nothing_is_cached(
+        redis_url: str, redis_client: redis_lib.Redis, pool: psycopg_pool.ConnectionPool,
+        params: dict[str, str], message: str) -> None:
+    client, cache = _client(redis_url, pool)
+    response = client.get(TRENDS, params=params, headers=AUTH)
+    assert response.status_code == 422, response.text
+    assert message in response.text
+    assert not cache.recomputations and not cache.counts
+    assert redis_client.dbsize() == 0
+
+
+def test_openapi_schema_documents_the_endpoints(redis_url: str, pool: psycopg_pool.ConnectionPool) -> None:
+    client, _ = _client(redis_url, pool)
+    schema = client.get("/openapi.json").json()
+    assert {KPIS, TRENDS, "/healthz"} <= set(schema["paths"])
+    trends = schema["paths"][TRENDS]["get"]
+    assert {p["name"] for p in trends["parameters"]} == {"start_date", "end_date", "granularity"}
+    assert trends["security"] == [{"HTTPBearer": []}]
+    assert schema["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
+    assert "TrendsResponse" in schema["components"]["schemas"]
+
+
+# ------------------------------------------------------------------------------ Redis down, health
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[tuple[str, Path, int]]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    launch_redis_server(tmp_path / "redis", port)
+    yield f"redis://127.0.0.1:{port}/0", tmp_path / "redis", port
+    with contextlib.suppress(FileNotFoundError, ValueError, ProcessLookupError):
+        os.kill(int((tmp_path / "redis" / "redis.pid").read_text()), signal.SIGTERM)
+
+
+def test_healthz_reports_postgres_and_redis(private_redis: tuple[str, Path, int],
+                                            pool: psycopg_pool.ConnectionPool) -> None:
+    url, _, _ = private_redis
+    client, _ = _client(url, pool)
+    ok = client.get("/healthz")
+    assert ok.status_code == 200
+    assert ok.json()["status"] == "ok" and ok.json()["postgres"]["ok"] and ok.json()["redis"]["ok"]
+    with contextlib.suppress(redis_lib.ConnectionError):
+        redis_lib.Redis.from_url(url).shutdown(nosave=True)
+    degraded = client.get("/healthz")
+    assert degraded.status_code == 200  # still serving, from SQL
+    assert degraded.json()["status"] == "degraded" and not degraded.json()["redis"]["ok"]
+    assert degraded.json()["redis"]["error"]
+
+
+def test_redis_stopped_mid_test_serves_from_sql_then_refills(
+        private_redis: tuple[str, Path, int], pool: psycopg_pool.ConnectionPool) -> None:
+    import time
+
+    url, root, port = private_redis
+    client, cache = _client(url, pool, retry_after_s=0.3)
+    params = {"start_date": "2025-07-01", "end_date": "2025-07-31", "granularity": "weekly"}
+    trends = client.get(TRENDS, params=params, headers=AUTH).json()
+    kpis = client.get(KPIS, headers=AUTH).json()
+    assert cache.counts["miss"] == 2
+
+    with contextlib.suppress(redis_lib.ConnectionError):
+        redis_lib.Redis.from_url(url).shutdown(nosave=True)
+    for _ in range(3):
+        r = client.get(TRENDS, params=params, headers=AUTH)
+        assert r.status_code == 200 and r.json() == trends
+        k = client.get(KPIS, headers=AUTH)
+        assert k.status_code == 200 and k.json()["real_time"] == kpis["real_time"]
+    assert cache.counts["fallback"] == 6
+
+    launch_redis_server(root, port)
+    time.sleep(0.35)
+    assert client.get(TRENDS, params=params, headers=AUTH).json() == trends
+    assert client.get(KPIS, headers=AUTH).status_code == 200
+    restarted = redis_lib.Redis.from_url(url)
+    key = cache_lib.trends_key(TrendRequest(dt.date(2025, 7, 1), dt.date(2025, 7, 31), "weekly"))
+    assert restarted.exists(key) and restarted.exists(cache_lib.KPIS_KEY)  # refilled
+    assert client.get(TRENDS, params=params, headers=AUTH).json() == trends
+    assert cache.counts["hit"] == 1 and cache.counts["miss"] == 4
