@@ -160,6 +160,21 @@ def cmd_dev(args: argparse.Namespace) -> int:
     return 0  # not reached
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Run the dashboard API (uvicorn, ``--workers`` processes) on the configured or embedded servers."""
+    import uvicorn
+
+    settings = get_settings()
+    # worker processes read their URLs from the environment: hand them the resolved ones
+    os.environ.update(_urls().exports())
+    if not settings.admin_tokens:
+        log.warning("PERF_PIPELINE_ADMIN_TOKENS is empty: every dashboard request will be answered 401")
+    uvicorn.run("perf_pipeline.api.app:create_app", factory=True, host=args.host, port=args.port,
+                workers=args.workers, log_level="warning" if not args.access_log else "info",
+                access_log=args.access_log, backlog=args.backlog)
+    return 0
+
+
 # --------------------------------------------------------------------------------------------- parser
 
 
@@ -209,6 +224,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("dev", cmd_dev, "start servers, migrate, seed a demo if empty, and run `dagster dev` (UI + daemon)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=3000)
+    p = add("serve", cmd_serve, "run the dashboard HTTP API (FastAPI on uvicorn): /api/v1/admin/dashboard/…, /healthz")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--workers", type=int, default=2, help="uvicorn worker processes (default 2)")
+    p.add_argument("--backlog", type=int, default=4096, help="listen backlog (default 4096)")
+    p.add_argument("--access-log", action="store_true", help="log every request")
     return parser
 
 
