@@ -108,6 +108,9 @@ class Settings:
     export_dir: Path = _setting(
         "PERF_PIPELINE_EXPORT_DIR", PROJECT_ROOT / ".perf_pipeline" / "exports", _path,
         "Where finished exports are written.")
+    audit_spool_dir: Path = _setting(
+        "PERF_PIPELINE_AUDIT_SPOOL_DIR", PROJECT_ROOT / ".perf_pipeline" / "audit_spool", _path,
+        "AuditWriter's local spool: batches not yet acknowledged by PostgreSQL, replayed in order.")
     premake_months: int = _setting(
         "PERF_PIPELINE_PREMAKE_MONTHS", 3, _int_in(1, 36),
         "Future monthly partitions kept created ahead of time.")

@@ -1,0 +1,395 @@
+"""AuditWriter on real PostgreSQL: once-each delivery, order, outages, kills, replay, validation, policies."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from perf_pipeline import audit
+from perf_pipeline.audit import (
+    AuditEventError,
+    AuditQueueFull,
+    AuditWriter,
+    AuditWriterClosed,
+    UUIDv7,
+    deliver_batch,
+    encode_fields,
+    prepare_connection,
+    uuid7_time_ms,
+)
+from perf_pipeline.lib.migrations import apply_migrations
+from perf_pipeline.settings import PROJECT_ROOT
+
+USER = "6f1c1a52-8f8e-4c59-9a55-0d3a7b0c2f11"
+DEAD_URL = "postgresql://postgres@127.0.0.1:1/nowhere"  # port 1: connection refused at once
+
+
+@pytest.fixture
+def clean(db: psycopg.Connection) -> psycopg.Connection:
+    db.execute("TRUNCATE audit_log")
+    return db
+
+
+def _log(writer: AuditWriter, i: int, **kw: object) -> str:
+    return writer.log("session.create", "session", str(i), "create", f"Session {i} created", user_id=USER,
+                      details={"i": i}, **kw)
+
+
+def _ids_in_delivery_order(conn: psycopg.Connection) -> list[str]:
+    """Ids by (transaction that wrote them, id): batches commit one after another from one connection, so
+    xmin grows with delivery order; inside a batch, UUIDv7 ids grow with log() order."""
+    rows = conn.execute("SELECT id FROM audit_log ORDER BY xmin::text::bigint, id").fetchall()
+    return [str(r[0]) for r in rows]
+
+
+def _count(conn: psycopg.Connection) -> tuple[int, int]:
+    return conn.execute("SELECT count(*), count(DISTINCT id) FROM audit_log").fetchone()  # type: ignore[return-value]
+
+
+# ------------------------------------------------------------------------------------------- ids, encoding
+
+
+def test_uuid7_is_rfc9562_and_monotonic() -> None:
+    gen = UUIDv7()
+    now = time.time_ns()
+    ids = [gen.next(now) for _ in range(10_000)]  # same millisecond: the counter (and its overflow) orders them
+    assert ids == sorted(ids) and len(set(ids)) == len(ids)
+    parsed = uuid.UUID(ids[0])
+    assert parsed.version == 7 and parsed.variant == uuid.RFC_4122
+    assert uuid7_time_ms(ids[0]) == now // 1_000_000
+    assert uuid7_time_ms(ids[-1]) > now // 1_000_000  # 10k ids overflowed the 12-bit counter: ms advanced
+    assert gen.next(now - 10**9) > ids[-1]  # the clock stepping back does not break the order
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"severity": "fatal"}, "severity"),
+    ({"event_type": ""}, "event_type"),
+    ({"event_type": "e" * 65}, "event_type"),
+    ({"operation": "o" * 33}, "operation"),
+    ({"entity_type": "t" * 65}, "entity_type"),
+    ({"entity_id": "i" * 129}, "entity_id"),
+    ({"description": "d" * 2001}, "description"),
+    ({"description": "nul\x00byte"}, "NUL"),
+    ({"description": "lone \udc80 surrogate"}, "Unicode"),
+    ({"details": {"when": object()}}, "JSON"),
+    ({"details": {1, 2}}, "JSON"),
+    ({"details": {"x": float("nan")}}, "JSON"),
+    ({"details": {"x": "a\x00b"}}, "NUL"),
+    ({"ip": "300.1.1.1"}, "ip"),
+    ({"ip": "fe80::1%eth0"}, "ip"),
+    ({"ip": 12345}, "ip"),
+    ({"user_id": "not-a-uuid"}, "user_id"),
+    ({"event_type": None}, "event_type"),
+    ({"operation": 5}, "operation"),
+])
+def test_invalid_events_raise_at_log_time(clean: psycopg.Connection, db_url: str, kwargs: dict[str, object],
+                                          message: str) -> None:
+    event: dict[str, object] = {"event_type": "session.create", "entity_type": "session", "entity_id": "s1",
+                                "operation": "create", "description": "ok"}
+    event.update(kwargs)
+    with AuditWriter(db_url, flush_interval_ms=5) as writer:
+        with pytest.raises(AuditEventError, match=message):
+            writer.log(**event)  # type: ignore[arg-type]
+        writer.log("session.create", "session", "s2", "create", "the valid one")
+        assert writer.flush(10)
+        assert writer.metrics()["accepted"] == 1
+    assert _count(clean) == (1, 1)
+
+
+def test_valid_edge_values_round_trip_exactly(clean: psycopg.Connection, db_url: str) -> None:
+    tricky = "tab\there\nnewline\r\\backslash \\N «ünïcødé» 🎙️" + "x" * 1900
+    details = {"nested": {"list": [1, 2.5, None, True], "text": "a\\u0000 is not NUL\t"}, "emoji": "🎧"}
+    with AuditWriter(db_url, flush_interval_ms=5) as writer:
+        event_id = writer.log("e" * 64, "t" * 64, uuid.UUID(USER), "o" * 32, tricky, user_id=uuid.UUID(USER),
+                              severity="critical", details=details, ip="2001:db8::1/64")
+        bare = writer.log("x", None, None, "y", None)
+        before = time.time()
+        assert writer.flush(10)
+    row = clean.execute(
+        "SELECT event_type, entity_type, entity_id, operation, description, user_id::text, severity, details,"
+        " host(ip) || '/' || masklen(ip), extract(epoch FROM \"timestamp\") FROM audit_log WHERE id = %s",
+        (event_id,)).fetchone()
+    assert row[:9] == ("e" * 64, "t" * 64, USER, "o" * 32, tricky, USER, "critical", details, "2001:db8::1/64")
+    assert abs(float(row[9]) - uuid7_time_ms(event_id) / 1000) < 0.002  # timestamp taken with the id
+    assert float(row[9]) <= before
+    bare_row = clean.execute("SELECT entity_type, entity_id, description, details, ip, user_id, severity "
+                             "FROM audit_log WHERE id = %s", (bare,)).fetchone()
+    assert bare_row == (None, None, None, None, None, None, "low")
+
+
+# ------------------------------------------------------------------------------------- delivery, once each
+
+
+def test_concurrent_producers_write_every_event_once_in_order(clean: psycopg.Connection, db_url: str,
+                                                              scratch_dir: Path) -> None:
+    threads, per_thread = 8, 2500
+    logged: list[list[str]] = [[] for _ in range(threads)]
+    with AuditWriter(db_url, batch_size=700, flush_interval_ms=10, spool_dir=scratch_dir) as writer:
+        def produce(k: int) -> None:
+            for i in range(per_thread):
+                logged[k].append(_log(writer, k * per_thread + i))
+
+        workers = [threading.Thread(target=produce, args=(k,)) for k in range(threads)]
+        for t in workers:
+            t.start()
+        for t in workers:
+            t.join()
+        assert writer.flush(60)
+        m = writer.metrics()
+    all_ids = [i for ids in logged for i in ids]
+    assert _count(clean) == (len(all_ids), len(all_ids))
+    delivered = _ids_in_delivery_order(clean)
+    assert set(delivered) == set(all_ids)
+    assert delivered == sorted(all_ids)  # delivered in log() order (ids are taken in queue order)
+    for ids in logged:
+        assert ids == sorted(ids)
+    assert m["written"] == len(all_ids) and m["dropped"] == 0 and m["duplicates_skipped"] == 0
+    assert m["batches"] >= len(all_ids) // 700 and m["queued"] == 0 and m["pending"] == 0
+    assert list(scratch_dir.glob("*.copy")) == []  # every segment acknowledged and removed
+    assert audit.metrics()["writers"] == 0  # closed writers leave the process-wide metrics
+
+
+def test_redelivery_after_commit_without_ack_writes_nothing_twice(clean: psycopg.Connection, db_url: str,
+                                                                  scratch_dir: Path) -> None:
+    """A crash after COMMIT but before the segment was deleted: the next writer re-sends that segment."""
+    gen = UUIDv7()
+
+    def lines(n: int, offset: int) -> tuple[list[str], bytes]:
+        ids, out = [], []
+        for i in range(n):
+            now = time.time_ns()
+            event_id = gen.next(now)
+            rest = encode_fields("session.create", "session", str(offset + i), "create", "d", USER)
+            out.append(f"{event_id}\t2026-03-01 12:00:00.{i:06d}+00\t{rest}\n")
+            ids.append(event_id)
+        return ids, "".join(out).encode()
+
+    committed_ids, committed = lines(300, 0)
+    fresh_ids, fresh = lines(200, 300)
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        prepare_connection(conn)
+        assert deliver_batch(conn, committed) == 300  # COPY + COMMIT happened …
+    (scratch_dir / f"{7:016d}.copy").write_bytes(committed)  # … but the ack (segment removal) did not
+    (scratch_dir / f"{8:016d}.copy").write_bytes(fresh)
+    with AuditWriter(db_url, spool_dir=scratch_dir, flush_interval_ms=5) as writer:
+        assert writer.flush(30)
+        m = writer.metrics()
+    assert m["recovered"] == 500 and m["replayed"] == 500
+    assert m["written"] == 200 and m["duplicates_skipped"] == 300
+    assert _count(clean) == (500, 500)
+    assert set(_ids_in_delivery_order(clean)) == set(committed_ids + fresh_ids)
+    assert list(scratch_dir.glob("*.copy")) == []
+
+
+_CHILD = textwrap.dedent("""
+    import sys, time
+    from perf_pipeline.audit import AuditWriter
+    url, spool, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    w = AuditWriter(url, spool_dir=spool, batch_size=200, flush_interval_ms=5)
+    with open(spool + "/../ids.txt", "w") as out:
+        for i in range(n):
+            out.write(w.log("session.create", "session", str(i), "create", "d", details={"i": i}) + "\\n")
+    deadline = time.monotonic() + 30
+    while w.metrics()["spooled"] < n and time.monotonic() < deadline:
+        time.sleep(0.01)
+    print("READY", w.metrics()["spooled"], flush=True)
+    time.sleep(60)
+""")
+
+
+def _python_env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
+
+
+def test_killed_process_spool_is_replayed_in_order(clean: psycopg.Connection, db_url: str,
+                                                   scratch_dir: Path) -> None:
+    spool, n = scratch_dir / "spool", 3000
+    spool.mkdir()
+    child = subprocess.Popen([sys.executable, "-c", _CHILD, DEAD_URL, str(spool), str(n)],
+                             stdout=subprocess.PIPE, text=True, env=_python_env())
+    try:
+        assert child.stdout is not None
+        assert child.stdout.readline().split() == ["READY", str(n)]
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait(10)
+    assert child.returncode == -signal.SIGKILL
+    logged = (scratch_dir / "ids.txt").read_text().split()
+    assert len(logged) == n and len(list(spool.glob("*.copy"))) >= 1
+    with AuditWriter(db_url, spool_dir=spool, flush_interval_ms=5) as writer:
+        assert writer.flush(60)
+        m = writer.metrics()
+    assert m["replayed"] == n and m["written"] == n and m["dropped"] == 0
+    assert _count(clean) == (n, n)
+    assert _ids_in_delivery_order(clean) == logged
+
+
+def test_flushes_at_interpreter_exit(clean: psycopg.Connection, db_url: str) -> None:
+    code = ("import sys\nfrom perf_pipeline.audit import AuditWriter\n"
+            "w = AuditWriter(sys.argv[1], flush_interval_ms=60000, batch_size=10000)\n"
+            "for i in range(250):\n    w.log('login', 'user', str(i), 'login', None)\n")
+    subprocess.run([sys.executable, "-c", code, db_url], check=True, env=_python_env(), timeout=60)
+    assert _count(clean) == (250, 250)  # nothing triggered a flush but the exit hook
+
+
+# ------------------------------------------------------------------------------------------------ outages
+
+
+@pytest.fixture(scope="module")
+def private_pg(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, str]]:
+    """A PRIVATE embedded PostgreSQL this module may stop and start (never the shared one)."""
+    from perf_pipeline.embedded import start_postgres, stop_postgres
+
+    state = tmp_path_factory.mktemp("audit_pg")
+    url = start_postgres(state)
+    apply_migrations(url)
+    yield state, url
+    stop_postgres(state)
+
+
+def test_database_stopped_mid_stream_then_restarted(private_pg: tuple[Path, str], scratch_dir: Path) -> None:
+    from perf_pipeline.embedded import start_postgres, stop_postgres
+
+    state, url = private_pg
+    logged: list[str] = []
+    stop_logging = threading.Event()
+    writer = AuditWriter(url, batch_size=200, flush_interval_ms=10, spool_dir=scratch_dir, connect_timeout_s=2)
+
+    def produce() -> None:
+        i = 0
+        while not stop_logging.is_set():
+            logged.append(_log(writer, i))
+            i += 1
+            if i % 20 == 0:
+                time.sleep(0.002)  # ~5-10k events/s: a steady stream, not a tight loop
+
+    producer = threading.Thread(target=produce)
+    producer.start()
+    try:
+        time.sleep(0.7)
+        assert writer.metrics()["written"] > 0
+        stop_postgres(state)
+        time.sleep(1.5)
+        during = writer.metrics()
+        assert during["failed_attempts"] > 0 and during["spooled"] > 0 and not during["db_reachable"]
+        assert during["dropped"] == 0
+        assert start_postgres(state) == url  # same port: the writer's URL works again
+        time.sleep(0.5)
+    finally:
+        stop_logging.set()
+        producer.join()
+    assert writer.flush(60)
+    m = writer.metrics()
+    writer.close()
+    with psycopg.connect(url) as conn:
+        assert _count(conn) == (len(logged), len(logged))
+        assert _ids_in_delivery_order(conn) == logged  # in order, across the outage
+    assert m["written"] + m["duplicates_skipped"] == len(logged) and m["dropped"] == 0
+    assert list(scratch_dir.glob("*.copy")) == []
+
+
+def test_without_spool_a_full_queue_blocks_then_raises(db_url: str) -> None:
+    writer = AuditWriter(DEAD_URL, batch_size=10, max_queue=10, put_timeout=0.2)
+    try:
+        for i in range(10):  # taken by the flusher as its one in-memory batch (it cannot deliver it)
+            _log(writer, i)
+        deadline = time.monotonic() + 5
+        while writer.metrics()["pending"] < 10 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        for i in range(10):
+            _log(writer, 10 + i)  # fills the queue
+        started = time.monotonic()
+        with pytest.raises(AuditQueueFull):
+            _log(writer, 99)
+        assert time.monotonic() - started >= 0.19  # it blocked for put_timeout first
+        m = writer.metrics()
+        assert (m["dropped"], m["queued"], m["pending"], m["accepted"]) == (1, 10, 10, 20)
+    finally:
+        assert writer.close(timeout=0.3) is False
+    assert writer.metrics()["dropped"] == 21  # no spool: what was undelivered at close is counted lost
+    with pytest.raises(AuditWriterClosed):
+        _log(writer, 100)
+
+
+def _silent_server() -> tuple[socket.socket, str]:
+    """A TCP port that accepts connections and never answers: a database stuck in connect."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(16)
+    return srv, f"postgresql://postgres@127.0.0.1:{srv.getsockname()[1]}/stuck"
+
+
+def test_with_spool_a_full_queue_spills_and_order_is_kept(clean: psycopg.Connection, db_url: str,
+                                                          scratch_dir: Path) -> None:
+    srv, stuck_url = _silent_server()
+    try:
+        writer = AuditWriter(stuck_url, batch_size=50, max_queue=100, flush_interval_ms=5, spool_dir=scratch_dir,
+                             connect_timeout_s=3)
+        logged = [_log(writer, 0)]
+        deadline = time.monotonic() + 5
+        while writer.metrics()["spooled"] < 1 and time.monotonic() < deadline:
+            time.sleep(0.005)  # the flusher took event 0 and now hangs in connect() for 3 s
+        time.sleep(0.05)
+        started = time.perf_counter()
+        logged += [_log(writer, i) for i in range(1, 351)]
+        took = time.perf_counter() - started
+        m = writer.metrics()
+        assert m["spilled"] == 300 and m["queued"] == 50 and m["dropped"] == 0
+        assert took < 1.0  # producers never waited for the stuck database
+        writer.close(timeout=1)
+    finally:
+        srv.close()
+    assert len(list(scratch_dir.glob("*.copy"))) >= 4
+    with AuditWriter(db_url, spool_dir=scratch_dir, flush_interval_ms=5) as replay:
+        assert replay.flush(30)
+    assert _ids_in_delivery_order(clean) == logged
+
+
+def test_two_writers_cannot_share_a_spool(db_url: str, scratch_dir: Path) -> None:
+    with AuditWriter(db_url, spool_dir=scratch_dir), pytest.raises(audit.AuditError, match="in use"):
+        AuditWriter(db_url, spool_dir=scratch_dir)
+
+
+# -------------------------------------------------------------------------------------- async, metrics
+
+
+def test_usable_from_async_code(clean: psycopg.Connection, db_url: str) -> None:
+    async def handler(writer: AuditWriter, i: int) -> str:
+        return writer.log("api.call", "request", str(i), "read", None, severity="medium")
+
+    async def main() -> list[str]:
+        writer = AuditWriter(db_url, flush_interval_ms=5, put_timeout=0)
+        ids = await asyncio.gather(*(handler(writer, i) for i in range(100)))
+        assert await writer.aflush(10)
+        process_wide = audit.metrics()
+        assert process_wide["writers"] >= 1 and process_wide["written"] >= 100
+        await writer.aclose()
+        return list(ids)
+
+    ids = asyncio.run(main())
+    assert set(_ids_in_delivery_order(clean)) == set(ids)
+
+
+def test_metrics_are_plain_json(db_url: str) -> None:
+    with AuditWriter(db_url) as writer:
+        _log(writer, 1)
+        assert writer.flush(10)
+        m = writer.metrics()
+    json.dumps(m)
+    for key in ("queued", "written", "spooled", "dropped", "flush_p50_ms", "flush_p99_ms"):
+        assert key in m
+    assert m["flush_p99_ms"] >= m["flush_p50_ms"] > 0
