@@ -16,12 +16,12 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import psycopg
 from psycopg import sql
 
-from perf_pipeline.lib.db import run_with_lock_retry
+from perf_pipeline.lib.db import load_query, run_with_lock_retry
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +29,9 @@ UTC = dt.UTC
 
 #: partitioned tables this project manages, and their partition key column
 PARTITIONED_TABLES: dict[str, str] = {"audit_log": "timestamp", "usage_log": "created_at"}
+
+#: first month of the Dagster monthly partitions (older months can still exist in the database)
+FIRST_MONTH = dt.date(2024, 1, 1)
 
 _PARTITION = re.compile(r"^(?P<table>[a-z_]+)_y(?P<y>\d{4})m(?P<m>\d{2})$")
 
@@ -124,6 +127,15 @@ def existing_months(conn: psycopg.Connection, table: str) -> set[dt.date]:
     return {p.month for p in list_partitions(conn, table) if p.month is not None}
 
 
+def default_name(table: str) -> str:
+    """``audit_log`` → ``audit_log_default`` (the DEFAULT partition, which must stay empty)."""
+    return f"{_check_table(table)}_default"
+
+
+def partition_key_column(table: str) -> str:
+    return PARTITIONED_TABLES[_check_table(table)]
+
+
 def _attach(conn: psycopg.Connection, table: str, name: str, month: dt.date) -> bool:
     """Create ``name`` standalone (if missing) and attach it for ``month``; False if already attached."""
     start, end = month_bounds(month)
@@ -149,6 +161,16 @@ def _attach(conn: psycopg.Connection, table: str, name: str, month: dt.date) -> 
         )
     )
     return True
+
+
+def attach_partition(conn: psycopg.Connection, table: str, month: dt.date) -> bool:
+    """Create (if missing) and attach ``table``'s partition for ``month`` in the caller's transaction.
+
+    For callers that must commit the attach together with their own bookkeeping (archive restore); set a
+    ``lock_timeout`` first (:func:`run_with_lock_retry`). False if it was already attached.
+    """
+    month = month_start(month)
+    return _attach(conn, table, partition_name(table, month), month)
 
 
 def ensure_partition(conn: psycopg.Connection, table: str, month: dt.date, *, lock_timeout_ms: int = 200,
@@ -177,3 +199,112 @@ def ensure_partitions(conn: psycopg.Connection, table: str, months: list[dt.date
         if month not in have and ensure_partition(conn, table, month, **kwargs):
             created.append(partition_name(table, month))
     return created
+
+
+# ----------------------------------------------------------------------------------- create ahead
+
+
+def months_ahead(today: dt.date, premake: int) -> list[dt.date]:
+    """The current month and the ``premake`` months after it."""
+    current = month_start(today)
+    return [add_months(current, n) for n in range(premake + 1)]
+
+
+def create_partitions_ahead(conn: psycopg.Connection, table: str, today: dt.date, premake: int,
+                            **kwargs: int) -> list[str]:
+    """Keep ``table``'s current month and ``premake`` future months created; returns the names created.
+
+    Idempotent (a second call creates nothing). Cost: one catalog read, plus per missing month one
+    CREATE TABLE and one ATTACH (milliseconds; locks as in :func:`ensure_partition`).
+    """
+    return ensure_partitions(conn, table, months_ahead(today, premake), **kwargs)
+
+
+# ---------------------------------------------------------------------------------- default guard
+
+
+@dataclass(frozen=True)
+class DefaultSummary:
+    rows: int
+    months: dict[dt.date, int]  # month → rows of that month sitting in DEFAULT
+
+
+def default_partition_summary(conn: psycopg.Connection, table: str) -> DefaultSummary:
+    """Rows in ``table``'s DEFAULT partition, by UTC month. Cost: a scan of DEFAULT (kept empty, so tiny)."""
+    query = sql.SQL(load_query("partition_default_rows_by_month")).format(
+        default=sql.Identifier(default_name(table)), key=sql.Identifier(partition_key_column(table)))
+    months = {month: count for month, count in conn.execute(query).fetchall()}
+    return DefaultSummary(sum(months.values()), months)
+
+
+def prepare_partition_table(conn: psycopg.Connection, table: str, month: dt.date) -> str:
+    """Create ``month``'s partition as a standalone table (if missing), ready to load and attach.
+
+    It gets every index of the parent and a CHECK constraint equal to the month's bounds, so a later
+    ATTACH does not have to scan it under lock. Locks only the new table. Caller's transaction.
+    """
+    name = partition_name(table, month)
+    key = partition_key_column(table)
+    start, end = month_bounds(month)
+    conn.execute(sql.SQL(
+        "CREATE TABLE IF NOT EXISTS {} (LIKE {} INCLUDING DEFAULTS INCLUDING CONSTRAINTS INCLUDING STORAGE "
+        "INCLUDING COMMENTS INCLUDING INDEXES)").format(sql.Identifier(name), sql.Identifier(table)))
+    has_bound = conn.execute(
+        "SELECT 1 FROM pg_constraint WHERE conrelid = %s::regclass AND conname = %s",
+        (name, f"{name}_bound")).fetchone()
+    if not has_bound:
+        conn.execute(sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} CHECK ({} IS NOT NULL AND {} >= {} AND {} < {})").format(
+            sql.Identifier(name), sql.Identifier(f"{name}_bound"), sql.Identifier(key), sql.Identifier(key),
+            sql.Literal(start), sql.Identifier(key), sql.Literal(end)))
+    return name
+
+
+@dataclass
+class MoveResult:
+    rows_moved: int = 0
+    batches: int = 0
+    months: list[dt.date] = field(default_factory=list)
+    partitions_created: list[str] = field(default_factory=list)
+
+
+def move_default_rows(conn: psycopg.Connection, table: str, *, batch_size: int = 10_000,
+                      lock_timeout_ms: int = 200, attempts: int = 50, max_rounds: int = 20) -> MoveResult:
+    """Move every row of ``table``'s DEFAULT partition into its month's partition, creating it.
+
+    ``conn`` must be in autocommit mode. Per month: the partition is prepared as a standalone table
+    (:func:`prepare_partition_table`), rows move in batches of ``batch_size`` (each batch is one
+    ``DELETE … RETURNING`` feeding an ``INSERT`` in one transaction: a row is in exactly one place at
+    every commit, so a crash loses or duplicates nothing and a re-run continues), then the table is
+    attached. Rows a writer adds to DEFAULT meanwhile make ATTACH fail its check; they are moved and
+    the attach retried (``max_rounds``). Locks: ROW EXCLUSIVE on DEFAULT per batch; the attach as in
+    :func:`ensure_partition`. Cost: one index-less scan of DEFAULT per batch (DEFAULT is small).
+    """
+    result = MoveResult()
+    default = sql.Identifier(default_name(table))
+    key = sql.Identifier(partition_key_column(table))
+    move = sql.SQL(load_query("partition_move_default_batch"))
+    for _ in range(max_rounds):
+        summary = default_partition_summary(conn, table)
+        if not summary.rows:
+            return result
+        for month in sorted(summary.months):
+            start, end = month_bounds(month)
+            name = partition_name(table, month)
+            with conn.transaction():
+                prepare_partition_table(conn, table, month)
+            while True:
+                with conn.transaction():
+                    moved = conn.execute(move.format(default=default, target=sql.Identifier(name), key=key),
+                                         {"start": start, "end": end, "batch": batch_size}).fetchone()[0]
+                if not moved:
+                    break
+                result.rows_moved += moved
+                result.batches += 1
+            if month not in result.months:
+                result.months.append(month)
+            try:
+                if ensure_partition(conn, table, month, lock_timeout_ms=lock_timeout_ms, attempts=attempts):
+                    result.partitions_created.append(name)
+            except psycopg.errors.CheckViolation:
+                log.info("%s: new rows of %s arrived in DEFAULT during the move; moving them too", table, month)
+    raise PartitionError(f"{table}: DEFAULT kept receiving rows after {max_rounds} rounds of move_default_rows")

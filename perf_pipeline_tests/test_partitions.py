@@ -1,0 +1,184 @@
+"""Partition lifecycle on real PostgreSQL: create ahead, indexes, the DEFAULT guard and move_default_rows."""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+import time
+import uuid
+
+import dagster as dg
+import psycopg
+import pytest
+from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
+from psycopg import sql
+
+from perf_pipeline.defs.partitions.assets import usage_log_partitions
+from perf_pipeline.defs.partitions.checks import (
+    audit_log_default_partition_empty,
+    usage_log_default_partition_empty,
+)
+from perf_pipeline.defs.partitions.jobs import move_default_rows
+from perf_pipeline.defs.partitions.schedules import create_partitions_ahead_daily
+from perf_pipeline.defs.resources import PostgresResource
+from perf_pipeline.lib import partitioning as p
+from perf_pipeline.lib.db import load_query
+
+UTC = dt.UTC
+
+
+def _months(conn: psycopg.Connection, table: str) -> list[str]:
+    return sorted(x.name for x in p.list_partitions(conn, table) if not x.is_default)
+
+
+def _index_parents(conn: psycopg.Connection, table: str, child: str) -> tuple[set[str], set[str]]:
+    """(indexes of the parent, parent indexes that the child's indexes are attached to)."""
+    parent = {r[0] for r in conn.execute(
+        "SELECT indexrelid::regclass::text FROM pg_index WHERE indrelid = %s::regclass", (table,))}
+    attached = {r[0] for r in conn.execute(
+        "SELECT i.inhparent::regclass::text FROM pg_index x JOIN pg_inherits i ON i.inhrelid = x.indexrelid "
+        "WHERE x.indrelid = %s::regclass", (child,))}
+    return parent, attached
+
+
+def _insert_audit(conn: psycopg.Connection, ts: dt.datetime, **values: object) -> None:
+    conn.execute(
+        "INSERT INTO audit_log (id, timestamp, user_id, entity_type, entity_id, event_type, operation, severity, "
+        "description, details, ip) VALUES (%s, %s, %s, 'session', %s, 'session.update', 'update', %s, %s, %s, %s)",
+        (values.get("id", uuid.uuid4()), ts, values.get("user_id"), values.get("entity_id", "s-1"),
+         values.get("severity", "low"), values.get("description", "d"), values.get("details"), values.get("ip")))
+
+
+def test_create_ahead_is_idempotent_and_exact(db: psycopg.Connection) -> None:
+    today = dt.date(2026, 11, 27)
+    created = p.create_partitions_ahead(db, "audit_log", today, 3)
+    expected = ["audit_log_y2026m11", "audit_log_y2026m12", "audit_log_y2027m01", "audit_log_y2027m02"]
+    assert created == expected
+    assert p.create_partitions_ahead(db, "audit_log", today, 3) == []
+    assert _months(db, "audit_log") == expected
+    # bounds are the UTC months
+    bound = db.execute("SELECT pg_get_expr(relpartbound, oid) FROM pg_class WHERE relname = 'audit_log_y2027m01'"
+                       ).fetchone()[0]
+    assert "2027-01-01 00:00:00+00" in bound and "2027-02-01 00:00:00+00" in bound
+    # every index of the parent exists on the new partition, attached to the parent's index
+    for table, child in (("audit_log", "audit_log_y2026m12"),):
+        parent, attached = _index_parents(db, table, child)
+        assert len(parent) == 4 and attached == parent
+
+
+def test_dagster_asset_creates_the_keys_month_with_indexes(db_url: str, db: psycopg.Connection) -> None:
+    res = dg.materialize([usage_log_partitions], partition_key="2025-03-01",
+                         resources={"postgres": PostgresResource(url=db_url)}, instance=dg.DagsterInstance.ephemeral())
+    assert res.success
+    assert "usage_log_y2025m03" in _months(db, "usage_log")
+    parent, attached = _index_parents(db, "usage_log", "usage_log_y2025m03")
+    assert attached == parent and len(parent) == 4
+    meta = res.asset_materializations_for_node("usage_log_partitions")[0].metadata
+    assert meta["created"].value == 1 and meta["months"].value == 1
+    again = dg.materialize([usage_log_partitions], partition_key="2025-03-01",
+                           resources={"postgres": PostgresResource(url=db_url)}, instance=dg.DagsterInstance.ephemeral())
+    assert again.asset_materializations_for_node("usage_log_partitions")[0].metadata["created"].value == 0
+
+
+def test_daily_schedule_requests_current_plus_premake_months(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PERF_PIPELINE_PREMAKE_MONTHS", "3")
+    ctx = dg.build_schedule_context(scheduled_execution_time=dt.datetime(2026, 11, 27, 0, 10, tzinfo=UTC))
+    request = create_partitions_ahead_daily(ctx)
+    assert request.tags[ASSET_PARTITION_RANGE_START_TAG] == "2026-11-01"
+    assert request.tags[ASSET_PARTITION_RANGE_END_TAG] == "2027-02-01"
+
+
+def test_default_guard_fails_then_move_default_rows_fixes_it(db_url: str, db: psycopg.Connection) -> None:
+    resources = {"postgres": PostgresResource(url=db_url)}
+    assert audit_log_default_partition_empty(**resources).passed
+    # months without partitions: rows land in DEFAULT
+    stray = [dt.datetime(2023, 5, 3, 12, tzinfo=UTC) + dt.timedelta(minutes=7 * i) for i in range(25)]
+    stray += [dt.datetime(2023, 6, 30, 23, 59, 59, 999999, tzinfo=UTC), dt.datetime(2023, 6, 1, tzinfo=UTC)]
+    for i, ts in enumerate(stray):
+        _insert_audit(db, ts, user_id=uuid.uuid4() if i % 2 else None, description="" if i == 3 else f"row {i}",
+                      details='{"a": [1, 2]}' if i % 3 else None, ip="10.0.0.1" if i % 4 else None)
+    assert db.execute("SELECT count(*) FROM audit_log_default").fetchone()[0] == 27
+    before = db.execute("SELECT * FROM audit_log ORDER BY id").fetchall()
+
+    check = audit_log_default_partition_empty(**resources)
+    assert not check.passed
+    assert check.metadata["rows"].value == 27
+    assert check.metadata["months"].value == "2023-05 (25), 2023-06 (2)"
+
+    result = move_default_rows.execute_in_process(
+        run_config={"ops": {"move_default_rows_op": {"config": {"batch_size": 10}}}},
+        resources=resources, instance=dg.DagsterInstance.ephemeral())
+    assert result.success
+    assert result.output_for_node("move_default_rows_op") == {"audit_log": 27, "usage_log": 0}
+    assert audit_log_default_partition_empty(**resources).passed
+    assert usage_log_default_partition_empty(**resources).passed
+    assert {"audit_log_y2023m05", "audit_log_y2023m06"} <= set(_months(db, "audit_log"))
+    # every column of every row identical, nothing lost or duplicated
+    assert db.execute("SELECT * FROM audit_log ORDER BY id").fetchall() == before
+    assert db.execute("SELECT count(*) FROM audit_log_y2023m05").fetchone()[0] == 25
+    parent, attached = _index_parents(db, "audit_log", "audit_log_y2023m06")
+    assert attached == parent
+    # re-running is a no-op
+    assert p.move_default_rows(db, "audit_log").rows_moved == 0
+
+
+def test_move_default_rows_resumes_after_a_crash_mid_month(db: psycopg.Connection) -> None:
+    for i in range(30):
+        _insert_audit(db, dt.datetime(2022, 2, 1, tzinfo=UTC) + dt.timedelta(hours=i), description=f"r{i}")
+    before = db.execute("SELECT * FROM audit_log ORDER BY id").fetchall()
+    # a first run that "crashed" after one batch: table prepared, 7 rows moved, not attached
+    with db.transaction():
+        p.prepare_partition_table(db, "audit_log", dt.date(2022, 2, 1))
+    start, end = p.month_bounds(dt.date(2022, 2, 1))
+    with db.transaction():
+        moved = db.execute(sql.SQL(load_query("partition_move_default_batch")).format(
+            default=sql.Identifier("audit_log_default"), target=sql.Identifier("audit_log_y2022m02"),
+            key=sql.Identifier("timestamp")), {"start": start, "end": end, "batch": 7}).fetchone()[0]
+    assert moved == 7
+    assert "audit_log_y2022m02" not in _months(db, "audit_log")  # standalone, invisible to audit_log
+    result = p.move_default_rows(db, "audit_log", batch_size=5)
+    assert result.rows_moved == 23 and result.partitions_created == ["audit_log_y2022m02"]
+    assert db.execute("SELECT * FROM audit_log ORDER BY id").fetchall() == before
+
+
+class _Writer(threading.Thread):
+    """Inserts into audit_log (current month) at ~``rate``/s on its own connection; records latencies/failures."""
+
+    def __init__(self, url: str, rate: float = 300) -> None:
+        super().__init__(daemon=True)
+        self.url, self.interval = url, 1 / rate
+        self.stop = threading.Event()
+        self.latencies: list[float] = []
+        self.failures: list[BaseException] = []
+
+    def run(self) -> None:
+        with psycopg.connect(self.url, autocommit=True) as conn:
+            nxt = time.perf_counter()
+            while not self.stop.is_set():
+                t0 = time.perf_counter()
+                try:
+                    conn.execute("INSERT INTO audit_log (event_type, operation, description) "
+                                 "VALUES ('session.create', 'create', 'writer')")
+                except BaseException as exc:  # recorded: the test asserts there are none
+                    self.failures.append(exc)
+                self.latencies.append((time.perf_counter() - t0) * 1000)
+                nxt += self.interval
+                time.sleep(max(0.0, nxt - time.perf_counter()))
+
+
+def test_concurrent_writer_never_fails_during_partition_creation(db_url: str, db: psycopg.Connection) -> None:
+    p.ensure_partition(db, "audit_log", dt.datetime.now(UTC).date())
+    writer = _Writer(db_url)
+    writer.start()
+    time.sleep(0.3)
+    created = p.create_partitions_ahead(db, "audit_log", dt.datetime.now(UTC).date(), 24)
+    created += p.create_partitions_ahead(db, "usage_log", dt.datetime.now(UTC).date(), 24)
+    time.sleep(0.3)
+    writer.stop.set()
+    writer.join()
+    assert len(created) >= 40
+    assert writer.failures == []
+    assert len(writer.latencies) > 50
+    assert db.execute("SELECT count(*) FROM audit_log WHERE description = 'writer'").fetchone()[0] == len(
+        writer.latencies)
+    assert db.execute("SELECT count(*) FROM audit_log_default").fetchone()[0] == 0
