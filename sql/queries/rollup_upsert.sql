@@ -91,8 +91,8 @@ drop_users AS (
     RETURNING 1
 )
 SELECT (SELECT count(*) FROM upsert_days)                      AS days,
-       (SELECT coalesce(sum(rows_scanned), 0) FROM upsert_days) AS rows_scanned,
-       (SELECT coalesce(sum(sessions), 0) FROM upsert_days)     AS sessions,
+       (SELECT coalesce(sum(rows_scanned), 0)::bigint FROM upsert_days) AS rows_scanned,
+       (SELECT coalesce(sum(sessions), 0)::bigint FROM upsert_days) AS sessions,
        (SELECT coalesce(sum(revenue), 0) FROM upsert_days)      AS revenue,
        (SELECT count(*) FROM upsert_providers)                  AS provider_rows_written,
        (SELECT count(*) FROM drop_providers)                    AS provider_rows_deleted,
