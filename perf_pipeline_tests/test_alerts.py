@@ -1,0 +1,185 @@
+"""Alerts (issue 7): one alert per failed run / failed check, logged, stored, and POSTed to a webhook;
+and the pruning of Dagster's run history."""
+
+import datetime as dt
+import json
+import socket
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+import dagster as dg
+import psycopg
+import pytest
+
+from perf_pipeline.defs.alerts.sensors import alert_on_check_failure, alert_on_run_failure
+from perf_pipeline.defs.maintenance.retention import prune_runs
+from perf_pipeline.defs.resources import PostgresResource
+from perf_pipeline.lib.alerts import Alert, raise_alert
+
+
+@dg.asset
+def exploding_asset() -> None:
+    raise RuntimeError("disk on fire")
+
+
+@dg.asset(check_specs=[dg.AssetCheckSpec("always_fails", asset="checked_asset"),
+                       dg.AssetCheckSpec("always_passes", asset="checked_asset")])
+def checked_asset() -> dg.MaterializeResult:
+    return dg.MaterializeResult(check_results=[
+        dg.AssetCheckResult(check_name="always_fails", passed=False, metadata={"p95_ms": 120.0}),
+        dg.AssetCheckResult(check_name="always_passes", passed=True),
+    ])
+
+
+@dg.asset
+def fine_asset() -> int:
+    return 1
+
+
+class Webhook:
+    """A tiny HTTP server on 127.0.0.1 that records the JSON bodies POSTed to it."""
+
+    def __init__(self) -> None:
+        self.received: list[dict] = []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                outer.received.append(json.loads(body))
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = HTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def webhook(monkeypatch: pytest.MonkeyPatch) -> Iterator[Webhook]:
+    hook = Webhook()
+    monkeypatch.setenv("PERF_PIPELINE_ALERT_WEBHOOK_URL", hook.url)
+    yield hook
+    hook.close()
+
+
+@pytest.fixture
+def clean_alerts(db: psycopg.Connection) -> psycopg.Connection:
+    db.execute("TRUNCATE alert_event")
+    return db
+
+
+def _alerts(conn: psycopg.Connection) -> list[tuple]:
+    return conn.execute("SELECT alert_key, kind, source, message, webhook_status, webhook_error "
+                        "FROM alert_event ORDER BY id").fetchall()
+
+
+def test_raise_alert_records_once_per_key(clean_alerts: psycopg.Connection, db_url: str) -> None:
+    alert = Alert("run_failure:abc", "run_failure", "some_job", "boom", {"run_id": "abc"})
+    with psycopg.connect(db_url) as conn:
+        assert raise_alert(conn, alert) is True
+        assert raise_alert(conn, alert) is False
+    rows = _alerts(clean_alerts)
+    assert rows == [("run_failure:abc", "run_failure", "some_job", "boom", "disabled", None)]
+
+
+def test_webhook_failure_is_recorded_not_raised(clean_alerts: psycopg.Connection, db_url: str) -> None:
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}/hook"
+    with psycopg.connect(db_url) as conn:
+        assert raise_alert(conn, Alert("check_failure:1", "check_failure", "a:b", "failed", {}), webhook_url=dead)
+    [row] = _alerts(clean_alerts)
+    assert row[4] == "failed" and row[5]
+
+
+def test_run_failure_sensor_records_logs_and_posts_one_alert_per_failed_run(
+        clean_alerts: psycopg.Connection, db_url: str, webhook: Webhook, caplog: pytest.LogCaptureFixture) -> None:
+    instance = dg.DagsterInstance.ephemeral()
+    failed = dg.materialize([exploding_asset], instance=instance, raise_on_error=False)
+    assert not failed.success
+    resources = {"postgres": PostgresResource(url=db_url)}
+
+    def tick() -> None:
+        context = dg.build_run_status_sensor_context(
+            sensor_name="alert_on_run_failure", dagster_instance=instance, dagster_run=failed.dagster_run,
+            dagster_event=failed.get_run_failure_event(), resources=resources).for_run_failure()
+        alert_on_run_failure(context)
+
+    with caplog.at_level("WARNING", logger="perf_pipeline.lib.alerts"):
+        tick()
+        tick()  # the same failure seen again (retried tick): no second alert, no second POST
+    rows = _alerts(clean_alerts)
+    assert len(rows) == 1
+    key, kind, source, message, status, _ = rows[0]
+    assert key == f"run_failure:{failed.run_id}" and kind == "run_failure" and status == "sent"
+    assert source == failed.dagster_run.job_name
+    assert len(webhook.received) == 1
+    assert webhook.received[0]["alert_key"] == key and webhook.received[0]["details"]["run_id"] == failed.run_id
+    assert sum(key in r.getMessage() for r in caplog.records) == 1
+
+    other = dg.materialize([exploding_asset], instance=instance, raise_on_error=False)
+    context = dg.build_run_status_sensor_context(
+        sensor_name="alert_on_run_failure", dagster_instance=instance, dagster_run=other.dagster_run,
+        dagster_event=other.get_run_failure_event(), resources=resources).for_run_failure()
+    alert_on_run_failure(context)
+    assert len(_alerts(clean_alerts)) == 2 and len(webhook.received) == 2
+
+
+def test_check_failure_sensor_records_one_alert_per_failed_evaluation(
+        clean_alerts: psycopg.Connection, db_url: str, webhook: Webhook) -> None:
+    instance = dg.DagsterInstance.ephemeral()
+    resources = {"postgres": PostgresResource(url=db_url)}
+    dg.materialize([checked_asset, fine_asset], instance=instance)
+
+    context = dg.build_sensor_context(instance=instance, cursor=None, resources=resources)
+    skip = alert_on_check_failure(context)
+    assert "recorded 1 alert" in skip.skip_message
+    rows = _alerts(clean_alerts)
+    assert len(rows) == 1
+    assert rows[0][1] == "check_failure" and rows[0][2] == "checked_asset:always_fails"
+    cursor = json.loads(context.cursor)["after_storage_id"]
+    assert cursor > 0
+    assert webhook.received[0]["details"]["metadata"] == {"p95_ms": 120.0}
+
+    # the next tick reads only new evaluations; a replay from scratch records nothing twice
+    again = dg.build_sensor_context(instance=instance, cursor=context.cursor, resources=resources)
+    assert "read 0 check evaluation" in alert_on_check_failure(again).skip_message
+    replay = dg.build_sensor_context(instance=instance, cursor=None, resources=resources)
+    assert "recorded 0 alert" in alert_on_check_failure(replay).skip_message
+    assert len(_alerts(clean_alerts)) == 1 and len(webhook.received) == 1
+
+    dg.materialize([checked_asset], instance=instance)  # a new failure is a new alert
+    later = dg.build_sensor_context(instance=instance, cursor=context.cursor, resources=resources)
+    assert "recorded 1 alert" in alert_on_check_failure(later).skip_message
+    assert len(_alerts(clean_alerts)) == 2
+
+
+def test_prune_runs_deletes_finished_runs_older_than_the_cutoff() -> None:
+    instance = dg.DagsterInstance.ephemeral()
+    runs = [dg.materialize([fine_asset], instance=instance).run_id for _ in range(3)]
+    assert prune_runs(instance, dt.datetime.now(dt.UTC) - dt.timedelta(days=1)) == 0
+    assert len(instance.get_runs()) == 3
+    deleted = prune_runs(instance, dt.datetime.now(dt.UTC) + dt.timedelta(minutes=1), keep_run_id=runs[-1])
+    assert deleted == 2
+    assert [r.run_id for r in instance.get_runs()] == [runs[-1]]
+    assert instance.all_logs(runs[0]) == []  # the event log went with the run
+
+
+def test_prune_run_history_job_keeps_recent_runs() -> None:
+    from perf_pipeline.defs.maintenance.retention import prune_run_history_job
+
+    instance = dg.DagsterInstance.ephemeral()
+    recent = dg.materialize([fine_asset], instance=instance).run_id
+    result = prune_run_history_job.execute_in_process(instance=instance)
+    assert result.success
+    assert recent in {r.run_id for r in instance.get_runs()}  # 1 day old at most: within 30 days
