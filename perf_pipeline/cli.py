@@ -155,7 +155,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
     dagster = Path(sys.executable).with_name("dagster")
     argv = [str(dagster), "dev", "-w", str(PROJECT_ROOT / "workspace.yaml"), "-h", args.host, "-p", str(args.port)]
     print("exec", " ".join(argv))
-    os.chdir(PROJECT_ROOT)
+    os.chdir(env["DAGSTER_HOME"])  # where its dagster.yaml is; from the project root Dagster warns about the other one
     os.execve(argv[0], argv, os.environ)
     return 0  # not reached
 
@@ -172,6 +172,44 @@ def cmd_serve(args: argparse.Namespace) -> int:
     uvicorn.run("perf_pipeline.api.app:create_app", factory=True, host=args.host, port=args.port,
                 workers=args.workers, log_level="warning" if not args.access_log else "info",
                 access_log=args.access_log, backlog=args.backlog)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """`export request …` files a data_export request (validated first); `export status ID` prints one;
+    `export run ID` runs one in this process (what export_job does, without Dagster)."""
+    from perf_pipeline.lib import exports
+    from perf_pipeline.lib.db import connect
+
+    settings = get_settings()
+    url = _urls().database_url
+    retention = exports.retention_months_from(settings)
+    if args.export_command == "request":
+        filters = {k: v for k, v in {"user_id": args.user_id, "start": args.start, "end": args.end,
+                                     "entity_type": args.entity_type, "severity": args.severity}.items()
+                   if v is not None}
+        # refuse now what the export job would refuse later (raises ExportRequestError, a ValueError)
+        exports.validate_request(0, args.kind, args.format, filters, today=dt.datetime.now(dt.UTC).date(),
+                                 retention_months=retention)
+        with connect(url) as conn:
+            request_id = exports.file_request(conn, args.requested_by, args.kind, args.format, filters)
+            conn.commit()
+        print(request_id)
+        return 0
+    with connect(url, autocommit=True) as conn:
+        found = exports.get_request(conn, args.id)
+    if found is None:
+        print(f"error: no export request {args.id}", file=sys.stderr)
+        return 1
+    if args.export_command == "status":
+        print(exports.describe(found))
+        return 0 if found["status"] != "failed" else 1
+    result = exports.run_export(
+        url, args.id, settings.export_dir, statement_timeout_s=settings.export_statement_timeout_s,
+        retention_months=retention,
+        progress=lambda p: print(f"{p.rows:,} rows, {p.csv_bytes / 1e6:,.1f} MB in {p.seconds:.1f} s", file=sys.stderr))
+    print(f"{result.path}: {result.rows:,} rows, {result.bytes:,} bytes ({result.csv_bytes / 1e6:,.1f} MB of CSV) "
+          f"in {result.seconds:.2f} s, sha256 {result.sha256}")
     return 0
 
 
@@ -230,6 +268,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=2, help="uvicorn worker processes (default 2)")
     p.add_argument("--backlog", type=int, default=4096, help="listen backlog (default 4096)")
     p.add_argument("--access-log", action="store_true", help="log every request")
+    p = add("export", cmd_export, "background exports of usage_log / audit_log: file a request, show one, run one")
+    export_sub = p.add_subparsers(dest="export_command", required=True, metavar="ACTION")
+    e = export_sub.add_parser("request", help="file a data_export request (the sensor launches it); prints its id")
+    e.add_argument("--requested-by", required=True, help="UUID of the requesting user")
+    e.add_argument("--kind", required=True, help="usage_log or audit_log")
+    e.add_argument("--format", default="csv.gz", help="csv.gz (default) or parquet")
+    e.add_argument("--user-id", help="only this user's rows (UUID)")
+    e.add_argument("--start", help="first UTC day, YYYY-MM-DD (default: oldest day within retention)")
+    e.add_argument("--end", help="last UTC day, inclusive, YYYY-MM-DD (default: today)")
+    e.add_argument("--entity-type", help="audit_log only: this entity type")
+    e.add_argument("--severity", action="append", help="audit_log only: this severity (repeatable)")
+    e = export_sub.add_parser("status", help="print a request: status, file, rows, bytes, sha256, error")
+    e.add_argument("id", type=int)
+    e = export_sub.add_parser("run", help="run a request now in this process (retry of a failed one included)")
+    e.add_argument("id", type=int)
     return parser
 
 
