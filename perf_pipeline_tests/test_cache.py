@@ -308,3 +308,156 @@ def test_hung_redis_costs_one_short_timeout(kpi_db: str, private_redis: tuple[st
     assert cache.counts["fallback"] == 5
     assert latencies[0] < 0.5  # one socket timeout (50 ms) plus the SQL
     assert max(latencies[1:]) < 0.3  # breaker open: no more Redis timeouts
+
+
+# ------------------------------------------------------------------------------ Dagster: asset, checks
+
+
+@pytest.fixture(scope="module")
+def recent_db(kpi_db: str) -> str:
+    """Usage over the last 20 days (relative to now, 3 providers), rolled up: what the warm reads."""
+    from perf_pipeline.lib.rollups import rollup_days
+
+    today = dt.datetime.now(dt.UTC).date()
+    with psycopg.connect(kpi_db, autocommit=True) as conn:
+        conn.execute("""
+            INSERT INTO usage_log (user_id, session_id, created_at, duration_minutes, cost_usd, is_billable,
+                                   stt_provider)
+            SELECT md5('u' || (i % 11))::uuid, gen_random_uuid(), now() - i * interval '41 minutes',
+                   1 + i % 20, (1 + i % 20) * 0.02, i % 4 <> 0, (ARRAY['google', 'assemblyai', 'whisper'])[1 + i % 3]
+            FROM generate_series(1, 700) AS i""")
+        rollup_days(conn, today - dt.timedelta(days=30), today + dt.timedelta(days=1))
+    return kpi_db
+
+
+def _resources(db_url: str, redis_url: str) -> dict[str, object]:
+    from perf_pipeline.defs.resources import PostgresResource, RedisResource
+
+    return {"postgres": PostgresResource(url=db_url), "redis": RedisResource(url=redis_url)}
+
+
+def _check_results(result: object) -> dict[str, object]:
+    return {e.check_name: e for e in result.get_asset_check_evaluations()}  # type: ignore[attr-defined]
+
+
+def test_asset_warms_checks_pass_and_rollup_rerun_serves_new_numbers(
+        recent_db: str, redis_url: str, redis_client: redis_lib.Redis) -> None:
+    import dagster as dg
+
+    from perf_pipeline.defs.cache.assets import dashboard_cache
+    from perf_pipeline.defs.cache.checks import (
+        dashboard_cache_hit_rate,
+        dashboard_cache_keys_fresh,
+        dashboard_cache_matches_sql,
+    )
+    from perf_pipeline.defs.cache.sensors import refresh_dashboard_cache_after_rollup
+    from perf_pipeline.defs.rollups.assets import usage_daily_metrics
+    from perf_pipeline.lib.dashboard import TrendRequest, standard_trend_requests
+
+    instance = dg.DagsterInstance.ephemeral()
+    resources = _resources(recent_db, redis_url)
+    cache_defs = [dashboard_cache, dashboard_cache_keys_fresh, dashboard_cache_matches_sql, dashboard_cache_hit_rate]
+
+    result = dg.materialize(cache_defs, resources=resources, instance=instance)
+    assert result.success
+    meta = result.asset_materializations_for_node("dashboard_cache")[0].metadata
+    assert meta["keys"].value == 6 and meta["generation"].value == 1 and meta["bytes"].value > 0
+    checks = _check_results(result)
+    assert all(c.passed for c in checks.values()), {k: c.metadata for k, c in checks.items()}
+    assert checks["dashboard_cache_matches_sql"].metadata["compared"].value == 6
+
+    today = dt.datetime.now(dt.UTC).date()
+    yesterday = today - dt.timedelta(days=1)
+    week = standard_trend_requests(today)[0]
+    assert week == TrendRequest(today - dt.timedelta(days=6), today, "daily")
+    odd_range = TrendRequest(yesterday - dt.timedelta(days=2), yesterday, "daily")  # not warmed by the asset
+    cache = _cache(redis_url, recent_db)
+    before_week, before_odd = cache.usage_trends(week), cache.usage_trends(odd_range)
+    assert cache.counts == {"hit": 1, "miss": 1}  # the warmed range is a hit at once
+    assert all(p["session_count"] > 0 for p in before_week["provider_breakdown"])
+
+    # sensor: the rollup has not run in this instance yet
+    context = dg.build_sensor_context(instance=instance)
+    assert isinstance(refresh_dashboard_cache_after_rollup(context), dg.SkipReason)
+
+    # late rows for yesterday, then the rollup re-run of that partition
+    with psycopg.connect(recent_db, autocommit=True) as conn:
+        conn.execute("""
+            INSERT INTO usage_log (user_id, session_id, created_at, duration_minutes, cost_usd, is_billable,
+                                   stt_provider)
+            SELECT gen_random_uuid(), gen_random_uuid(), %s::date + interval '12 hours', 5, 0.5, true, 'whisper'
+            FROM generate_series(1, 9)""", (yesterday,))
+    rollup = dg.materialize([usage_daily_metrics], partition_key=yesterday.isoformat(), resources=resources,
+                            instance=instance)
+    assert rollup.success
+
+    # the sensor asks for one dashboard_cache run, once
+    tick = refresh_dashboard_cache_after_rollup(dg.build_sensor_context(instance=instance))
+    assert isinstance(tick, dg.SensorResult) and len(tick.run_requests or []) == 1
+    again = refresh_dashboard_cache_after_rollup(dg.build_sensor_context(instance=instance, cursor=tick.cursor))
+    assert isinstance(again, dg.SkipReason)
+
+    # the stale cache still serves the old numbers until the warm runs …
+    assert cache.usage_trends(odd_range) == before_odd
+    result = dg.materialize(cache_defs, resources=resources, instance=instance)
+    evaluations = _check_results(result)
+    assert result.success
+    assert evaluations["dashboard_cache_keys_fresh"].passed and evaluations["dashboard_cache_matches_sql"].passed
+    # reads so far: week (hit), odd range (miss), odd range (hit): 2 of 3 from the cache
+    rate = evaluations["dashboard_cache_hit_rate"]
+    assert not rate.passed and rate.metadata["hit_rate"].value == pytest.approx(2 / 3)
+    # … and the new ones after it, for the warmed range and for the other one (generation bump)
+    after_week, after_odd = cache.usage_trends(week), cache.usage_trends(odd_range)
+    for before, after in ((before_week, after_week), (before_odd, after_odd)):
+        b = {p["period"]: p["session_count"] for p in before["transcription_trend"]}
+        a = {p["period"]: p["session_count"] for p in after["transcription_trend"]}
+        assert a[yesterday.isoformat()] == b[yesterday.isoformat()] + 9
+        whisper = {x["provider"]: x["session_count"] for x in after["provider_breakdown"]}["whisper"]
+        assert whisper == {x["provider"]: x["session_count"] for x in before["provider_breakdown"]}["whisper"] + 9
+    assert cache.recomputations[cache_lib.trends_key(odd_range)] == 2
+    assert cache.recomputations[cache_lib.trends_key(week)] == 0
+
+
+def test_checks_fail_on_wrong_values_and_low_hit_rate(
+        recent_db: str, redis_url: str, redis_client: redis_lib.Redis) -> None:
+    import dagster as dg
+
+    from perf_pipeline.defs.cache.assets import dashboard_cache
+    from perf_pipeline.defs.cache.checks import (
+        dashboard_cache_hit_rate,
+        dashboard_cache_keys_fresh,
+        dashboard_cache_matches_sql,
+    )
+    from perf_pipeline.lib.dashboard import standard_trend_requests
+
+    resources = _resources(recent_db, redis_url)
+    instance = dg.DagsterInstance.ephemeral()
+    assert dg.materialize([dashboard_cache], resources=resources, instance=instance).success
+
+    # tamper with one cached trend, make the KPIs too old, and serve mostly misses
+    key = cache_lib.trends_key(standard_trend_requests(dt.datetime.now(dt.UTC).date())[2])
+    entry = Entry.decode(redis_client.get(key))
+    assert entry is not None
+    payload = dict(entry.payload, provider_breakdown=[])  # the seed's bug: an empty breakdown
+    redis_client.set(key, Entry(entry.gen, entry.computed_at, entry.expires_at, 1.0, payload).encode())
+    kpis = Entry.decode(redis_client.get(cache_lib.KPIS_KEY))
+    assert kpis is not None
+    redis_client.set(cache_lib.KPIS_KEY, Entry(kpis.gen, kpis.computed_at - 3600, kpis.expires_at - 3600, 1.0,
+                                               kpis.payload).encode())
+    cache = _cache(redis_url, recent_db)
+    compute = CountingCompute()
+    for i in range(5):
+        cache.get(f"dash:test:cold{i}", 60, compute)  # 5 misses
+    cache.get("dash:test:cold0", 60, compute)  # 1 hit
+
+    checks = [dashboard_cache_keys_fresh, dashboard_cache_matches_sql, dashboard_cache_hit_rate]
+    result = dg.materialize([dashboard_cache, *checks], resources=resources, instance=instance,
+                            selection=dg.AssetSelection.checks(*checks), raise_on_error=False)
+    evaluations = _check_results(result)
+    fresh = evaluations["dashboard_cache_keys_fresh"]
+    assert not fresh.passed and fresh.metadata["stale"].value == 1
+    matches = evaluations["dashboard_cache_matches_sql"]
+    assert not matches.passed and matches.metadata["mismatched"].value == 1
+    rate = evaluations["dashboard_cache_hit_rate"]
+    assert not rate.passed and rate.metadata["hit_rate"].value == pytest.approx(1 / 6)
+    assert rate.metadata["requests"].value == 6
