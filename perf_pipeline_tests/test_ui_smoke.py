@@ -72,11 +72,11 @@ def webserver(db_url: str, redis_server_url: str, pg_server_url: str, tmp_path_f
     port = _free_port()
     env = dict(os.environ, DAGSTER_HOME=str(home), PERF_PIPELINE_DAGSTER_PG_URL=psycopg2_url,
                PERF_PIPELINE_DATABASE_URL=db_url, PERF_PIPELINE_REDIS_URL=redis_server_url)
-    log = open(home / "webserver.log", "w")
-    proc = subprocess.Popen(
-        [str(Path(sys.executable).with_name("dagster-webserver")), "-h", "127.0.0.1", "-p", str(port),
-         "-w", str(PROJECT_ROOT / "workspace.yaml")],
-        cwd=home, env=env, stdout=log, stderr=subprocess.STDOUT)
+    with open(home / "webserver.log", "w") as log:
+        proc = subprocess.Popen(
+            [str(Path(sys.executable).with_name("dagster-webserver")), "-h", "127.0.0.1", "-p", str(port),
+             "-w", str(PROJECT_ROOT / "workspace.yaml")],
+            cwd=home, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 180
         while True:
@@ -92,7 +92,6 @@ def webserver(db_url: str, redis_server_url: str, pg_server_url: str, tmp_path_f
     finally:
         proc.terminate()
         proc.wait(30)
-        log.close()
         drop_database(pg_server_url, storage_url)
 
 
