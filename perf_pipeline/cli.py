@@ -213,6 +213,35 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_archive(args: argparse.Namespace) -> int:
+    """`archive list` prints archive_manifest; `archive restore YYYY-MM` loads a month back and re-attaches it;
+    `archive run YYYY-MM` archives one month now (what audit_log_archive does, retention not checked)."""
+    from perf_pipeline.lib import archive
+    from perf_pipeline.lib.db import connect
+    from perf_pipeline.lib.partitioning import month_of_key
+
+    with connect(_urls().database_url, autocommit=True) as conn:
+        if args.archive_command == "list":
+            for m in archive.list_manifest(conn, args.table):
+                print(f"{m.partition_name}  {m.state:<9} rows={m.rows if m.rows is not None else '-'} "
+                      f"bytes={m.bytes if m.bytes is not None else '-'} sha256={(m.sha256 or '-')[:16]} {m.file_path or ''}")
+            return 0
+        month = month_of_key(args.month)
+        try:
+            if args.archive_command == "restore":
+                r = archive.restore_partition(conn, args.table, month)
+                print(f"{args.table} {month:%Y-%m}: " + ("already restored" if r.already else
+                      f"restored {r.rows:,} rows and re-attached in {r.duration_ms / 1000:.2f} s"))
+            else:
+                a = archive.archive_partition(conn, args.table, month, get_settings().archive_dir)
+                print(f"{args.table} {month:%Y-%m}: {a.state}, {a.rows:,} rows, {a.bytes:,} bytes, "
+                      f"steps {', '.join(a.steps_run) or 'none'} in {a.duration_ms / 1000:.2f} s, {a.file_path or ''}")
+        except archive.ArchiveError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+    return 0
+
+
 # --------------------------------------------------------------------------------------------- parser
 
 
@@ -283,6 +312,15 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("id", type=int)
     e = export_sub.add_parser("run", help="run a request now in this process (retry of a failed one included)")
     e.add_argument("id", type=int)
+    p = add("archive", cmd_archive, "archived monthly partitions: list the manifest, restore a month, archive one now")
+    archive_sub = p.add_subparsers(dest="archive_command", required=True, metavar="ACTION")
+    for action, help_ in (("list", "print archive_manifest (state, rows, bytes, sha256, file) per month"),
+                          ("restore", "load YYYY-MM back from its verified file and re-attach it (queries see it again)"),
+                          ("run", "archive YYYY-MM now: detach, Parquet, verify, drop (resumes an interrupted one)")):
+        e = archive_sub.add_parser(action, help=help_)
+        if action != "list":
+            e.add_argument("month", help="YYYY-MM")
+        e.add_argument("--table", choices=["audit_log", "usage_log"], default="audit_log" if action != "list" else None)
     return parser
 
 

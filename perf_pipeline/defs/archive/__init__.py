@@ -1,0 +1,1 @@
+"""Old months leave the hot database as verified Parquet files (audit archive, usage retention)."""

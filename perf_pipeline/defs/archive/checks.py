@@ -1,0 +1,32 @@
+"""Each archived month's file still matches its manifest row (exists, sha256, row count)."""
+
+import dagster as dg
+
+from perf_pipeline.defs.archive.assets import audit_log_archive, usage_log_retention
+from perf_pipeline.defs.resources import PostgresResource
+from perf_pipeline.lib.archive import verify_archives
+
+
+def _check(postgres: PostgresResource, table: str) -> dg.AssetCheckResult:
+    with postgres.connection(autocommit=True) as conn:
+        report = verify_archives(conn, table)
+    bad = "\n".join(f"- `{name}`: {problem}" for name, problem in sorted(report.problems.items()))
+    return dg.AssetCheckResult(
+        passed=not report.problems,
+        metadata={"files_ok": len(report.ok), "files_bad": len(report.problems), "threshold": 0,
+                  "problems": dg.MetadataValue.md(bad or "_none_")},
+    )
+
+
+@dg.asset_check(asset=audit_log_archive, name="audit_log_archive_files_match_manifest",
+                description="Every archived audit month's Parquet file exists and matches its manifest sha256 and "
+                            "row count (reads every file once).")
+def audit_log_archive_files_match_manifest(postgres: PostgresResource) -> dg.AssetCheckResult:
+    return _check(postgres, "audit_log")
+
+
+@dg.asset_check(asset=usage_log_retention, name="usage_log_archive_files_match_manifest",
+                description="Every archived usage month's Parquet file exists and matches its manifest sha256 and "
+                            "row count (reads every file once).")
+def usage_log_archive_files_match_manifest(postgres: PostgresResource) -> dg.AssetCheckResult:
+    return _check(postgres, "usage_log")

@@ -1,0 +1,579 @@
+"""Archive old monthly partitions to verified Parquet files, restore them, and decide usage retention.
+
+One month moves through four steps, each recorded in ``archive_manifest`` in the same transaction as
+the step itself (or, for the file, right after its atomic rename), so a crash or kill at any point is
+finished by calling :func:`archive_partition` again for the same month:
+
+1. **detach** the partition from its parent. ``DETACH PARTITION … CONCURRENTLY`` is refused while the
+   parent has a DEFAULT partition (ours always do: the default guard needs one), so the detach is the
+   plain one: a catalog-only change (no scan) that holds ACCESS EXCLUSIVE on the parent for a few
+   milliseconds, taken with a short ``lock_timeout`` (100 ms) and retried, so a writer queued behind it
+   waits at most about ``lock_timeout``. Without a DEFAULT partition the CONCURRENTLY form is used.
+2. **export**: ``COPY (SELECT … ORDER BY key, pk) TO STDOUT (FORMAT csv)`` streamed, cut into ~32 MiB
+   record-aligned batches, parsed by pyarrow and appended to a zstd Parquet file (one row group per
+   batch) in a temporary file, fsynced and renamed: memory stays bounded by the batch size.
+3. **verify**: the file is read back (sha256, row count, min/max timestamp) and compared with the
+   manifest and with the detached table.
+4. **drop** the table (standalone by now, so no lock on the parent).
+
+A month whose manifest says ``dropped`` is never archived twice; ``restored`` starts over.
+Concurrent runs of the same month are serialized by an advisory lock.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import io
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import psycopg
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+from psycopg import sql
+
+from perf_pipeline.lib.db import load_query, run_with_lock_retry
+from perf_pipeline.lib.partitioning import (
+    add_months,
+    attach_partition,
+    default_name,
+    month_bounds,
+    month_start,
+    partition_key_column,
+    partition_name,
+    prepare_partition_table,
+)
+
+log = logging.getLogger(__name__)
+
+STEPS = ("detach", "export", "verify", "drop")
+#: called after each completed step with its name; tests raise from it to simulate a crash
+StepHook = Callable[[str], None]
+BATCH_BYTES = 32 << 20
+DETACH_LOCK_TIMEOUT_MS = 100
+ROLLUP_HORIZON_DAYS = 90
+
+
+class ArchiveError(RuntimeError):
+    """A file does not match its manifest or table, or a month is in a state that forbids the request."""
+
+
+@dataclass
+class ArchiveResult:
+    table: str
+    month: dt.date
+    state: str  # final state: dropped, or absent (no such partition, nothing to do)
+    rows: int = 0
+    bytes: int = 0
+    sha256: str | None = None
+    file_path: str | None = None
+    steps_run: list[str] = field(default_factory=list)
+    step_ms: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def duration_ms(self) -> float:
+        return sum(self.step_ms.values())
+
+
+@dataclass(frozen=True)
+class ManifestRow:
+    table_name: str
+    month: dt.date
+    partition_name: str
+    state: str
+    file_path: str | None
+    rows: int | None
+    bytes: int | None
+    sha256: str | None
+    min_ts: dt.datetime | None
+    max_ts: dt.datetime | None
+    archive_count: int
+
+
+# ------------------------------------------------------------------------------------------ manifest
+
+
+def manifest_row(conn: psycopg.Connection, table: str, month: dt.date) -> ManifestRow | None:
+    row = conn.execute(
+        "SELECT table_name, month, partition_name, state, file_path, rows, bytes, sha256, min_ts, max_ts, "
+        "archive_count FROM archive_manifest WHERE table_name = %s AND month = %s", (table, month)).fetchone()
+    return ManifestRow(*row) if row else None
+
+
+def list_manifest(conn: psycopg.Connection, table: str | None = None) -> list[ManifestRow]:
+    """Every manifest row (of ``table`` if given), oldest month first."""
+    rows = conn.execute(
+        "SELECT table_name, month, partition_name, state, file_path, rows, bytes, sha256, min_ts, max_ts, "
+        "archive_count FROM archive_manifest WHERE %(t)s::text IS NULL OR table_name = %(t)s "
+        "ORDER BY table_name, month", {"t": table}).fetchall()
+    return [ManifestRow(*r) for r in rows]
+
+
+def _set_state(conn: psycopg.Connection, table: str, month: dt.date, state: str, **values: object) -> None:
+    """Set a month's state (and columns); inserts the row on the first step. Caller's transaction."""
+    cols = ["state", *values]
+    params = {"table": table, "month": month, "name": partition_name(table, month), "state": state, **values}
+    # UPDATE first: an INSERT … ON CONFLICT would check the table's CHECKs against the bare insert row
+    updated = conn.execute(sql.SQL(
+        "UPDATE archive_manifest SET {sets}, updated_at = now() WHERE table_name = %(table)s AND month = %(month)s"
+    ).format(sets=sql.SQL(", ").join(sql.SQL("{} = {}").format(sql.Identifier(c), sql.Placeholder(c)) for c in cols)),
+        params).rowcount
+    if not updated:
+        conn.execute(sql.SQL(
+            "INSERT INTO archive_manifest (table_name, month, partition_name, {cols}) "
+            "VALUES (%(table)s, %(month)s, %(name)s, {vals})").format(
+            cols=sql.SQL(", ").join(map(sql.Identifier, cols)),
+            vals=sql.SQL(", ").join(sql.Placeholder(c) for c in cols)), params)
+
+
+def _attach_state(conn: psycopg.Connection, table: str, name: str) -> str:
+    """``attached``, ``detach_pending`` (an interrupted DETACH CONCURRENTLY), ``standalone`` or ``absent``."""
+    row = conn.execute(
+        "SELECT i.inhdetachpending FROM pg_class c LEFT JOIN pg_inherits i "
+        "ON i.inhrelid = c.oid AND i.inhparent = %s::regclass "
+        "WHERE c.relname = %s AND c.relnamespace = current_schema()::regnamespace",
+        (table, name)).fetchone()
+    if row is None:
+        return "absent"
+    if row[0] is None:
+        return "standalone"
+    return "detach_pending" if row[0] else "attached"
+
+
+def _has_default(conn: psycopg.Connection, table: str) -> bool:
+    return _attach_state(conn, table, default_name(table)) == "attached"
+
+
+# --------------------------------------------------------------------------------------------- steps
+
+
+def _detach(conn: psycopg.Connection, table: str, month: dt.date, lock_timeout_ms: int) -> None:
+    name = partition_name(table, month)
+    state = _attach_state(conn, table, name)
+    parent, child = sql.Identifier(table), sql.Identifier(name)
+    if state == "detach_pending":
+        run_with_lock_retry(conn, lambda c: c.execute(
+            sql.SQL("ALTER TABLE {} DETACH PARTITION {} FINALIZE").format(parent, child)),
+            lock_timeout_ms=lock_timeout_ms, attempts=100, what=f"finalize detach {name}")
+    elif state == "attached" and not _has_default(conn, table):
+        # CONCURRENTLY runs two transactions itself, so it cannot share one with the manifest update;
+        # the re-run sees the catalog state (standalone / detach_pending) and finishes.
+        conn.execute(sql.SQL("SET lock_timeout = {}").format(sql.Literal(f"{int(lock_timeout_ms)}ms")))
+        try:
+            conn.execute(sql.SQL("ALTER TABLE {} DETACH PARTITION {} CONCURRENTLY").format(parent, child))
+        finally:
+            conn.execute("RESET lock_timeout")
+    elif state == "attached":
+        def work(c: psycopg.Connection) -> None:
+            c.execute(sql.SQL("ALTER TABLE {} DETACH PARTITION {}").format(parent, child))
+            _set_state(c, table, month, "detached")
+
+        run_with_lock_retry(conn, work, lock_timeout_ms=lock_timeout_ms, attempts=200, what=f"detach {name}")
+        return
+    with conn.transaction():
+        _set_state(conn, table, month, "detached")
+
+
+@dataclass(frozen=True)
+class _Column:
+    name: str
+    pg_type: str
+    arrow: pa.DataType
+
+
+def _arrow_type(pg_type: str) -> pa.DataType:
+    if pg_type.startswith("numeric("):
+        precision, scale = (int(x) for x in pg_type[8:-1].split(","))
+        return pa.decimal128(precision, scale)
+    return {
+        "bigint": pa.int64(), "integer": pa.int32(), "smallint": pa.int16(), "boolean": pa.bool_(),
+        "double precision": pa.float64(), "real": pa.float32(),
+        "timestamp with time zone": pa.timestamp("us", tz="UTC"), "date": pa.date32(),
+    }.get(pg_type, pa.string())  # text, uuid, jsonb, inet: their text form, byte for byte
+
+
+def table_columns(conn: psycopg.Connection, table: str) -> list[_Column]:
+    """The parent's columns in order, with the Arrow type each is archived as."""
+    rows = conn.execute(
+        "SELECT attname, format_type(atttypid, atttypmod) FROM pg_attribute "
+        "WHERE attrelid = %s::regclass AND attnum > 0 AND NOT attisdropped ORDER BY attnum", (table,)).fetchall()
+    return [_Column(n, t, _arrow_type(t)) for n, t in rows]
+
+
+def _csv_batches(chunks: Iterator[bytes], batch_bytes: int) -> Iterator[bytes]:
+    """Regroup COPY CSV output into ~``batch_bytes`` pieces that end on a record boundary.
+
+    In PostgreSQL's CSV a newline ends a record iff an even number of quote characters precede it
+    (quotes inside values are doubled), so the cut is found from quote/newline positions with NumPy.
+    """
+    buf = bytearray()
+    for chunk in chunks:
+        buf += chunk
+        if len(buf) < batch_bytes:
+            continue
+        arr = np.frombuffer(buf, dtype=np.uint8)
+        newlines = np.flatnonzero(arr == 10)
+        quotes = np.flatnonzero(arr == 34)
+        even = newlines[np.searchsorted(quotes, newlines) % 2 == 0]
+        if even.size:
+            cut = int(even[-1]) + 1
+            del arr  # release the buffer export before resizing
+            yield bytes(buf[:cut])
+            del buf[:cut]
+    if buf:
+        yield bytes(buf)
+
+
+def _parse(batch: bytes, columns: list[_Column]) -> pa.Table:
+    read_types = {c.name: (pa.timestamp("us") if pa.types.is_timestamp(c.arrow) else c.arrow) for c in columns}
+    table = pacsv.read_csv(
+        io.BytesIO(batch),
+        read_options=pacsv.ReadOptions(column_names=[c.name for c in columns], block_size=8 << 20),
+        parse_options=pacsv.ParseOptions(newlines_in_values=True),
+        convert_options=pacsv.ConvertOptions(
+            column_types=read_types, null_values=[""], strings_can_be_null=True,
+            quoted_strings_can_be_null=False, true_values=["t"], false_values=["f"]))
+    # timestamps were selected AT TIME ZONE 'UTC' (naive UTC text); label them UTC without shifting
+    return pa.table([table[c.name].cast(c.arrow) for c in columns], names=[c.name for c in columns])
+
+
+def _select_for_export(table: str, name: str, columns: list[_Column]) -> sql.Composed:
+    items = []
+    for c in columns:
+        ident = sql.Identifier(c.name)
+        if c.pg_type == "timestamp with time zone":
+            items.append(sql.SQL("{} AT TIME ZONE 'UTC' AS {}").format(ident, ident))
+        else:
+            items.append(ident)
+    key = sql.Identifier(partition_key_column(table))
+    # a deterministic order: the same rows always give the same file (restore → re-archive → same sha256)
+    return sql.SQL("COPY (SELECT {} FROM {} ORDER BY {}, {}) TO STDOUT (FORMAT csv)").format(
+        sql.SQL(", ").join(items), sql.Identifier(name), key, sql.Identifier("id"))
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file, read in 1 MiB blocks (bounded memory; costs one sequential read)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def archive_path(archive_dir: Path, table: str, month: dt.date) -> Path:
+    return archive_dir / table / f"{partition_name(table, month)}.parquet"
+
+
+@dataclass(frozen=True)
+class FileFacts:
+    rows: int
+    bytes: int
+    sha256: str
+    min_ts: dt.datetime | None
+    max_ts: dt.datetime | None
+
+
+def _export(conn: psycopg.Connection, table: str, month: dt.date, path: Path, batch_bytes: int) -> FileFacts:
+    name = partition_name(table, month)
+    columns = table_columns(conn, table)
+    schema = pa.schema([pa.field(c.name, c.arrow) for c in columns])
+    key = partition_key_column(table)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    rows, lo, hi = 0, None, None
+    with conn.cursor() as cur, cur.copy(_select_for_export(table, name, columns)) as copy, \
+            pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
+        for batch in _csv_batches(iter(copy), batch_bytes):
+            part = _parse(batch, columns)
+            writer.write_table(part)
+            rows += part.num_rows
+            mm = pc.min_max(part[key])
+            lo = mm["min"].as_py() if lo is None else min(lo, mm["min"].as_py())
+            hi = mm["max"].as_py() if hi is None else max(hi, mm["max"].as_py())
+        if rows == 0:
+            writer.write_table(schema.empty_table())
+    with tmp.open("rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # make the rename itself durable
+    finally:
+        os.close(dir_fd)
+    return FileFacts(rows, path.stat().st_size, file_sha256(path), lo, hi)
+
+
+def read_file_facts(path: Path, key: str) -> FileFacts:
+    """Row count, size, sha256 and min/max of ``key`` of an archive file, reading it in row groups."""
+    parquet = pq.ParquetFile(path)
+    lo = hi = None
+    for batch in parquet.iter_batches(columns=[key], batch_size=1 << 20):
+        if batch.num_rows:
+            mm = pc.min_max(batch.column(0))
+            lo = mm["min"].as_py() if lo is None else min(lo, mm["min"].as_py())
+            hi = mm["max"].as_py() if hi is None else max(hi, mm["max"].as_py())
+    return FileFacts(parquet.metadata.num_rows, path.stat().st_size, file_sha256(path), lo, hi)
+
+
+def _verify(conn: psycopg.Connection, table: str, month: dt.date, m: ManifestRow) -> None:
+    """Compare file ↔ manifest ↔ detached table; raise ArchiveError naming the first mismatch."""
+    path = Path(m.file_path or "")
+    if not path.is_file():
+        raise ArchiveError(f"{m.partition_name}: archive file {path} is missing")
+    key = partition_key_column(table)
+    if file_sha256(path) != m.sha256:  # cheap and decisive: a damaged file never reaches the Parquet reader
+        raise ArchiveError(f"{m.partition_name}: archive file {path} does not match its sha256")
+    try:
+        facts = read_file_facts(path, key)
+    except (OSError, pa.ArrowException) as exc:
+        raise ArchiveError(f"{m.partition_name}: archive file {path} is unreadable: {exc}") from exc
+    db_rows, db_min, db_max = conn.execute(sql.SQL("SELECT count(*), min({k}), max({k}) FROM {t}").format(
+        k=sql.Identifier(key), t=sql.Identifier(m.partition_name))).fetchone()
+    problems = []
+    if facts.sha256 != m.sha256:
+        problems.append(f"sha256 {facts.sha256[:12]}… ≠ manifest {str(m.sha256)[:12]}…")
+    if facts.rows != m.rows or facts.rows != db_rows:
+        problems.append(f"rows: file {facts.rows}, manifest {m.rows}, table {db_rows}")
+    if (facts.min_ts, facts.max_ts) != (db_min, db_max) or (facts.min_ts, facts.max_ts) != (m.min_ts, m.max_ts):
+        problems.append(f"min/max {key}: file {facts.min_ts}/{facts.max_ts}, table {db_min}/{db_max}")
+    if problems:
+        raise ArchiveError(f"{m.partition_name}: archive file does not match: " + "; ".join(problems))
+
+
+def _lock_key(table: str, month: dt.date) -> sql.Composed:
+    return sql.SQL("hashtextextended({}, 0)").format(sql.Literal(f"perf_pipeline.archive:{table}:{month}"))
+
+
+def archive_partition(conn: psycopg.Connection, table: str, month: dt.date, archive_dir: Path, *,
+                      hook: StepHook | None = None, lock_timeout_ms: int = DETACH_LOCK_TIMEOUT_MS,
+                      batch_bytes: int = BATCH_BYTES) -> ArchiveResult:
+    """Detach → export → verify → drop ``table``'s partition of ``month``, resuming from the manifest.
+
+    ``conn`` must be in autocommit mode. Idempotent: an already archived month returns at once
+    (state ``dropped``, nothing re-exported); a month with no partition and no manifest row returns
+    ``absent``. Locks: ACCESS EXCLUSIVE on the parent for the detach only (bounded by ``lock_timeout_ms``,
+    retried), then only the detached table. Cost: one sequential read of the partition for the export,
+    one of the file and one count of the table for the verification; memory ~3 × ``batch_bytes``.
+    """
+    month = month_start(month)
+    name = partition_name(table, month)
+    result = ArchiveResult(table, month, "absent")
+    conn.execute(sql.SQL("SELECT pg_advisory_lock({})").format(_lock_key(table, month)))
+    try:
+        while True:
+            m = manifest_row(conn, table, month)
+            state = m.state if m else None
+            if state == "dropped":
+                assert m is not None
+                result.state, result.rows, result.bytes = "dropped", m.rows or 0, m.bytes or 0
+                result.sha256, result.file_path = m.sha256, m.file_path
+                return result
+            started = time.perf_counter()
+            if state in (None, "restored"):
+                if _attach_state(conn, table, name) == "absent":
+                    return result
+                step = "detach"
+                _detach(conn, table, month, lock_timeout_ms)
+            elif state == "detached":
+                step = "export"
+                facts = _export(conn, table, month, archive_path(archive_dir, table, month), batch_bytes)
+                with conn.transaction():
+                    _set_state(conn, table, month, "exported", file_path=str(archive_path(archive_dir, table, month)),
+                               rows=facts.rows, bytes=facts.bytes, sha256=facts.sha256, min_ts=facts.min_ts,
+                               max_ts=facts.max_ts)
+            elif state == "exported":
+                step = "verify"
+                assert m is not None
+                try:
+                    _verify(conn, table, month, m)
+                except ArchiveError as exc:
+                    # the table is still there: export again rather than trust a damaged file
+                    log.warning("%s; exporting again", exc)
+                    with conn.transaction():
+                        _set_state(conn, table, month, "detached")
+                    continue
+                with conn.transaction():
+                    _set_state(conn, table, month, "verified")
+            elif state == "verified":
+                step = "drop"
+                with conn.transaction():
+                    conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(sql.Identifier(name)))
+                    conn.execute("UPDATE archive_manifest SET state = 'dropped', dropped_at = now(), "
+                                 "updated_at = now(), archive_count = archive_count + 1 "
+                                 "WHERE table_name = %s AND month = %s", (table, month))
+            else:
+                raise ArchiveError(f"{name}: unexpected manifest state {state!r}")
+            result.steps_run.append(step)
+            result.step_ms[step] = result.step_ms.get(step, 0.0) + (time.perf_counter() - started) * 1000
+            log.info("%s: %s done in %.0f ms", name, step, result.step_ms[step])
+            if hook is not None:
+                hook(step)
+    finally:
+        conn.execute(sql.SQL("SELECT pg_advisory_unlock({})").format(_lock_key(table, month)))
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    ok: list[str]
+    problems: dict[str, str]  # partition name → what is wrong
+
+
+def verify_archives(conn: psycopg.Connection, table: str | None = None) -> VerifyReport:
+    """Check every dropped month's file against its manifest: exists, sha256, row count.
+
+    Cost: one full read of every archive file (sha256) plus its Parquet footer.
+    """
+    ok, problems = [], {}
+    for m in list_manifest(conn, table):
+        if m.state != "dropped":
+            continue
+        path = Path(m.file_path or "")
+        if not path.is_file():
+            problems[m.partition_name] = f"file {path} is missing"
+            continue
+        sha = file_sha256(path)
+        if sha != m.sha256:
+            problems[m.partition_name] = f"sha256 {sha[:12]}… ≠ manifest {str(m.sha256)[:12]}…"
+        elif (rows := pq.ParquetFile(path).metadata.num_rows) != m.rows:
+            problems[m.partition_name] = f"file has {rows} rows, manifest says {m.rows}"
+        else:
+            ok.append(m.partition_name)
+    return VerifyReport(ok, problems)
+
+
+# --------------------------------------------------------------------------------------------- restore
+
+
+@dataclass
+class RestoreResult:
+    table: str
+    month: dt.date
+    rows: int
+    duration_ms: float
+    already: bool = False
+
+
+def _copy_file_into(conn: psycopg.Connection, name: str, path: Path) -> int:
+    parquet = pq.ParquetFile(path)
+    columns = parquet.schema_arrow.names
+    stmt = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT csv)").format(
+        sql.Identifier(name), sql.SQL(", ").join(map(sql.Identifier, columns)))
+    rows = 0
+    with conn.cursor() as cur, cur.copy(stmt) as copy:
+        for batch in parquet.iter_batches(batch_size=100_000):
+            buf = io.BytesIO()
+            # pyarrow quotes empty strings and leaves NULLs unquoted-empty, as COPY's CSV expects
+            pacsv.write_csv(pa.Table.from_batches([batch]), buf, pacsv.WriteOptions(include_header=False))
+            copy.write(buf.getbuffer())
+            rows += batch.num_rows
+    return rows
+
+
+def restore_partition(conn: psycopg.Connection, table: str, month: dt.date, *,
+                      lock_timeout_ms: int = 200) -> RestoreResult:
+    """Load an archived month back from its file and re-attach it to ``table``.
+
+    ``conn`` must be in autocommit mode. The file is checked against the manifest first (sha256). The
+    table is loaded standalone with the parent's indexes and a bound CHECK, so the attach scans
+    neither it nor holds locks during the load; attach and manifest update commit together. Safe to
+    re-run: a half-loaded table from a crashed restore is dropped and loaded again. A month whose
+    table still exists (archive stopped before the drop) is simply re-attached.
+    """
+    month = month_start(month)
+    name = partition_name(table, month)
+    started = time.perf_counter()
+    conn.execute(sql.SQL("SELECT pg_advisory_lock({})").format(_lock_key(table, month)))
+    try:
+        m = manifest_row(conn, table, month)
+        if m is None:
+            raise ArchiveError(f"{name}: no archive of this month in archive_manifest")
+        if m.state == "restored":
+            return RestoreResult(table, month, m.rows or 0, 0.0, already=True)
+        attach_state = _attach_state(conn, table, name)
+        if m.state == "dropped":
+            path = Path(m.file_path or "")
+            if not path.is_file() or file_sha256(path) != m.sha256:
+                raise ArchiveError(f"{name}: archive file {path} is missing or does not match its sha256")
+            if attach_state == "attached":
+                raise ArchiveError(f"{name} is attached although the manifest says dropped; not touching it")
+            with conn.transaction():
+                conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(sql.Identifier(name)))
+                prepare_partition_table(conn, table, month)
+                rows = _copy_file_into(conn, name, path)
+            if rows != m.rows:
+                raise ArchiveError(f"{name}: loaded {rows} rows, manifest says {m.rows}")
+        else:
+            rows = m.rows or 0
+            if attach_state == "absent":
+                raise ArchiveError(f"{name}: manifest state {m.state} but the table is gone")
+            if attach_state == "detach_pending":
+                _detach(conn, table, month, lock_timeout_ms)
+
+        def work(c: psycopg.Connection) -> None:
+            attach_partition(c, table, month)
+            c.execute("UPDATE archive_manifest SET state = 'restored', restored_at = now(), updated_at = now() "
+                      "WHERE table_name = %s AND month = %s", (table, month))
+
+        run_with_lock_retry(conn, work, lock_timeout_ms=lock_timeout_ms, attempts=100, what=f"attach {name}")
+        if m.state != "dropped":
+            rows = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(name))).fetchone()[0]
+        return RestoreResult(table, month, rows, (time.perf_counter() - started) * 1000)
+    finally:
+        conn.execute(sql.SQL("SELECT pg_advisory_unlock({})").format(_lock_key(table, month)))
+
+
+# ------------------------------------------------------------------------------------------ retention
+
+
+def archive_eligible(month: dt.date, today: dt.date, retention_months: int) -> bool:
+    """A month is past retention when it ends on or before the first day of the oldest kept month:
+    with retention 12 on 2026-11-27, months up to 2025-10 are archived and 2025-11 … 2026-11 stay."""
+    return month_start(month) < add_months(month_start(today), -retention_months)
+
+
+@dataclass(frozen=True)
+class RetentionDecision:
+    drop: bool
+    reason: str
+
+
+def usage_retention_decision(conn: psycopg.Connection, month: dt.date, today: dt.date,
+                             retention_months: int) -> RetentionDecision:
+    """Whether usage month ``month`` may be archived and dropped. The rule, all three must hold:
+
+    1. it is past ``PERF_PIPELINE_USAGE_RETENTION_MONTHS`` (:func:`archive_eligible`);
+    2. it ends more than 90 days before ``today``: the rollups recompute the last 90 days;
+    3. if ``usage_daily_metrics`` exists: every day of the month that has usage rows has a rollup row
+       computed after that day's latest usage row (else the rollup may still need to recompute it:
+       never rolled up, or rolled up while the day was still filling).
+    Without ``usage_daily_metrics`` rule 3 is skipped (rules 1-2 alone; retention ≥ 4 months already
+    covers the 90-day window). Cost: rule 3 reads the month's rows grouped by day (index/BRIN on
+    created_at), once a month.
+    """
+    month = month_start(month)
+    if not archive_eligible(month, today, retention_months):
+        return RetentionDecision(False, f"within retention ({retention_months} months)")
+    _, end = month_bounds(month)
+    if end.date() > today - dt.timedelta(days=ROLLUP_HORIZON_DAYS):
+        return RetentionDecision(False, f"overlaps the rollups' {ROLLUP_HORIZON_DAYS}-day recompute window")
+    has_rollups = conn.execute("SELECT to_regclass('usage_daily_metrics') IS NOT NULL").fetchone()[0]
+    if not has_rollups:
+        return RetentionDecision(True, "past retention and the 90-day window (no usage_daily_metrics table)")
+    name = partition_name("usage_log", month)
+    if conn.execute("SELECT to_regclass(%s) IS NULL", (name,)).fetchone()[0]:
+        return RetentionDecision(True, "past retention; no partition left")
+    stale = conn.execute(sql.SQL(load_query("archive_usage_days_needing_rollup")).format(
+        partition=sql.Identifier(name))).fetchall()
+    if stale:
+        days = ", ".join(str(d) for (d,) in stale[:10])
+        return RetentionDecision(False, f"{len(stale)} day(s) whose rollup is missing or older than their data: "
+                                        f"{days}")
+    return RetentionDecision(True, "past retention, outside the 90-day window, every day rolled up after its data")

@@ -1,0 +1,276 @@
+"""Archive → verify → drop → restore of monthly partitions on real PostgreSQL, crash at every step,
+a concurrent writer, the Dagster assets/checks/schedules, the CLI and the usage retention rule."""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import dagster as dg
+import psycopg
+import pyarrow.parquet as pq
+import pytest
+
+from perf_pipeline import cli
+from perf_pipeline.defs.archive.assets import audit_log_archive, usage_log_retention
+from perf_pipeline.defs.archive.checks import audit_log_archive_files_match_manifest
+from perf_pipeline.defs.archive.schedules import archive_audit_log_monthly
+from perf_pipeline.defs.resources import PostgresResource
+from perf_pipeline.lib import archive as a
+from perf_pipeline.lib.partitioning import ensure_partition, list_partitions
+from perf_pipeline.lib.workload import WorkloadSpec, load_workload
+
+UTC = dt.UTC
+
+
+@pytest.fixture(scope="module")
+def seeded(db_url: str) -> str:
+    """Jan-Jun 2024 of generated audit and usage rows (+ hand-made edge rows in March), ~80 rows/day."""
+    load_workload(db_url, WorkloadSpec(days=182, usage_per_day=30, audit_per_day=80, users=50,
+                                       end=dt.datetime(2024, 6, 30, 23, 0, tzinfo=UTC)))
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        rows = [
+            # NULLs, an empty string, quotes, commas, a newline, unicode, nested JSON, IPv6, month edges
+            (dt.datetime(2024, 3, 1, tzinfo=UTC), None, None, None, "", None, None),
+            (dt.datetime(2024, 3, 31, 23, 59, 59, 999999, tzinfo=UTC), uuid.uuid4(), "session", 'a "quoted", id',
+             'line one\nline "two", 3', '{"k": ["x", {"y": null}], "ü": "é"}', "2001:db8::1"),
+            (dt.datetime(2024, 3, 15, 12, 0, 0, 1, tzinfo=UTC), uuid.uuid4(), "user", "u-1", "\\back\\slash\t",
+             "[]", "192.168.0.0/24"),
+        ]
+        for ts, user, etype, eid, desc, details, ip in rows:
+            conn.execute("INSERT INTO audit_log (timestamp, user_id, entity_type, entity_id, event_type, operation, "
+                         "severity, description, details, ip) VALUES (%s, %s, %s, %s, 'x.y', 'update', 'critical', "
+                         "%s, %s, %s)", (ts, user, etype, eid, desc, details, ip))
+    return db_url
+
+
+@pytest.fixture(scope="module")
+def archive_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One archive folder for the module, as in production: the file check sees every archived month."""
+    return tmp_path_factory.mktemp("archive")
+
+
+def _rows(conn: psycopg.Connection, table: str, month: dt.date) -> list[tuple]:
+    key = "timestamp" if table == "audit_log" else "created_at"
+    start, end = dt.datetime(month.year, month.month, 1, tzinfo=UTC), None
+    end = dt.datetime(month.year + month.month // 12, month.month % 12 + 1, 1, tzinfo=UTC)
+    return conn.execute(f'SELECT * FROM {table} WHERE "{key}" >= %s AND "{key}" < %s ORDER BY id',  # noqa: S608
+                        (start, end)).fetchall()
+
+
+def _attached(conn: psycopg.Connection, table: str) -> set[str]:
+    return {p.name for p in list_partitions(conn, table)}
+
+
+class _Crash(RuntimeError):
+    pass
+
+
+def _crash_after(step: str):
+    def hook(done: str) -> None:
+        if done == step:
+            raise _Crash(step)
+    return hook
+
+
+def test_archive_verify_drop_restore_rearchive(seeded: str, archive_dir: Path) -> None:
+    month = dt.date(2024, 3, 1)
+    with psycopg.connect(seeded, autocommit=True) as conn:
+        before = _rows(conn, "audit_log", month)
+        assert len(before) > 2000
+        result = a.archive_partition(conn, "audit_log", month, archive_dir)
+        assert result.state == "dropped" and result.steps_run == ["detach", "export", "verify", "drop"]
+        assert result.rows == len(before)
+        # table gone, queries no longer see the month, nothing fell into DEFAULT
+        assert "audit_log_y2024m03" not in _attached(conn, "audit_log")
+        assert conn.execute("SELECT to_regclass('audit_log_y2024m03')").fetchone()[0] is None
+        assert _rows(conn, "audit_log", month) == []
+        m = a.manifest_row(conn, "audit_log", month)
+        assert m is not None and m.state == "dropped" and m.rows == len(before)
+        path = Path(m.file_path or "")
+        assert path == archive_dir / "audit_log" / "audit_log_y2024m03.parquet"
+        assert a.file_sha256(path) == m.sha256
+        parquet = pq.ParquetFile(path)
+        assert parquet.metadata.num_rows == len(before)
+        assert parquet.metadata.row_group(0).column(0).compression == "ZSTD"
+        assert m.min_ts == min(r[1] for r in before) and m.max_ts == max(r[1] for r in before)
+        assert not list(path.parent.glob(".*.tmp"))
+        assert a.verify_archives(conn, "audit_log").problems == {}
+        # re-running an archived month does nothing
+        again = a.archive_partition(conn, "audit_log", month, archive_dir)
+        assert again.steps_run == [] and again.state == "dropped"
+
+        restored = a.restore_partition(conn, "audit_log", month)
+        assert restored.rows == len(before)
+        assert "audit_log_y2024m03" in _attached(conn, "audit_log")
+        assert _rows(conn, "audit_log", month) == before  # every column of every row
+        assert a.restore_partition(conn, "audit_log", month).already
+        # restore → re-archive is lossless: the same rows give the same file
+        rearchived = a.archive_partition(conn, "audit_log", month, archive_dir)
+        assert rearchived.state == "dropped" and rearchived.sha256 == m.sha256 and rearchived.rows == len(before)
+        assert a.manifest_row(conn, "audit_log", month).archive_count == 2
+
+
+@pytest.mark.parametrize("step", ["detach", "export", "verify"])
+def test_crash_after_each_step_is_finished_by_a_rerun(seeded: str, archive_dir: Path, step: str) -> None:
+    month = {"detach": dt.date(2024, 2, 1), "export": dt.date(2024, 4, 1), "verify": dt.date(2024, 5, 1)}[step]
+    with psycopg.connect(seeded, autocommit=True) as conn:
+        before = _rows(conn, "audit_log", month)
+        with pytest.raises(_Crash):
+            a.archive_partition(conn, "audit_log", month, archive_dir, hook=_crash_after(step))
+        state = a.manifest_row(conn, "audit_log", month).state
+        assert state == {"detach": "detached", "export": "exported", "verify": "verified"}[step]
+        result = a.archive_partition(conn, "audit_log", month, archive_dir)
+        remaining = ["detach", "export", "verify", "drop"]
+        assert result.steps_run == remaining[remaining.index(step) + 1:]
+        assert result.state == "dropped" and result.rows == len(before)
+        a.restore_partition(conn, "audit_log", month)
+        assert _rows(conn, "audit_log", month) == before
+        # leave it archived for the check test
+        a.archive_partition(conn, "audit_log", month, archive_dir)
+
+
+def test_damaged_file_is_exported_again_before_the_drop(seeded: str, archive_dir: Path) -> None:
+    month = dt.date(2024, 6, 1)
+    with psycopg.connect(seeded, autocommit=True) as conn:
+        with pytest.raises(_Crash):
+            a.archive_partition(conn, "usage_log", month, archive_dir, hook=_crash_after("export"))
+        path = a.archive_path(archive_dir, "usage_log", month)
+        path.write_bytes(path.read_bytes()[:-100])  # truncated: verification must not pass it
+        result = a.archive_partition(conn, "usage_log", month, archive_dir)
+        assert result.steps_run == ["export", "verify", "drop"]  # the failed verification re-exported
+        assert a.verify_archives(conn, "usage_log").problems == {}
+
+
+def test_concurrent_writer_never_fails_during_archive(seeded: str, archive_dir: Path) -> None:
+    month = dt.date(2024, 1, 1)
+    stop = threading.Event()
+    latencies: list[float] = []
+    failures: list[BaseException] = []
+
+    def writer() -> None:
+        with psycopg.connect(seeded, autocommit=True) as w:
+            while not stop.is_set():
+                t0 = time.perf_counter()
+                try:
+                    w.execute("INSERT INTO audit_log (event_type, operation) VALUES ('session.create', 'create')")
+                except BaseException as exc:  # recorded: asserted empty below
+                    failures.append(exc)
+                latencies.append((time.perf_counter() - t0) * 1000)
+                time.sleep(0.002)
+
+    with psycopg.connect(seeded, autocommit=True) as conn:
+        ensure_partition(conn, "audit_log", dt.datetime.now(UTC).date())
+        before = conn.execute("SELECT count(*) FROM audit_log").fetchone()[0]
+        thread = threading.Thread(target=writer, daemon=True)
+        thread.start()
+        time.sleep(0.2)
+        result = a.archive_partition(conn, "audit_log", month, archive_dir)
+        time.sleep(0.2)
+        stop.set()
+        thread.join()
+        assert result.state == "dropped"
+        assert failures == []
+        assert len(latencies) > 20
+        after = conn.execute("SELECT count(*) FROM audit_log").fetchone()[0]
+        assert after == before - result.rows + len(latencies)
+
+
+def test_dagster_archive_asset_check_and_schedule(seeded: str, archive_dir: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PERF_PIPELINE_ARCHIVE_DIR", str(archive_dir))
+    resources = {"postgres": PostgresResource(url=seeded)}
+    with psycopg.connect(seeded, autocommit=True) as conn:
+        june = len(_rows(conn, "audit_log", dt.date(2024, 6, 1)))
+    res = dg.materialize([audit_log_archive], partition_key="2024-06-01", resources=resources,
+                         instance=dg.DagsterInstance.ephemeral())
+    mats = res.asset_materializations_for_node("audit_log_archive")
+    assert len(mats) == 1 and mats[0].metadata["rows"].value == june > 0
+    assert mats[0].metadata["state"].value == "dropped"
+    # a month within retention is kept: no materialization
+    this_month = dt.datetime.now(UTC).date().replace(day=1)
+    with psycopg.connect(seeded, autocommit=True) as conn:
+        ensure_partition(conn, "audit_log", this_month)
+    kept = dg.materialize([audit_log_archive], partition_key=a.add_months(this_month, -1).isoformat(),
+                          resources=resources, instance=dg.DagsterInstance.ephemeral())
+    assert kept.success and kept.asset_materializations_for_node("audit_log_archive") == []
+
+    assert audit_log_archive_files_match_manifest(**resources).passed
+    victim = archive_dir / "audit_log" / "audit_log_y2024m06.parquet"
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    check = audit_log_archive_files_match_manifest(**resources)
+    assert not check.passed and check.metadata["files_bad"].value == 1
+    victim.unlink()
+    assert "missing" in audit_log_archive_files_match_manifest(**resources).metadata["problems"].value
+
+    monkeypatch.setenv("PERF_PIPELINE_AUDIT_RETENTION_MONTHS", "12")
+    ctx = dg.build_schedule_context(scheduled_execution_time=dt.datetime(2026, 11, 2, 3, 30, tzinfo=UTC))
+    keys = [r.partition_key for r in archive_audit_log_monthly(ctx)]
+    assert keys == ["2025-08-01", "2025-09-01", "2025-10-01"]
+    assert a.archive_eligible(dt.date(2025, 10, 1), dt.date(2026, 11, 2), 12)
+    assert not a.archive_eligible(dt.date(2025, 11, 1), dt.date(2026, 11, 2), 12)
+
+
+def test_cli_archive_restore_and_list(seeded: str, archive_dir: Path, monkeypatch: pytest.MonkeyPatch,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("PERF_PIPELINE_DATABASE_URL", seeded)
+    monkeypatch.setenv("PERF_PIPELINE_ARCHIVE_DIR", str(archive_dir))
+    month = dt.date(2024, 3, 1)
+    with psycopg.connect(seeded, autocommit=True) as conn:
+        if a.manifest_row(conn, "audit_log", month).state != "dropped":
+            a.archive_partition(conn, "audit_log", month, archive_dir)
+    assert cli.main(["archive", "list"]) == 0
+    assert "audit_log_y2024m03" in capsys.readouterr().out
+    assert cli.main(["archive", "restore", "2024-03"]) == 0
+    assert "restored" in capsys.readouterr().out
+    with psycopg.connect(seeded, autocommit=True) as conn:
+        assert "audit_log_y2024m03" in _attached(conn, "audit_log")
+    assert cli.main(["archive", "restore", "1999-01"]) == 2  # no such archive: a clear error
+
+
+def test_usage_retention_rule(seeded: str, archive_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    today = dt.date(2026, 11, 27)
+    with psycopg.connect(seeded, autocommit=True) as conn:
+        # rule 1 and 2: retention, then the 90-day recompute window
+        assert not a.usage_retention_decision(conn, dt.date(2026, 7, 1), today, 24).drop
+        assert not a.usage_retention_decision(conn, dt.date(2026, 7, 1), today, 4).drop
+        no_rollups = conn.execute("SELECT to_regclass('usage_daily_metrics') IS NULL").fetchone()[0]
+        if no_rollups:
+            assert a.usage_retention_decision(conn, dt.date(2024, 5, 1), today, 24).drop
+        # rule 3 against a stand-in rollup table in a private schema (searched first)
+        conn.execute("CREATE SCHEMA IF NOT EXISTS retention_test")
+        conn.execute("CREATE TABLE retention_test.usage_daily_metrics (day date PRIMARY KEY, computed_at timestamptz)")
+        conn.execute("SET search_path = retention_test, public")
+        try:
+            decision = a.usage_retention_decision(conn, dt.date(2024, 5, 1), today, 24)
+            assert not decision.drop and "31 day(s)" in decision.reason  # never rolled up
+            conn.execute("INSERT INTO retention_test.usage_daily_metrics SELECT d::date, now() "
+                         "FROM generate_series('2024-05-01'::date, '2024-05-31', '1 day') d")
+            conn.execute("UPDATE retention_test.usage_daily_metrics SET computed_at = '2024-05-07 12:00Z' "
+                         "WHERE day = '2024-05-07'")  # rolled up while the day was still filling
+            decision = a.usage_retention_decision(conn, dt.date(2024, 5, 1), today, 24)
+            assert not decision.drop and "2024-05-07" in decision.reason
+            conn.execute("UPDATE retention_test.usage_daily_metrics SET computed_at = now()")
+            assert a.usage_retention_decision(conn, dt.date(2024, 5, 1), today, 24).drop
+        finally:
+            conn.execute("RESET search_path")
+            conn.execute("DROP SCHEMA retention_test CASCADE")
+
+    # the asset: past retention (24 months before now) → archived and dropped
+    monkeypatch.setenv("PERF_PIPELINE_ARCHIVE_DIR", str(archive_dir))
+    resources = {"postgres": PostgresResource(url=seeded)}
+    res = dg.materialize([usage_log_retention], partition_key="2024-05-01", resources=resources,
+                         instance=dg.DagsterInstance.ephemeral())
+    mats = res.asset_materializations_for_node("usage_log_retention")
+    eligible = a.archive_eligible(dt.date(2024, 5, 1), dt.datetime.now(UTC).date(), 24)
+    with psycopg.connect(seeded, autocommit=True) as conn:
+        gone = conn.execute("SELECT to_regclass('usage_log_y2024m05') IS NULL").fetchone()[0]
+    if eligible and no_rollups:
+        assert len(mats) == 1 and gone
+    else:
+        assert mats == [] and not gone
