@@ -1,0 +1,441 @@
+"""Background exports on a real PostgreSQL: round trips, bad requests, kill + retry, parallel runs, sensor.
+
+The module's database holds ~20k audit rows and ~10k usage rows over 10 days (2026-02-20 … 2026-03-01)
+plus a few hand-written audit rows with awkward values (quotes, commas, newlines, unicode, NULLs, '',
+IPv6, nested JSON). "Today" is pinned to 2026-03-02 so retention checks are deterministic.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import decimal
+import gzip
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import uuid
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+import psycopg
+import pyarrow.parquet as pq
+import pytest
+from psycopg.types.json import Jsonb
+
+from perf_pipeline.defs.exports.jobs import export_job
+from perf_pipeline.defs.exports.sensors import pending_exports_sensor
+from perf_pipeline.defs.resources import PostgresResource
+from perf_pipeline.lib import exports as ex
+from perf_pipeline.lib.workload import WorkloadSpec, load_workload
+from perf_pipeline.settings import PROJECT_ROOT
+
+END = dt.datetime(2026, 3, 1, 6, tzinfo=dt.UTC)
+TODAY = dt.date(2026, 3, 2)
+RETENTION = {"audit_log": 12, "usage_log": 24}
+REQUESTER = "00000000-0000-4000-8000-000000000001"
+ODD_USER = "11111111-2222-4333-8444-555555555555"
+
+ODD_AUDIT_ROWS = [
+    # (timestamp, user_id, entity_type, entity_id, event_type, operation, severity, description, details, ip)
+    ("2026-02-24 10:00:00.5+00", ODD_USER, "session", "s-1", "session.export", "export", "critical",
+     'said "hi", then\nleft; émoji ✓ and a \\ backslash', {"nested": {"a": [1, 2, None]}, "q": "it's"}, "2001:db8::1"),
+    ("2026-02-24 11:00:00+00", ODD_USER, None, None, "login", "login", "high", "", None, None),
+    ("2026-02-24 12:00:00+00", None, "billing", "b-9", "billing.update", "update", "high", None, {}, "10.0.0.1"),
+]
+
+
+@pytest.fixture(scope="module")
+def loaded(db_url: str) -> str:
+    load_workload(db_url, WorkloadSpec(days=10, usage_per_day=1000, audit_per_day=2000, end=END))
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        for row in ODD_AUDIT_ROWS:
+            conn.execute(
+                "INSERT INTO audit_log (timestamp, user_id, entity_type, entity_id, event_type, operation, severity,"
+                " description, details, ip) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+                (*row[:8], Jsonb(row[8]) if row[8] is not None else None, row[9]),
+            )
+        conn.execute("INSERT INTO usage_log (user_id, session_id, created_at, duration_minutes, cost_usd, is_billable,"
+                     " stt_provider) VALUES (%s, NULL, '2026-02-24 13:00+00', 0, 0, false, 'whisper')", (ODD_USER,))
+    return db_url
+
+
+def _request(conn: psycopg.Connection, kind: object, fmt: object, filters: object) -> int:
+    row = conn.execute("INSERT INTO data_export (requested_by, kind, format, filters) VALUES (%s, %s, %s, %s) "
+                       "RETURNING id", (REQUESTER, kind, fmt, Jsonb(filters))).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def _run(url: str, request_id: int, folder: Path, **kwargs: Any) -> ex.ExportResult:
+    return ex.run_export(url, request_id, folder, statement_timeout_s=60, retention_months=RETENTION, today=TODAY,
+                         **kwargs)
+
+
+# -------------------------------------------------------------------------- independent reading of both sides
+
+
+def _norm_db(value: Any) -> Any:
+    """A value as psycopg returns it, in the comparable form used for files."""
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    if isinstance(value, dict):
+        return json.dumps(value, sort_keys=True)
+    if value.__class__.__module__ == "ipaddress":
+        return str(value)
+    return value
+
+
+def _expected(conn: psycopg.Connection, kind: str, where: str, params: dict[str, Any]) -> list[tuple]:
+    columns = list(ex.KINDS[kind].schema.names)
+    select = ", ".join(f'"{c}"' for c in columns)
+    rows = conn.execute(f"SELECT {select} FROM {kind} WHERE {where}", params).fetchall()
+    return sorted((tuple(_norm_db(v) for v in row) for row in rows), key=lambda r: str(r[0]))
+
+
+def _from_csv_field(name: str, kind: str, raw: str) -> Any:
+    if raw == "":
+        return None  # Python's csv module cannot tell NULL from ''; the Parquet test checks that distinction
+    typ = str(ex.KINDS[kind].schema.field(name).type)
+    if typ.startswith("timestamp"):
+        return dt.datetime.fromisoformat(raw)
+    if typ.startswith("decimal"):
+        return decimal.Decimal(raw)
+    if typ == "bool":
+        return {"t": True, "f": False}[raw]
+    if typ == "int64":
+        return int(raw)
+    if name == "details":
+        return json.dumps(json.loads(raw), sort_keys=True)
+    return raw
+
+
+def _read_file(path: Path, kind: str) -> tuple[list[str], list[tuple]]:
+    if path.name.endswith(".csv.gz"):
+        with gzip.open(path, "rt", newline="", encoding="utf-8") as fh:
+            reader = csv.reader(fh)
+            header = next(reader)
+            rows = [tuple(_from_csv_field(n, kind, v) for n, v in zip(header, rec, strict=True)) for rec in reader]
+    else:
+        table = pq.read_table(path)
+        header = table.column_names
+        rows = []
+        for rec in table.to_pylist():
+            if "details" in rec and rec["details"] is not None:
+                rec["details"] = json.dumps(json.loads(rec["details"]), sort_keys=True)
+            rows.append(tuple(rec[n] for n in header))
+    return header, sorted(rows, key=lambda r: str(r[0]))
+
+
+def _csv_blank(rows: list[tuple]) -> list[tuple]:
+    return [tuple(None if v == "" else v for v in r) for r in rows]
+
+
+def _visible(folder: Path) -> list[str]:
+    return sorted(os.listdir(folder))
+
+
+# ---------------------------------------------------------------------------------------------- round trip
+
+
+@pytest.mark.parametrize("fmt", ex.FORMATS)
+@pytest.mark.parametrize("kind", list(ex.KINDS))
+def test_round_trip_every_column(loaded: str, db: psycopg.Connection, scratch_dir: Path, kind: str, fmt: str) -> None:
+    request_id = _request(db, kind, fmt, {"start": "2026-02-22", "end": "2026-02-25"})
+    result = _run(loaded, request_id, scratch_dir)
+
+    time_col = ex.KINDS[kind].schema.names[1 if kind == "audit_log" else 3]
+    expected = _expected(db, kind, f'"{time_col}" >= %(a)s AND "{time_col}" < %(b)s',
+                         {"a": dt.datetime(2026, 2, 22, tzinfo=dt.UTC), "b": dt.datetime(2026, 2, 26, tzinfo=dt.UTC)})
+    header, got = _read_file(result.path, kind)
+    assert header == list(ex.KINDS[kind].schema.names)
+    assert len(expected) > 3000
+    assert got == (_csv_blank(expected) if fmt == "csv.gz" else expected)
+
+    data = result.path.read_bytes()
+    req = ex.get_request(db, request_id)
+    assert req is not None
+    assert req["status"] == "succeeded" and req["error"] is None
+    assert (req["rows"], req["bytes"], req["sha256"]) == (len(expected), len(data), hashlib.sha256(data).hexdigest())
+    assert req["file_path"] == str(result.path) and req["csv_bytes"] > len(expected) * 40
+    assert _visible(scratch_dir) == [result.path.name]  # no temp names left behind
+
+
+def test_filters_user_entity_and_severities(loaded: str, db: psycopg.Connection, scratch_dir: Path) -> None:
+    filters = {"user_id": ODD_USER, "start": "2026-02-24", "end": "2026-02-24", "severity": ["high", "critical"]}
+    request_id = _request(db, "audit_log", "parquet", filters)
+    _, got = _read_file(_run(loaded, request_id, scratch_dir).path, "audit_log")
+    assert [r[7] for r in got] == ["critical", "high"] or [r[7] for r in got] == ["high", "critical"]
+    odd = {r[8] for r in got}
+    assert odd == {ODD_AUDIT_ROWS[0][7], ""}  # Parquet keeps '' apart from NULL, and the awkward text intact
+    assert {r[10] for r in got} == {"2001:db8::1", None}
+
+    request_id = _request(db, "audit_log", "csv.gz", {"start": "2026-02-24", "end": "2026-02-24",
+                                                      "entity_type": "billing", "severity": "high"})
+    result = _run(loaded, request_id, scratch_dir)
+    expected = _expected(db, "audit_log", "\"timestamp\" >= '2026-02-24' AND \"timestamp\" < '2026-02-25' AND "
+                         "entity_type = 'billing' AND severity = 'high'", {})
+    assert _read_file(result.path, "audit_log")[1] == _csv_blank(expected)
+    assert result.rows == len(expected) >= 1
+
+
+def test_empty_result_gives_valid_files(loaded: str, db: psycopg.Connection, scratch_dir: Path) -> None:
+    for fmt in ex.FORMATS:
+        request_id = _request(db, "usage_log", fmt, {"start": "2025-06-01", "end": "2025-06-30"})
+        result = _run(loaded, request_id, scratch_dir)
+        header, rows = _read_file(result.path, "usage_log")
+        assert (result.rows, rows, header) == (0, [], list(ex.KINDS["usage_log"].schema.names))
+
+
+def test_date_range_prunes_partitions(loaded: str, db: psycopg.Connection) -> None:
+    plan = ex.validate_request(1, "audit_log", "csv.gz", {"start": "2026-02-21", "end": "2026-02-23"},
+                               today=TODAY, retention_months=RETENTION)
+    text = "\n".join(r[0] for r in db.execute("EXPLAIN " + ex.export_select(db, plan)).fetchall())
+    assert "audit_log_y2026m02" in text
+    assert "audit_log_y2026m03" not in text and "audit_log_default" not in text
+
+
+# ------------------------------------------------------------------------------------------- bad requests
+
+BAD_REQUESTS = [
+    ("session", "csv.gz", {}, "unknown kind 'session'"),
+    ("audit_log", "xlsx", {}, "unknown format 'xlsx'"),
+    ("audit_log", "csv.gz", {"stt_provider": "google"}, "unknown filter key(s) for audit_log: 'stt_provider'"),
+    ("usage_log", "csv.gz", {"severity": "high"}, "unknown filter key(s) for usage_log: 'severity'"),
+    ("audit_log", "csv.gz", {"start": "2026-02-25", "end": "2026-02-21"}, "start 2026-02-25 is after end 2026-02-21"),
+    ("audit_log", "csv.gz", {"start": "2020-01-01"}, "beyond the retention of audit_log"),
+    ("usage_log", "parquet", {"start": "2023-12-31"}, "beyond the retention of usage_log"),
+    ("audit_log", "csv.gz", {"user_id": 42}, "'user_id' must be a UUID string"),
+    ("audit_log", "csv.gz", {"start": 20260201}, "'start' must be a date string"),
+    ("audit_log", "csv.gz", {"end": "2026-02-30"}, "'end' is not a valid date"),
+    ("audit_log", "csv.gz", {"severity": "urgent"}, "unknown value(s) ['urgent']"),
+    ("audit_log", "csv.gz", {"severity": []}, "non-empty list"),
+    ("audit_log", "csv.gz", ["start", "2026-02-01"], "filters must be a JSON object"),
+    ("audit_log", "csv.gz", {"user_id": "' OR 1=1; DROP TABLE audit_log; --"}, "'user_id' is not a UUID"),
+    ("audit_log", "csv.gz", {"entity_type": "session' OR '1'='1"}, "'entity_type' must be a lowercase identifier"),
+    ("audit_log", "csv.gz", {"start": "2026-02-01'); DROP TABLE audit_log; --"}, "'start' must be a date string"),
+]
+
+
+@pytest.mark.parametrize(("kind", "fmt", "filters", "message"), BAD_REQUESTS,
+                         ids=[f"{i:02d}-{m.split()[0]}-{m.split()[1]}" for i, (*_, m) in enumerate(BAD_REQUESTS)])
+def test_bad_request_fails_with_reason_and_no_file(loaded: str, db: psycopg.Connection, scratch_dir: Path,
+                                                   kind: object, fmt: object, filters: object, message: str) -> None:
+    before = db.execute("SELECT count(*) FROM audit_log").fetchone()
+    request_id = _request(db, kind, fmt, filters)
+    with pytest.raises(ex.ExportRequestError) as info:
+        _run(loaded, request_id, scratch_dir)
+    assert message in str(info.value)
+    req = ex.get_request(db, request_id)
+    assert req is not None and req["status"] == "failed" and message in req["error"]
+    assert req["file_path"] is None and _visible(scratch_dir) == []
+    assert db.execute("SELECT count(*) FROM audit_log").fetchone() == before  # injections did nothing
+
+
+def test_quoted_values_cannot_escape_even_unvalidated(loaded: str, db: psycopg.Connection) -> None:
+    # defense in depth: values are merged as quoted literals, so even a plan that skipped validation is inert
+    plan = ex.ExportPlan(1, "audit_log", "csv.gz", dt.datetime(2026, 2, 1, tzinfo=dt.UTC),
+                         dt.datetime(2026, 3, 2, tzinfo=dt.UTC), entity_type="x' OR '1'='1'; DROP TABLE audit_log; --",
+                         severities=("low'); DROP TABLE audit_log; --",))
+    assert db.execute(ex.export_select(db, plan)).fetchall() == []
+    assert db.execute("SELECT count(*) > 0 FROM audit_log").fetchone() == (True,)
+
+
+# ---------------------------------------------------------------------------------- failures and retries
+
+_KILL_CHILD = textwrap.dedent("""
+    import datetime as dt, sys, time
+    from pathlib import Path
+    from perf_pipeline.lib import exports as ex
+
+    def stall(progress):
+        print("STREAMING", progress.csv_bytes, flush=True)
+        time.sleep(120)
+
+    ex.run_export(sys.argv[1], int(sys.argv[2]), Path(sys.argv[3]), statement_timeout_s=60,
+                  retention_months={"audit_log": 12, "usage_log": 24}, today=dt.date(2026, 3, 2),
+                  progress=stall, progress_every_bytes=1)
+""")
+
+
+@pytest.mark.parametrize("fmt", ex.FORMATS)
+def test_kill_mid_export_leaves_no_file_and_retry_succeeds(loaded: str, db: psycopg.Connection, scratch_dir: Path,
+                                                           fmt: str) -> None:
+    request_id = _request(db, "audit_log", fmt, {"start": "2026-02-20"})
+    child = subprocess.Popen([sys.executable, "-c", _KILL_CHILD, loaded, str(request_id), str(scratch_dir)],
+                             stdout=subprocess.PIPE, text=True, cwd=PROJECT_ROOT)
+    try:
+        line = child.stdout.readline() if child.stdout else ""
+        assert line.startswith("STREAMING"), f"child did not start streaming: {line!r}"
+        assert 0 < int(line.split()[1]) < 4_000_000  # really mid-stream, not at the end
+        assert ex.get_request(db, request_id)["status"] == "running"  # type: ignore[index]
+        with pytest.raises(ex.ExportBusyError):  # a second process cannot run the same request meanwhile
+            _run(loaded, request_id, scratch_dir)
+        assert _visible(scratch_dir) == []  # the data being written has no name yet
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait(timeout=30)
+        if child.stdout:
+            child.stdout.close()
+    assert _visible(scratch_dir) == []  # SIGKILL: nothing to clean, nothing partial visible
+    (scratch_dir / f".export-{request_id}-dead.part").write_bytes(b"partial")  # as a non-O_TMPFILE fs leaves
+
+    result = _run(loaded, request_id, scratch_dir)  # the retry
+    req = ex.get_request(db, request_id)
+    assert req is not None and req["status"] == "succeeded" and req["attempts"] == 2
+    expected = db.execute("SELECT count(*) FROM audit_log WHERE timestamp >= '2026-02-20'").fetchone()
+    assert (result.rows,) == expected
+    assert _visible(scratch_dir) == [result.path.name]
+
+
+def test_failure_after_some_batches_leaves_no_file_and_retry_succeeds(loaded: str, db: psycopg.Connection,
+                                                                     scratch_dir: Path) -> None:
+    request_id = _request(db, "usage_log", "parquet", {"start": "2026-02-20"})
+
+    def explode(progress: ex.Progress) -> None:
+        raise RuntimeError(f"injected failure after {progress.csv_bytes} bytes")
+
+    with pytest.raises(RuntimeError, match="injected failure"):
+        _run(loaded, request_id, scratch_dir, progress=explode, progress_every_bytes=100_000)
+    req = ex.get_request(db, request_id)
+    assert req is not None and req["status"] == "failed" and "RuntimeError: injected failure" in req["error"]
+    assert _visible(scratch_dir) == []
+
+    result = _run(loaded, request_id, scratch_dir)
+    assert ex.get_request(db, request_id)["status"] == "succeeded"  # type: ignore[index]
+    assert result.rows == db.execute("SELECT count(*) FROM usage_log WHERE created_at >= '2026-02-20'").fetchone()[0]
+
+
+def test_export_does_not_queue_behind_ddl(loaded: str, db: psycopg.Connection, scratch_dir: Path) -> None:
+    request_id = _request(db, "audit_log", "csv.gz", {"start": "2026-02-20"})
+    with psycopg.connect(loaded) as ddl:
+        ddl.execute("LOCK TABLE audit_log_y2026m02 IN ACCESS EXCLUSIVE MODE")  # e.g. a detach in progress
+        with pytest.raises(psycopg.errors.LockNotAvailable):
+            _run(loaded, request_id, scratch_dir)
+        ddl.rollback()
+    req = ex.get_request(db, request_id)
+    assert req is not None and req["status"] == "failed" and "LockNotAvailable" in req["error"]
+    assert _visible(scratch_dir) == []
+
+
+def test_two_requests_in_parallel_both_succeed(loaded: str, db: psycopg.Connection, scratch_dir: Path) -> None:
+    ids = [_request(db, "audit_log", "csv.gz", {"start": "2026-02-20"}),
+           _request(db, "usage_log", "parquet", {"start": "2026-02-20"})]
+    results: dict[int, ex.ExportResult] = {}
+    errors: list[BaseException] = []
+
+    def work(request_id: int) -> None:
+        try:
+            results[request_id] = _run(loaded, request_id, scratch_dir)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in ids]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors
+    counts = [db.execute(f"SELECT count(*) FROM {k} WHERE {c} >= '2026-02-20'").fetchone()[0]
+              for k, c in (("audit_log", "timestamp"), ("usage_log", "created_at"))]
+    assert [results[i].rows for i in ids] == counts
+    assert all(ex.get_request(db, i)["status"] == "succeeded" for i in ids)  # type: ignore[index]
+    assert _visible(scratch_dir) == sorted(r.path.name for r in results.values())
+
+
+def test_late_failure_notice_does_not_fail_a_newer_attempt(db: psycopg.Connection) -> None:
+    request_id = _request(db, "audit_log", "csv.gz", {})
+    db.execute("UPDATE data_export SET status = 'running', run_id = 'new-run' WHERE id = %s", (request_id,))
+    assert not ex.mark_run_ended(db, request_id, "old-run", "old run failed")
+    assert ex.mark_run_ended(db, request_id, "new-run", "new run failed")
+    assert ex.get_request(db, request_id)["error"] == "new run failed"  # type: ignore[index]
+
+
+# ------------------------------------------------------------------------------------------ Dagster layer
+
+
+def test_sensor_launches_each_pending_request_once(loaded: str, db: psycopg.Connection) -> None:
+    db.execute("UPDATE data_export SET status = 'failed' WHERE status = 'pending'")  # earlier tests' leftovers
+    instance = dg.DagsterInstance.ephemeral()
+    postgres = PostgresResource(url=loaded)
+
+    def tick(cursor: str | None) -> dg.SensorResult:
+        ctx = dg.build_sensor_context(instance=instance, cursor=cursor, resources={"postgres": postgres})
+        result = pending_exports_sensor(ctx)
+        assert isinstance(result, dg.SensorResult)
+        return result
+
+    a = _request(db, "audit_log", "csv.gz", {"start": "2026-02-25"})
+    b = _request(db, "usage_log", "parquet", {})
+    bad = _request(db, "audit_log", "csv.gz", {"entity_type": "x'; DROP TABLE audit_log; --"})
+    first = tick(None)
+    assert [r.run_key for r in first.run_requests or []] == [str(a), str(b)]
+    assert first.run_requests[0].run_config == {"ops": {"run_data_export": {"config": {"request_id": a}}}}
+    req = ex.get_request(db, bad)
+    assert req is not None and req["status"] == "failed" and "entity_type" in req["error"]
+
+    second = tick(first.cursor)  # a and b still pending (queued behind the pool): not yielded again
+    assert not second.run_requests
+    c = _request(db, "audit_log", "parquet", {})
+    third = tick(second.cursor)
+    assert [r.run_key for r in third.run_requests or []] == [str(c)]
+
+    db.execute("UPDATE data_export SET status = 'running' WHERE id = %s", (a,))
+    fourth = tick(third.cursor)
+    assert not fourth.run_requests
+    assert json.loads(fourth.cursor or "{}")["launched"] == [b, c]  # the cursor forgets what started
+    keys = [r.run_key for t in (first, second, third, fourth) for r in t.run_requests or []]
+    assert len(keys) == len(set(keys)) == 3
+
+
+def test_export_job_run_records_file_and_metadata(loaded: str, db: psycopg.Connection, scratch_dir: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PERF_PIPELINE_EXPORT_DIR", str(scratch_dir))
+    instance = dg.DagsterInstance.ephemeral()
+    resources = {"postgres": PostgresResource(url=loaded)}
+    good = _request(db, "usage_log", "csv.gz", {"start": str(dt.date.today() - dt.timedelta(days=40))})
+    result = export_job.execute_in_process(
+        run_config={"ops": {"run_data_export": {"config": {"request_id": good}}}}, resources=resources,
+        instance=instance)
+    assert result.success
+    (mat,) = result.asset_materializations_for_node("run_data_export")
+    req = ex.get_request(db, good)
+    assert req is not None and req["status"] == "succeeded" and req["run_id"] == result.run_id
+    assert mat.metadata["rows"].value == req["rows"] and mat.metadata["bytes"].value == req["bytes"]
+    assert Path(req["file_path"]).parent == scratch_dir
+
+    bad = _request(db, "usage_log", "csv.gz", {"start": "1999-01-01"})
+    failed = export_job.execute_in_process(
+        run_config={"ops": {"run_data_export": {"config": {"request_id": bad}}}}, resources=resources,
+        instance=instance, raise_on_error=False)
+    assert not failed.success
+    req = ex.get_request(db, bad)
+    assert req is not None and req["status"] == "failed" and "retention" in req["error"]
+
+
+def test_cli_request_status_run(loaded: str, scratch_dir: Path, monkeypatch: pytest.MonkeyPatch,
+                                capsys: pytest.CaptureFixture[str]) -> None:
+    from perf_pipeline.cli import main
+
+    monkeypatch.setenv("PERF_PIPELINE_DATABASE_URL", loaded)
+    monkeypatch.setenv("PERF_PIPELINE_REDIS_URL", "redis://127.0.0.1:1/0")  # not used; keeps embedded Redis off
+    monkeypatch.setenv("PERF_PIPELINE_EXPORT_DIR", str(scratch_dir))
+    start = str(dt.date.today() - dt.timedelta(days=3))
+    assert main(["export", "request", "--requested-by", REQUESTER, "--kind", "audit_log", "--format", "parquet",
+                 "--start", start, "--severity", "critical"]) == 0
+    request_id = int(capsys.readouterr().out.strip())
+    assert main(["export", "status", str(request_id)]) == 0
+    assert "status: pending" in capsys.readouterr().out
+    assert main(["export", "run", str(request_id)]) == 0
+    assert main(["export", "status", str(request_id)]) == 0
+    out = capsys.readouterr().out
+    assert "status: succeeded" in out and "sha256: " in out
+    assert main(["export", "request", "--requested-by", REQUESTER, "--kind", "usage_log", "--severity", "high"]) == 2
+    assert "unknown filter key" in capsys.readouterr().err
+    assert main(["export", "status", "999999"]) == 1
