@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
 import threading
 import time
@@ -250,15 +252,22 @@ def test_flushes_at_interpreter_exit(clean: psycopg.Connection, db_url: str) -> 
 
 
 @pytest.fixture(scope="module")
-def private_pg(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, str]]:
-    """A PRIVATE embedded PostgreSQL this module may stop and start (never the shared one)."""
+def private_pg() -> Iterator[tuple[Path, str]]:
+    """A PRIVATE embedded PostgreSQL this module may stop and start (never the shared one).
+
+    Its folder is not under pytest's basetemp: concurrent pytest sessions chmod that to 0700 (the server
+    runs as another user) and delete old basetemps, which would pull the data folder from under it.
+    """
     from perf_pipeline.embedded import start_postgres, stop_postgres
 
-    state = tmp_path_factory.mktemp("audit_pg")
-    url = start_postgres(state)
-    apply_migrations(url)
-    yield state, url
-    stop_postgres(state)
+    state = Path(tempfile.mkdtemp(prefix="ppt_audit_pg_"))
+    try:
+        url = start_postgres(state)
+        apply_migrations(url)
+        yield state, url
+    finally:
+        stop_postgres(state)
+        shutil.rmtree(state, ignore_errors=True)
 
 
 def test_database_stopped_mid_stream_then_restarted(private_pg: tuple[Path, str], scratch_dir: Path) -> None:
@@ -338,11 +347,11 @@ def test_with_spool_a_full_queue_spills_and_order_is_kept(clean: psycopg.Connect
     srv, stuck_url = _silent_server()
     try:
         writer = AuditWriter(stuck_url, batch_size=50, max_queue=100, flush_interval_ms=5, spool_dir=scratch_dir,
-                             connect_timeout_s=3)
+                             connect_timeout_s=2)
         logged = [_log(writer, 0)]
         deadline = time.monotonic() + 5
         while writer.metrics()["spooled"] < 1 and time.monotonic() < deadline:
-            time.sleep(0.005)  # the flusher took event 0 and now hangs in connect() for 3 s
+            time.sleep(0.005)  # the flusher took event 0 and now hangs in connect() for 2 s
         time.sleep(0.05)
         started = time.perf_counter()
         logged += [_log(writer, i) for i in range(1, 351)]

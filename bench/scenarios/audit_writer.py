@@ -1,0 +1,165 @@
+"""AuditWriter: the seed's "100 audited operations" test side by side, delivery paths, sustained throughput.
+
+1. The seed's test (US010, ``test_audit_logging_performance``): 100 operations, each creating a session
+   (INSERT + COMMIT), audited (a) synchronously, one ``INSERT INTO audit_log`` + ``COMMIT`` per operation,
+   (b) through ``AuditWriter.log()``, (c) not at all (the floor). Milliseconds per 100 operations.
+2. Delivery path alone, same rows: the idempotent ``COPY`` → TEMP staging → ``INSERT … ON CONFLICT DO
+   NOTHING`` the writer uses, versus a plain ``COPY`` into audit_log (not replay-safe): rows/s.
+3. Sustained: 4 producer threads call ``log()`` as fast as they can; events/s from the first ``log()``
+   until ``flush()`` returned (everything committed), ``log()`` latency p50/p99/p99.9 in µs, and the rows
+   counted in the database against the ids returned (lost must be 0). Targets: p99 ≤ 50 µs, ≥ 50k/s.
+
+``BENCH_SCALE=small``: 100k events and fewer rounds (about a minute); default: 1M events.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import tempfile
+import threading
+import time
+import uuid
+
+import psycopg
+
+from bench.harness import BenchContext, percentile, scenario
+from perf_pipeline.audit import COLUMNS, AuditWriter, deliver_batch, encode_fields, prepare_connection
+
+SMALL = os.environ.get("BENCH_SCALE", "").lower() == "small"
+EVENTS = 100_000 if SMALL else 1_000_000
+ROUNDS = 5 if SMALL else 10
+PRODUCERS = 4
+USER = "6f1c1a52-8f8e-4c59-9a55-0d3a7b0c2f11"
+
+
+def _create_session(conn: psycopg.Connection, i: int) -> str:
+    row = conn.execute("INSERT INTO session (user_id, title, status) VALUES (%s, %s, 'created') RETURNING id",
+                       (USER, f"bench session {i}")).fetchone()
+    conn.commit()
+    assert row is not None
+    return str(row[0])
+
+
+def _seed_test(ctx: BenchContext, url: str) -> None:
+    insert = (f"INSERT INTO audit_log ({', '.join(repr(c).replace(chr(39), chr(34)) for c in COLUMNS[2:])}) "
+              "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)")
+    results: dict[str, list[float]] = {"no audit": [], "sync INSERT+COMMIT": [], "AuditWriter.log()": []}
+    with psycopg.connect(url) as conn, AuditWriter(url, spool_dir=tempfile.mkdtemp(prefix="bench_audit_")) as writer:
+        for _ in range(ROUNDS):
+            for variant in results:
+                started = time.perf_counter()
+                for i in range(100):
+                    session_id = _create_session(conn, i)
+                    if variant == "sync INSERT+COMMIT":
+                        conn.execute(insert, (USER, "session", session_id, "session.create", "create", "low",
+                                              f"Session bench session {i} created", None, None))
+                        conn.commit()
+                    elif variant == "AuditWriter.log()":
+                        writer.log("session.create", "session", session_id, "create",
+                                   f"Session bench session {i} created", user_id=USER)
+                results[variant].append((time.perf_counter() - started) * 1000)
+        assert writer.flush(60)
+    medians = {k: statistics.median(v) for k, v in results.items()}
+    for variant, samples in results.items():
+        ctx.row(test="seed: 100 audited operations", variant=variant, rounds=len(samples),
+                median_ms=statistics.median(samples), p95_ms=percentile(samples, 95),
+                audit_overhead_per_op_us=(statistics.median(samples) - medians["no audit"]) * 10,
+                target="< 2000 ms")
+    ctx.ratio("seed: sync audit / AuditWriter (100 ops, median)", medians["sync INSERT+COMMIT"],
+              medians["AuditWriter.log()"], target="> 1")
+
+
+def _payload(n: int, offset: int) -> bytes:
+    from perf_pipeline.audit import UUIDv7
+
+    gen, lines = UUIDv7(), []
+    for i in range(n):
+        event_id = gen.next(time.time_ns())
+        rest = encode_fields("session.create", "session", str(offset + i), "create", f"Session {i} created",
+                             USER, details={"i": i}, ip="10.1.2.3")
+        lines.append(f"{event_id}\t2026-03-01 12:00:00.{i % 1_000_000:06d}+00\t{rest}\n")
+    return "".join(lines).encode()
+
+
+def _delivery_paths(ctx: BenchContext, url: str) -> None:
+    batch, batches = 5000, 20 if SMALL else 40
+    payloads = [_payload(batch, k * batch) for k in range(batches)]
+    cols = ", ".join(f'"{c}"' for c in COLUMNS)
+    with psycopg.connect(url, autocommit=True) as conn:
+        prepare_connection(conn)
+        for label in ("staging + ON CONFLICT DO NOTHING (writer)", "plain COPY into audit_log"):
+            conn.execute("TRUNCATE audit_log")
+            started = time.perf_counter()
+            for payload in payloads:
+                if label.startswith("staging"):
+                    deliver_batch(conn, payload)
+                else:
+                    with conn.transaction(), conn.cursor() as cur, cur.copy(f"COPY audit_log ({cols}) FROM STDIN") as cp:
+                        cp.write(payload)
+            seconds = time.perf_counter() - started
+            rows = batch * batches
+            ctx.row(test="delivery path", variant=label, rows=rows, batch=batch, seconds=seconds,
+                    rows_per_s=rows / seconds)
+        started = time.perf_counter()
+        for payload in payloads:  # replay of everything already there: all skipped, nothing written twice
+            assert deliver_batch(conn, payload) == 0
+        seconds = time.perf_counter() - started
+        ctx.row(test="delivery path", variant="replay of delivered batches (all skipped)", rows=batch * batches,
+                batch=batch, seconds=seconds, rows_per_s=batch * batches / seconds)
+        conn.execute("TRUNCATE audit_log")
+
+
+def _sustained(ctx: BenchContext, url: str) -> None:
+    per_thread = EVENTS // PRODUCERS
+    latencies: list[list[int]] = [[] for _ in range(PRODUCERS)]
+    ids: list[list[str]] = [[] for _ in range(PRODUCERS)]
+    spool = tempfile.mkdtemp(prefix="bench_audit_")
+    writer = AuditWriter(url, spool_dir=spool)
+    start = threading.Barrier(PRODUCERS + 1)
+
+    def produce(k: int) -> None:
+        lat, out, clock = latencies[k], ids[k], time.perf_counter_ns
+        entity = str(uuid.uuid4())
+        start.wait()
+        for i in range(per_thread):
+            t0 = clock()
+            event_id = writer.log("session.create", "session", entity, "create", "Session created",
+                                  user_id=USER, details={"n": i, "provider": "whisper"}, ip="10.1.2.3")
+            lat.append(clock() - t0)
+            out.append(event_id)
+
+    threads = [threading.Thread(target=produce, args=(k,)) for k in range(PRODUCERS)]
+    for t in threads:
+        t.start()
+    start.wait()
+    started = time.perf_counter()
+    for t in threads:
+        t.join()
+    logged_s = time.perf_counter() - started
+    flushed = writer.flush(600)
+    total_s = time.perf_counter() - started
+    m = writer.metrics()
+    writer.close()
+    all_lat = [x / 1000 for lat in latencies for x in lat]
+    logged = {i for out in ids for i in out}
+    with psycopg.connect(url) as conn:
+        rows, distinct = conn.execute("SELECT count(*), count(DISTINCT id) FROM audit_log").fetchone()  # type: ignore[misc]
+    lost = len(logged) - distinct
+    ctx.row(test="sustained, 4 producers", events=len(logged), flushed=flushed, log_phase_s=logged_s,
+            total_s=total_s, events_per_s=len(logged) / total_s, target_events_per_s=">= 50,000")
+    ctx.row(test="sustained, 4 producers", metric="log() latency µs", p50=percentile(all_lat, 50),
+            p99=percentile(all_lat, 99), p999=percentile(all_lat, 99.9), max=max(all_lat), target_p99="<= 50 µs")
+    ctx.row(test="sustained, 4 producers", metric="delivery", rows=rows, distinct_ids=distinct, lost=lost,
+            duplicates=rows - distinct, dropped=m["dropped"], spilled=m["spilled"], batches=m["batches"],
+            flush_p50_ms=m["flush_p50_ms"], flush_p99_ms=m["flush_p99_ms"], target_lost="0")
+
+
+@scenario("audit_writer", "AuditWriter: seed's 100 audited ops sync vs async, delivery paths, 4-thread throughput")
+def run(ctx: BenchContext) -> None:
+    with ctx.database("bench_audit") as url:
+        _seed_test(ctx, url)
+        _delivery_paths(ctx, url)
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute("TRUNCATE audit_log")
+        _sustained(ctx, url)
