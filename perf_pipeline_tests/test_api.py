@@ -19,7 +19,7 @@ import redis as redis_lib
 from fastapi.testclient import TestClient
 from psycopg.rows import dict_row
 
-from perf_pipeline.api.app import create_app
+from perf_pipeline.api.app import KpisResponse, TrendsResponse, create_app
 from perf_pipeline.embedded import launch_redis_server
 from perf_pipeline.lib import cache as cache_lib
 from perf_pipeline.lib.cache import DashboardCache, serving_client
@@ -130,6 +130,8 @@ def test_usage_trends_equal_sql(redis_url: str, pool: psycopg_pool.ConnectionPoo
     first = client.get(TRENDS, params=params, headers=AUTH)
     assert first.status_code == 200, first.text
     body = first.json()
+    TrendsResponse.model_validate(body)  # bodies are served as cached, so check them against the schema
+    assert first.headers["content-type"] == "application/json"
     assert body["period"] == {"start_date": start.isoformat(), "end_date": end.isoformat(),
                               "granularity": granularity}
     with psycopg.connect(usage_db) as conn:
@@ -154,6 +156,7 @@ def test_usage_trends_equal_sql(redis_url: str, pool: psycopg_pool.ConnectionPoo
 def test_kpis_equal_sql(redis_url: str, pool: psycopg_pool.ConnectionPool, usage_db: str) -> None:
     client, cache = _client(redis_url, pool)
     body = client.get(KPIS, headers=AUTH).json()
+    KpisResponse.model_validate(body)
     with psycopg.connect(usage_db) as conn:
         expected = compute_kpis(conn, dt.datetime.fromisoformat(body["timestamp"]))
     assert body == expected

@@ -144,6 +144,18 @@ def test_cache_aside_counts_hits_and_misses(redis_url: str, db_url: str, redis_c
     assert rate.rate == pytest.approx(0.9)
 
 
+def test_counters_are_batched_then_flushed(redis_url: str, db_url: str, redis_client: redis_lib.Redis) -> None:
+    cache = _cache(redis_url, db_url, stats_flush_s=3600)
+    compute = CountingCompute()
+    for _ in range(4):
+        cache.get("dash:test:batched", 60, compute)
+    # the first outcome is flushed at once (no flush yet), the next three wait for the interval
+    assert hit_rate(redis_client, window_minutes=2).requests == 1
+    cache.flush_stats()
+    rate = hit_rate(redis_client, window_minutes=2)
+    assert rate.counts["miss"] == 1 and rate.counts["hit"] == 3
+
+
 def test_stale_entry_is_recomputed_by_one_reader_while_others_serve_it(
         redis_url: str, db_url: str, redis_client: redis_lib.Redis) -> None:
     compute = CountingCompute(delay=0.3)
@@ -154,7 +166,7 @@ def test_stale_entry_is_recomputed_by_one_reader_while_others_serve_it(
     # expire it logically (Redis still holds the stale copy)
     entry = Entry.decode(redis_client.get(key))
     assert entry is not None
-    redis_client.set(key, Entry(entry.gen, entry.computed_at - 120, time.time() - 1, 1.0, entry.payload).encode())
+    redis_client.set(key, Entry(entry.gen, entry.computed_at - 120, time.time() - 1, 1.0, entry.body).encode())
     compute.value = 2
 
     readers = 40
@@ -439,11 +451,11 @@ def test_checks_fail_on_wrong_values_and_low_hit_rate(
     entry = Entry.decode(redis_client.get(key))
     assert entry is not None
     payload = dict(entry.payload, provider_breakdown=[])  # the seed's bug: an empty breakdown
-    redis_client.set(key, Entry(entry.gen, entry.computed_at, entry.expires_at, 1.0, payload).encode())
+    redis_client.set(key, Entry.of(entry.gen, entry.computed_at, entry.expires_at, 1.0, payload).encode())
     kpis = Entry.decode(redis_client.get(cache_lib.KPIS_KEY))
     assert kpis is not None
     redis_client.set(cache_lib.KPIS_KEY, Entry(kpis.gen, kpis.computed_at - 3600, kpis.expires_at - 3600, 1.0,
-                                               kpis.payload).encode())
+                                               kpis.body).encode())
     cache = _cache(redis_url, recent_db)
     compute = CountingCompute()
     for i in range(5):

@@ -16,16 +16,17 @@ from __future__ import annotations
 import datetime as dt
 import hmac
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 import psycopg
 import psycopg_pool
 import redis
 from fastapi import Depends, FastAPI, HTTPException, Query, Request, status
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel
 
@@ -151,8 +152,9 @@ def _default_cache(settings: Settings) -> tuple[DashboardCache, psycopg_pool.Con
                                        kwargs={"autocommit": True, "application_name": "perf_pipeline.api"},
                                        name="dashboard")
     client = serving_client(urls.redis_url, settings.redis_socket_timeout_ms)
+    # hit/miss counters are flushed to Redis once a second per worker, not once per request
     return DashboardCache(client, pool.connection, kpi_ttl_s=settings.kpi_ttl_seconds,
-                          trends_ttl_s=settings.trends_ttl_seconds), pool
+                          trends_ttl_s=settings.trends_ttl_seconds, stats_flush_s=1.0), pool
 
 
 def create_app(settings: Settings | None = None, cache: DashboardCache | None = None) -> FastAPI:
@@ -165,9 +167,17 @@ def create_app(settings: Settings | None = None, cache: DashboardCache | None = 
         pool = None
         if cache is None:
             app.state.cache, pool = _default_cache(settings)
+        # the last batch of hit/miss counts reaches Redis within a second even when traffic stops
+        stop = threading.Event()
+        flusher = threading.Thread(target=_flush_every_second, args=(app.state.cache, stop), daemon=True,
+                                   name="dashboard-stats-flush")
+        flusher.start()
         try:
             yield
         finally:
+            stop.set()
+            flusher.join(timeout=5)
+            app.state.cache.flush_stats()
             if pool is not None:
                 pool.close()
 
@@ -191,8 +201,9 @@ def create_app(settings: Settings | None = None, cache: DashboardCache | None = 
 
     @app.get(f"{API_PREFIX}/kpis", response_model=KpisResponse, dependencies=[Depends(require_admin)],
              summary="Real-time KPIs (cached up to the KPI TTL)")
-    def kpis(cache: Annotated[DashboardCache, Depends(_cache)]) -> dict[str, Any]:
-        return cache.kpis()
+    def kpis(cache: Annotated[DashboardCache, Depends(_cache)]) -> Response:
+        # the cached body is sent as stored: no parse, validation or re-serialization on a hit
+        return Response(cache.kpis_json(), media_type="application/json")
 
     @app.get(f"{API_PREFIX}/usage-trends", response_model=TrendsResponse, dependencies=[Depends(require_admin)],
              summary="Usage trends per day, ISO week or month, with provider breakdown",
@@ -202,7 +213,7 @@ def create_app(settings: Settings | None = None, cache: DashboardCache | None = 
         start_date: Annotated[dt.date, Query(description="first day (UTC), YYYY-MM-DD")],
         end_date: Annotated[dt.date, Query(description="last day (UTC, inclusive), YYYY-MM-DD")],
         granularity: Annotated[Literal["daily", "weekly", "monthly"], Query()] = "daily",
-    ) -> dict[str, Any]:
+    ) -> Response:
         try:
             trend_request = validate_trend_request(start_date, end_date, granularity)
         except TrendRangeError as exc:
@@ -210,7 +221,7 @@ def create_app(settings: Settings | None = None, cache: DashboardCache | None = 
                 status.HTTP_422_UNPROCESSABLE_CONTENT,
                 [{"loc": ["query", "end_date"], "msg": str(exc), "type": "value_error"}],
             ) from None
-        return cache.usage_trends(trend_request)
+        return Response(cache.usage_trends_json(trend_request), media_type="application/json")
 
     @app.get("/healthz", response_model=HealthResponse, summary="PostgreSQL and Redis status",
              responses={503: {"description": "PostgreSQL is unavailable"}})
@@ -222,6 +233,11 @@ def create_app(settings: Settings | None = None, cache: DashboardCache | None = 
         return JSONResponse(body.model_dump(), status_code=200 if pg.ok else 503)
 
     return app
+
+
+def _flush_every_second(cache: DashboardCache, stop: threading.Event) -> None:
+    while not stop.wait(1.0):
+        cache.flush_stats()
 
 
 def _probe_postgres(cache: DashboardCache) -> ComponentHealth:

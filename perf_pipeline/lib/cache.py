@@ -5,14 +5,17 @@ Layout (all keys under ``dash:``; nothing is ever found by pattern, so no ``KEYS
 * ``dash:gen`` — the cache generation (an integer). Every entry records the generation it was computed
   under; an entry older than the current generation is *stale*. Invalidation is ``INCR dash:gen``:
   O(1), whatever the number of cached ranges, and atomic with the warm write (same ``MULTI``).
-* ``dash:kpis``, ``dash:trends:<granularity>:<start>:<end>`` — JSON entries
-  ``{"gen", "computed_at", "expires_at", "compute_ms", "payload"}``. ``expires_at`` (computed_at +
-  TTL, 1–5 min from settings) is the freshness bound; Redis keeps the key ``STALE_GRACE_S`` longer so
-  that a stale copy exists to serve while one reader recomputes.
+* ``dash:kpis``, ``dash:trends:<granularity>:<start>:<end>`` — entries: one line of JSON metadata
+  ``{"gen", "computed_at", "expires_at", "compute_ms"}``, a newline, then the response body (JSON) as
+  the API sends it, so a hit is served without parsing or re-serializing the payload. ``expires_at``
+  (computed_at + TTL, 1–5 min from settings) is the freshness bound; Redis keeps the key
+  ``STALE_GRACE_S`` longer so that a stale copy exists to serve while one reader recomputes.
 * ``dash:lock:<key>`` — the single-flight lock of a key's recomputation (``SET NX PX``, token-checked
   release).
 * ``dash:stats:<unix minute>`` — hash of outcome counters (hit, stale, waited, miss, fallback) per
   minute, expiring after two hours: the hit rate over any recent window is a few ``HGETALL``.
+  Each process batches its increments and flushes them at most every ``stats_flush_s`` (1 s in the
+  API), so a hit costs one Redis round trip (``MGET dash:gen <key>``), not two.
 
 Stampede protection: **single-flight lock + stale-while-revalidate**, chosen over XFetch (probabilistic
 early recomputation) because XFetch only helps while a copy still exists and every reader must run
@@ -85,27 +88,44 @@ def serving_client(url: str, socket_timeout_ms: int) -> redis.Redis:
                                 retry=Retry(NoBackoff(), 0), health_check_interval=0)
 
 
+def dump_json(payload: dict[str, Any]) -> bytes:
+    """The one serialization of payloads (compact), used for Redis and for the SQL fallback alike."""
+    return json.dumps(payload, separators=(",", ":")).encode()
+
+
 @dataclass(frozen=True)
 class Entry:
     gen: int
     computed_at: float
     expires_at: float
     compute_ms: float
-    payload: dict[str, Any]
+    body: bytes  # the payload as JSON, exactly as served
+
+    @classmethod
+    def of(cls, gen: int, computed_at: float, expires_at: float, compute_ms: float,
+           payload: dict[str, Any]) -> Entry:
+        return cls(gen, computed_at, expires_at, compute_ms, dump_json(payload))
+
+    @property
+    def payload(self) -> dict[str, Any]:
+        return json.loads(self.body)
 
     def encode(self) -> bytes:
-        return json.dumps({"gen": self.gen, "computed_at": self.computed_at, "expires_at": self.expires_at,
-                           "compute_ms": self.compute_ms, "payload": self.payload},
-                          separators=(",", ":")).encode()
+        head = {"gen": self.gen, "computed_at": self.computed_at, "expires_at": self.expires_at,
+                "compute_ms": self.compute_ms}
+        return json.dumps(head, separators=(",", ":")).encode() + b"\n" + self.body
 
     @staticmethod
     def decode(raw: bytes | None) -> Entry | None:
         if raw is None:
             return None
+        head, sep, body = raw.partition(b"\n")
         try:
-            d = json.loads(raw)
+            d = json.loads(head)
+            if not sep or not body:
+                return None
             return Entry(int(d["gen"]), float(d["computed_at"]), float(d["expires_at"]), float(d["compute_ms"]),
-                         d["payload"])
+                         body)
         except (ValueError, KeyError, TypeError):
             return None  # a corrupt entry is a miss, never an error page
 
@@ -129,21 +149,31 @@ class DashboardCache:
     lock_ms: int = 10_000
     wait_s: float = 2.0
     retry_after_s: float = 1.0
+    stats_flush_s: float = 0.0  # 0: every outcome is written at once (tests); the API batches for 1 s
     counts: Counter[str] = field(default_factory=Counter)  # this process's outcomes, Redis up or down
     recomputations: Counter[str] = field(default_factory=Counter)  # SQL computations per key
     _down_until: float = 0.0
+    _pending: Counter[str] = field(default_factory=Counter)
+    _last_flush: float = 0.0
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     # ------------------------------------------------------------------ public reads
 
+    def kpis_json(self) -> bytes:
+        """Real-time KPIs as the JSON body served: one Redis round trip on a hit, the KPI SQL on a miss
+        (see :func:`compute_kpis`)."""
+        return self.get_raw(KPIS_KEY, self.kpi_ttl_s, lambda conn: compute_kpis(conn))
+
+    def usage_trends_json(self, request: TrendRequest) -> bytes:
+        """Usage trends for a validated request as the JSON body served; the rollup SQL on a miss."""
+        return self.get_raw(trends_key(request), self.trends_ttl_s,
+                            lambda conn: compute_usage_trends(conn, request))
+
     def kpis(self) -> dict[str, Any]:
-        """Real-time KPIs: one Redis round trip on a hit (plus the counter increment), the KPI SQL on a
-        miss (see :func:`compute_kpis`)."""
-        return self.get(KPIS_KEY, self.kpi_ttl_s, lambda conn: compute_kpis(conn))
+        return json.loads(self.kpis_json())
 
     def usage_trends(self, request: TrendRequest) -> dict[str, Any]:
-        """Usage trends for a validated request; the rollup SQL on a miss."""
-        return self.get(trends_key(request), self.trends_ttl_s, lambda conn: compute_usage_trends(conn, request))
+        return json.loads(self.usage_trends_json(request))
 
     def redis_available(self) -> bool:
         return time.monotonic() >= self._down_until
@@ -151,7 +181,10 @@ class DashboardCache:
     # ------------------------------------------------------------------ the read path
 
     def get(self, key: str, ttl_s: int, compute: Callable[[psycopg.Connection], dict[str, Any]]) -> dict[str, Any]:
-        """Serve ``key`` from Redis if fresh; otherwise single-flight recompute (see the module doc)."""
+        return json.loads(self.get_raw(key, ttl_s, compute))
+
+    def get_raw(self, key: str, ttl_s: int, compute: Callable[[psycopg.Connection], dict[str, Any]]) -> bytes:
+        """The JSON body of ``key``: from Redis if fresh; otherwise single-flight recompute (module doc)."""
         if not self.redis_available():
             return self._fallback(key, compute)
         try:
@@ -164,7 +197,7 @@ class DashboardCache:
         now = time.time()
         if entry is not None and entry.gen >= gen and now < entry.expires_at:
             self._record("hit")
-            return entry.payload
+            return entry.body
 
         token = self._try_lock(key)
         if token is not None:
@@ -176,48 +209,48 @@ class DashboardCache:
                 # PostgreSQL failed: an old answer beats an error page; the next reader retries
                 log.exception("recomputing %s failed; serving the stale copy", key)
                 self._record("stale")
-                return entry.payload
+                return entry.body
             finally:
                 self._unlock(key, token)
         if entry is not None:
             self._record("stale")  # someone else is recomputing: stale-while-revalidate
-            return entry.payload
+            return entry.body
         if not self.redis_available():  # _try_lock hit a Redis error
             return self._fallback(key, compute)
         waited = self._wait_for(key, gen)
         if waited is not None:
             self._record("waited")
-            return waited.payload
+            return waited.body
         # the lock holder is slow or died: answer from SQL rather than keep the reader waiting
         return self._recompute(key, ttl_s, gen, compute)
 
     def _recompute(self, key: str, ttl_s: int, gen: int,
-                   compute: Callable[[psycopg.Connection], dict[str, Any]]) -> dict[str, Any]:
+                   compute: Callable[[psycopg.Connection], dict[str, Any]]) -> bytes:
         started = time.perf_counter()
         with self.connection() as conn:
-            payload = compute(conn)
+            body = dump_json(compute(conn))
         elapsed_ms = (time.perf_counter() - started) * 1000
         with self._lock:
             self.recomputations[key] += 1
         now = time.time()
         # stamped with the generation read *before* computing: if an invalidation happened meanwhile,
         # this entry is already stale and the next reader recomputes
-        entry = Entry(gen, now, now + ttl_s, elapsed_ms, payload)
+        entry = Entry(gen, now, now + ttl_s, elapsed_ms, body)
         if self.redis_available():
             try:
                 self.redis_client.set(key, entry.encode(), ex=ttl_s + STALE_GRACE_S)
             except redis.RedisError as exc:
                 self._trip(exc)
         self._record("miss" if self.redis_available() else "fallback")
-        return payload
+        return body
 
-    def _fallback(self, key: str, compute: Callable[[psycopg.Connection], dict[str, Any]]) -> dict[str, Any]:
+    def _fallback(self, key: str, compute: Callable[[psycopg.Connection], dict[str, Any]]) -> bytes:
         with self.connection() as conn:
-            payload = compute(conn)
+            body = dump_json(compute(conn))
         with self._lock:
             self.recomputations[key] += 1
             self.counts["fallback"] += 1
-        return payload
+        return body
 
     def _wait_for(self, key: str, gen: int) -> Entry | None:
         deadline = time.monotonic() + self.wait_s
@@ -252,18 +285,32 @@ class DashboardCache:
             self._trip(exc)
 
     def _trip(self, exc: Exception) -> None:
-        log.warning("Redis unavailable (%s): serving from SQL for %.1f s", exc, self.retry_after_s)
+        if self.redis_available():  # log the transition, not every request of the outage
+            log.warning("Redis unavailable (%s): serving from SQL, retrying every %.1f s", exc, self.retry_after_s)
         self._down_until = time.monotonic() + self.retry_after_s
 
     def _record(self, outcome: str) -> None:
+        now = time.monotonic()
         with self._lock:
             self.counts[outcome] += 1
-        if not self.redis_available():
+            self._pending[outcome] += 1
+            if now - self._last_flush < self.stats_flush_s:
+                return
+        self.flush_stats()
+
+    def flush_stats(self) -> None:
+        """Write this process's pending outcome counts to the current minute's hash (one pipelined round
+        trip). Counts of an outage are dropped: Redis cannot take them and they are all ``fallback``."""
+        with self._lock:
+            pending, self._pending = self._pending, Counter()
+            self._last_flush = time.monotonic()
+        if not pending or not self.redis_available():
             return
         stats_key = f"{STATS_PREFIX}{_minute(time.time())}"
         try:
             pipe = self.redis_client.pipeline(transaction=False)
-            pipe.hincrby(stats_key, outcome, 1)
+            for outcome, n in pending.items():
+                pipe.hincrby(stats_key, outcome, n)
             pipe.expire(stats_key, STATS_KEEP_S)
             pipe.execute()
         except redis.RedisError as exc:
@@ -302,7 +349,7 @@ def warm_dashboard_cache(conn: psycopg.Connection, client: redis.Redis, *, today
 
     generation = int(client.get(GEN_KEY) or 0) + 1
     now = time.time()
-    entries = {key: Entry(generation, now, now + ttl, ms, payload) for key, ttl, ms, payload in computed}
+    entries = {key: Entry.of(generation, now, now + ttl, ms, payload) for key, ttl, ms, payload in computed}
     size = 0
     pipe = client.pipeline(transaction=True)
     for key, entry in entries.items():

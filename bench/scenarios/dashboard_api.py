@@ -1,0 +1,218 @@
+"""Dashboard API under load: the user story's `ab` tests, 100 and 1,000 concurrent connections, with Redis
+and with Redis stopped (SQL fallback).
+
+Setup: a fresh database with ~1M usage rows over 90 days (``BENCH_SCALE=small``: 90k), rolled up; a
+PRIVATE redis-server (so stopping it disturbs nobody); ``perf-pipeline serve`` (uvicorn, 2 workers) on
+127.0.0.1; the cache warmed as the ``dashboard_cache`` asset does. Load generators: ``ab`` (apache2-utils;
+the seed's commands) and ``wrk`` (latency percentiles in µs, many connections), installed with apt-get
+when missing. The hit rate of each run is the difference of the Redis outcome counters around it.
+
+Targets (issue 5): seed — /kpis mean < 500 ms and /usage-trends mean < 1 s, 0 failures; p99 ≤ 20 ms at 100
+connections from cache; 0 failures at 1,000 connections; hit rate ≥ 99 % at steady state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import redis
+
+from bench.harness import BenchContext, scenario
+from perf_pipeline.embedded import launch_redis_server
+from perf_pipeline.lib.cache import OUTCOMES, hit_rate, warm_dashboard_cache
+from perf_pipeline.lib.db import connect
+from perf_pipeline.lib.rollups import rollup_days
+from perf_pipeline.lib.workload import WorkloadSpec, load_workload
+
+TOKEN = "bench-admin-token-0123456789"
+SMALL = os.environ.get("BENCH_SCALE") == "small"
+DAYS = 90
+USAGE_PER_DAY = 1_000 if SMALL else 11_112  # ~90k / ~1M rows (and as many sessions)
+WRK_SECONDS = 5 if SMALL else 15
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ensure_tools() -> None:
+    missing = [pkg for tool, pkg in (("ab", "apache2-utils"), ("wrk", "wrk")) if shutil.which(tool) is None]
+    if not missing:
+        return
+    if os.geteuid() != 0:
+        raise RuntimeError(f"install {' '.join(missing)} (apt-get install {' '.join(missing)})")
+    subprocess.run(["apt-get", "update", "-qq"], check=True)
+    subprocess.run(["apt-get", "install", "-y", "-qq", *missing], check=True)
+
+
+@contextlib.contextmanager
+def _api_server(db_url: str, redis_url: str, workers: int = 2) -> Iterator[str]:
+    port = _free_port()
+    env = dict(os.environ, PERF_PIPELINE_DATABASE_URL=db_url, PERF_PIPELINE_REDIS_URL=redis_url,
+               PERF_PIPELINE_ADMIN_TOKENS=TOKEN)
+    cli = Path(sys.executable).with_name("perf-pipeline")
+    proc = subprocess.Popen([str(cli), "serve", "--port", str(port), "--workers", str(workers)], env=env,
+                            start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{base}/healthz", timeout=2).status_code in (200, 503):
+                    break
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise RuntimeError("the API server did not start")
+            time.sleep(0.2)
+        yield base
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)  # the server's own process group (its uvicorn workers)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=15)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _ab(url: str, n: int, c: int) -> dict[str, float]:
+    out = subprocess.run(["ab", "-q", "-l", "-s", "30", "-n", str(n), "-c", str(c),
+                          "-H", f"Authorization: Bearer {TOKEN}", url],
+                         capture_output=True, text=True, check=True).stdout
+
+    def num(pattern: str, default: float = 0.0) -> float:
+        m = re.search(pattern, out)
+        return float(m.group(1)) if m else default
+
+    return {
+        "requests": num(r"Complete requests:\s+(\d+)"),
+        "rps": num(r"Requests per second:\s+([\d.]+)"),
+        "mean_ms": num(r"Time per request:\s+([\d.]+) \[ms\] \(mean\)"),
+        "p50_ms": _ab_pct(out, 50),
+        "p99_ms": _ab_pct(out, 99),
+        "failures": num(r"Failed requests:\s+(\d+)") + num(r"Non-2xx responses:\s+(\d+)"),
+    }
+
+
+def _ab_pct(out: str, pct: int) -> float:
+    m = re.search(rf"^\s*{pct}%\s+(\d+)", out, re.MULTILINE)
+    return float(m.group(1)) if m else float("nan")
+
+
+def _wrk(url: str, connections: int, seconds: int) -> dict[str, float]:
+    out = subprocess.run(["wrk", "-t", "2", "-c", str(connections), "-d", f"{seconds}s", "--latency",
+                          "--timeout", "10s", "-H", f"Authorization: Bearer {TOKEN}", url],
+                         capture_output=True, text=True, check=True).stdout
+
+    def latency(pct: int) -> float:
+        m = re.search(rf"^\s*{pct}%\s+([\d.]+)(us|ms|s)\b", out, re.MULTILINE)
+        if not m:
+            return float("nan")
+        return float(m.group(1)) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[m.group(2)]
+
+    m = re.search(r"(\d+) requests in", out)
+    errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    return {
+        "requests": float(m.group(1)) if m else 0.0,
+        "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),  # type: ignore[union-attr]
+        "p50_ms": latency(50),
+        "p99_ms": latency(99),
+        "failures": (sum(int(x) for x in errors.groups()) if errors else 0) + (int(non2xx.group(1)) if non2xx else 0),
+    }
+
+
+def _kill(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+
+
+def _counts(client: redis.Redis) -> dict[str, int]:
+    try:
+        return hit_rate(client, window_minutes=30).counts
+    except redis.RedisError:
+        return {k: 0 for k in OUTCOMES}
+
+
+@scenario("dashboard_api", "dashboard API: seed ab tests, 100 / 1,000 connections, hit rate, Redis stopped "
+                           "(~1M usage rows; BENCH_SCALE=small: 90k)")
+def run(ctx: BenchContext) -> None:
+    _ensure_tools()
+    with contextlib.ExitStack() as stack:
+        db_url = stack.enter_context(ctx.database("bench_dash"))
+        end = dt.datetime.now(dt.UTC).replace(second=0, microsecond=0)
+        loaded = load_workload(db_url, WorkloadSpec(days=DAYS, usage_per_day=USAGE_PER_DAY, audit_per_day=0,
+                                                    end=end))
+        today = end.date()
+        with connect(db_url, autocommit=True) as conn:
+            t0 = time.perf_counter()
+            rollup_days(conn, today - dt.timedelta(days=DAYS), today + dt.timedelta(days=1), check=False)
+            rollup_s = time.perf_counter() - t0
+            conn.execute("ANALYZE")
+        ctx.row(test="setup", usage_rows=loaded.usage_rows, sessions=loaded.sessions, load_s=loaded.seconds,
+                rollup_s=rollup_s)
+
+        root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench_redis_")))
+        port = _free_port()
+        pid = launch_redis_server(root, port)
+        stack.callback(_kill, pid)
+        redis_url = f"redis://127.0.0.1:{port}/0"
+        client = redis.Redis.from_url(redis_url)
+        base = stack.enter_context(_api_server(db_url, redis_url))
+
+        with connect(db_url, autocommit=True) as conn:
+            warm = warm_dashboard_cache(conn, client, today=today, kpi_ttl_s=60, trends_ttl_s=300)
+        ctx.row(test="warm (dashboard_cache asset body)", keys=len(warm.keys), bytes=warm.bytes,
+                duration_ms=warm.duration_ms)
+
+        kpis = f"{base}/api/v1/admin/dashboard/kpis"
+        start = (today - dt.timedelta(days=13)).isoformat()  # the seed's 14-day range, ending today
+        trends = f"{base}/api/v1/admin/dashboard/usage-trends?start_date={start}&end_date={today.isoformat()}"
+
+        def measured(label: str, fn, target: str = "") -> None:  # type: ignore[no-untyped-def]
+            before = _counts(client)
+            result = fn()
+            time.sleep(1.5)  # the API flushes its hit/miss counts to Redis every second
+            after = _counts(client)
+            delta = {k: after[k] - before[k] for k in OUTCOMES}
+            served = sum(delta.values())
+            cached = delta["hit"] + delta["stale"] + delta["waited"]
+            ctx.row(test=label, **result, hit_rate=cached / served if served else float("nan"),
+                    recomputes=delta["miss"], target=target)
+
+        # 0. the framework's floor on this machine right now: FastAPI's static /docs page, no I/O
+        ctx.row(test="floor: wrk /docs c=100", **_wrk(f"{base}/docs", 100, WRK_SECONDS), target="(reference)")
+        # 1. the user story's load tests, from the cache
+        measured("seed ab kpis n=1000 c=10", lambda: _ab(kpis, 1000, 10), "mean < 500 ms, 0 failures")
+        measured("seed ab trends n=500 c=5", lambda: _ab(trends, 500, 5), "mean < 1000 ms, 0 failures")
+        # 2. steady state at 100 connections (both endpoints), then 1,000 connections
+        measured("wrk kpis c=100", lambda: _wrk(kpis, 100, WRK_SECONDS), "p99 <= 20 ms, hit rate >= 99%")
+        measured("wrk trends c=100", lambda: _wrk(trends, 100, WRK_SECONDS), "p99 <= 20 ms, hit rate >= 99%")
+        measured("ab kpis n=10000 c=1000", lambda: _ab(kpis, 10_000, 1000), "0 failures")
+        measured("wrk kpis c=1000", lambda: _wrk(kpis, 1000, WRK_SECONDS), "0 failures")
+
+        # 3. Redis stopped: every request is answered from SQL (counted by the servers, not in Redis)
+        with contextlib.suppress(redis.ConnectionError):
+            client.shutdown(nosave=True)
+        time.sleep(0.5)
+        health = httpx.get(f"{base}/healthz", timeout=5).json()
+        ctx.row(test="redis stopped: /healthz", status=health["status"], redis_ok=health["redis"]["ok"])
+        for label, fn, target in (
+            ("NO REDIS ab kpis n=1000 c=10", lambda: _ab(kpis, 1000, 10), "0 failures (SQL fallback)"),
+            ("NO REDIS ab trends n=500 c=5", lambda: _ab(trends, 500, 5), "0 failures (SQL fallback)"),
+            ("NO REDIS wrk kpis c=100", lambda: _wrk(kpis, 100, WRK_SECONDS), "0 failures (SQL fallback)"),
+            ("NO REDIS wrk trends c=100", lambda: _wrk(trends, 100, WRK_SECONDS), "0 failures (SQL fallback)"),
+        ):
+            ctx.row(test=label, **fn(), target=target)
