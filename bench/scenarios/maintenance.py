@@ -109,6 +109,9 @@ def run(ctx: BenchContext) -> None:
         slowest = sorted(result.vacuumed, key=lambda v: -v.duration_ms)[:3]
         for v in slowest:
             ctx.row(step=f"  vacuum {v.relation}", duration_ms=v.duration_ms)
+        for r in result.reindexed:
+            ctx.row(step=f"  reindex {r.index}", duration_ms=r.duration_ms, bloat=r.bloat_ratio,
+                    mb_before=r.bytes_before / 2**20, mb_after=(r.bytes_after or 0) / 2**20)
         ctx.row(step="audit lookups before", samples=len(before.samples), p50_ms=before.median, p95_ms=before.p95)
         ctx.row(step="audit lookups during maintenance", samples=len(during.samples), p50_ms=during.median,
                 p95_ms=during.p95)
