@@ -397,6 +397,8 @@ def test_sensor_launches_each_pending_request_once(loaded: str, db: psycopg.Conn
 def test_export_job_run_records_file_and_metadata(loaded: str, db: psycopg.Connection, scratch_dir: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PERF_PIPELINE_EXPORT_DIR", str(scratch_dir))
+    (op,) = export_job.graph.node_defs
+    assert op.pool == "exports"  # the pool whose limit caps concurrent exports
     instance = dg.DagsterInstance.ephemeral()
     resources = {"postgres": PostgresResource(url=loaded)}
     good = _request(db, "usage_log", "csv.gz", {"start": str(dt.date.today() - dt.timedelta(days=40))})
