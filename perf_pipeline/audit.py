@@ -65,6 +65,7 @@ import asyncio
 import atexit
 import contextlib
 import fcntl
+import functools
 import ipaddress
 import json
 import logging
@@ -111,6 +112,9 @@ _NEEDS_ESCAPE = re.compile(r"[\\\t\n\r]")
 _ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
 _JSON_NUL = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
 _SEGMENT = re.compile(r"^(\d{16})\.copy$")
+_CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+# one encoder object: json.dumps() with options builds a new JSONEncoder per call (~1 µs more)
+_JSON = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"))
 
 
 class AuditError(Exception):
@@ -189,6 +193,8 @@ def _user_id(value: object) -> str:
     if isinstance(value, uuid.UUID):
         return str(value)
     if isinstance(value, str):
+        if _CANONICAL_UUID.fullmatch(value):  # the common case, ~0.2 µs instead of ~1.5 µs for uuid.UUID()
+            return value
         try:
             return str(uuid.UUID(value))
         except ValueError:
@@ -200,7 +206,7 @@ def _details(value: object) -> str:
     if value is None:
         return "\\N"
     try:
-        text = json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+        text = _JSON.encode(value)
     except (TypeError, ValueError) as exc:
         raise AuditEventError(f"details must be JSON-serializable (no NaN/Infinity): {exc}") from None
     if len(text) > MAX_DETAILS_BYTES:
@@ -216,12 +222,21 @@ def _ip(value: object) -> str:
     if isinstance(value, (ipaddress.IPv4Address, ipaddress.IPv6Address,
                           ipaddress.IPv4Interface, ipaddress.IPv6Interface)):
         return str(value)
-    if isinstance(value, str) and "%" not in value:  # PostgreSQL's inet has no IPv6 zone ids
-        try:
-            return str(ipaddress.ip_interface(value) if "/" in value else ipaddress.ip_address(value))
-        except ValueError:
-            pass
+    if isinstance(value, str):
+        normalized = _parse_ip(value)
+        if normalized is not None:
+            return normalized
     raise AuditEventError(f"ip must be an IPv4/IPv6 address (optionally /prefix), got {value!r:.80}")
+
+
+@functools.lru_cache(maxsize=8192)  # client addresses repeat; parsing one costs ~2 µs, a cache hit ~0.1 µs
+def _parse_ip(value: str) -> str | None:
+    if "%" in value:  # PostgreSQL's inet has no IPv6 zone ids
+        return None
+    try:
+        return str(ipaddress.ip_interface(value) if "/" in value else ipaddress.ip_address(value))
+    except ValueError:
+        return None
 
 
 def encode_fields(event_type: str, entity_type: str | None, entity_id: str | None, operation: str,
@@ -659,7 +674,8 @@ class AuditWriter:
                 batch = self._pending[0]
             if not self._deliver(batch):
                 return
-            self._take_batches()
+            # no _take_batches() here: what arrived meanwhile waits for a full batch or the interval, so a
+            # steady stream goes in batch_size / flush_interval batches, not one tiny COMMIT per delivery
 
     def _connection(self) -> psycopg.Connection:
         if self._conn is None or self._conn.closed:
