@@ -324,6 +324,39 @@ def test_export_does_not_queue_behind_ddl(loaded: str, db: psycopg.Connection, s
     assert _visible(scratch_dir) == []
 
 
+def test_statement_timeout_bounds_the_copy(loaded: str, db: psycopg.Connection, scratch_dir: Path) -> None:
+    request_id = _request(db, "audit_log", "parquet", {"start": "2026-02-20"})
+    with psycopg.connect(loaded) as ddl:
+        ddl.execute("LOCK TABLE audit_log_y2026m02 IN ACCESS EXCLUSIVE MODE")
+        with pytest.raises(psycopg.errors.QueryCanceled, match="statement timeout"):  # 1 s < lock_timeout 2 s
+            ex.run_export(loaded, request_id, scratch_dir, statement_timeout_s=1, retention_months=RETENTION,
+                          today=TODAY)
+        ddl.rollback()
+    req = ex.get_request(db, request_id)
+    assert req is not None and req["status"] == "failed" and "statement timeout" in req["error"]
+    assert _visible(scratch_dir) == []
+
+
+def test_without_o_tmpfile_a_hidden_named_temp_is_used(loaded: str, db: psycopg.Connection, scratch_dir: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delattr(os, "O_TMPFILE")  # as on a filesystem or platform without it
+    seen: list[list[str]] = []
+    request_id = _request(db, "usage_log", "csv.gz", {"start": "2026-02-20"})
+    result = _run(loaded, request_id, scratch_dir, progress=lambda p: seen.append(_visible(scratch_dir)),
+                  progress_every_bytes=1)
+    *streaming, final = seen  # the last report comes once the file is in place
+    assert streaming and all(len(n) == 1 and n[0].startswith(f".export-{request_id}-") for n in streaming)
+    assert final == _visible(scratch_dir) == [result.path.name]
+
+    def explode(progress: ex.Progress) -> None:
+        raise RuntimeError("injected")
+
+    request_id = _request(db, "usage_log", "csv.gz", {"start": "2026-02-20"})
+    with pytest.raises(RuntimeError):
+        _run(loaded, request_id, scratch_dir, progress=explode, progress_every_bytes=1)
+    assert _visible(scratch_dir) == [result.path.name]  # the failed attempt's temp file is gone
+
+
 def test_two_requests_in_parallel_both_succeed(loaded: str, db: psycopg.Connection, scratch_dir: Path) -> None:
     ids = [_request(db, "audit_log", "csv.gz", {"start": "2026-02-20"}),
            _request(db, "usage_log", "parquet", {"start": "2026-02-20"})]
@@ -374,11 +407,14 @@ def test_sensor_launches_each_pending_request_once(loaded: str, db: psycopg.Conn
     a = _request(db, "audit_log", "csv.gz", {"start": "2026-02-25"})
     b = _request(db, "usage_log", "parquet", {})
     bad = _request(db, "audit_log", "csv.gz", {"entity_type": "x'; DROP TABLE audit_log; --"})
+    odd = _request(db, "audit_log", "csv.gz", "not an object")
     first = tick(None)
     assert [r.run_key for r in first.run_requests or []] == [str(a), str(b)]
     assert first.run_requests[0].run_config == {"ops": {"run_data_export": {"config": {"request_id": a}}}}
     req = ex.get_request(db, bad)
     assert req is not None and req["status"] == "failed" and "entity_type" in req["error"]
+    req = ex.get_request(db, odd)
+    assert req is not None and req["status"] == "failed" and "filters must be a JSON object" in req["error"]
 
     second = tick(first.cursor)  # a and b still pending (queued behind the pool): not yielded again
     assert not second.run_requests
