@@ -43,7 +43,7 @@ Full queue (``max_queue`` events in memory, i.e. the flusher is stuck in a slow 
 
 * with a spool: **spill** — the producer that finds the queue full writes the whole queue to a new spool
   segment (one file write, a few ms, under the writer's lock) and goes on; order is kept because
-  sequence numbers are taken under that lock;
+  sequence numbers are taken under that lock (if that write fails, it falls back to blocking, below);
 * without a spool: **block** up to ``put_timeout`` seconds for room, then raise :class:`AuditQueueFull`;
   the event is counted in ``dropped``. In async code pass ``put_timeout=0`` so ``log()`` never blocks
   the event loop.
@@ -520,12 +520,16 @@ class AuditWriter:
             seq = self._seq
             self._seq += 1
             lines = list(self._queue)
-            self._queue.clear()
-            self._spool.write(seq, b"".join(lines))  # under the lock: sequence order == file order
-            self._pending.append(_Batch(seq, len(lines), own=True, payload=None, spooled=True))
-            self._spilled += len(lines)
-            log.warning("audit queue full (%d events): spilled them to spool segment %d", len(lines), seq)
-            return
+            try:
+                self._spool.write(seq, b"".join(lines))  # under the lock: sequence order == file order
+            except OSError as exc:  # disk full, folder gone: fall back to waiting for room, below
+                log.error("audit queue full and the spool write failed (%s); waiting for room", exc)
+            else:
+                self._queue.clear()
+                self._pending.append(_Batch(seq, len(lines), own=True, payload=None, spooled=True))
+                self._spilled += len(lines)
+                log.warning("audit queue full (%d events): spilled them to spool segment %d", len(lines), seq)
+                return
         deadline = time.monotonic() + self.put_timeout
         while len(self._queue) >= self.max_queue and not self._closed:
             left = deadline - time.monotonic()

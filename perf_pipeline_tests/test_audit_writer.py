@@ -201,7 +201,7 @@ _CHILD = textwrap.dedent("""
     import sys, time
     from perf_pipeline.audit import AuditWriter
     url, spool, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
-    w = AuditWriter(url, spool_dir=spool, batch_size=200, flush_interval_ms=5)
+    w = AuditWriter(url, spool_dir=spool, batch_size=200, flush_interval_ms=5, spool_fsync=True)
     with open(spool + "/../ids.txt", "w") as out:
         for i in range(n):
             out.write(w.log("session.create", "session", str(i), "create", "d", details={"i": i}) + "\\n")
@@ -366,6 +366,23 @@ def test_with_spool_a_full_queue_spills_and_order_is_kept(clean: psycopg.Connect
     with AuditWriter(db_url, spool_dir=scratch_dir, flush_interval_ms=5) as replay:
         assert replay.flush(30)
     assert _ids_in_delivery_order(clean) == logged
+
+
+def test_rows_the_database_refuses_are_set_aside_and_the_rest_delivered(clean: psycopg.Connection, db_url: str,
+                                                                       scratch_dir: Path) -> None:
+    # a constraint stricter than log()'s validation (a schema that moved on): only that row may be lost
+    clean.execute("ALTER TABLE audit_log ADD CONSTRAINT test_no_poison CHECK (description <> 'poison') NOT VALID")
+    try:
+        with AuditWriter(db_url, spool_dir=scratch_dir, flush_interval_ms=5) as writer:
+            ids = [writer.log("e", None, None, "o", "poison" if i == 4 else f"ok {i}") for i in range(10)]
+            assert writer.flush(30)
+            m = writer.metrics()
+    finally:
+        clean.execute("ALTER TABLE audit_log DROP CONSTRAINT test_no_poison")
+    assert (m["written"], m["rejected"], m["dropped"]) == (9, 1, 0)
+    assert set(_ids_in_delivery_order(clean)) == set(ids) - {ids[4]}
+    rejected = (scratch_dir / "rejected.copy").read_bytes().decode()
+    assert rejected.startswith(ids[4]) and rejected.count("\n") == 1
 
 
 def test_two_writers_cannot_share_a_spool(db_url: str, scratch_dir: Path) -> None:
