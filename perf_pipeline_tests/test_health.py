@@ -103,6 +103,22 @@ def test_vacuum_runs_outside_a_transaction_with_per_table_durations(seeded_url: 
                 tx_conn.execute("VACUUM (ANALYZE) session")
 
 
+def test_lock_timeout_bounds_a_blocked_vacuum_and_the_rest_still_runs(seeded_url: str) -> None:
+    with psycopg.connect(seeded_url) as holder:
+        # SHARE UPDATE EXCLUSIVE conflicts with VACUUM's own lock (as a running ALTER TABLE or ANALYZE would)
+        holder.execute("LOCK TABLE data_export IN SHARE UPDATE EXCLUSIVE MODE")
+        started = time.perf_counter()
+        result = health.run_maintenance(seeded_url, tables=["data_export", "session"], lock_timeout_ms=300,
+                                        statement_timeout_ms=60_000)
+        elapsed = time.perf_counter() - started
+        holder.rollback()
+    blocked, other = result.vacuumed
+    assert blocked.relation == "data_export" and not blocked.ok and "lock timeout" in (blocked.error or "")
+    assert other.relation == "session" and other.ok
+    assert result.failures == 1
+    assert elapsed < 10
+
+
 def test_bloated_index_is_rebuilt_concurrently_and_a_compact_one_is_not(seeded_url: str) -> None:
     with psycopg.connect(seeded_url, autocommit=True) as conn:
         conn.execute("CREATE TABLE bloat_demo (id bigint PRIMARY KEY, payload text NOT NULL)")
@@ -136,6 +152,18 @@ def test_db_maintenance_asset_reports_per_table_durations(seeded_url: str) -> No
     assert md["relations_vacuumed"].value >= 6
     assert md["failures"].value == 0
     assert db_maintenance.op.pool == "postgres_heavy"
+
+
+def test_db_maintenance_asset_fails_when_a_relation_could_not_be_vacuumed(seeded_url: str) -> None:
+    with psycopg.connect(seeded_url) as holder:
+        holder.execute("LOCK TABLE data_export IN SHARE UPDATE EXCLUSIVE MODE")
+        result = _materialize([db_maintenance], seeded_url, run_config={
+            "ops": {"db_maintenance": {"config": {"lock_timeout_ms": 200}}}})
+        holder.rollback()
+    assert not result.success
+    failure = result.get_step_failure_events()[0].step_failure_data.user_failure_data
+    assert failure.description == "1 maintenance statement(s) failed"
+    assert failure.metadata["relations_vacuumed"].value >= 6  # the others were still vacuumed
 
 
 # ---------------------------------------------------------------------------------------------- report
