@@ -156,6 +156,23 @@ def test_counters_are_batched_then_flushed(redis_url: str, db_url: str, redis_cl
     assert rate.counts["miss"] == 1 and rate.counts["hit"] == 3
 
 
+def test_near_cache_serves_from_memory_for_local_ttl(redis_url: str, db_url: str,
+                                                     redis_client: redis_lib.Redis) -> None:
+    cache = _cache(redis_url, db_url, local_ttl_s=0.5)
+    compute = CountingCompute()
+    key = "dash:test:near"
+    assert cache.peek_local(key) is None
+    body = cache.get_raw(key, 60, compute)
+    assert cache.peek_local(key) == body and cache.counts["hit"] == 1
+    compute.value = 2
+    invalidate(redis_client)
+    assert cache.peek_local(key) == body  # up to local_ttl_s behind an invalidation, by design
+    time.sleep(0.55)
+    assert cache.peek_local(key) is None
+    assert cache.get(key, 60, compute) == {"value": 2}
+    assert _cache(redis_url, db_url).peek_local(key) is None  # disabled by default
+
+
 def test_stale_entry_is_recomputed_by_one_reader_while_others_serve_it(
         redis_url: str, db_url: str, redis_client: redis_lib.Redis) -> None:
     compute = CountingCompute(delay=0.3)

@@ -1,9 +1,10 @@
 """Dashboard API: KPIs and usage trends for admins, served cache-aside from Redis, from SQL when Redis is
 down; ``/healthz`` for load balancers.
 
-Run it with ``perf-pipeline serve`` (uvicorn, several worker processes). Every endpoint is a plain
-``def``: FastAPI runs it in its thread pool, where the synchronous Redis and psycopg clients of the
-read path block only their own thread.
+Run it with ``perf-pipeline serve`` (uvicorn, several worker processes). The endpoints answer a hot
+key from the process's one-second near cache on the event loop (no I/O); anything else runs the
+synchronous read path (Redis, then PostgreSQL on a miss) in the thread pool, where it blocks only its
+own thread.
 
 Auth: ``Authorization: Bearer <token>``. Tokens come from ``PERF_PIPELINE_ADMIN_TOKENS`` (200) and
 ``PERF_PIPELINE_USER_TOKENS`` (authenticated but not admin: 403); anything else is 401. Tokens are
@@ -26,11 +27,12 @@ import psycopg
 import psycopg_pool
 import redis
 from fastapi import Depends, FastAPI, HTTPException, Query, Request, status
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel
 
-from perf_pipeline.lib.cache import DashboardCache, serving_client
+from perf_pipeline.lib.cache import KPIS_KEY, DashboardCache, serving_client, trends_key
 from perf_pipeline.lib.dashboard import TrendRangeError, validate_trend_request
 from perf_pipeline.settings import Settings, get_settings
 
@@ -118,8 +120,9 @@ def _any_matches(token: bytes, candidates: tuple[bytes, ...]) -> bool:
     return found
 
 
-def require_admin(request: Request,
-                  credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> None:
+async def require_admin(request: Request,
+                        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> None:
+    # async on purpose: no I/O here, and a sync dependency would cost a thread-pool hop per request
     unauthorized = HTTPException(status.HTTP_401_UNAUTHORIZED, "a valid bearer token is required",
                                  headers={"WWW-Authenticate": "Bearer"})
     if credentials is None:
@@ -135,7 +138,7 @@ def require_admin(request: Request,
     raise unauthorized
 
 
-def _cache(request: Request) -> DashboardCache:
+async def _cache(request: Request) -> DashboardCache:
     return request.app.state.cache
 
 
@@ -152,9 +155,10 @@ def _default_cache(settings: Settings) -> tuple[DashboardCache, psycopg_pool.Con
                                        kwargs={"autocommit": True, "application_name": "perf_pipeline.api"},
                                        name="dashboard")
     client = serving_client(urls.redis_url, settings.redis_socket_timeout_ms)
-    # hit/miss counters are flushed to Redis once a second per worker, not once per request
+    # hit/miss counters are flushed to Redis once a second per worker, not once per request; fresh bodies
+    # are kept one second in process memory (an invalidation reaches each worker within a second)
     return DashboardCache(client, pool.connection, kpi_ttl_s=settings.kpi_ttl_seconds,
-                          trends_ttl_s=settings.trends_ttl_seconds, stats_flush_s=1.0), pool
+                          trends_ttl_s=settings.trends_ttl_seconds, stats_flush_s=1.0, local_ttl_s=1.0), pool
 
 
 def create_app(settings: Settings | None = None, cache: DashboardCache | None = None) -> FastAPI:
@@ -201,14 +205,15 @@ def create_app(settings: Settings | None = None, cache: DashboardCache | None = 
 
     @app.get(f"{API_PREFIX}/kpis", response_model=KpisResponse, dependencies=[Depends(require_admin)],
              summary="Real-time KPIs (cached up to the KPI TTL)")
-    def kpis(cache: Annotated[DashboardCache, Depends(_cache)]) -> Response:
+    async def kpis(cache: Annotated[DashboardCache, Depends(_cache)]) -> Response:
         # the cached body is sent as stored: no parse, validation or re-serialization on a hit
-        return Response(cache.kpis_json(), media_type="application/json")
+        body = cache.peek_local(KPIS_KEY) or await run_in_threadpool(cache.kpis_json)
+        return Response(body, media_type="application/json")
 
     @app.get(f"{API_PREFIX}/usage-trends", response_model=TrendsResponse, dependencies=[Depends(require_admin)],
              summary="Usage trends per day, ISO week or month, with provider breakdown",
              responses={422: {"description": "bad dates, inverted or over-long range, unknown granularity"}})
-    def usage_trends(
+    async def usage_trends(
         cache: Annotated[DashboardCache, Depends(_cache)],
         start_date: Annotated[dt.date, Query(description="first day (UTC), YYYY-MM-DD")],
         end_date: Annotated[dt.date, Query(description="last day (UTC, inclusive), YYYY-MM-DD")],
@@ -221,7 +226,9 @@ def create_app(settings: Settings | None = None, cache: DashboardCache | None = 
                 status.HTTP_422_UNPROCESSABLE_CONTENT,
                 [{"loc": ["query", "end_date"], "msg": str(exc), "type": "value_error"}],
             ) from None
-        return Response(cache.usage_trends_json(trend_request), media_type="application/json")
+        body = (cache.peek_local(trends_key(trend_request))
+                or await run_in_threadpool(cache.usage_trends_json, trend_request))
+        return Response(body, media_type="application/json")
 
     @app.get("/healthz", response_model=HealthResponse, summary="PostgreSQL and Redis status",
              responses={503: {"description": "PostgreSQL is unavailable"}})

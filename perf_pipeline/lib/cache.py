@@ -15,7 +15,9 @@ Layout (all keys under ``dash:``; nothing is ever found by pattern, so no ``KEYS
 * ``dash:stats:<unix minute>`` — hash of outcome counters (hit, stale, waited, miss, fallback) per
   minute, expiring after two hours: the hit rate over any recent window is a few ``HGETALL``.
   Each process batches its increments and flushes them at most every ``stats_flush_s`` (1 s in the
-  API), so a hit costs one Redis round trip (``MGET dash:gen <key>``), not two.
+  API), so a hit costs one Redis round trip (``MGET dash:gen <key>``), not two. The API also keeps fresh
+  bodies for one second in process memory (``local_ttl_s``): a hot key costs one Redis read per
+  second per process, whatever the request rate.
 
 Stampede protection: **single-flight lock + stale-while-revalidate**, chosen over XFetch (probabilistic
 early recomputation) because XFetch only helps while a copy still exists and every reader must run
@@ -152,7 +154,10 @@ class DashboardCache:
     stats_flush_s: float = 0.0  # 0: every outcome is written at once (tests); the API batches for 1 s
     counts: Counter[str] = field(default_factory=Counter)  # this process's outcomes, Redis up or down
     recomputations: Counter[str] = field(default_factory=Counter)  # SQL computations per key
+    local_ttl_s: float = 0.0  # > 0: keep fresh bodies in process memory that long (the API: 1 s)
+    _local: dict[str, tuple[float, bytes]] = field(default_factory=dict)
     _down_until: float = 0.0
+    _in_outage: bool = False
     _pending: Counter[str] = field(default_factory=Counter)
     _last_flush: float = 0.0
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -175,6 +180,29 @@ class DashboardCache:
     def usage_trends(self, request: TrendRequest) -> dict[str, Any]:
         return json.loads(self.usage_trends_json(request))
 
+    def peek_local(self, key: str) -> bytes | None:
+        """The body of ``key`` from this process's memory if it was fresh in Redis less than
+        ``local_ttl_s`` ago (and is still within its TTL); no I/O, so the API calls it on its event loop.
+
+        Why: under load most requests ask for the same few keys; a one-second near cache turns thousands
+        of identical Redis round trips a second into one per key and process. The cost: an invalidation
+        (new generation) reaches a process up to ``local_ttl_s`` later.
+        """
+        if self.local_ttl_s <= 0:
+            return None
+        item = self._local.get(key)
+        if item is None or time.time() >= item[0]:
+            return None
+        self._record("hit", flush=False)
+        return item[1]
+
+    def _remember(self, key: str, body: bytes, expires_at: float) -> None:
+        if self.local_ttl_s <= 0:
+            return
+        if len(self._local) >= 1024:  # arbitrary trend ranges: bound the memory, keep it simple
+            self._local.clear()
+        self._local[key] = (min(expires_at, time.time() + self.local_ttl_s), body)
+
     def redis_available(self) -> bool:
         return time.monotonic() >= self._down_until
 
@@ -192,10 +220,14 @@ class DashboardCache:
         except redis.RedisError as exc:
             self._trip(exc)
             return self._fallback(key, compute)
+        if self._in_outage:
+            self._in_outage = False
+            log.warning("Redis is back: serving from the cache again")
         gen = int(gen_raw or 0)
         entry = Entry.decode(raw)
         now = time.time()
         if entry is not None and entry.gen >= gen and now < entry.expires_at:
+            self._remember(key, entry.body, entry.expires_at)
             self._record("hit")
             return entry.body
 
@@ -236,6 +268,7 @@ class DashboardCache:
         # stamped with the generation read *before* computing: if an invalidation happened meanwhile,
         # this entry is already stale and the next reader recomputes
         entry = Entry(gen, now, now + ttl_s, elapsed_ms, body)
+        self._remember(key, body, entry.expires_at)
         if self.redis_available():
             try:
                 self.redis_client.set(key, entry.encode(), ex=ttl_s + STALE_GRACE_S)
@@ -285,16 +318,18 @@ class DashboardCache:
             self._trip(exc)
 
     def _trip(self, exc: Exception) -> None:
-        if self.redis_available():  # log the transition, not every request of the outage
+        # log the start of an outage, not every retry of it (one per retry_after_s per process)
+        if not self._in_outage:
+            self._in_outage = True
             log.warning("Redis unavailable (%s): serving from SQL, retrying every %.1f s", exc, self.retry_after_s)
         self._down_until = time.monotonic() + self.retry_after_s
 
-    def _record(self, outcome: str) -> None:
+    def _record(self, outcome: str, *, flush: bool = True) -> None:
         now = time.monotonic()
         with self._lock:
             self.counts[outcome] += 1
             self._pending[outcome] += 1
-            if now - self._last_flush < self.stats_flush_s:
+            if not flush or now - self._last_flush < self.stats_flush_s:
                 return
         self.flush_stats()
 
