@@ -490,3 +490,20 @@ def test_checks_fail_on_wrong_values_and_low_hit_rate(
     rate = evaluations["dashboard_cache_hit_rate"]
     assert not rate.passed and rate.metadata["hit_rate"].value == pytest.approx(1 / 6)
     assert rate.metadata["requests"].value == 6
+
+
+def test_definitions_wire_the_cache_after_the_rollup() -> None:
+    import dagster as dg
+
+    from perf_pipeline.definitions import defs
+
+    loaded = defs()
+    graph = loaded.resolve_asset_graph()
+    node = graph.get(dg.AssetKey("dashboard_cache"))
+    assert dg.AssetKey("usage_daily_metrics") in node.parent_keys
+    checks = {c.name for c in graph.asset_check_keys if c.asset_key == dg.AssetKey("dashboard_cache")}
+    assert checks == {"dashboard_cache_keys_fresh", "dashboard_cache_matches_sql", "dashboard_cache_hit_rate"}
+    schedule = loaded.resolve_schedule_def("warm_dashboard_cache_every_15_min")
+    assert schedule.cron_schedule == "*/15 * * * *" and schedule.job_name == "dashboard_cache_job"
+    sensor = loaded.resolve_sensor_def("refresh_dashboard_cache_after_rollup")
+    assert sensor.job_name == "dashboard_cache_job"
