@@ -478,7 +478,8 @@ class AuditWriter:
 
         settings = settings or get_settings()
         kwargs.setdefault("spool_dir", settings.audit_spool_dir)
-        return cls(resolve_urls(settings, start=False).database_url, **kwargs)
+        url = settings.database_url or resolve_urls(settings, start=False).database_url
+        return cls(url, **kwargs)
 
     # ---------------------------------------------------------------------------------------- producers
 

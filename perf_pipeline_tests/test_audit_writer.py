@@ -34,7 +34,7 @@ from perf_pipeline.audit import (
     uuid7_time_ms,
 )
 from perf_pipeline.lib.migrations import apply_migrations
-from perf_pipeline.settings import PROJECT_ROOT
+from perf_pipeline.settings import PROJECT_ROOT, Settings
 
 USER = "6f1c1a52-8f8e-4c59-9a55-0d3a7b0c2f11"
 DEAD_URL = "postgresql://postgres@127.0.0.1:1/nowhere"  # port 1: connection refused at once
@@ -383,6 +383,18 @@ def test_rows_the_database_refuses_are_set_aside_and_the_rest_delivered(clean: p
     assert set(_ids_in_delivery_order(clean)) == set(ids) - {ids[4]}
     rejected = (scratch_dir / "rejected.copy").read_bytes().decode()
     assert rejected.startswith(ids[4]) and rejected.count("\n") == 1
+
+
+def test_from_settings_uses_the_configured_database_and_spool(clean: psycopg.Connection, db_url: str,
+                                                              scratch_dir: Path) -> None:
+    settings = Settings.from_env({"PERF_PIPELINE_DATABASE_URL": db_url,
+                                  "PERF_PIPELINE_AUDIT_SPOOL_DIR": str(scratch_dir / "spool")})
+    with AuditWriter.from_settings(settings, flush_interval_ms=5) as writer:
+        assert writer.url == db_url
+        event_id = writer.log("login", "user", "u1", "login", None)
+        assert (scratch_dir / "spool" / ".lock").exists()
+        assert writer.flush(10)
+    assert _ids_in_delivery_order(clean) == [event_id]
 
 
 def test_two_writers_cannot_share_a_spool(db_url: str, scratch_dir: Path) -> None:
