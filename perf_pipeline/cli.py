@@ -242,6 +242,26 @@ def cmd_archive(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_health(args: argparse.Namespace) -> int:
+    """The db_health_report (markdown) and, with --budgets, the latency probes against their budgets."""
+    from perf_pipeline.lib import health
+    from perf_pipeline.lib.db import connect
+
+    settings = get_settings()
+    with connect(_urls().database_url, autocommit=True) as conn:
+        print(health.report_markdown(health.health_report(conn)))
+        if not args.budgets:
+            return 0
+        budgets = {health.AUDIT: settings.audit_budget_ms, health.ANALYTICS: settings.analytics_budget_ms}
+        results = health.run_probes(conn)
+    print("\n### Query latency budgets\n")
+    print(health.markdown_table(
+        ["query", "group", "p50 ms", "p95 ms", "budget ms", "index used", "result"],
+        [(r.name, r.group, r.p50_ms, r.p95_ms, budgets[r.group], r.index_used,
+          r.skipped or ("ok" if r.within(budgets[r.group]) else "FAIL")) for r in results]))
+    return 0 if all(r.within(budgets[r.group]) for r in results) else 1
+
+
 # --------------------------------------------------------------------------------------------- parser
 
 
@@ -278,6 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("down", cmd_down, "stop the embedded PostgreSQL and Redis")
     add("migrate", cmd_migrate, "apply pending sql/migrations in order (idempotent)")
     add("settings", cmd_settings, "list every setting, its default and current value")
+    p = add("health", cmd_health, "print the database health report (sizes, dead tuples, index usage, slow statements)")
+    p.add_argument("--budgets", action="store_true", help="also run the latency probes; exit 1 if one is over budget")
     p = add("seed", cmd_seed, "load a reproducible synthetic workload with COPY")
     p.add_argument("--days", type=int, required=True, help="UTC calendar days of data, ending today (partial)")
     p.add_argument("--usage-per-day", type=_positive, required=True, help="usage_log rows (and sessions) per day")

@@ -283,6 +283,7 @@ def test_budgets_pass_on_a_healthy_schema_and_fail_without_the_needed_index(seed
     assert audit.description == "audit_user_latest"
     plan = audit.metadata["plan"].value
     assert "audit_user_latest" in plan and "Seq Scan" in plan
+    assert "no index scan" in audit.metadata["results"].value
     assert _checks(broken)["analytics_within_budget"].passed
 
 
@@ -295,6 +296,16 @@ def test_budget_is_configurable_and_an_over_budget_query_fails(seeded_url: str) 
     assert "over budget" in analytics.metadata["results"].value
     assert "plan" in analytics.metadata
     assert _checks(result)["audit_lookups_within_budget"].passed
+
+
+def test_a_sequential_scan_fails_only_where_it_reads_enough_to_matter() -> None:
+    tiny = health.ProbeResult("q", health.AUDIT, samples_ms=[1.0], needs_index=True, shared_hit=6)
+    assert tiny.within(50)  # a 6-page table: the planner is right to scan it
+    big = health.ProbeResult("q", health.AUDIT, samples_ms=[1.0], needs_index=True, shared_hit=5000)
+    assert big.missing_index and not big.within(50)
+    indexed = health.ProbeResult("q", health.AUDIT, samples_ms=[1.0], needs_index=True, shared_hit=5000,
+                                 indexes=["idx"])
+    assert indexed.within(50) and not indexed.within(0.5)
 
 
 def test_trends_probe_is_skipped_without_the_rollup_table(seeded_url: str) -> None:

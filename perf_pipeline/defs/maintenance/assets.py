@@ -131,10 +131,10 @@ def _budget_check(group: str, budget_ms: float, results: list[health.ProbeResult
         "queries": len(measured),
         "failing": len(failing),
         "results": dg.MetadataValue.md(health.markdown_table(
-            ["query", "p50 ms", "p95 ms", "index used", "indexes", "result"],
-            [(r.name, r.p50_ms, r.p95_ms, "yes" if r.index_used else "no", ", ".join(r.indexes),
+            ["query", "p50 ms", "p95 ms", "blocks", "index used", "indexes", "result"],
+            [(r.name, r.p50_ms, r.p95_ms, r.blocks, "yes" if r.index_used else "no", ", ".join(r.indexes),
               r.skipped or ("ok" if r.within(budget_ms) else
-                            "over budget" if r.p95_ms > budget_ms else "no index scan"))
+                            "over budget" if r.p95_ms > budget_ms else f"no index scan ({r.blocks} blocks)"))
              for r in mine])),
     }
     for r in measured:
@@ -176,6 +176,7 @@ def query_latency_budgets(context: dg.AssetExecutionContext, config: BudgetConfi
         metadata[f"p50_ms.{r.name}"] = r.p50_ms
         metadata[f"p95_ms.{r.name}"] = r.p95_ms
         metadata[f"index_used.{r.name}"] = r.index_used
+        metadata[f"blocks.{r.name}"] = r.blocks
     measured = [r for r in results if not r.skipped]
     metadata["p95_ms"] = max((r.p95_ms for r in measured), default=0.0)
     return dg.MaterializeResult(
