@@ -9,7 +9,7 @@ finished by calling :func:`archive_partition` again for the same month:
    plain one: a catalog-only change (no scan) that holds ACCESS EXCLUSIVE on the parent for a few
    milliseconds, taken with a short ``lock_timeout`` (100 ms) and retried, so a writer queued behind it
    waits at most about ``lock_timeout``. Without a DEFAULT partition the CONCURRENTLY form is used.
-2. **export**: ``COPY (SELECT … ORDER BY key, pk) TO STDOUT (FORMAT csv)`` streamed, cut into ~32 MiB
+2. **export**: ``COPY (SELECT … ORDER BY key, pk) TO STDOUT (FORMAT csv)`` streamed, cut into ~16 MiB
    record-aligned batches, parsed by pyarrow and appended to a zstd Parquet file (one row group per
    batch) in a temporary file, fsynced and renamed: memory stays bounded by the batch size.
 3. **verify**: the file is read back (sha256, row count, min/max timestamp) and compared with the
@@ -57,7 +57,7 @@ log = logging.getLogger(__name__)
 STEPS = ("detach", "export", "verify", "drop")
 #: called after each completed step with its name; tests raise from it to simulate a crash
 StepHook = Callable[[str], None]
-BATCH_BYTES = 32 << 20
+BATCH_BYTES = 16 << 20
 DETACH_LOCK_TIMEOUT_MS = 100
 ROLLUP_HORIZON_DAYS = 90
 
@@ -208,26 +208,40 @@ def table_columns(conn: psycopg.Connection, table: str) -> list[_Column]:
     return [_Column(n, t, _arrow_type(t)) for n, t in rows]
 
 
-def _csv_batches(chunks: Iterator[bytes], batch_bytes: int) -> Iterator[bytes]:
-    """Regroup COPY CSV output into ~``batch_bytes`` pieces that end on a record boundary.
+def _record_end(buf: bytearray, tail: int = 1 << 20) -> int:
+    """Offset just past the last complete CSV record in ``buf`` (0 if none).
 
     In PostgreSQL's CSV a newline ends a record iff an even number of quote characters precede it
-    (quotes inside values are doubled), so the cut is found from quote/newline positions with NumPy.
+    (quotes inside values are doubled). Only the last ``tail`` bytes are inspected with NumPy; the
+    quotes before them are counted by ``bytearray.count`` (C speed, no allocation).
     """
+    lo = max(0, len(buf) - tail)
+    while True:
+        before = buf.count(b'"', 0, lo)
+        window = np.frombuffer(memoryview(buf)[lo:], dtype=np.uint8)
+        newlines = np.flatnonzero(window == 10)
+        quotes = np.flatnonzero(window == 34)
+        even = newlines[(np.searchsorted(quotes, newlines) + before) % 2 == 0]
+        cut = lo + int(even[-1]) + 1 if even.size else 0
+        del window  # release the buffer export: the caller resizes ``buf``
+        if cut or lo == 0:
+            return cut
+        lo = max(0, lo - 8 * tail)  # a record longer than the tail: look further back
+
+
+def _csv_batches(chunks: Iterator[bytes], batch_bytes: int) -> Iterator[bytes]:
+    """Regroup COPY CSV output (one message per row) into ~``batch_bytes`` pieces ending on a record
+    boundary. Memory: about two batches."""
     buf = bytearray()
     for chunk in chunks:
         buf += chunk
         if len(buf) < batch_bytes:
             continue
-        arr = np.frombuffer(buf, dtype=np.uint8)
-        newlines = np.flatnonzero(arr == 10)
-        quotes = np.flatnonzero(arr == 34)
-        even = newlines[np.searchsorted(quotes, newlines) % 2 == 0]
-        if even.size:
-            cut = int(even[-1]) + 1
-            del arr  # release the buffer export before resizing
-            yield bytes(buf[:cut])
+        cut = _record_end(buf)
+        if cut:
+            batch = bytes(buf[:cut])
             del buf[:cut]
+            yield batch
     if buf:
         yield bytes(buf)
 
@@ -236,7 +250,7 @@ def _parse(batch: bytes, columns: list[_Column]) -> pa.Table:
     read_types = {c.name: (pa.timestamp("us") if pa.types.is_timestamp(c.arrow) else c.arrow) for c in columns}
     table = pacsv.read_csv(
         io.BytesIO(batch),
-        read_options=pacsv.ReadOptions(column_names=[c.name for c in columns], block_size=8 << 20),
+        read_options=pacsv.ReadOptions(column_names=[c.name for c in columns], block_size=8 << 20, use_threads=False),
         parse_options=pacsv.ParseOptions(newlines_in_values=True),
         convert_options=pacsv.ConvertOptions(
             column_types=read_types, null_values=[""], strings_can_be_null=True,
@@ -253,10 +267,11 @@ def _select_for_export(table: str, name: str, columns: list[_Column]) -> sql.Com
             items.append(sql.SQL("{} AT TIME ZONE 'UTC' AS {}").format(ident, ident))
         else:
             items.append(ident)
-    key = sql.Identifier(partition_key_column(table))
-    # a deterministic order: the same rows always give the same file (restore → re-archive → same sha256)
-    return sql.SQL("COPY (SELECT {} FROM {} ORDER BY {}, {}) TO STDOUT (FORMAT csv)").format(
-        sql.SQL(", ").join(items), sql.Identifier(name), key, sql.Identifier("id"))
+    # physical order, no sort: the detached table no longer changes, synchronize_seqscans is off during
+    # the export (see _export), and a restore loads rows in file order, so restore → re-archive writes
+    # the same file (same sha256)
+    return sql.SQL("COPY (SELECT {} FROM {}) TO STDOUT (FORMAT csv)").format(
+        sql.SQL(", ").join(items), sql.Identifier(name))
 
 
 def file_sha256(path: Path) -> str:
@@ -289,6 +304,7 @@ def _export(conn: psycopg.Connection, table: str, month: dt.date, path: Path, ba
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     rows, lo, hi = 0, None, None
+    conn.execute("SET synchronize_seqscans = off")  # a scan starting mid-table would reorder the file
     with conn.cursor() as cur, cur.copy(_select_for_export(table, name, columns)) as copy, \
             pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
         for batch in _csv_batches(iter(copy), batch_bytes):
@@ -300,6 +316,7 @@ def _export(conn: psycopg.Connection, table: str, month: dt.date, path: Path, ba
             hi = mm["max"].as_py() if hi is None else max(hi, mm["max"].as_py())
         if rows == 0:
             writer.write_table(schema.empty_table())
+    conn.execute("RESET synchronize_seqscans")
     with tmp.open("rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
