@@ -331,11 +331,17 @@ def retention_months_from(settings: object) -> dict[str, int]:
 
 
 class _HashingSink(io.RawIOBase):
-    """Writes to a file descriptor, hashing and counting what passes (also a sink for pyarrow)."""
+    """Writes to a file descriptor through a 1 MiB buffer, hashing and counting what passes.
+
+    Also the sink of GzipFile and pyarrow's ParquetWriter. It owns its buffer (rather than wrapping the
+    descriptor in a BufferedWriter) so that an abandoned export never flushes stale bytes later, from a
+    garbage collector, into a descriptor number that may by then belong to another file.
+    """
 
     def __init__(self, fd: int) -> None:
         super().__init__()
-        self._file = os.fdopen(fd, "wb", buffering=1 << 20, closefd=False)
+        self._fd = fd
+        self._buffer = bytearray()
         self.sha256 = hashlib.sha256()
         self.size = 0
 
@@ -345,20 +351,31 @@ class _HashingSink(io.RawIOBase):
     def write(self, data: Any) -> int:  # type: ignore[override]
         view = memoryview(data).cast("B")
         self.sha256.update(view)
-        self._file.write(view)
+        self._buffer += view
         self.size += len(view)
+        if len(self._buffer) >= WRITE_BUFFER_BYTES:
+            self.flush()
         return len(view)
 
     def tell(self) -> int:
         return self.size
 
     def flush(self) -> None:
-        self._file.flush()
+        view = memoryview(self._buffer)
+        while view:
+            view = view[os.write(self._fd, view):]
+        view.release()
+        self._buffer.clear()
 
     def close(self) -> None:
-        # pyarrow and GzipFile close their sink when done; keep the descriptor for fsync and link.
+        # GzipFile and pyarrow close their sink when done; the descriptor stays open for fsync and link
         if not self.closed:
-            self._file.flush()
+            self.flush()
+        super().close()
+
+    def abort(self) -> None:
+        """Drop unwritten bytes and close without writing (also makes the collector's close a no-op)."""
+        self._buffer.clear()
         super().close()
 
 
@@ -570,8 +587,8 @@ def _stream(conn: psycopg.Connection, plan: ExportPlan, export_dir: Path, statem
     statement = sql.SQL("COPY ({}) TO STDOUT (FORMAT csv, HEADER {})").format(
         sql.SQL(export_select(conn, plan)), header)  # type: ignore[arg-type]
     target = _AtomicFile(final, plan.request_id)
+    sink = _HashingSink(target.fd)
     try:
-        sink = _HashingSink(target.fd)
         with conn.transaction():
             conn.execute(
                 "SELECT set_config('statement_timeout', %s, true), set_config('lock_timeout', %s, true), "
@@ -592,6 +609,7 @@ def _stream(conn: psycopg.Connection, plan: ExportPlan, export_dir: Path, statem
         size, digest = sink.size, sink.sha256.hexdigest()
         target.commit()
     except BaseException:
+        sink.abort()
         target.discard()
         raise
     if progress_cb is not None:
