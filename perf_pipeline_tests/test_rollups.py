@@ -180,19 +180,18 @@ def test_rollup_equals_independent_computation(conn: psycopg.Connection) -> None
     edge_rows = [r for r in ROWS if r.created_at.astimezone(UTC).date() == edge]
     assert table[edge][0] == len(edge_rows)
 
-    users = conn.execute("SELECT day, user_id FROM usage_daily_users").fetchall()
-    assert {(d, u) for d, u in users} == {(day, u) for day, v in days.items() for u in v["users"]}
+    sets = dict(conn.execute("SELECT day, user_ids FROM usage_daily_user_sets").fetchall())
+    assert sets == {day: sorted(days[day]["users"]) if day in days else [] for day in table}
 
 
 def test_rerun_is_idempotent_and_writes_nothing_new(conn: psycopg.Connection) -> None:
     start, end = _window()
     rollups.rollup_days(conn, start, end)
-    before = (_table(conn), _providers(conn), conn.execute("SELECT count(*) FROM usage_daily_users").fetchone())
+    before = (_table(conn), _providers(conn), conn.execute("SELECT * FROM usage_daily_user_sets ORDER BY day").fetchall())
     again = rollups.rollup_days(conn, start, end)
-    after = (_table(conn), _providers(conn), conn.execute("SELECT count(*) FROM usage_daily_users").fetchone())
+    after = (_table(conn), _providers(conn), conn.execute("SELECT * FROM usage_daily_user_sets ORDER BY day").fetchall())
     assert before == after
-    assert (again.provider_rows_written, again.provider_rows_deleted, again.user_rows_added,
-            again.user_rows_deleted) == (0, 0, 0, 0)
+    assert (again.provider_rows_written, again.provider_rows_deleted, again.user_sets_written) == (0, 0, 0)
 
 
 def test_one_day_equals_its_slice_of_a_range(conn: psycopg.Connection) -> None:
@@ -209,9 +208,9 @@ def test_provider_gone_from_a_day_is_deleted(conn: psycopg.Connection) -> None:
     day = DAYS[0]
     rollups.rollup_days(conn, day, day + dt.timedelta(days=1))
     conn.execute("INSERT INTO usage_daily_provider_metrics VALUES (%s, 'ghost', 1, 1, 1)", (day,))
-    conn.execute("INSERT INTO usage_daily_users VALUES (%s, gen_random_uuid())", (day,))
+    conn.execute("UPDATE usage_daily_user_sets SET user_ids = user_ids || gen_random_uuid() WHERE day = %s", (day,))
     result = rollups.rollup_days(conn, day, day + dt.timedelta(days=1))
-    assert (result.provider_rows_deleted, result.user_rows_deleted) == (1, 1)
+    assert (result.provider_rows_deleted, result.user_sets_written) == (1, 1)
     assert (day, "ghost") not in _providers(conn)
 
 

@@ -1,7 +1,7 @@
 """Incremental daily usage rollups: compute a window of UTC days, read trends, find late data.
 
-The rollup tables (``sql/migrations/0020_usage_daily_metrics.sql``) hold one row per UTC day, one per
-(day, provider) present and one per (day, user). :func:`rollup_days` recomputes any window of days with
+The rollup tables (``sql/migrations/0020_usage_daily_metrics.sql``, ``0022_usage_daily_user_sets.sql``)
+hold one row per UTC day, one per (day, provider) present and one sorted array of distinct users per day. :func:`rollup_days` recomputes any window of days with
 one set-based statement (``sql/queries/rollup_upsert.sql``), so one day costs one day of ``usage_log``
 and a 90-day backfill is one scan, not 90 round trips. Reads (:func:`usage_trends`,
 :func:`provider_breakdown`) touch the rollup tables only.
@@ -83,8 +83,7 @@ class RollupResult:
     revenue: Decimal = Decimal(0)
     provider_rows_written: int = 0
     provider_rows_deleted: int = 0
-    user_rows_added: int = 0
-    user_rows_deleted: int = 0
+    user_sets_written: int = 0
     stale_days_cleared: list[dt.date] = field(default_factory=list)
     mismatches: list[Mismatch] = field(default_factory=list)
     duration_ms: float = 0.0
@@ -258,8 +257,8 @@ def usage_trends(conn: psycopg.Connection, start: dt.date, end: dt.date, granula
     ``session_count``, ``total_minutes``, ``total_cost`` (billable revenue), ``active_users`` (exact
     distinct users of the period), ``avg_duration`` (minutes per session, 0.0 without sessions) and
     ``providers`` (``provider``, ``session_count``, ``minutes``, ``revenue``, most sessions first).
-    Cost: two index range scans of the rollup tables (plus ``usage_daily_users`` for weeks/months:
-    one row per user and day), no ``usage_log`` access.
+    Cost: two index range scans of the rollup tables (plus ``usage_daily_user_sets`` for weeks/months:
+    one array element per user and day), no ``usage_log`` access.
     """
     if end < start:
         raise RollupError(f"end {end.isoformat()} is before start {start.isoformat()}")

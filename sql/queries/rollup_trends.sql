@@ -1,6 +1,6 @@
 -- rollup_trends: usage totals per period (day / ISO week starting Monday / month) over the days
 -- [%(start)s, %(end)s], read from the rollup tables only (cost: one index range scan of
--- usage_daily_metrics, and of usage_daily_users for the exact distinct users of weeks and months;
+-- usage_daily_metrics, and of usage_daily_user_sets for the exact distinct users of weeks and months;
 -- never usage_log). Every period overlapping the range has a row, zeros where nothing was rolled up.
 -- %(unit)s is 'day', 'week' or 'month' (date_trunc's units; weeks start on Monday, as ISO).
 WITH periods AS (
@@ -20,9 +20,9 @@ totals AS (
 -- active users are not additive: distinct (period, user) pairs, counted (a hash aggregate)
 users AS (
     SELECT period, count(*) AS active_users
-    FROM (SELECT DISTINCT date_trunc(%(unit)s, day::timestamp)::date AS period, user_id
-          FROM usage_daily_users
-          WHERE day BETWEEN %(start)s AND %(end)s AND %(unit)s <> 'day') AS pairs
+    FROM (SELECT DISTINCT date_trunc(%(unit)s, s.day::timestamp)::date AS period, u.user_id
+          FROM usage_daily_user_sets s, unnest(s.user_ids) AS u(user_id)
+          WHERE s.day BETWEEN %(start)s AND %(end)s AND %(unit)s <> 'day') AS pairs
     GROUP BY period
 )
 SELECT p.period,

@@ -3,21 +3,23 @@
 -- backfill: same statement).
 --
 -- Reads usage_log once, over [%(start_ts)s, %(end_ts)s) (the same window as UTC timestamps: partition
--- pruning plus the BRIN index on created_at), pre-aggregated to one row per (day, user, provider), from
--- which the per-day totals, per-provider totals and distinct users are derived. Writes:
+-- pruning plus the BRIN index on created_at), hash-aggregated to one row per (day, user, provider)
+-- (a few hundred thousand rows for 90 days of 1M rows; the caller raises work_mem so the hash stays in
+-- memory where a sort of every row would spill), from which distinct users, per-provider and per-day
+-- totals derive. Money and minutes are summed as numeric: exact. Writes:
 --   usage_daily_metrics           one row per day of the window (zeros for a day without usage), upserted;
 --   usage_daily_provider_metrics  one row per (day, provider) present; providers gone from a day deleted;
---   usage_daily_users             one row per (day, user); users gone from a day deleted.
--- Inserted and deleted row sets are disjoint, so the data-modifying CTEs never touch a row twice.
--- Money and minutes stay numeric end to end: sums are exact. Locks: ROW EXCLUSIVE on the three rollup
--- tables (row locks on the rows it rewrites); usage_log is only read.
+--   usage_daily_user_sets         one sorted uuid[] of distinct users per day, rewritten only if changed.
+-- Inserted/updated and deleted row sets are disjoint: the data-modifying CTEs never touch a row twice.
+-- Locks: ROW EXCLUSIVE on the three rollup tables (row locks on the rows it rewrites); usage_log is
+-- only read.
 WITH src AS MATERIALIZED (
-    SELECT (u.created_at AT TIME ZONE 'UTC')::date                        AS day,
+    SELECT (u.created_at AT TIME ZONE 'UTC')::date                   AS day,
            u.user_id,
            u.stt_provider,
-           count(*)                                                       AS n,
-           sum(u.duration_minutes)                                        AS minutes,
-           coalesce(sum(u.cost_usd) FILTER (WHERE u.is_billable), 0)      AS revenue
+           count(*)                                                  AS n,
+           sum(u.duration_minutes)                                   AS minutes,
+           coalesce(sum(u.cost_usd) FILTER (WHERE u.is_billable), 0) AS revenue
     FROM usage_log u
     WHERE u.created_at >= %(start_ts)s AND u.created_at < %(end_ts)s
     GROUP BY 1, 2, 3
@@ -26,19 +28,16 @@ days AS (
     SELECT %(start_day)s::date + i AS day
     FROM generate_series(0, %(end_day)s::date - %(start_day)s::date - 1) AS i
 ),
-per_day AS (
-    SELECT day, sum(n) AS sessions, sum(minutes) AS minutes, sum(revenue) AS revenue
-    FROM src GROUP BY day
-),
-users AS (
-    SELECT DISTINCT day, user_id FROM src
-),
-user_counts AS (
-    SELECT day, count(*) AS active_users FROM users GROUP BY day
-),
 providers AS (
     SELECT day, stt_provider, sum(n) AS sessions, sum(minutes) AS minutes, sum(revenue) AS revenue
     FROM src GROUP BY day, stt_provider
+),
+per_day AS (
+    SELECT day, sum(sessions) AS sessions, sum(minutes) AS minutes, sum(revenue) AS revenue
+    FROM providers GROUP BY day
+),
+user_sets AS (
+    SELECT day, array_agg(DISTINCT user_id ORDER BY user_id) AS user_ids FROM src GROUP BY day
 ),
 upsert_days AS (
     INSERT INTO usage_daily_metrics AS t
@@ -47,13 +46,13 @@ upsert_days AS (
            coalesce(p.sessions, 0),
            coalesce(p.minutes, 0),
            coalesce(p.revenue, 0),
-           coalesce(uc.active_users, 0),
+           coalesce(cardinality(us.user_ids), 0),
            p.minutes / p.sessions,             -- numeric / bigint: the same value as avg(duration_minutes)
            coalesce(p.sessions, 0),            -- every usage_log row of the day is read once
            clock_timestamp()
     FROM days d
     LEFT JOIN per_day p USING (day)
-    LEFT JOIN user_counts uc USING (day)
+    LEFT JOIN user_sets us USING (day)
     ON CONFLICT (day) DO UPDATE SET
         sessions      = EXCLUDED.sessions,
         total_minutes = EXCLUDED.total_minutes,
@@ -78,16 +77,11 @@ drop_providers AS (
       AND NOT EXISTS (SELECT 1 FROM providers p WHERE p.day = t.day AND p.stt_provider = t.stt_provider)
     RETURNING 1
 ),
-add_users AS (
-    INSERT INTO usage_daily_users (day, user_id)
-    SELECT day, user_id FROM users
-    ON CONFLICT (day, user_id) DO NOTHING
-    RETURNING 1
-),
-drop_users AS (
-    DELETE FROM usage_daily_users t
-    WHERE t.day >= %(start_day)s AND t.day < %(end_day)s
-      AND NOT EXISTS (SELECT 1 FROM users u WHERE u.day = t.day AND u.user_id = t.user_id)
+upsert_user_sets AS (
+    INSERT INTO usage_daily_user_sets AS t (day, user_ids)
+    SELECT d.day, coalesce(us.user_ids, '{}') FROM days d LEFT JOIN user_sets us USING (day)
+    ON CONFLICT (day) DO UPDATE SET user_ids = EXCLUDED.user_ids
+    WHERE t.user_ids IS DISTINCT FROM EXCLUDED.user_ids
     RETURNING 1
 )
 SELECT (SELECT count(*) FROM upsert_days)                      AS days,
@@ -96,5 +90,4 @@ SELECT (SELECT count(*) FROM upsert_days)                      AS days,
        (SELECT coalesce(sum(revenue), 0) FROM upsert_days)      AS revenue,
        (SELECT count(*) FROM upsert_providers)                  AS provider_rows_written,
        (SELECT count(*) FROM drop_providers)                    AS provider_rows_deleted,
-       (SELECT count(*) FROM add_users)                         AS user_rows_added,
-       (SELECT count(*) FROM drop_users)                        AS user_rows_deleted;
+       (SELECT count(*) FROM upsert_user_sets)                  AS user_sets_written;

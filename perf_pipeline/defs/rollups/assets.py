@@ -40,7 +40,7 @@ MAX_LISTED = 20  # days listed in check metadata; the counts are always complete
     pool="postgres_heavy",
     description=(
         "Daily usage metrics (sessions, minutes, revenue, exact active users, per-provider numbers) in "
-        "usage_daily_metrics / usage_daily_provider_metrics / usage_daily_users, one partition per UTC "
+        "usage_daily_metrics / usage_daily_provider_metrics / usage_daily_user_sets, one partition per UTC "
         "day, upserted. Any range is one set-based SQL statement; the seed-compatible view "
         "dashboard_daily_metrics reads it."
     ),
