@@ -41,9 +41,10 @@ lost, before answering the request.
 
 Full queue (``max_queue`` events in memory, i.e. the flusher is stuck in a slow connect or ``COPY``):
 
-* with a spool: **spill** — the producer that finds the queue full writes the whole queue to a new spool
-  segment (one file write, a few ms, under the writer's lock) and goes on; order is kept because
-  sequence numbers are taken under that lock (if that write fails, it falls back to blocking, below);
+* with a spool: **spill** — the producer that finds the queue full writes the oldest ``batch_size``
+  queued events to a new spool segment (one file write, ~1 ms, under the writer's lock) and goes on;
+  order is kept because sequence numbers are taken under that lock (if that write fails, it falls back
+  to blocking, below);
 * without a spool: **block** up to ``put_timeout`` seconds for room, then raise :class:`AuditQueueFull`;
   the event is counted in ``dropped``. In async code pass ``put_timeout=0`` so ``log()`` never blocks
   the event loop.
@@ -518,15 +519,18 @@ class AuditWriter:
     def _make_room(self) -> None:
         """Called with the lock held and the queue full: spill to the spool, or wait for room."""
         if self._spool is not None:
+            # the oldest batch_size events become the next segment: they are older than what stays queued
+            # and newer than every pending batch, so the sequence order is still the log() order; one
+            # batch-sized write (~1 ms) instead of the whole queue keeps this producer's stall short
             seq = self._seq
             self._seq += 1
-            lines = list(self._queue)
+            lines = [self._queue.popleft() for _ in range(min(self.batch_size, len(self._queue)))]
             try:
                 self._spool.write(seq, b"".join(lines))  # under the lock: sequence order == file order
             except OSError as exc:  # disk full, folder gone: fall back to waiting for room, below
+                self._queue.extendleft(reversed(lines))
                 log.error("audit queue full and the spool write failed (%s); waiting for room", exc)
             else:
-                self._queue.clear()
                 self._pending.append(_Batch(seq, len(lines), own=True, payload=None, spooled=True))
                 self._spilled += len(lines)
                 log.warning("audit queue full (%d events): spilled them to spool segment %d", len(lines), seq)

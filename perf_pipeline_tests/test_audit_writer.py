@@ -357,12 +357,12 @@ def test_with_spool_a_full_queue_spills_and_order_is_kept(clean: psycopg.Connect
         logged += [_log(writer, i) for i in range(1, 351)]
         took = time.perf_counter() - started
         m = writer.metrics()
-        assert m["spilled"] == 300 and m["queued"] == 50 and m["dropped"] == 0
+        assert m["spilled"] == 250 and m["queued"] == 100 and m["dropped"] == 0  # 5 spills of batch_size
         assert took < 1.0  # producers never waited for the stuck database
         writer.close(timeout=1)
     finally:
         srv.close()
-    assert len(list(scratch_dir.glob("*.copy"))) >= 4
+    assert len(list(scratch_dir.glob("*.copy"))) >= 7  # event 0, 5 spills, the rest at close
     with AuditWriter(db_url, spool_dir=scratch_dir, flush_interval_ms=5) as replay:
         assert replay.flush(30)
     assert _ids_in_delivery_order(clean) == logged
