@@ -26,7 +26,7 @@ import redis as redis_lib
 
 from perf_pipeline.embedded import launch_redis_server
 from perf_pipeline.lib import cache as cache_lib
-from perf_pipeline.lib.cache import DashboardCache, Entry, hit_rate, invalidate, serving_client
+from perf_pipeline.lib.cache import DashboardCache, Entry, dump_json, hit_rate, invalidate, serving_client
 from perf_pipeline.lib.dashboard import compute_kpis
 
 AS_OF = dt.datetime(2025, 8, 14, 12, 0, tzinfo=dt.UTC)
@@ -168,8 +168,11 @@ def test_near_cache_serves_from_memory_for_local_ttl(redis_url: str, db_url: str
     invalidate(redis_client)
     assert cache.peek_local(key) == body  # up to local_ttl_s behind an invalidation, by design
     time.sleep(0.55)
-    assert cache.peek_local(key) is None
+    assert cache.peek_local(key) is None  # this caller refreshes …
+    assert cache.peek_local(key) == body  # … while the others keep the local copy (single flight)
+    assert cache.counts["stale"] == 1
     assert cache.get(key, 60, compute) == {"value": 2}
+    assert cache.peek_local(key) == dump_json({"value": 2})
     assert _cache(redis_url, db_url).peek_local(key) is None  # disabled by default
 
 
@@ -316,6 +319,19 @@ def test_redis_stopped_falls_back_to_sql_then_refills(kpi_db: str, private_redis
     assert cache.kpis()["real_time"] == expected["real_time"]
     assert cache.counts["hit"] == 2
     assert redis_lib.Redis.from_url(url).exists(cache_lib.KPIS_KEY)
+
+
+def test_near_cache_bounds_sql_fallback_load(kpi_db: str, private_redis: tuple[str, Path, int]) -> None:
+    url, _, _ = private_redis
+    cache = _cache(url, kpi_db, local_ttl_s=0.5)
+    _stop(url)
+    compute = CountingCompute()
+    body = cache.get_raw("dash:test:outage", 60, compute)
+    assert cache.counts["fallback"] == 1
+    # while Redis is down, the SQL answer is reused in process for local_ttl_s, not recomputed per request
+    for _ in range(20):
+        assert cache.peek_local("dash:test:outage") == body
+    assert compute.calls == 1
 
 
 def test_hung_redis_costs_one_short_timeout(kpi_db: str, private_redis: tuple[str, Path, int]) -> None:

@@ -131,6 +131,8 @@ def _wrk(url: str, connections: int, seconds: int) -> dict[str, float]:
         "p50_ms": latency(50),
         "p99_ms": latency(99),
         "failures": (sum(int(x) for x in errors.groups()) if errors else 0) + (int(non2xx.group(1)) if non2xx else 0),
+        "errors": ("connect {} read {} write {} timeout {}".format(*errors.groups()) if errors else "none")
+                  + (f", non-2xx {non2xx.group(1)}" if non2xx else ""),
     }
 
 

@@ -69,6 +69,7 @@ STATS_PREFIX = PREFIX + "stats:"
 LOCK_PREFIX = PREFIX + "lock:"
 STALE_GRACE_S = 900  # one warm interval: a stale copy survives until the next scheduled warm at worst
 STATS_KEEP_S = 7200
+LOCAL_STALE_S = 5.0  # a process serves its local copy at most this long past local_ttl_s while refreshing
 OUTCOMES = ("hit", "stale", "waited", "miss", "fallback")
 SERVED_FROM_CACHE = ("hit", "stale", "waited")
 
@@ -155,7 +156,8 @@ class DashboardCache:
     counts: Counter[str] = field(default_factory=Counter)  # this process's outcomes, Redis up or down
     recomputations: Counter[str] = field(default_factory=Counter)  # SQL computations per key
     local_ttl_s: float = 0.0  # > 0: keep fresh bodies in process memory that long (the API: 1 s)
-    _local: dict[str, tuple[float, bytes]] = field(default_factory=dict)
+    _local: dict[str, tuple[float, float, bytes]] = field(default_factory=dict)
+    _refreshing: set[str] = field(default_factory=set)
     _down_until: float = 0.0
     _in_outage: bool = False
     _pending: Counter[str] = field(default_factory=Counter)
@@ -187,21 +189,40 @@ class DashboardCache:
         Why: under load most requests ask for the same few keys; a one-second near cache turns thousands
         of identical Redis round trips a second into one per key and process. The cost: an invalidation
         (new generation) reaches a process up to ``local_ttl_s`` later.
+
+        When the local copy is past ``local_ttl_s``, the first caller gets ``None`` and refreshes it
+        (through :meth:`get_raw`); callers arriving meanwhile keep getting the local copy (while it is
+        within its Redis TTL and at most ``LOCAL_STALE_S`` past its local one), so the refresh of a hot
+        key is single-flight inside the process too. When Redis is down, SQL answers are kept the same
+        way, which bounds the fallback's load on PostgreSQL to about one query per key, second and process.
         """
         if self.local_ttl_s <= 0:
             return None
         item = self._local.get(key)
-        if item is None or time.time() >= item[0]:
+        if item is None:
             return None
-        self._record("hit", flush=False)
-        return item[1]
+        valid_until, serve_until, body = item
+        now = time.time()
+        if now < valid_until:
+            self._record("hit", flush=False)
+            return body
+        if now >= serve_until:
+            return None
+        with self._lock:
+            refreshing = key in self._refreshing
+            self._refreshing.add(key)
+        if not refreshing:
+            return None  # this caller refreshes
+        self._record("stale", flush=False)
+        return body
 
     def _remember(self, key: str, body: bytes, expires_at: float) -> None:
         if self.local_ttl_s <= 0:
             return
         if len(self._local) >= 1024:  # arbitrary trend ranges: bound the memory, keep it simple
             self._local.clear()
-        self._local[key] = (min(expires_at, time.time() + self.local_ttl_s), body)
+        valid_until = min(expires_at, time.time() + self.local_ttl_s)
+        self._local[key] = (valid_until, min(expires_at, valid_until + LOCAL_STALE_S), body)
 
     def redis_available(self) -> bool:
         return time.monotonic() >= self._down_until
@@ -213,6 +234,14 @@ class DashboardCache:
 
     def get_raw(self, key: str, ttl_s: int, compute: Callable[[psycopg.Connection], dict[str, Any]]) -> bytes:
         """The JSON body of ``key``: from Redis if fresh; otherwise single-flight recompute (module doc)."""
+        try:
+            return self._get_raw(key, ttl_s, compute)
+        finally:
+            if self._refreshing:
+                with self._lock:
+                    self._refreshing.discard(key)
+
+    def _get_raw(self, key: str, ttl_s: int, compute: Callable[[psycopg.Connection], dict[str, Any]]) -> bytes:
         if not self.redis_available():
             return self._fallback(key, compute)
         try:
@@ -280,6 +309,7 @@ class DashboardCache:
     def _fallback(self, key: str, compute: Callable[[psycopg.Connection], dict[str, Any]]) -> bytes:
         with self.connection() as conn:
             body = dump_json(compute(conn))
+        self._remember(key, body, time.time() + self.local_ttl_s)
         with self._lock:
             self.recomputations[key] += 1
             self.counts["fallback"] += 1
