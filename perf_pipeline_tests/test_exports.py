@@ -29,8 +29,8 @@ import pyarrow.parquet as pq
 import pytest
 from psycopg.types.json import Jsonb
 
-from perf_pipeline.defs.exports.jobs import export_job
-from perf_pipeline.defs.exports.sensors import pending_exports_sensor
+from perf_pipeline.defs.exports.jobs import REQUEST_TAG, export_job
+from perf_pipeline.defs.exports.sensors import export_run_failure_sensor, pending_exports_sensor
 from perf_pipeline.defs.resources import PostgresResource
 from perf_pipeline.lib import exports as ex
 from perf_pipeline.lib.workload import WorkloadSpec, load_workload
@@ -456,6 +456,27 @@ def test_export_job_run_records_file_and_metadata(loaded: str, db: psycopg.Conne
     assert not failed.success
     req = ex.get_request(db, bad)
     assert req is not None and req["status"] == "failed" and "retention" in req["error"]
+
+
+def test_run_failure_sensor_fails_the_request_of_a_dead_run(loaded: str, db: psycopg.Connection) -> None:
+    instance = dg.DagsterInstance.ephemeral()
+    postgres = PostgresResource(url=loaded)
+    request_id = _request(db, "audit_log", "csv.gz", {"start": "1999-01-01"})
+    run = export_job.execute_in_process(
+        run_config={"ops": {"run_data_export": {"config": {"request_id": request_id}}}},
+        resources={"postgres": postgres}, instance=instance, raise_on_error=False,
+        tags={REQUEST_TAG: str(request_id)})
+    assert not run.success
+    # as if the run's process had died mid-export: the request still says running, claimed by that run
+    db.execute("UPDATE data_export SET status = 'running', error = NULL, run_id = %s WHERE id = %s",
+               (run.run_id, request_id))
+    ctx = dg.build_run_status_sensor_context(
+        sensor_name="export_run_failure_sensor", dagster_event=run.get_run_failure_event(),
+        dagster_instance=instance, dagster_run=run.dagster_run, resources={"postgres": postgres},
+    ).for_run_failure()
+    export_run_failure_sensor(ctx)
+    req = ex.get_request(db, request_id)
+    assert req is not None and req["status"] == "failed" and f"Dagster run {run.run_id} failed" in req["error"]
 
 
 def test_cli_request_status_run(loaded: str, scratch_dir: Path, monkeypatch: pytest.MonkeyPatch,
