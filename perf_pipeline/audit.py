@@ -49,6 +49,9 @@ Full queue (``max_queue`` events in memory, i.e. the flusher is stuck in a slow 
   the event is counted in ``dropped``. In async code pass ``put_timeout=0`` so ``log()`` never blocks
   the event loop.
 
+Processes: create the writer in the process that logs (after a fork, e.g. in each gunicorn worker); a
+forked child inherits no flusher thread. Each process needs its own ``spool_dir``.
+
 Async code: ``log()`` is safe to call directly from a coroutine (no I/O, no await needed);
 :meth:`aflush` and :meth:`aclose` run the blocking waits in a worker thread.
 
@@ -490,11 +493,16 @@ class AuditWriter:
         """Validate and enqueue one event; returns its id (UUIDv7 string). Never touches the network.
 
         Cost: ~5–15 µs (validation, ``json.dumps`` of ``details``). Raises :class:`AuditEventError` for an
-        event audit_log would refuse. When the queue is full: with a spool, writes the queue to a
-        segment (ms); without, waits up to ``put_timeout`` then raises :class:`AuditQueueFull`.
+        event audit_log would refuse. When the queue is full: with a spool, writes its oldest
+        ``batch_size`` events to a segment (~1 ms); without, waits up to ``put_timeout`` then raises
+        :class:`AuditQueueFull`.
         """
         rest = encode_fields(event_type, entity_type, entity_id, operation, description, user_id, severity,
                              details, ip)
+        try:
+            tail = f"{rest}\n".encode()
+        except UnicodeEncodeError as exc:
+            raise AuditEventError(f"event text is not valid Unicode (lone surrogate?): {exc}") from None
         with self._lock:
             if self._closed:
                 raise AuditWriterClosed(f"audit writer {self.name!r} is closed")
@@ -506,11 +514,7 @@ class AuditWriter:
             if second != self._ts_second:
                 self._ts_second = second
                 self._ts_prefix = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(second))
-            try:
-                line = f"{event_id}\t{self._ts_prefix}.{micros:06d}+00\t{rest}\n".encode()
-            except UnicodeEncodeError as exc:
-                raise AuditEventError(f"event text is not valid Unicode (lone surrogate?): {exc}") from None
-            self._queue.append(line)
+            self._queue.append(f"{event_id}\t{self._ts_prefix}.{micros:06d}+00\t".encode() + tail)
             self._accepted += 1
             if len(self._queue) == self.batch_size:
                 self._wake.notify()
@@ -614,6 +618,7 @@ class AuditWriter:
                 "accepted": self._accepted,
                 "queued": len(self._queue),
                 "pending": sum(b.count for b in self._pending),
+                # events in spool segments not yet acknowledged (a healthy writer shows the batch in flight)
                 "spooled": sum(b.count for b in self._pending if b.spooled),
                 "written": self._written,
                 "duplicates_skipped": self._duplicates,
