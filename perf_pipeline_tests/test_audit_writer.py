@@ -15,7 +15,7 @@ import textwrap
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psycopg
@@ -56,6 +56,13 @@ def _ids_in_delivery_order(conn: psycopg.Connection) -> list[str]:
     xmin grows with delivery order; inside a batch, UUIDv7 ids grow with log() order."""
     rows = conn.execute("SELECT id FROM audit_log ORDER BY xmin::text::bigint, id").fetchall()
     return [str(r[0]) for r in rows]
+
+
+def _wait_until(predicate: Callable[[], bool], timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.01)
 
 
 def _count(conn: psycopg.Connection) -> tuple[int, int]:
@@ -289,15 +296,14 @@ def test_database_stopped_mid_stream_then_restarted(private_pg: tuple[Path, str]
     producer = threading.Thread(target=produce)
     producer.start()
     try:
-        time.sleep(0.7)
-        assert writer.metrics()["written"] > 0
+        _wait_until(lambda: writer.metrics()["written"] > 0)  # delivering before the outage
         stop_postgres(state)
-        time.sleep(1.5)
+        _wait_until(lambda: writer.metrics()["failed_attempts"] > 0)
+        time.sleep(0.5)  # events keep coming while the database is down
         during = writer.metrics()
-        assert during["failed_attempts"] > 0 and during["spooled"] > 0 and not during["db_reachable"]
-        assert during["dropped"] == 0
+        assert during["spooled"] > 0 and not during["db_reachable"] and during["dropped"] == 0
         assert start_postgres(state) == url  # same port: the writer's URL works again
-        time.sleep(0.5)
+        time.sleep(0.3)
     finally:
         stop_logging.set()
         producer.join()
@@ -316,9 +322,7 @@ def test_without_spool_a_full_queue_blocks_then_raises(db_url: str) -> None:
     try:
         for i in range(10):  # taken by the flusher as its one in-memory batch (it cannot deliver it)
             _log(writer, i)
-        deadline = time.monotonic() + 5
-        while writer.metrics()["pending"] < 10 and time.monotonic() < deadline:
-            time.sleep(0.01)
+        _wait_until(lambda: writer.metrics()["pending"] == 10)
         for i in range(10):
             _log(writer, 10 + i)  # fills the queue
         started = time.monotonic()
@@ -349,9 +353,7 @@ def test_with_spool_a_full_queue_spills_and_order_is_kept(clean: psycopg.Connect
         writer = AuditWriter(stuck_url, batch_size=50, max_queue=100, flush_interval_ms=5, spool_dir=scratch_dir,
                              connect_timeout_s=2)
         logged = [_log(writer, 0)]
-        deadline = time.monotonic() + 5
-        while writer.metrics()["spooled"] < 1 and time.monotonic() < deadline:
-            time.sleep(0.005)  # the flusher took event 0 and now hangs in connect() for 2 s
+        _wait_until(lambda: writer.metrics()["spooled"] == 1)  # the flusher took event 0, hangs in connect() 2 s
         time.sleep(0.05)
         started = time.perf_counter()
         logged += [_log(writer, i) for i in range(1, 351)]
