@@ -285,13 +285,17 @@ def deliver_batch(conn: psycopg.Connection, payload: bytes, *, idempotent: bool 
     Locks: ROW EXCLUSIVE on audit_log and the partitions written, like any INSERT. ``conn`` must be an
     autocommit connection on which :func:`prepare_connection` ran.
     """
-    with conn.transaction(), conn.cursor() as cur:
-        with cur.copy(_COPY_STAGING if idempotent else _COPY_DIRECT) as copy:
-            copy.write(payload)
+    with conn.cursor() as cur:
         if not idempotent:
+            # one statement in autocommit is its own transaction: no BEGIN/COMMIT round trips
+            with cur.copy(_COPY_DIRECT) as copy:
+                copy.write(payload)
             return cur.rowcount
-        cur.execute(_MOVE_STAGING)
-        return cur.rowcount
+        with conn.transaction():
+            with cur.copy(_COPY_STAGING) as copy:
+                copy.write(payload)
+            cur.execute(_MOVE_STAGING)
+            return cur.rowcount
 
 
 def _deliver_one_by_one(conn: psycopg.Connection, payload: bytes) -> tuple[int, list[bytes]]:
