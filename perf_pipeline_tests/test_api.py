@@ -283,3 +283,56 @@ def test_redis_stopped_mid_test_serves_from_sql_then_refills(
     assert restarted.exists(key) and restarted.exists(cache_lib.KPIS_KEY)  # refilled
     assert client.get(TRENDS, params=params, headers=AUTH).json() == trends
     assert cache.counts["hit"] == 1 and cache.counts["miss"] == 4
+
+
+def test_database_down_is_503_unless_cached(redis_url: str, pool: psycopg_pool.ConnectionPool) -> None:
+    from contextlib import contextmanager
+
+    @contextmanager
+    def unreachable() -> Iterator[psycopg.Connection]:
+        # a real refused connection (nothing listens on port 1), not a mock
+        with psycopg.connect("postgresql://postgres@127.0.0.1:1/postgres", connect_timeout=2) as conn:
+            yield conn
+
+    good, _ = _client(redis_url, pool)
+    cached = good.get(KPIS, headers=AUTH).json()  # fills Redis while PostgreSQL is reachable
+    down = TestClient(create_app(SETTINGS, DashboardCache(serving_client(redis_url, 200), unreachable)))
+    assert down.get(KPIS, headers=AUTH).json() == cached  # still served from Redis
+    missing = down.get(TRENDS, params={"start_date": "2025-07-01", "end_date": "2025-07-02"}, headers=AUTH)
+    assert missing.status_code == 503 and missing.json() == {"detail": "the database is unavailable"}
+    health = down.get("/healthz")
+    assert health.status_code == 503 and health.json()["status"] == "down" and not health.json()["postgres"]["ok"]
+
+
+def test_perf_pipeline_serve_runs_the_api(usage_db: str, redis_url: str) -> None:
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, PERF_PIPELINE_DATABASE_URL=usage_db, PERF_PIPELINE_REDIS_URL=redis_url,
+               PERF_PIPELINE_ADMIN_TOKENS=ADMIN)
+    cli = Path(sys.executable).with_name("perf-pipeline")
+    proc = subprocess.Popen([str(cli), "serve", "--port", str(port), "--workers", "1"], env=env,
+                            start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                health = httpx.get(f"{base}/healthz", timeout=2)
+                break
+            except httpx.TransportError:
+                assert proc.poll() is None and time.monotonic() < deadline, "perf-pipeline serve did not start"
+                time.sleep(0.2)
+        assert health.status_code == 200 and health.json()["status"] == "ok"
+        assert httpx.get(f"{base}{KPIS}").status_code == 401
+        kpis = httpx.get(f"{base}{KPIS}", headers=AUTH)
+        assert kpis.status_code == 200 and kpis.json()["real_time"]["active_transcriptions"] == 2
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=15)

@@ -151,7 +151,7 @@ def _default_cache(settings: Settings) -> tuple[DashboardCache, psycopg_pool.Con
     urls = resolve_urls(settings, start=False)
     # a small pool per worker process bounds the SQL fallback's load on PostgreSQL when Redis is down:
     # 1,000 concurrent requests queue for 4 connections instead of opening 1,000
-    pool = psycopg_pool.ConnectionPool(urls.database_url, min_size=1, max_size=4, timeout=10, open=True,
+    pool = psycopg_pool.ConnectionPool(urls.database_url, min_size=1, max_size=4, timeout=5, open=True,
                                        kwargs={"autocommit": True, "application_name": "perf_pipeline.api"},
                                        name="dashboard")
     client = serving_client(urls.redis_url, settings.redis_socket_timeout_ms)
