@@ -20,8 +20,10 @@ from perf_pipeline.defs.archive.checks import audit_log_archive_files_match_mani
 from perf_pipeline.defs.archive.schedules import archive_audit_log_monthly
 from perf_pipeline.defs.resources import PostgresResource
 from perf_pipeline.lib import archive as a
+from perf_pipeline.lib.migrations import apply_migrations
 from perf_pipeline.lib.partitioning import ensure_partition, list_partitions
 from perf_pipeline.lib.workload import WorkloadSpec, load_workload
+from perf_pipeline_tests.conftest import create_database, drop_database
 
 UTC = dt.UTC
 
@@ -83,6 +85,7 @@ def test_archive_verify_drop_restore_rearchive(seeded: str, archive_dir: Path) -
         assert len(before) > 2000
         result = a.archive_partition(conn, "audit_log", month, archive_dir)
         assert result.state == "dropped" and result.steps_run == ["detach", "export", "verify", "drop"]
+        assert result.detach_mode == "plain"  # DETACH CONCURRENTLY is refused while audit_log_default exists
         assert result.rows == len(before)
         # table gone, queries no longer see the month, nothing fell into DEFAULT
         assert "audit_log_y2024m03" not in _attached(conn, "audit_log")
@@ -274,3 +277,23 @@ def test_usage_retention_rule(seeded: str, archive_dir: Path, monkeypatch: pytes
         assert len(mats) == 1 and gone
     else:
         assert mats == [] and not gone
+
+
+def test_without_default_partition_the_detach_is_concurrent(pg_server_url: str, archive_dir: Path) -> None:
+    url = create_database(pg_server_url, "ppt_nodefault")
+    try:
+        apply_migrations(url)
+        month = dt.date(2024, 2, 1)
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute("DROP TABLE audit_log_default")
+            ensure_partition(conn, "audit_log", month)
+            conn.execute("INSERT INTO audit_log (timestamp, event_type, operation) "
+                         "SELECT '2024-02-01'::timestamptz + g * interval '1 hour', 'x.y', 'read' "
+                         "FROM generate_series(0, 99) g")
+            before = _rows(conn, "audit_log", month)
+            result = a.archive_partition(conn, "audit_log", month, archive_dir / "nodefault")
+            assert result.state == "dropped" and result.rows == 100 and result.detach_mode == "concurrently"
+            a.restore_partition(conn, "audit_log", month)
+            assert _rows(conn, "audit_log", month) == before
+    finally:
+        drop_database(pg_server_url, url)

@@ -182,3 +182,21 @@ def test_concurrent_writer_never_fails_during_partition_creation(db_url: str, db
     assert db.execute("SELECT count(*) FROM audit_log WHERE description = 'writer'").fetchone()[0] == len(
         writer.latencies)
     assert db.execute("SELECT count(*) FROM audit_log_default").fetchone()[0] == 0
+
+
+def test_definitions_expose_the_interface_names() -> None:
+    from perf_pipeline.definitions import defs
+
+    loaded = defs()
+    graph = loaded.resolve_asset_graph()
+    keys = {k.to_user_string() for k in graph.get_all_asset_keys()}
+    assert {"audit_log_partitions", "usage_log_partitions", "audit_log_archive", "usage_log_retention"} <= keys
+    checks = {k.name for k in graph.asset_check_keys}
+    assert {"audit_log_default_partition_empty", "usage_log_default_partition_empty",
+            "audit_log_archive_files_match_manifest", "usage_log_archive_files_match_manifest"} <= checks
+    assert loaded.resolve_job_def("move_default_rows") is not None
+    schedules = {s.name: s for s in loaded.schedules or []}
+    for name in ("create_partitions_ahead_daily", "archive_audit_log_monthly", "usage_log_retention_monthly"):
+        assert schedules[name].description
+    assert schedules["create_partitions_ahead_daily"].cron_schedule == "10 0 * * *"
+    assert schedules["archive_audit_log_monthly"].cron_schedule == "30 3 2 * *"

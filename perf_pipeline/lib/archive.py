@@ -77,6 +77,7 @@ class ArchiveResult:
     file_path: str | None = None
     steps_run: list[str] = field(default_factory=list)
     step_ms: dict[str, float] = field(default_factory=dict)
+    detach_mode: str | None = None  # plain / concurrently / finalize / none (found already detached)
 
     @property
     def duration_ms(self) -> float:
@@ -155,15 +156,19 @@ def _has_default(conn: psycopg.Connection, table: str) -> bool:
 # --------------------------------------------------------------------------------------------- steps
 
 
-def _detach(conn: psycopg.Connection, table: str, month: dt.date, lock_timeout_ms: int) -> None:
+def _detach(conn: psycopg.Connection, table: str, month: dt.date, lock_timeout_ms: int) -> str:
+    """Detach (or finish detaching) a month; returns how: ``plain``, ``concurrently``, ``finalize`` or ``none``."""
     name = partition_name(table, month)
     state = _attach_state(conn, table, name)
     parent, child = sql.Identifier(table), sql.Identifier(name)
+    mode = "none"
     if state == "detach_pending":
+        mode = "finalize"
         run_with_lock_retry(conn, lambda c: c.execute(
             sql.SQL("ALTER TABLE {} DETACH PARTITION {} FINALIZE").format(parent, child)),
             lock_timeout_ms=lock_timeout_ms, attempts=100, what=f"finalize detach {name}")
     elif state == "attached" and not _has_default(conn, table):
+        mode = "concurrently"
         # CONCURRENTLY runs two transactions itself, so it cannot share one with the manifest update;
         # the re-run sees the catalog state (standalone / detach_pending) and finishes.
         conn.execute(sql.SQL("SET lock_timeout = {}").format(sql.Literal(f"{int(lock_timeout_ms)}ms")))
@@ -177,9 +182,10 @@ def _detach(conn: psycopg.Connection, table: str, month: dt.date, lock_timeout_m
             _set_state(c, table, month, "detached")
 
         run_with_lock_retry(conn, work, lock_timeout_ms=lock_timeout_ms, attempts=200, what=f"detach {name}")
-        return
+        return "plain"
     with conn.transaction():
         _set_state(conn, table, month, "detached")
+    return mode
 
 
 @dataclass(frozen=True)
@@ -398,7 +404,7 @@ def archive_partition(conn: psycopg.Connection, table: str, month: dt.date, arch
                 if _attach_state(conn, table, name) == "absent":
                     return result
                 step = "detach"
-                _detach(conn, table, month, lock_timeout_ms)
+                result.detach_mode = _detach(conn, table, month, lock_timeout_ms)
             elif state == "detached":
                 step = "export"
                 facts = _export(conn, table, month, archive_path(archive_dir, table, month), batch_bytes)

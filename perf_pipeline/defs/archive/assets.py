@@ -30,6 +30,7 @@ def _result(result: ArchiveResult) -> dg.MaterializeResult:
         "bytes": result.bytes,
         "duration_ms": result.duration_ms,
         "state": result.state,
+        "detach_mode": result.detach_mode or "",
         "steps_run": ", ".join(result.steps_run) or "none (already archived)",
         "sha256": result.sha256 or "",
         "file": dg.MetadataValue.path(result.file_path or ""),
