@@ -678,8 +678,9 @@ class AuditWriter:
             if self._spool is not None:
                 self._spool.write(seq, batch.payload or b"")
                 batch.spooled = True
-                if self._backoff:
-                    batch.payload = None  # database down: keep memory bounded, the segment has it
+                if self._backoff or len(self._pending) > 2:
+                    # database down or behind: keep memory bounded, the segment has the payload
+                    batch.payload = None
 
     def _cycle(self) -> None:
         self._take_batches()

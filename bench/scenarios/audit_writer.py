@@ -11,7 +11,8 @@
    (50k events/s in total): ``log()`` latency at that load. Both report ``log()`` p50/p99/p99.9 in µs and
    the rows counted in the database against the ids returned (lost must be 0). Targets: p99 ≤ 50 µs,
    ≥ 50k events/s. In CPython the producers and the flusher share one GIL, so the saturated p99 also
-   measures waiting for the GIL (5 ms switch interval) behind the other threads.
+   measures waiting for the GIL (5 ms switch interval) behind the other threads; (c) saturated again
+   with ``sys.setswitchinterval(0.0005)`` (an application-wide knob, not set by the writer) shows it.
 
 ``BENCH_SCALE=small``: 100k events and fewer rounds (about a minute); default: 1M events.
 """
@@ -27,6 +28,7 @@ import time
 import uuid
 
 import psycopg
+from psycopg import sql
 
 from bench.harness import BenchContext, percentile, scenario
 from perf_pipeline.audit import COLUMNS, AuditWriter, deliver_batch, encode_fields, prepare_connection
@@ -47,11 +49,12 @@ def _create_session(conn: psycopg.Connection, i: int) -> str:
 
 
 def _seed_test(ctx: BenchContext, url: str) -> None:
-    insert = (f"INSERT INTO audit_log ({', '.join(repr(c).replace(chr(39), chr(34)) for c in COLUMNS[2:])}) "
-              "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)")
+    insert = sql.SQL("INSERT INTO audit_log ({}) VALUES ({})").format(
+        sql.SQL(", ").join(map(sql.Identifier, COLUMNS[2:])), sql.SQL(", ").join(sql.Placeholder() * 9))
     results: dict[str, list[float]] = {"no audit": [], "sync INSERT+COMMIT": [], "AuditWriter.log()": []}
     audit_us: dict[str, list[float]] = {k: [] for k in results}  # time inside the audit call, per operation
-    with psycopg.connect(url) as conn, AuditWriter(url, spool_dir=tempfile.mkdtemp(prefix="bench_audit_")) as writer:
+    with (tempfile.TemporaryDirectory(prefix="bench_audit_") as spool, psycopg.connect(url) as conn,
+          AuditWriter(url, spool_dir=spool) as writer):
         for _ in range(ROUNDS):
             for variant in results:
                 started = time.perf_counter()
@@ -123,8 +126,8 @@ def _sustained(ctx: BenchContext, url: str, rate: int | None, switch_interval_s:
     per_thread = EVENTS // PRODUCERS
     latencies: list[list[int]] = [[] for _ in range(PRODUCERS)]
     ids: list[list[str]] = [[] for _ in range(PRODUCERS)]
-    spool = tempfile.mkdtemp(prefix="bench_audit_")
-    writer = AuditWriter(url, spool_dir=spool)
+    spool = tempfile.TemporaryDirectory(prefix="bench_audit_")
+    writer = AuditWriter(url, spool_dir=spool.name)
     start = threading.Barrier(PRODUCERS + 1)
 
     def produce(k: int) -> None:
@@ -161,6 +164,7 @@ def _sustained(ctx: BenchContext, url: str, rate: int | None, switch_interval_s:
         sys.setswitchinterval(default_interval)
     m = writer.metrics()
     writer.close()
+    spool.cleanup()
     all_lat = [x / 1000 for lat in latencies for x in lat]
     logged = {i for out in ids for i in out}
     with psycopg.connect(url) as conn:
