@@ -30,9 +30,10 @@ from pathlib import Path
 import httpx
 import redis
 
-from bench.harness import BenchContext, scenario
+from bench.harness import BenchContext, measure, scenario
 from perf_pipeline.embedded import launch_redis_server
-from perf_pipeline.lib.cache import OUTCOMES, hit_rate, warm_dashboard_cache
+from perf_pipeline.lib.cache import OUTCOMES, DashboardCache, hit_rate, serving_client, warm_dashboard_cache
+from perf_pipeline.lib.dashboard import TrendRequest, compute_kpis, compute_usage_trends
 from perf_pipeline.lib.db import connect
 from perf_pipeline.lib.rollups import rollup_days
 from perf_pipeline.lib.workload import WorkloadSpec, load_workload
@@ -179,11 +180,29 @@ def run(ctx: BenchContext) -> None:
         ctx.row(test="warm (dashboard_cache asset body)", keys=len(warm.keys), bytes=warm.bytes,
                 duration_ms=warm.duration_ms)
 
+        # the read path in this process, no HTTP: what one request costs on a Redis hit vs from SQL
+        trend_request = TrendRequest(today - dt.timedelta(days=13), today, "daily")
+        with connect(db_url, autocommit=True) as conn:
+            sql_kpis = measure(lambda: compute_kpis(conn), repeat=20)
+            sql_trends = measure(lambda: compute_usage_trends(conn, trend_request), repeat=20)
+
+            @contextlib.contextmanager
+            def same_conn() -> Iterator[object]:
+                yield conn
+
+            reader = DashboardCache(serving_client(redis_url, 50), same_conn)  # type: ignore[arg-type]
+            hit_kpis = measure(reader.kpis_json, repeat=500, warmup=5)
+            hit_trends = measure(lambda: reader.usage_trends_json(trend_request), repeat=500, warmup=5)
+        for label, st in (("in-process: KPIs from SQL", sql_kpis), ("in-process: trends 14 d from SQL", sql_trends),
+                          ("in-process: KPIs Redis hit", hit_kpis), ("in-process: trends Redis hit", hit_trends)):
+            ctx.row(test=label, p50_ms=st.median, p99_ms=st.p99, max_ms=st.max)
+        ctx.ratio("KPIs: SQL p50 / Redis hit p50", sql_kpis.median, hit_kpis.median)
+
         kpis = f"{base}/api/v1/admin/dashboard/kpis"
         start = (today - dt.timedelta(days=13)).isoformat()  # the seed's 14-day range, ending today
         trends = f"{base}/api/v1/admin/dashboard/usage-trends?start_date={start}&end_date={today.isoformat()}"
 
-        def measured(label: str, fn, target: str = "") -> None:  # type: ignore[no-untyped-def]
+        def measured(label: str, fn, target: str = "") -> dict[str, float]:  # type: ignore[no-untyped-def]
             before = _counts(client)
             result = fn()
             time.sleep(1.5)  # the API flushes its hit/miss counts to Redis every second
@@ -193,14 +212,17 @@ def run(ctx: BenchContext) -> None:
             cached = delta["hit"] + delta["stale"] + delta["waited"]
             ctx.row(test=label, **result, hit_rate=cached / served if served else float("nan"),
                     recomputes=delta["miss"], target=target)
+            return result
 
         # 0. the framework's floor on this machine right now: FastAPI's static /docs page, no I/O
-        ctx.row(test="floor: wrk /docs c=100", **_wrk(f"{base}/docs", 100, WRK_SECONDS), target="(reference)")
+        floor = _wrk(f"{base}/docs", 100, WRK_SECONDS)
+        ctx.row(test="floor: wrk /docs c=100", **floor, target="(reference)")
         # 1. the user story's load tests, from the cache
         measured("seed ab kpis n=1000 c=10", lambda: _ab(kpis, 1000, 10), "mean < 500 ms, 0 failures")
         measured("seed ab trends n=500 c=5", lambda: _ab(trends, 500, 5), "mean < 1000 ms, 0 failures")
         # 2. steady state at 100 connections (both endpoints), then 1,000 connections
-        measured("wrk kpis c=100", lambda: _wrk(kpis, 100, WRK_SECONDS), "p99 <= 20 ms, hit rate >= 99%")
+        c100 = measured("wrk kpis c=100", lambda: _wrk(kpis, 100, WRK_SECONDS), "p99 <= 20 ms, hit rate >= 99%")
+        ctx.ratio("kpis c=100 rps / floor rps (same run)", c100["rps"], floor["rps"])
         measured("wrk trends c=100", lambda: _wrk(trends, 100, WRK_SECONDS), "p99 <= 20 ms, hit rate >= 99%")
         measured("ab kpis n=10000 c=1000", lambda: _ab(kpis, 10_000, 1000), "0 failures")
         measured("wrk kpis c=1000", lambda: _wrk(kpis, 1000, WRK_SECONDS), "0 failures")
