@@ -236,47 +236,67 @@ def test_cli_archive_restore_and_list(seeded: str, archive_dir: Path, monkeypatc
     assert cli.main(["archive", "restore", "1999-01"]) == 2  # no such archive: a clear error
 
 
+def _fill_rollups(conn: psycopg.Connection, first: str, last: str, computed_at: str) -> None:
+    """Rows of usage_daily_metrics for [first, last]: zeros in every other NOT NULL column (only day and
+    computed_at matter to the retention rule, whatever else the rollup table holds)."""
+    others = [r[0] for r in conn.execute(
+        "SELECT column_name FROM information_schema.columns WHERE table_name = 'usage_daily_metrics' "
+        "AND table_schema = current_schema() AND is_nullable = 'NO' AND column_default IS NULL "
+        "AND column_name NOT IN ('day', 'computed_at')")]
+    cols = ", ".join(["day", "computed_at", *others])
+    zeros = "".join(", 0" for _ in others)
+    conn.execute(f"INSERT INTO usage_daily_metrics ({cols}) "  # noqa: S608 - catalog column names
+                 f"SELECT d::date, %s::timestamptz{zeros} FROM generate_series(%s::date, %s::date, '1 day') d "
+                 "ON CONFLICT (day) DO UPDATE SET computed_at = EXCLUDED.computed_at", (computed_at, first, last))
+
+
 def test_usage_retention_rule(seeded: str, archive_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     today = dt.date(2026, 11, 27)
+    may = dt.date(2024, 5, 1)
     with psycopg.connect(seeded, autocommit=True) as conn:
-        # rule 1 and 2: retention, then the 90-day recompute window
-        assert not a.usage_retention_decision(conn, dt.date(2026, 7, 1), today, 24).drop
-        assert not a.usage_retention_decision(conn, dt.date(2026, 7, 1), today, 4).drop
-        no_rollups = conn.execute("SELECT to_regclass('usage_daily_metrics') IS NULL").fetchone()[0]
-        if no_rollups:
-            assert a.usage_retention_decision(conn, dt.date(2024, 5, 1), today, 24).drop
-        # rule 3 against a stand-in rollup table in a private schema (searched first)
-        conn.execute("CREATE SCHEMA IF NOT EXISTS retention_test")
-        conn.execute("CREATE TABLE retention_test.usage_daily_metrics (day date PRIMARY KEY, computed_at timestamptz)")
-        conn.execute("SET search_path = retention_test, public")
-        try:
-            decision = a.usage_retention_decision(conn, dt.date(2024, 5, 1), today, 24)
-            assert not decision.drop and "31 day(s)" in decision.reason  # never rolled up
-            conn.execute("INSERT INTO retention_test.usage_daily_metrics SELECT d::date, now() "
-                         "FROM generate_series('2024-05-01'::date, '2024-05-31', '1 day') d")
-            conn.execute("UPDATE retention_test.usage_daily_metrics SET computed_at = '2024-05-07 12:00Z' "
-                         "WHERE day = '2024-05-07'")  # rolled up while the day was still filling
-            decision = a.usage_retention_decision(conn, dt.date(2024, 5, 1), today, 24)
-            assert not decision.drop and "2024-05-07" in decision.reason
-            conn.execute("UPDATE retention_test.usage_daily_metrics SET computed_at = now()")
-            assert a.usage_retention_decision(conn, dt.date(2024, 5, 1), today, 24).drop
-        finally:
-            conn.execute("RESET search_path")
-            conn.execute("DROP SCHEMA retention_test CASCADE")
+        # rules 1 and 2: retention, then the rollups' 90-day recompute window
+        assert "within retention" in a.usage_retention_decision(conn, dt.date(2026, 7, 1), today, 24).reason
+        # rule 2 holds on its own even below the settings' floor of 4 months (2026-09 ends 2026-10-01)
+        assert "90-day" in a.usage_retention_decision(conn, dt.date(2026, 9, 1), today, 1).reason
+        assert not a.usage_retention_decision(conn, dt.date(2026, 9, 1), today, 1).drop
+        if conn.execute("SELECT to_regclass('usage_daily_metrics') IS NULL").fetchone()[0]:
+            # rollups not installed: rules 1-2 alone, then a stand-in table for rule 3
+            assert a.usage_retention_decision(conn, may, today, 24).drop
+            conn.execute("CREATE TABLE usage_daily_metrics (day date PRIMARY KEY, computed_at timestamptz)")
+        # rule 3: never rolled up
+        decision = a.usage_retention_decision(conn, may, today, 24)
+        assert not decision.drop and "31 day(s)" in decision.reason
+        # rolled up, but 2024-05-07 while the day was still filling
+        _fill_rollups(conn, "2024-05-01", "2024-05-31", "2024-06-01 00:05Z")
+        _fill_rollups(conn, "2024-05-07", "2024-05-07", "2024-05-07 12:00Z")
+        decision = a.usage_retention_decision(conn, may, today, 24)
+        assert not decision.drop and "1 day(s)" in decision.reason and "2024-05-07" in decision.reason
+        _fill_rollups(conn, "2024-05-07", "2024-05-08", "2024-06-01 00:05Z")
+        assert a.usage_retention_decision(conn, may, today, 24).drop
+        if conn.execute("SELECT to_regclass('usage_rollup_stale_days') IS NOT NULL").fetchone()[0]:
+            # a late row marked 2024-05-20 for the late-data sensor: keep the month until it is recomputed
+            conn.execute("INSERT INTO usage_rollup_stale_days (day) VALUES ('2024-05-20')")
+            decision = a.usage_retention_decision(conn, may, today, 24)
+            assert not decision.drop and "2024-05-20" in decision.reason
+            conn.execute("DELETE FROM usage_rollup_stale_days WHERE day = '2024-05-20'")
+        rows = len(_rows(conn, "usage_log", may))
 
-    # the asset: past retention (24 months before now) → archived and dropped
+    # the asset: 2024-05 is past 24 months of retention and fully rolled up → archived and dropped
     monkeypatch.setenv("PERF_PIPELINE_ARCHIVE_DIR", str(archive_dir))
     resources = {"postgres": PostgresResource(url=seeded)}
     res = dg.materialize([usage_log_retention], partition_key="2024-05-01", resources=resources,
                          instance=dg.DagsterInstance.ephemeral())
     mats = res.asset_materializations_for_node("usage_log_retention")
-    eligible = a.archive_eligible(dt.date(2024, 5, 1), dt.datetime.now(UTC).date(), 24)
+    assert len(mats) == 1 and mats[0].metadata["rows"].value == rows > 0
     with psycopg.connect(seeded, autocommit=True) as conn:
-        gone = conn.execute("SELECT to_regclass('usage_log_y2024m05') IS NULL").fetchone()[0]
-    if eligible and no_rollups:
-        assert len(mats) == 1 and gone
-    else:
-        assert mats == [] and not gone
+        assert conn.execute("SELECT to_regclass('usage_log_y2024m05') IS NULL").fetchone()[0]
+        assert a.manifest_row(conn, "usage_log", may).state == "dropped"
+    # a month the rollups still need: no materialization, the partition stays
+    kept = dg.materialize([usage_log_retention], partition_key="2024-04-01", resources=resources,
+                          instance=dg.DagsterInstance.ephemeral())
+    assert kept.success and kept.asset_materializations_for_node("usage_log_retention") == []
+    with psycopg.connect(seeded, autocommit=True) as conn:
+        assert conn.execute("SELECT to_regclass('usage_log_y2024m04') IS NOT NULL").fetchone()[0]
 
 
 def test_without_default_partition_the_detach_is_concurrent(pg_server_url: str, archive_dir: Path) -> None:

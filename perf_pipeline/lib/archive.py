@@ -576,7 +576,8 @@ def usage_retention_decision(conn: psycopg.Connection, month: dt.date, today: dt
     2. it ends more than 90 days before ``today``: the rollups recompute the last 90 days;
     3. if ``usage_daily_metrics`` exists: every day of the month that has usage rows has a rollup row
        computed after that day's latest usage row (else the rollup may still need to recompute it:
-       never rolled up, or rolled up while the day was still filling).
+       never rolled up, or rolled up while the day was still filling), and no day of the month is
+       marked in ``usage_rollup_stale_days`` (late rows the late-data sensor will recompute).
     Without ``usage_daily_metrics`` rule 3 is skipped (rules 1-2 alone; retention ≥ 4 months already
     covers the 90-day window). Cost: rule 3 reads the month's rows grouped by day (index/BRIN on
     created_at), once a month.
@@ -595,6 +596,11 @@ def usage_retention_decision(conn: psycopg.Connection, month: dt.date, today: dt
         return RetentionDecision(True, "past retention; no partition left")
     stale = conn.execute(sql.SQL(load_query("archive_usage_days_needing_rollup")).format(
         partition=sql.Identifier(name))).fetchall()
+    if conn.execute("SELECT to_regclass('usage_rollup_stale_days') IS NOT NULL").fetchone()[0]:
+        start, end = month_bounds(month)
+        marked = conn.execute(load_query("archive_usage_stale_days"),
+                              {"start": start.date(), "end": end.date()}).fetchall()
+        stale = sorted(set(stale) | set(marked))
     if stale:
         days = ", ".join(str(d) for (d,) in stale[:10])
         return RetentionDecision(False, f"{len(stale)} day(s) whose rollup is missing or older than their data: "
