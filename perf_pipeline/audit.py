@@ -416,7 +416,8 @@ class AuditWriter:
     ``url``: the platform database. ``batch_size``: events per COPY. ``flush_interval_ms``: the longest an
     event waits in memory. ``max_queue``: events held in memory. ``spool_dir``: enables the spool (write-
     ahead segments, replay, spill when full). ``put_timeout``: without a spool, how long ``log()`` waits
-    for room in a full queue. Starts its thread at once; replays an existing spool first.
+    for room in a full queue. Starts its thread at once; replays an existing spool first (the constructor
+    reads the segments left there to count their events: ~1 s per GB of spool; no database round trip).
     """
 
     def __init__(self, url: str, *, batch_size: int = 5000, flush_interval_ms: int = 50,
