@@ -21,7 +21,12 @@ from perf_pipeline.defs.archive.schedules import archive_audit_log_monthly
 from perf_pipeline.defs.resources import PostgresResource
 from perf_pipeline.lib import archive as a
 from perf_pipeline.lib.migrations import apply_migrations
-from perf_pipeline.lib.partitioning import ensure_partition, list_partitions
+from perf_pipeline.lib.partitioning import (
+    PartitionError,
+    ensure_partition,
+    list_partitions,
+    move_default_rows,
+)
 from perf_pipeline.lib.workload import WorkloadSpec, load_workload
 from perf_pipeline_tests.conftest import create_database, drop_database
 
@@ -134,6 +139,26 @@ def test_crash_after_each_step_is_finished_by_a_rerun(seeded: str, archive_dir: 
         assert _rows(conn, "audit_log", month) == before
         # leave it archived for the check test
         a.archive_partition(conn, "audit_log", month, archive_dir)
+
+
+def test_late_rows_of_an_archived_month_come_back_with_its_restore(seeded: str, archive_dir: Path) -> None:
+    month = dt.date(2024, 4, 1)  # archived by the crash test above
+    with psycopg.connect(seeded, autocommit=True) as conn:
+        if a.manifest_row(conn, "audit_log", month).state != "dropped":
+            a.archive_partition(conn, "audit_log", month, archive_dir)
+        archived_rows = a.manifest_row(conn, "audit_log", month).rows
+        conn.execute("INSERT INTO audit_log (timestamp, event_type, operation, description) "
+                     "VALUES ('2024-04-15 10:00Z', 'x.y', 'update', 'late')")
+        assert conn.execute("SELECT count(*) FROM audit_log_default").fetchone()[0] == 1
+        # a fresh partition would shadow the archive: move_default_rows refuses and says what to do
+        with pytest.raises(PartitionError, match="2024-04.*restore"):
+            move_default_rows(conn, "audit_log")
+        restored = a.restore_partition(conn, "audit_log", month)
+        assert restored.late_rows == 1 and restored.rows == archived_rows + 1
+        assert conn.execute("SELECT count(*) FROM audit_log_default").fetchone()[0] == 0
+        assert len(_rows(conn, "audit_log", month)) == archived_rows + 1
+        again = a.archive_partition(conn, "audit_log", month, archive_dir)
+        assert again.rows == archived_rows + 1 and a.verify_archives(conn, "audit_log").problems == {}
 
 
 def test_damaged_file_is_exported_again_before_the_drop(seeded: str, archive_dir: Path) -> None:

@@ -482,6 +482,7 @@ class RestoreResult:
     rows: int
     duration_ms: float
     already: bool = False
+    late_rows: int = 0  # rows of the month found in DEFAULT (written while it was archived), moved in
 
 
 def _copy_file_into(conn: psycopg.Connection, name: str, path: Path) -> int:
@@ -508,7 +509,8 @@ def restore_partition(conn: psycopg.Connection, table: str, month: dt.date, *,
     table is loaded standalone with the parent's indexes and a bound CHECK, so the attach scans
     neither it nor holds locks during the load; attach and manifest update commit together. Safe to
     re-run: a half-loaded table from a crashed restore is dropped and loaded again. A month whose
-    table still exists (archive stopped before the drop) is simply re-attached.
+    table still exists (archive stopped before the drop) is simply re-attached. Rows of the month that
+    landed in DEFAULT while it was archived are moved into it before the attach.
     """
     month = month_start(month)
     name = partition_name(table, month)
@@ -540,15 +542,35 @@ def restore_partition(conn: psycopg.Connection, table: str, month: dt.date, *,
             if attach_state == "detach_pending":
                 _detach(conn, table, month, lock_timeout_ms)
 
+        start, end = month_bounds(month)
+        move = sql.SQL(load_query("partition_move_default_batch")).format(
+            default=sql.Identifier(default_name(table)), target=sql.Identifier(name),
+            key=sql.Identifier(partition_key_column(table)))
+        late = 0
+        has_default = _has_default(conn, table)
+
         def work(c: psycopg.Connection) -> None:
+            nonlocal late
+            # rows of this month that arrived while it was archived sit in DEFAULT (and would make the
+            # ATTACH fail): they join the restored month in the same transaction
+            if has_default:
+                late = c.execute(move, {"start": start, "end": end, "batch": 2**62}).fetchone()[0]
             attach_partition(c, table, month)
             c.execute("UPDATE archive_manifest SET state = 'restored', restored_at = now(), updated_at = now() "
                       "WHERE table_name = %s AND month = %s", (table, month))
 
-        run_with_lock_retry(conn, work, lock_timeout_ms=lock_timeout_ms, attempts=100, what=f"attach {name}")
+        for attempt in range(1, 11):
+            try:
+                run_with_lock_retry(conn, work, lock_timeout_ms=lock_timeout_ms, attempts=100, what=f"attach {name}")
+                break
+            except psycopg.errors.CheckViolation:  # a writer added another late row meanwhile: again
+                if attempt == 10:
+                    raise
         if m.state != "dropped":
             rows = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(name))).fetchone()[0]
-        return RestoreResult(table, month, rows, (time.perf_counter() - started) * 1000)
+        else:
+            rows += late
+        return RestoreResult(table, month, rows, (time.perf_counter() - started) * 1000, late_rows=late)
     finally:
         conn.execute(sql.SQL("SELECT pg_advisory_unlock({})").format(_lock_key(table, month)))
 

@@ -259,6 +259,14 @@ def prepare_partition_table(conn: psycopg.Connection, table: str, month: dt.date
     return name
 
 
+def _archived_months(conn: psycopg.Connection, table: str) -> set[dt.date]:
+    """Months of ``table`` whose partition was archived and dropped (archive_manifest, migration 0010)."""
+    if conn.execute("SELECT to_regclass('archive_manifest') IS NULL").fetchone()[0]:
+        return set()
+    return {m for (m,) in conn.execute(
+        "SELECT month FROM archive_manifest WHERE table_name = %s AND state = 'dropped'", (table,))}
+
+
 @dataclass
 class MoveResult:
     rows_moved: int = 0
@@ -285,9 +293,17 @@ def move_default_rows(conn: psycopg.Connection, table: str, *, batch_size: int =
     move = sql.SQL(load_query("partition_move_default_batch"))
     for _ in range(max_rounds):
         summary = default_partition_summary(conn, table)
-        if not summary.rows:
+        archived = _archived_months(conn, table) & set(summary.months)
+        if not set(summary.months) - archived:
+            if archived:
+                # a fresh partition would shadow the archive (and never be archived itself); restoring
+                # the month takes these rows along (perf_pipeline.lib.archive.restore_partition)
+                months = ", ".join(f"{m:%Y-%m}" for m in sorted(archived))
+                raise PartitionError(
+                    f"{table}: DEFAULT holds rows of archived month(s) {months}; restore them "
+                    f"(perf-pipeline archive restore YYYY-MM --table {table}), which moves these rows in")
             return result
-        for month in sorted(summary.months):
+        for month in sorted(set(summary.months) - archived):
             start, end = month_bounds(month)
             name = partition_name(table, month)
             with conn.transaction():
