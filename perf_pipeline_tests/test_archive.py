@@ -36,21 +36,46 @@ UTC = dt.UTC
 @pytest.fixture(scope="module")
 def seeded(db_url: str) -> str:
     """Jan-Jun 2024 of generated audit and usage rows (+ hand-made edge rows in March), ~80 rows/day."""
-    load_workload(db_url, WorkloadSpec(days=182, usage_per_day=30, audit_per_day=80, users=50,
-                                       end=dt.datetime(2024, 6, 30, 23, 0, tzinfo=UTC)))
+    load_workload(
+        db_url,
+        WorkloadSpec(
+            days=182,
+            usage_per_day=30,
+            audit_per_day=80,
+            users=50,
+            end=dt.datetime(2024, 6, 30, 23, 0, tzinfo=UTC),
+        ),
+    )
     with psycopg.connect(db_url, autocommit=True) as conn:
         rows = [
             # NULLs, an empty string, quotes, commas, a newline, unicode, nested JSON, IPv6, month edges
             (dt.datetime(2024, 3, 1, tzinfo=UTC), None, None, None, "", None, None),
-            (dt.datetime(2024, 3, 31, 23, 59, 59, 999999, tzinfo=UTC), uuid.uuid4(), "session", 'a "quoted", id',
-             'line one\nline "two", 3', '{"k": ["x", {"y": null}], "ü": "é"}', "2001:db8::1"),
-            (dt.datetime(2024, 3, 15, 12, 0, 0, 1, tzinfo=UTC), uuid.uuid4(), "user", "u-1", "\\back\\slash\t",
-             "[]", "192.168.0.0/24"),
+            (
+                dt.datetime(2024, 3, 31, 23, 59, 59, 999999, tzinfo=UTC),
+                uuid.uuid4(),
+                "session",
+                'a "quoted", id',
+                'line one\nline "two", 3',
+                '{"k": ["x", {"y": null}], "ü": "é"}',
+                "2001:db8::1",
+            ),
+            (
+                dt.datetime(2024, 3, 15, 12, 0, 0, 1, tzinfo=UTC),
+                uuid.uuid4(),
+                "user",
+                "u-1",
+                "\\back\\slash\t",
+                "[]",
+                "192.168.0.0/24",
+            ),
         ]
         for ts, user, etype, eid, desc, details, ip in rows:
-            conn.execute("INSERT INTO audit_log (timestamp, user_id, entity_type, entity_id, event_type, operation, "
-                         "severity, description, details, ip) VALUES (%s, %s, %s, %s, 'x.y', 'update', 'critical', "
-                         "%s, %s, %s)", (ts, user, etype, eid, desc, details, ip))
+            conn.execute(
+                "INSERT INTO audit_log (timestamp, user_id, entity_type, entity_id, event_type, operation, "
+                "severity, description, details, ip) VALUES (%s, %s, %s, %s, 'x.y', 'update', 'critical', "
+                "%s, %s, %s)",
+                (ts, user, etype, eid, desc, details, ip),
+            )
     return db_url
 
 
@@ -64,8 +89,10 @@ def _rows(conn: psycopg.Connection, table: str, month: dt.date) -> list[tuple]:
     key = "timestamp" if table == "audit_log" else "created_at"
     start, end = dt.datetime(month.year, month.month, 1, tzinfo=UTC), None
     end = dt.datetime(month.year + month.month // 12, month.month % 12 + 1, 1, tzinfo=UTC)
-    return conn.execute(f'SELECT * FROM {table} WHERE "{key}" >= %s AND "{key}" < %s ORDER BY id',  # noqa: S608
-                        (start, end)).fetchall()
+    return conn.execute(
+        f'SELECT * FROM {table} WHERE "{key}" >= %s AND "{key}" < %s ORDER BY id',  # noqa: S608
+        (start, end),
+    ).fetchall()
 
 
 def _attached(conn: psycopg.Connection, table: str) -> set[str]:
@@ -80,6 +107,7 @@ def _crash_after(step: str):
     def hook(done: str) -> None:
         if done == step:
             raise _Crash(step)
+
     return hook
 
 
@@ -118,13 +146,17 @@ def test_archive_verify_drop_restore_rearchive(seeded: str, archive_dir: Path) -
         assert a.restore_partition(conn, "audit_log", month).already
         # restore → re-archive is lossless: the same rows give the same file
         rearchived = a.archive_partition(conn, "audit_log", month, archive_dir)
-        assert rearchived.state == "dropped" and rearchived.sha256 == m.sha256 and rearchived.rows == len(before)
+        assert (
+            rearchived.state == "dropped" and rearchived.sha256 == m.sha256 and rearchived.rows == len(before)
+        )
         assert a.manifest_row(conn, "audit_log", month).archive_count == 2
 
 
 @pytest.mark.parametrize("step", ["detach", "export", "verify"])
 def test_crash_after_each_step_is_finished_by_a_rerun(seeded: str, archive_dir: Path, step: str) -> None:
-    month = {"detach": dt.date(2024, 2, 1), "export": dt.date(2024, 4, 1), "verify": dt.date(2024, 5, 1)}[step]
+    month = {"detach": dt.date(2024, 2, 1), "export": dt.date(2024, 4, 1), "verify": dt.date(2024, 5, 1)}[
+        step
+    ]
     with psycopg.connect(seeded, autocommit=True) as conn:
         before = _rows(conn, "audit_log", month)
         with pytest.raises(_Crash):
@@ -133,7 +165,7 @@ def test_crash_after_each_step_is_finished_by_a_rerun(seeded: str, archive_dir: 
         assert state == {"detach": "detached", "export": "exported", "verify": "verified"}[step]
         result = a.archive_partition(conn, "audit_log", month, archive_dir)
         remaining = ["detach", "export", "verify", "drop"]
-        assert result.steps_run == remaining[remaining.index(step) + 1:]
+        assert result.steps_run == remaining[remaining.index(step) + 1 :]
         assert result.state == "dropped" and result.rows == len(before)
         a.restore_partition(conn, "audit_log", month)
         assert _rows(conn, "audit_log", month) == before
@@ -147,8 +179,10 @@ def test_late_rows_of_an_archived_month_come_back_with_its_restore(seeded: str, 
         if a.manifest_row(conn, "audit_log", month).state != "dropped":
             a.archive_partition(conn, "audit_log", month, archive_dir)
         archived_rows = a.manifest_row(conn, "audit_log", month).rows
-        conn.execute("INSERT INTO audit_log (timestamp, event_type, operation, description) "
-                     "VALUES ('2024-04-15 10:00Z', 'x.y', 'update', 'late')")
+        conn.execute(
+            "INSERT INTO audit_log (timestamp, event_type, operation, description) "
+            "VALUES ('2024-04-15 10:00Z', 'x.y', 'update', 'late')"
+        )
         assert conn.execute("SELECT count(*) FROM audit_log_default").fetchone()[0] == 1
         # a fresh partition would shadow the archive: move_default_rows refuses and says what to do
         with pytest.raises(PartitionError, match="2024-04.*restore"):
@@ -184,7 +218,9 @@ def test_concurrent_writer_never_fails_during_archive(seeded: str, archive_dir: 
             while not stop.is_set():
                 t0 = time.perf_counter()
                 try:
-                    w.execute("INSERT INTO audit_log (event_type, operation) VALUES ('session.create', 'create')")
+                    w.execute(
+                        "INSERT INTO audit_log (event_type, operation) VALUES ('session.create', 'create')"
+                    )
                 except BaseException as exc:  # recorded: asserted empty below
                     failures.append(exc)
                 latencies.append((time.perf_counter() - t0) * 1000)
@@ -207,14 +243,19 @@ def test_concurrent_writer_never_fails_during_archive(seeded: str, archive_dir: 
         assert after == before - result.rows + len(latencies)
 
 
-def test_dagster_archive_asset_check_and_schedule(seeded: str, archive_dir: Path,
-                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def test_dagster_archive_asset_check_and_schedule(
+    seeded: str, archive_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("PERF_PIPELINE_ARCHIVE_DIR", str(archive_dir))
     resources = {"postgres": PostgresResource(url=seeded)}
     with psycopg.connect(seeded, autocommit=True) as conn:
         june = len(_rows(conn, "audit_log", dt.date(2024, 6, 1)))
-    res = dg.materialize([audit_log_archive], partition_key="2024-06-01", resources=resources,
-                         instance=dg.DagsterInstance.ephemeral())
+    res = dg.materialize(
+        [audit_log_archive],
+        partition_key="2024-06-01",
+        resources=resources,
+        instance=dg.DagsterInstance.ephemeral(),
+    )
     mats = res.asset_materializations_for_node("audit_log_archive")
     assert len(mats) == 1 and mats[0].metadata["rows"].value == june > 0
     assert mats[0].metadata["state"].value == "dropped"
@@ -222,8 +263,12 @@ def test_dagster_archive_asset_check_and_schedule(seeded: str, archive_dir: Path
     this_month = dt.datetime.now(UTC).date().replace(day=1)
     with psycopg.connect(seeded, autocommit=True) as conn:
         ensure_partition(conn, "audit_log", this_month)
-    kept = dg.materialize([audit_log_archive], partition_key=a.add_months(this_month, -1).isoformat(),
-                          resources=resources, instance=dg.DagsterInstance.ephemeral())
+    kept = dg.materialize(
+        [audit_log_archive],
+        partition_key=a.add_months(this_month, -1).isoformat(),
+        resources=resources,
+        instance=dg.DagsterInstance.ephemeral(),
+    )
     assert kept.success and kept.asset_materializations_for_node("audit_log_archive") == []
 
     assert audit_log_archive_files_match_manifest(**resources).passed
@@ -244,8 +289,9 @@ def test_dagster_archive_asset_check_and_schedule(seeded: str, archive_dir: Path
     assert not a.archive_eligible(dt.date(2025, 11, 1), dt.date(2026, 11, 2), 12)
 
 
-def test_cli_archive_restore_and_list(seeded: str, archive_dir: Path, monkeypatch: pytest.MonkeyPatch,
-                                      capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_archive_restore_and_list(
+    seeded: str, archive_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     monkeypatch.setenv("PERF_PIPELINE_DATABASE_URL", seeded)
     monkeypatch.setenv("PERF_PIPELINE_ARCHIVE_DIR", str(archive_dir))
     month = dt.date(2024, 3, 1)
@@ -264,15 +310,22 @@ def test_cli_archive_restore_and_list(seeded: str, archive_dir: Path, monkeypatc
 def _fill_rollups(conn: psycopg.Connection, first: str, last: str, computed_at: str) -> None:
     """Rows of usage_daily_metrics for [first, last]: zeros in every other NOT NULL column (only day and
     computed_at matter to the retention rule, whatever else the rollup table holds)."""
-    others = [r[0] for r in conn.execute(
-        "SELECT column_name FROM information_schema.columns WHERE table_name = 'usage_daily_metrics' "
-        "AND table_schema = current_schema() AND is_nullable = 'NO' AND column_default IS NULL "
-        "AND column_name NOT IN ('day', 'computed_at')")]
+    others = [
+        r[0]
+        for r in conn.execute(
+            "SELECT column_name FROM information_schema.columns WHERE table_name = 'usage_daily_metrics' "
+            "AND table_schema = current_schema() AND is_nullable = 'NO' AND column_default IS NULL "
+            "AND column_name NOT IN ('day', 'computed_at')"
+        )
+    ]
     cols = ", ".join(["day", "computed_at", *others])
     zeros = "".join(", 0" for _ in others)
-    conn.execute(f"INSERT INTO usage_daily_metrics ({cols}) "  # noqa: S608 - catalog column names
-                 f"SELECT d::date, %s::timestamptz{zeros} FROM generate_series(%s::date, %s::date, '1 day') d "
-                 "ON CONFLICT (day) DO UPDATE SET computed_at = EXCLUDED.computed_at", (computed_at, first, last))
+    conn.execute(
+        f"INSERT INTO usage_daily_metrics ({cols}) "  # noqa: S608 - catalog column names
+        f"SELECT d::date, %s::timestamptz{zeros} FROM generate_series(%s::date, %s::date, '1 day') d "
+        "ON CONFLICT (day) DO UPDATE SET computed_at = EXCLUDED.computed_at",
+        (computed_at, first, last),
+    )
 
 
 def test_usage_retention_rule(seeded: str, archive_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -309,16 +362,24 @@ def test_usage_retention_rule(seeded: str, archive_dir: Path, monkeypatch: pytes
     # the asset: 2024-05 is past 24 months of retention and fully rolled up → archived and dropped
     monkeypatch.setenv("PERF_PIPELINE_ARCHIVE_DIR", str(archive_dir))
     resources = {"postgres": PostgresResource(url=seeded)}
-    res = dg.materialize([usage_log_retention], partition_key="2024-05-01", resources=resources,
-                         instance=dg.DagsterInstance.ephemeral())
+    res = dg.materialize(
+        [usage_log_retention],
+        partition_key="2024-05-01",
+        resources=resources,
+        instance=dg.DagsterInstance.ephemeral(),
+    )
     mats = res.asset_materializations_for_node("usage_log_retention")
     assert len(mats) == 1 and mats[0].metadata["rows"].value == rows > 0
     with psycopg.connect(seeded, autocommit=True) as conn:
         assert conn.execute("SELECT to_regclass('usage_log_y2024m05') IS NULL").fetchone()[0]
         assert a.manifest_row(conn, "usage_log", may).state == "dropped"
     # a month the rollups still need: no materialization, the partition stays
-    kept = dg.materialize([usage_log_retention], partition_key="2024-04-01", resources=resources,
-                          instance=dg.DagsterInstance.ephemeral())
+    kept = dg.materialize(
+        [usage_log_retention],
+        partition_key="2024-04-01",
+        resources=resources,
+        instance=dg.DagsterInstance.ephemeral(),
+    )
     assert kept.success and kept.asset_materializations_for_node("usage_log_retention") == []
     with psycopg.connect(seeded, autocommit=True) as conn:
         assert conn.execute("SELECT to_regclass('usage_log_y2024m04') IS NOT NULL").fetchone()[0]
@@ -332,9 +393,11 @@ def test_without_default_partition_the_detach_is_concurrent(pg_server_url: str, 
         with psycopg.connect(url, autocommit=True) as conn:
             conn.execute("DROP TABLE audit_log_default")
             ensure_partition(conn, "audit_log", month)
-            conn.execute("INSERT INTO audit_log (timestamp, event_type, operation) "
-                         "SELECT '2024-02-01'::timestamptz + g * interval '1 hour', 'x.y', 'read' "
-                         "FROM generate_series(0, 99) g")
+            conn.execute(
+                "INSERT INTO audit_log (timestamp, event_type, operation) "
+                "SELECT '2024-02-01'::timestamptz + g * interval '1 hour', 'x.y', 'read' "
+                "FROM generate_series(0, 99) g"
+            )
             before = _rows(conn, "audit_log", month)
             result = a.archive_partition(conn, "audit_log", month, archive_dir / "nodefault")
             assert result.state == "dropped" and result.rows == 100 and result.detach_mode == "concurrently"

@@ -33,11 +33,20 @@ def _months(conn: psycopg.Connection, table: str) -> list[str]:
 
 def _index_parents(conn: psycopg.Connection, table: str, child: str) -> tuple[set[str], set[str]]:
     """(indexes of the parent, parent indexes that the child's indexes are attached to)."""
-    parent = {r[0] for r in conn.execute(
-        "SELECT indexrelid::regclass::text FROM pg_index WHERE indrelid = %s::regclass", (table,))}
-    attached = {r[0] for r in conn.execute(
-        "SELECT i.inhparent::regclass::text FROM pg_index x JOIN pg_inherits i ON i.inhrelid = x.indexrelid "
-        "WHERE x.indrelid = %s::regclass", (child,))}
+    parent = {
+        r[0]
+        for r in conn.execute(
+            "SELECT indexrelid::regclass::text FROM pg_index WHERE indrelid = %s::regclass", (table,)
+        )
+    }
+    attached = {
+        r[0]
+        for r in conn.execute(
+            "SELECT i.inhparent::regclass::text FROM pg_index x JOIN pg_inherits i ON i.inhrelid = x.indexrelid "
+            "WHERE x.indrelid = %s::regclass",
+            (child,),
+        )
+    }
     return parent, attached
 
 
@@ -45,8 +54,17 @@ def _insert_audit(conn: psycopg.Connection, ts: dt.datetime, **values: object) -
     conn.execute(
         "INSERT INTO audit_log (id, timestamp, user_id, entity_type, entity_id, event_type, operation, severity, "
         "description, details, ip) VALUES (%s, %s, %s, 'session', %s, 'session.update', 'update', %s, %s, %s, %s)",
-        (values.get("id", uuid.uuid4()), ts, values.get("user_id"), values.get("entity_id", "s-1"),
-         values.get("severity", "low"), values.get("description", "d"), values.get("details"), values.get("ip")))
+        (
+            values.get("id", uuid.uuid4()),
+            ts,
+            values.get("user_id"),
+            values.get("entity_id", "s-1"),
+            values.get("severity", "low"),
+            values.get("description", "d"),
+            values.get("details"),
+            values.get("ip"),
+        ),
+    )
 
 
 def test_create_ahead_is_idempotent_and_exact(db: psycopg.Connection) -> None:
@@ -57,8 +75,9 @@ def test_create_ahead_is_idempotent_and_exact(db: psycopg.Connection) -> None:
     assert p.create_partitions_ahead(db, "audit_log", today, 3) == []
     assert _months(db, "audit_log") == expected
     # bounds are the UTC months
-    bound = db.execute("SELECT pg_get_expr(relpartbound, oid) FROM pg_class WHERE relname = 'audit_log_y2027m01'"
-                       ).fetchone()[0]
+    bound = db.execute(
+        "SELECT pg_get_expr(relpartbound, oid) FROM pg_class WHERE relname = 'audit_log_y2027m01'"
+    ).fetchone()[0]
     assert "2027-01-01 00:00:00+00" in bound and "2027-02-01 00:00:00+00" in bound
     # every index of the parent exists on the new partition, attached to the parent's index
     for table, child in (("audit_log", "audit_log_y2026m12"),):
@@ -67,16 +86,24 @@ def test_create_ahead_is_idempotent_and_exact(db: psycopg.Connection) -> None:
 
 
 def test_dagster_asset_creates_the_keys_month_with_indexes(db_url: str, db: psycopg.Connection) -> None:
-    res = dg.materialize([usage_log_partitions], partition_key="2025-03-01",
-                         resources={"postgres": PostgresResource(url=db_url)}, instance=dg.DagsterInstance.ephemeral())
+    res = dg.materialize(
+        [usage_log_partitions],
+        partition_key="2025-03-01",
+        resources={"postgres": PostgresResource(url=db_url)},
+        instance=dg.DagsterInstance.ephemeral(),
+    )
     assert res.success
     assert "usage_log_y2025m03" in _months(db, "usage_log")
     parent, attached = _index_parents(db, "usage_log", "usage_log_y2025m03")
     assert attached == parent and len(parent) == 4
     meta = res.asset_materializations_for_node("usage_log_partitions")[0].metadata
     assert meta["created"].value == 1 and meta["months"].value == 1
-    again = dg.materialize([usage_log_partitions], partition_key="2025-03-01",
-                           resources={"postgres": PostgresResource(url=db_url)}, instance=dg.DagsterInstance.ephemeral())
+    again = dg.materialize(
+        [usage_log_partitions],
+        partition_key="2025-03-01",
+        resources={"postgres": PostgresResource(url=db_url)},
+        instance=dg.DagsterInstance.ephemeral(),
+    )
     assert again.asset_materializations_for_node("usage_log_partitions")[0].metadata["created"].value == 0
 
 
@@ -95,8 +122,14 @@ def test_default_guard_fails_then_move_default_rows_fixes_it(db_url: str, db: ps
     stray = [dt.datetime(2023, 5, 3, 12, tzinfo=UTC) + dt.timedelta(minutes=7 * i) for i in range(25)]
     stray += [dt.datetime(2023, 6, 30, 23, 59, 59, 999999, tzinfo=UTC), dt.datetime(2023, 6, 1, tzinfo=UTC)]
     for i, ts in enumerate(stray):
-        _insert_audit(db, ts, user_id=uuid.uuid4() if i % 2 else None, description="" if i == 3 else f"row {i}",
-                      details='{"a": [1, 2]}' if i % 3 else None, ip="10.0.0.1" if i % 4 else None)
+        _insert_audit(
+            db,
+            ts,
+            user_id=uuid.uuid4() if i % 2 else None,
+            description="" if i == 3 else f"row {i}",
+            details='{"a": [1, 2]}' if i % 3 else None,
+            ip="10.0.0.1" if i % 4 else None,
+        )
     assert db.execute("SELECT count(*) FROM audit_log_default").fetchone()[0] == 27
     before = db.execute("SELECT * FROM audit_log ORDER BY id").fetchall()
 
@@ -107,7 +140,9 @@ def test_default_guard_fails_then_move_default_rows_fixes_it(db_url: str, db: ps
 
     result = move_default_rows.execute_in_process(
         run_config={"ops": {"move_default_rows_op": {"config": {"batch_size": 10}}}},
-        resources=resources, instance=dg.DagsterInstance.ephemeral())
+        resources=resources,
+        instance=dg.DagsterInstance.ephemeral(),
+    )
     assert result.success
     assert result.output_for_node("move_default_rows_op") == {"audit_log": 27, "usage_log": 0}
     assert audit_log_default_partition_empty(**resources).passed
@@ -131,9 +166,14 @@ def test_move_default_rows_resumes_after_a_crash_mid_month(db: psycopg.Connectio
         p.prepare_partition_table(db, "audit_log", dt.date(2022, 2, 1))
     start, end = p.month_bounds(dt.date(2022, 2, 1))
     with db.transaction():
-        moved = db.execute(sql.SQL(load_query("partition_move_default_batch")).format(
-            default=sql.Identifier("audit_log_default"), target=sql.Identifier("audit_log_y2022m02"),
-            key=sql.Identifier("timestamp")), {"start": start, "end": end, "batch": 7}).fetchone()[0]
+        moved = db.execute(
+            sql.SQL(load_query("partition_move_default_batch")).format(
+                default=sql.Identifier("audit_log_default"),
+                target=sql.Identifier("audit_log_y2022m02"),
+                key=sql.Identifier("timestamp"),
+            ),
+            {"start": start, "end": end, "batch": 7},
+        ).fetchone()[0]
     assert moved == 7
     assert "audit_log_y2022m02" not in _months(db, "audit_log")  # standalone, invisible to audit_log
     result = p.move_default_rows(db, "audit_log", batch_size=5)
@@ -157,8 +197,10 @@ class _Writer(threading.Thread):
             while not self.stop.is_set():
                 t0 = time.perf_counter()
                 try:
-                    conn.execute("INSERT INTO audit_log (event_type, operation, description) "
-                                 "VALUES ('session.create', 'create', 'writer')")
+                    conn.execute(
+                        "INSERT INTO audit_log (event_type, operation, description) "
+                        "VALUES ('session.create', 'create', 'writer')"
+                    )
                 except BaseException as exc:  # recorded: the test asserts there are none
                     self.failures.append(exc)
                 self.latencies.append((time.perf_counter() - t0) * 1000)
@@ -180,7 +222,8 @@ def test_concurrent_writer_never_fails_during_partition_creation(db_url: str, db
     assert writer.failures == []
     assert len(writer.latencies) > 50
     assert db.execute("SELECT count(*) FROM audit_log WHERE description = 'writer'").fetchone()[0] == len(
-        writer.latencies)
+        writer.latencies
+    )
     assert db.execute("SELECT count(*) FROM audit_log_default").fetchone()[0] == 0
 
 
@@ -190,10 +233,19 @@ def test_definitions_expose_the_interface_names() -> None:
     loaded = defs()
     graph = loaded.resolve_asset_graph()
     keys = {k.to_user_string() for k in graph.get_all_asset_keys()}
-    assert {"audit_log_partitions", "usage_log_partitions", "audit_log_archive", "usage_log_retention"} <= keys
+    assert {
+        "audit_log_partitions",
+        "usage_log_partitions",
+        "audit_log_archive",
+        "usage_log_retention",
+    } <= keys
     checks = {k.name for k in graph.asset_check_keys}
-    assert {"audit_log_default_partition_empty", "usage_log_default_partition_empty",
-            "audit_log_archive_files_match_manifest", "usage_log_archive_files_match_manifest"} <= checks
+    assert {
+        "audit_log_default_partition_empty",
+        "usage_log_default_partition_empty",
+        "audit_log_archive_files_match_manifest",
+        "usage_log_archive_files_match_manifest",
+    } <= checks
     assert loaded.resolve_job_def("move_default_rows") is not None
     schedules = {s.name: s for s in loaded.schedules or []}
     for name in ("create_partitions_ahead_daily", "archive_audit_log_monthly", "usage_log_retention_monthly"):

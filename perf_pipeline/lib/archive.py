@@ -105,7 +105,9 @@ class ManifestRow:
 def manifest_row(conn: psycopg.Connection, table: str, month: dt.date) -> ManifestRow | None:
     row = conn.execute(
         "SELECT table_name, month, partition_name, state, file_path, rows, bytes, sha256, min_ts, max_ts, "
-        "archive_count FROM archive_manifest WHERE table_name = %s AND month = %s", (table, month)).fetchone()
+        "archive_count FROM archive_manifest WHERE table_name = %s AND month = %s",
+        (table, month),
+    ).fetchone()
     return ManifestRow(*row) if row else None
 
 
@@ -114,7 +116,9 @@ def list_manifest(conn: psycopg.Connection, table: str | None = None) -> list[Ma
     rows = conn.execute(
         "SELECT table_name, month, partition_name, state, file_path, rows, bytes, sha256, min_ts, max_ts, "
         "archive_count FROM archive_manifest WHERE %(t)s::text IS NULL OR table_name = %(t)s "
-        "ORDER BY table_name, month", {"t": table}).fetchall()
+        "ORDER BY table_name, month",
+        {"t": table},
+    ).fetchall()
     return [ManifestRow(*r) for r in rows]
 
 
@@ -123,16 +127,27 @@ def _set_state(conn: psycopg.Connection, table: str, month: dt.date, state: str,
     cols = ["state", *values]
     params = {"table": table, "month": month, "name": partition_name(table, month), "state": state, **values}
     # UPDATE first: an INSERT … ON CONFLICT would check the table's CHECKs against the bare insert row
-    updated = conn.execute(sql.SQL(
-        "UPDATE archive_manifest SET {sets}, updated_at = now() WHERE table_name = %(table)s AND month = %(month)s"
-    ).format(sets=sql.SQL(", ").join(sql.SQL("{} = {}").format(sql.Identifier(c), sql.Placeholder(c)) for c in cols)),
-        params).rowcount
+    updated = conn.execute(
+        sql.SQL(
+            "UPDATE archive_manifest SET {sets}, updated_at = now() WHERE table_name = %(table)s AND month = %(month)s"
+        ).format(
+            sets=sql.SQL(", ").join(
+                sql.SQL("{} = {}").format(sql.Identifier(c), sql.Placeholder(c)) for c in cols
+            )
+        ),
+        params,
+    ).rowcount
     if not updated:
-        conn.execute(sql.SQL(
-            "INSERT INTO archive_manifest (table_name, month, partition_name, {cols}) "
-            "VALUES (%(table)s, %(month)s, %(name)s, {vals})").format(
-            cols=sql.SQL(", ").join(map(sql.Identifier, cols)),
-            vals=sql.SQL(", ").join(sql.Placeholder(c) for c in cols)), params)
+        conn.execute(
+            sql.SQL(
+                "INSERT INTO archive_manifest (table_name, month, partition_name, {cols}) "
+                "VALUES (%(table)s, %(month)s, %(name)s, {vals})"
+            ).format(
+                cols=sql.SQL(", ").join(map(sql.Identifier, cols)),
+                vals=sql.SQL(", ").join(sql.Placeholder(c) for c in cols),
+            ),
+            params,
+        )
 
 
 def _attach_state(conn: psycopg.Connection, table: str, name: str) -> str:
@@ -141,7 +156,8 @@ def _attach_state(conn: psycopg.Connection, table: str, name: str) -> str:
         "SELECT i.inhdetachpending FROM pg_class c LEFT JOIN pg_inherits i "
         "ON i.inhrelid = c.oid AND i.inhparent = %s::regclass "
         "WHERE c.relname = %s AND c.relnamespace = current_schema()::regnamespace",
-        (table, name)).fetchone()
+        (table, name),
+    ).fetchone()
     if row is None:
         return "absent"
     if row[0] is None:
@@ -164,9 +180,13 @@ def _detach(conn: psycopg.Connection, table: str, month: dt.date, lock_timeout_m
     mode = "none"
     if state == "detach_pending":
         mode = "finalize"
-        run_with_lock_retry(conn, lambda c: c.execute(
-            sql.SQL("ALTER TABLE {} DETACH PARTITION {} FINALIZE").format(parent, child)),
-            lock_timeout_ms=lock_timeout_ms, attempts=100, what=f"finalize detach {name}")
+        run_with_lock_retry(
+            conn,
+            lambda c: c.execute(sql.SQL("ALTER TABLE {} DETACH PARTITION {} FINALIZE").format(parent, child)),
+            lock_timeout_ms=lock_timeout_ms,
+            attempts=100,
+            what=f"finalize detach {name}",
+        )
     elif state == "attached" and not _has_default(conn, table):
         mode = "concurrently"
         # CONCURRENTLY runs two transactions itself, so it cannot share one with the manifest update;
@@ -177,6 +197,7 @@ def _detach(conn: psycopg.Connection, table: str, month: dt.date, lock_timeout_m
         finally:
             conn.execute("RESET lock_timeout")
     elif state == "attached":
+
         def work(c: psycopg.Connection) -> None:
             c.execute(sql.SQL("ALTER TABLE {} DETACH PARTITION {}").format(parent, child))
             _set_state(c, table, month, "detached")
@@ -200,9 +221,14 @@ def _arrow_type(pg_type: str) -> pa.DataType:
         precision, scale = (int(x) for x in pg_type[8:-1].split(","))
         return pa.decimal128(precision, scale)
     return {
-        "bigint": pa.int64(), "integer": pa.int32(), "smallint": pa.int16(), "boolean": pa.bool_(),
-        "double precision": pa.float64(), "real": pa.float32(),
-        "timestamp with time zone": pa.timestamp("us", tz="UTC"), "date": pa.date32(),
+        "bigint": pa.int64(),
+        "integer": pa.int32(),
+        "smallint": pa.int16(),
+        "boolean": pa.bool_(),
+        "double precision": pa.float64(),
+        "real": pa.float32(),
+        "timestamp with time zone": pa.timestamp("us", tz="UTC"),
+        "date": pa.date32(),
     }.get(pg_type, pa.string())  # text, uuid, jsonb, inet: their text form, byte for byte
 
 
@@ -210,7 +236,9 @@ def table_columns(conn: psycopg.Connection, table: str) -> list[_Column]:
     """The parent's columns in order, with the Arrow type each is archived as."""
     rows = conn.execute(
         "SELECT attname, format_type(atttypid, atttypmod) FROM pg_attribute "
-        "WHERE attrelid = %s::regclass AND attnum > 0 AND NOT attisdropped ORDER BY attnum", (table,)).fetchall()
+        "WHERE attrelid = %s::regclass AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
+        (table,),
+    ).fetchall()
     return [_Column(n, t, _arrow_type(t)) for n, t in rows]
 
 
@@ -253,14 +281,24 @@ def _csv_batches(chunks: Iterator[bytes], batch_bytes: int) -> Iterator[bytes]:
 
 
 def _parse(batch: bytes, columns: list[_Column]) -> pa.Table:
-    read_types = {c.name: (pa.timestamp("us") if pa.types.is_timestamp(c.arrow) else c.arrow) for c in columns}
+    read_types = {
+        c.name: (pa.timestamp("us") if pa.types.is_timestamp(c.arrow) else c.arrow) for c in columns
+    }
     table = pacsv.read_csv(
         io.BytesIO(batch),
-        read_options=pacsv.ReadOptions(column_names=[c.name for c in columns], block_size=8 << 20, use_threads=False),
+        read_options=pacsv.ReadOptions(
+            column_names=[c.name for c in columns], block_size=8 << 20, use_threads=False
+        ),
         parse_options=pacsv.ParseOptions(newlines_in_values=True),
         convert_options=pacsv.ConvertOptions(
-            column_types=read_types, null_values=[""], strings_can_be_null=True,
-            quoted_strings_can_be_null=False, true_values=["t"], false_values=["f"]))
+            column_types=read_types,
+            null_values=[""],
+            strings_can_be_null=True,
+            quoted_strings_can_be_null=False,
+            true_values=["t"],
+            false_values=["f"],
+        ),
+    )
     # timestamps were selected AT TIME ZONE 'UTC' (naive UTC text); label them UTC without shifting
     return pa.table([table[c.name].cast(c.arrow) for c in columns], names=[c.name for c in columns])
 
@@ -277,7 +315,8 @@ def _select_for_export(table: str, name: str, columns: list[_Column]) -> sql.Com
     # the export (see _export), and a restore loads rows in file order, so restore → re-archive writes
     # the same file (same sha256)
     return sql.SQL("COPY (SELECT {} FROM {}) TO STDOUT (FORMAT csv)").format(
-        sql.SQL(", ").join(items), sql.Identifier(name))
+        sql.SQL(", ").join(items), sql.Identifier(name)
+    )
 
 
 def file_sha256(path: Path) -> str:
@@ -311,8 +350,11 @@ def _export(conn: psycopg.Connection, table: str, month: dt.date, path: Path, ba
     tmp = path.with_name(f".{path.name}.tmp")
     rows, lo, hi = 0, None, None
     conn.execute("SET synchronize_seqscans = off")  # a scan starting mid-table would reorder the file
-    with conn.cursor() as cur, cur.copy(_select_for_export(table, name, columns)) as copy, \
-            pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
+    with (
+        conn.cursor() as cur,
+        cur.copy(_select_for_export(table, name, columns)) as copy,
+        pq.ParquetWriter(tmp, schema, compression="zstd") as writer,
+    ):
         for batch in _csv_batches(iter(copy), batch_bytes):
             part = _parse(batch, columns)
             writer.write_table(part)
@@ -358,14 +400,20 @@ def _verify(conn: psycopg.Connection, table: str, month: dt.date, m: ManifestRow
         facts = read_file_facts(path, key)
     except (OSError, pa.ArrowException) as exc:
         raise ArchiveError(f"{m.partition_name}: archive file {path} is unreadable: {exc}") from exc
-    db_rows, db_min, db_max = conn.execute(sql.SQL("SELECT count(*), min({k}), max({k}) FROM {t}").format(
-        k=sql.Identifier(key), t=sql.Identifier(m.partition_name))).fetchone()
+    db_rows, db_min, db_max = conn.execute(
+        sql.SQL("SELECT count(*), min({k}), max({k}) FROM {t}").format(
+            k=sql.Identifier(key), t=sql.Identifier(m.partition_name)
+        )
+    ).fetchone()
     problems = []
     if facts.sha256 != m.sha256:
         problems.append(f"sha256 {facts.sha256[:12]}… ≠ manifest {str(m.sha256)[:12]}…")
     if facts.rows != m.rows or facts.rows != db_rows:
         problems.append(f"rows: file {facts.rows}, manifest {m.rows}, table {db_rows}")
-    if (facts.min_ts, facts.max_ts) != (db_min, db_max) or (facts.min_ts, facts.max_ts) != (m.min_ts, m.max_ts):
+    if (facts.min_ts, facts.max_ts) != (db_min, db_max) or (facts.min_ts, facts.max_ts) != (
+        m.min_ts,
+        m.max_ts,
+    ):
         problems.append(f"min/max {key}: file {facts.min_ts}/{facts.max_ts}, table {db_min}/{db_max}")
     if problems:
         raise ArchiveError(f"{m.partition_name}: archive file does not match: " + "; ".join(problems))
@@ -375,9 +423,16 @@ def _lock_key(table: str, month: dt.date) -> sql.Composed:
     return sql.SQL("hashtextextended({}, 0)").format(sql.Literal(f"perf_pipeline.archive:{table}:{month}"))
 
 
-def archive_partition(conn: psycopg.Connection, table: str, month: dt.date, archive_dir: Path, *,
-                      hook: StepHook | None = None, lock_timeout_ms: int = DETACH_LOCK_TIMEOUT_MS,
-                      batch_bytes: int = BATCH_BYTES) -> ArchiveResult:
+def archive_partition(
+    conn: psycopg.Connection,
+    table: str,
+    month: dt.date,
+    archive_dir: Path,
+    *,
+    hook: StepHook | None = None,
+    lock_timeout_ms: int = DETACH_LOCK_TIMEOUT_MS,
+    batch_bytes: int = BATCH_BYTES,
+) -> ArchiveResult:
     """Detach → export → verify → drop ``table``'s partition of ``month``, resuming from the manifest.
 
     ``conn`` must be in autocommit mode. Idempotent: an already archived month returns at once
@@ -409,9 +464,18 @@ def archive_partition(conn: psycopg.Connection, table: str, month: dt.date, arch
                 step = "export"
                 facts = _export(conn, table, month, archive_path(archive_dir, table, month), batch_bytes)
                 with conn.transaction():
-                    _set_state(conn, table, month, "exported", file_path=str(archive_path(archive_dir, table, month)),
-                               rows=facts.rows, bytes=facts.bytes, sha256=facts.sha256, min_ts=facts.min_ts,
-                               max_ts=facts.max_ts)
+                    _set_state(
+                        conn,
+                        table,
+                        month,
+                        "exported",
+                        file_path=str(archive_path(archive_dir, table, month)),
+                        rows=facts.rows,
+                        bytes=facts.bytes,
+                        sha256=facts.sha256,
+                        min_ts=facts.min_ts,
+                        max_ts=facts.max_ts,
+                    )
             elif state == "exported":
                 step = "verify"
                 assert m is not None
@@ -429,9 +493,12 @@ def archive_partition(conn: psycopg.Connection, table: str, month: dt.date, arch
                 step = "drop"
                 with conn.transaction():
                     conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(sql.Identifier(name)))
-                    conn.execute("UPDATE archive_manifest SET state = 'dropped', dropped_at = now(), "
-                                 "updated_at = now(), archive_count = archive_count + 1 "
-                                 "WHERE table_name = %s AND month = %s", (table, month))
+                    conn.execute(
+                        "UPDATE archive_manifest SET state = 'dropped', dropped_at = now(), "
+                        "updated_at = now(), archive_count = archive_count + 1 "
+                        "WHERE table_name = %s AND month = %s",
+                        (table, month),
+                    )
             else:
                 raise ArchiveError(f"{name}: unexpected manifest state {state!r}")
             result.steps_run.append(step)
@@ -489,7 +556,8 @@ def _copy_file_into(conn: psycopg.Connection, name: str, path: Path) -> int:
     parquet = pq.ParquetFile(path)
     columns = parquet.schema_arrow.names
     stmt = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT csv)").format(
-        sql.Identifier(name), sql.SQL(", ").join(map(sql.Identifier, columns)))
+        sql.Identifier(name), sql.SQL(", ").join(map(sql.Identifier, columns))
+    )
     rows = 0
     with conn.cursor() as cur, cur.copy(stmt) as copy:
         for batch in parquet.iter_batches(batch_size=100_000):
@@ -501,8 +569,9 @@ def _copy_file_into(conn: psycopg.Connection, name: str, path: Path) -> int:
     return rows
 
 
-def restore_partition(conn: psycopg.Connection, table: str, month: dt.date, *,
-                      lock_timeout_ms: int = 200) -> RestoreResult:
+def restore_partition(
+    conn: psycopg.Connection, table: str, month: dt.date, *, lock_timeout_ms: int = 200
+) -> RestoreResult:
     """Load an archived month back from its file and re-attach it to ``table``.
 
     ``conn`` must be in autocommit mode. The file is checked against the manifest first (sha256). The
@@ -544,8 +613,10 @@ def restore_partition(conn: psycopg.Connection, table: str, month: dt.date, *,
 
         start, end = month_bounds(month)
         move = sql.SQL(load_query("partition_move_default_batch")).format(
-            default=sql.Identifier(default_name(table)), target=sql.Identifier(name),
-            key=sql.Identifier(partition_key_column(table)))
+            default=sql.Identifier(default_name(table)),
+            target=sql.Identifier(name),
+            key=sql.Identifier(partition_key_column(table)),
+        )
         late = 0
         has_default = _has_default(conn, table)
 
@@ -556,12 +627,17 @@ def restore_partition(conn: psycopg.Connection, table: str, month: dt.date, *,
             if has_default:
                 late = c.execute(move, {"start": start, "end": end, "batch": 2**62}).fetchone()[0]
             attach_partition(c, table, month)
-            c.execute("UPDATE archive_manifest SET state = 'restored', restored_at = now(), updated_at = now() "
-                      "WHERE table_name = %s AND month = %s", (table, month))
+            c.execute(
+                "UPDATE archive_manifest SET state = 'restored', restored_at = now(), updated_at = now() "
+                "WHERE table_name = %s AND month = %s",
+                (table, month),
+            )
 
         for attempt in range(1, 11):
             try:
-                run_with_lock_retry(conn, work, lock_timeout_ms=lock_timeout_ms, attempts=100, what=f"attach {name}")
+                run_with_lock_retry(
+                    conn, work, lock_timeout_ms=lock_timeout_ms, attempts=100, what=f"attach {name}"
+                )
                 break
             except psycopg.errors.CheckViolation:  # a writer added another late row meanwhile: again
                 if attempt == 10:
@@ -590,8 +666,9 @@ class RetentionDecision:
     reason: str
 
 
-def usage_retention_decision(conn: psycopg.Connection, month: dt.date, today: dt.date,
-                             retention_months: int) -> RetentionDecision:
+def usage_retention_decision(
+    conn: psycopg.Connection, month: dt.date, today: dt.date, retention_months: int
+) -> RetentionDecision:
     """Whether usage month ``month`` may be archived and dropped. The rule, all three must hold:
 
     1. it is past ``PERF_PIPELINE_USAGE_RETENTION_MONTHS`` (:func:`archive_eligible`);
@@ -616,15 +693,20 @@ def usage_retention_decision(conn: psycopg.Connection, month: dt.date, today: dt
     name = partition_name("usage_log", month)
     if conn.execute("SELECT to_regclass(%s) IS NULL", (name,)).fetchone()[0]:
         return RetentionDecision(True, "past retention; no partition left")
-    stale = conn.execute(sql.SQL(load_query("archive_usage_days_needing_rollup")).format(
-        partition=sql.Identifier(name))).fetchall()
+    stale = conn.execute(
+        sql.SQL(load_query("archive_usage_days_needing_rollup")).format(partition=sql.Identifier(name))
+    ).fetchall()
     if conn.execute("SELECT to_regclass('usage_rollup_stale_days') IS NOT NULL").fetchone()[0]:
         start, end = month_bounds(month)
-        marked = conn.execute(load_query("archive_usage_stale_days"),
-                              {"start": start.date(), "end": end.date()}).fetchall()
+        marked = conn.execute(
+            load_query("archive_usage_stale_days"), {"start": start.date(), "end": end.date()}
+        ).fetchall()
         stale = sorted(set(stale) | set(marked))
     if stale:
         days = ", ".join(str(d) for (d,) in stale[:10])
-        return RetentionDecision(False, f"{len(stale)} day(s) whose rollup is missing or older than their data: "
-                                        f"{days}")
-    return RetentionDecision(True, "past retention, outside the 90-day window, every day rolled up after its data")
+        return RetentionDecision(
+            False, f"{len(stale)} day(s) whose rollup is missing or older than their data: {days}"
+        )
+    return RetentionDecision(
+        True, "past retention, outside the 90-day window, every day rolled up after its data"
+    )

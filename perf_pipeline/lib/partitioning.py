@@ -42,7 +42,9 @@ class PartitionError(ValueError):
 
 def _check_table(table: str) -> str:
     if table not in PARTITIONED_TABLES:
-        raise PartitionError(f"unknown partitioned table {table!r}; expected one of {sorted(PARTITIONED_TABLES)}")
+        raise PartitionError(
+            f"unknown partitioned table {table!r}; expected one of {sorted(PARTITIONED_TABLES)}"
+        )
     return table
 
 
@@ -87,7 +89,10 @@ def month_bounds(month: dt.date) -> tuple[dt.datetime, dt.datetime]:
     """[start, end) of a month as UTC timestamps."""
     start = month_start(month)
     end = add_months(start, 1)
-    return (dt.datetime(start.year, start.month, 1, tzinfo=UTC), dt.datetime(end.year, end.month, 1, tzinfo=UTC))
+    return (
+        dt.datetime(start.year, start.month, 1, tzinfo=UTC),
+        dt.datetime(end.year, end.month, 1, tzinfo=UTC),
+    )
 
 
 def months_between(first: dt.date, last: dt.date) -> list[dt.date]:
@@ -151,8 +156,10 @@ def _attach(conn: psycopg.Connection, table: str, name: str, month: dt.date) -> 
     if attached is not None:
         return False
     conn.execute(
-        sql.SQL("CREATE TABLE IF NOT EXISTS {} (LIKE {} INCLUDING DEFAULTS INCLUDING CONSTRAINTS "
-                "INCLUDING STORAGE INCLUDING COMMENTS)").format(sql.Identifier(name), sql.Identifier(table))
+        sql.SQL(
+            "CREATE TABLE IF NOT EXISTS {} (LIKE {} INCLUDING DEFAULTS INCLUDING CONSTRAINTS "
+            "INCLUDING STORAGE INCLUDING COMMENTS)"
+        ).format(sql.Identifier(name), sql.Identifier(table))
     )
     # ATTACH builds the parent's indexes on the (empty) child, so every index of the parent exists on it.
     conn.execute(
@@ -173,8 +180,9 @@ def attach_partition(conn: psycopg.Connection, table: str, month: dt.date) -> bo
     return _attach(conn, table, partition_name(table, month), month)
 
 
-def ensure_partition(conn: psycopg.Connection, table: str, month: dt.date, *, lock_timeout_ms: int = 200,
-                     attempts: int = 50) -> bool:
+def ensure_partition(
+    conn: psycopg.Connection, table: str, month: dt.date, *, lock_timeout_ms: int = 200, attempts: int = 50
+) -> bool:
     """Create and attach ``table``'s partition for ``month`` if missing. True if it was created.
 
     Idempotent. Locks: SHARE UPDATE EXCLUSIVE on the parent, ACCESS EXCLUSIVE on the new table and on
@@ -184,14 +192,21 @@ def ensure_partition(conn: psycopg.Connection, table: str, month: dt.date, *, lo
     """
     month = month_start(month)
     name = partition_name(table, month)
-    created = run_with_lock_retry(conn, lambda c: _attach(c, table, name, month),
-                                  lock_timeout_ms=lock_timeout_ms, attempts=attempts, what=f"create {name}")
+    created = run_with_lock_retry(
+        conn,
+        lambda c: _attach(c, table, name, month),
+        lock_timeout_ms=lock_timeout_ms,
+        attempts=attempts,
+        what=f"create {name}",
+    )
     if created:
         log.info("created partition %s", name)
     return created
 
 
-def ensure_partitions(conn: psycopg.Connection, table: str, months: list[dt.date], **kwargs: int) -> list[str]:
+def ensure_partitions(
+    conn: psycopg.Connection, table: str, months: list[dt.date], **kwargs: int
+) -> list[str]:
     """:func:`ensure_partition` for each month; returns the names created."""
     have = existing_months(conn, table)
     created = []
@@ -210,8 +225,9 @@ def months_ahead(today: dt.date, premake: int) -> list[dt.date]:
     return [add_months(current, n) for n in range(premake + 1)]
 
 
-def create_partitions_ahead(conn: psycopg.Connection, table: str, today: dt.date, premake: int,
-                            **kwargs: int) -> list[str]:
+def create_partitions_ahead(
+    conn: psycopg.Connection, table: str, today: dt.date, premake: int, **kwargs: int
+) -> list[str]:
     """Keep ``table``'s current month and ``premake`` future months created; returns the names created.
 
     Idempotent (a second call creates nothing). Cost: one catalog read, plus per missing month one
@@ -232,7 +248,8 @@ class DefaultSummary:
 def default_partition_summary(conn: psycopg.Connection, table: str) -> DefaultSummary:
     """Rows in ``table``'s DEFAULT partition, by UTC month. Cost: a scan of DEFAULT (kept empty, so tiny)."""
     query = sql.SQL(load_query("partition_default_rows_by_month")).format(
-        default=sql.Identifier(default_name(table)), key=sql.Identifier(partition_key_column(table)))
+        default=sql.Identifier(default_name(table)), key=sql.Identifier(partition_key_column(table))
+    )
     months = {month: count for month, count in conn.execute(query).fetchall()}
     return DefaultSummary(sum(months.values()), months)
 
@@ -246,16 +263,29 @@ def prepare_partition_table(conn: psycopg.Connection, table: str, month: dt.date
     name = partition_name(table, month)
     key = partition_key_column(table)
     start, end = month_bounds(month)
-    conn.execute(sql.SQL(
-        "CREATE TABLE IF NOT EXISTS {} (LIKE {} INCLUDING DEFAULTS INCLUDING CONSTRAINTS INCLUDING STORAGE "
-        "INCLUDING COMMENTS INCLUDING INDEXES)").format(sql.Identifier(name), sql.Identifier(table)))
+    conn.execute(
+        sql.SQL(
+            "CREATE TABLE IF NOT EXISTS {} (LIKE {} INCLUDING DEFAULTS INCLUDING CONSTRAINTS INCLUDING STORAGE "
+            "INCLUDING COMMENTS INCLUDING INDEXES)"
+        ).format(sql.Identifier(name), sql.Identifier(table))
+    )
     has_bound = conn.execute(
-        "SELECT 1 FROM pg_constraint WHERE conrelid = %s::regclass AND conname = %s",
-        (name, f"{name}_bound")).fetchone()
+        "SELECT 1 FROM pg_constraint WHERE conrelid = %s::regclass AND conname = %s", (name, f"{name}_bound")
+    ).fetchone()
     if not has_bound:
-        conn.execute(sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} CHECK ({} IS NOT NULL AND {} >= {} AND {} < {})").format(
-            sql.Identifier(name), sql.Identifier(f"{name}_bound"), sql.Identifier(key), sql.Identifier(key),
-            sql.Literal(start), sql.Identifier(key), sql.Literal(end)))
+        conn.execute(
+            sql.SQL(
+                "ALTER TABLE {} ADD CONSTRAINT {} CHECK ({} IS NOT NULL AND {} >= {} AND {} < {})"
+            ).format(
+                sql.Identifier(name),
+                sql.Identifier(f"{name}_bound"),
+                sql.Identifier(key),
+                sql.Identifier(key),
+                sql.Literal(start),
+                sql.Identifier(key),
+                sql.Literal(end),
+            )
+        )
     return name
 
 
@@ -263,8 +293,12 @@ def _archived_months(conn: psycopg.Connection, table: str) -> set[dt.date]:
     """Months of ``table`` whose partition was archived and dropped (archive_manifest, migration 0010)."""
     if conn.execute("SELECT to_regclass('archive_manifest') IS NULL").fetchone()[0]:
         return set()
-    return {m for (m,) in conn.execute(
-        "SELECT month FROM archive_manifest WHERE table_name = %s AND state = 'dropped'", (table,))}
+    return {
+        m
+        for (m,) in conn.execute(
+            "SELECT month FROM archive_manifest WHERE table_name = %s AND state = 'dropped'", (table,)
+        )
+    }
 
 
 @dataclass
@@ -275,8 +309,15 @@ class MoveResult:
     partitions_created: list[str] = field(default_factory=list)
 
 
-def move_default_rows(conn: psycopg.Connection, table: str, *, batch_size: int = 10_000,
-                      lock_timeout_ms: int = 200, attempts: int = 50, max_rounds: int = 20) -> MoveResult:
+def move_default_rows(
+    conn: psycopg.Connection,
+    table: str,
+    *,
+    batch_size: int = 10_000,
+    lock_timeout_ms: int = 200,
+    attempts: int = 50,
+    max_rounds: int = 20,
+) -> MoveResult:
     """Move every row of ``table``'s DEFAULT partition into its month's partition, creating it.
 
     ``conn`` must be in autocommit mode. Per month: the partition is prepared as a standalone table
@@ -301,7 +342,8 @@ def move_default_rows(conn: psycopg.Connection, table: str, *, batch_size: int =
                 months = ", ".join(f"{m:%Y-%m}" for m in sorted(archived))
                 raise PartitionError(
                     f"{table}: DEFAULT holds rows of archived month(s) {months}; restore them "
-                    f"(perf-pipeline archive restore YYYY-MM --table {table}), which moves these rows in")
+                    f"(perf-pipeline archive restore YYYY-MM --table {table}), which moves these rows in"
+                )
             return result
         for month in sorted(set(summary.months) - archived):
             start, end = month_bounds(month)
@@ -310,8 +352,10 @@ def move_default_rows(conn: psycopg.Connection, table: str, *, batch_size: int =
                 prepare_partition_table(conn, table, month)
             while True:
                 with conn.transaction():
-                    moved = conn.execute(move.format(default=default, target=sql.Identifier(name), key=key),
-                                         {"start": start, "end": end, "batch": batch_size}).fetchone()[0]
+                    moved = conn.execute(
+                        move.format(default=default, target=sql.Identifier(name), key=key),
+                        {"start": start, "end": end, "batch": batch_size},
+                    ).fetchone()[0]
                 if not moved:
                     break
                 result.rows_moved += moved
@@ -322,5 +366,9 @@ def move_default_rows(conn: psycopg.Connection, table: str, *, batch_size: int =
                 if ensure_partition(conn, table, month, lock_timeout_ms=lock_timeout_ms, attempts=attempts):
                     result.partitions_created.append(name)
             except psycopg.errors.CheckViolation:
-                log.info("%s: new rows of %s arrived in DEFAULT during the move; moving them too", table, month)
-    raise PartitionError(f"{table}: DEFAULT kept receiving rows after {max_rounds} rounds of move_default_rows")
+                log.info(
+                    "%s: new rows of %s arrived in DEFAULT during the move; moving them too", table, month
+                )
+    raise PartitionError(
+        f"{table}: DEFAULT kept receiving rows after {max_rounds} rounds of move_default_rows"
+    )

@@ -25,17 +25,19 @@ ARCHIVE_PARTITIONS = dg.MonthlyPartitionsDefinition(start_date=FIRST_MONTH.isofo
 
 
 def _result(result: ArchiveResult) -> dg.MaterializeResult:
-    return dg.MaterializeResult(metadata={
-        "rows": result.rows,
-        "bytes": result.bytes,
-        "duration_ms": result.duration_ms,
-        "state": result.state,
-        "detach_mode": result.detach_mode or "",
-        "steps_run": ", ".join(result.steps_run) or "none (already archived)",
-        "sha256": result.sha256 or "",
-        "file": dg.MetadataValue.path(result.file_path or ""),
-        **{f"{step}_ms": ms for step, ms in result.step_ms.items()},
-    })
+    return dg.MaterializeResult(
+        metadata={
+            "rows": result.rows,
+            "bytes": result.bytes,
+            "duration_ms": result.duration_ms,
+            "state": result.state,
+            "detach_mode": result.detach_mode or "",
+            "steps_run": ", ".join(result.steps_run) or "none (already archived)",
+            "sha256": result.sha256 or "",
+            "file": dg.MetadataValue.path(result.file_path or ""),
+            **{f"{step}_ms": ms for step, ms in result.step_ms.items()},
+        }
+    )
 
 
 @dg.asset(
@@ -45,10 +47,12 @@ def _result(result: ArchiveResult) -> dg.MaterializeResult:
     group_name="archive",
     kinds={"postgres", "parquet"},
     description="Audit months older than PERF_PIPELINE_AUDIT_RETENTION_MONTHS: detach → COPY to zstd Parquet → "
-                "verify (rows, sha256, min/max) → drop, each step recorded in archive_manifest; re-running a key "
-                "finishes an interrupted archive and never archives a month twice.",
+    "verify (rows, sha256, min/max) → drop, each step recorded in archive_manifest; re-running a key "
+    "finishes an interrupted archive and never archives a month twice.",
 )
-def audit_log_archive(context: dg.AssetExecutionContext, postgres: PostgresResource) -> Iterator[dg.MaterializeResult]:
+def audit_log_archive(
+    context: dg.AssetExecutionContext, postgres: PostgresResource
+) -> Iterator[dg.MaterializeResult]:
     settings = get_settings()
     month = context.partition_time_window.start.date()
     today = dt.datetime.now(dt.UTC).date()
@@ -70,10 +74,11 @@ def audit_log_archive(context: dg.AssetExecutionContext, postgres: PostgresResou
     group_name="archive",
     kinds={"postgres", "parquet"},
     description="Usage months older than PERF_PIPELINE_USAGE_RETENTION_MONTHS, outside the rollups' 90-day window and "
-                "with every day rolled up after its data: archived like audit_log_archive, then dropped.",
+    "with every day rolled up after its data: archived like audit_log_archive, then dropped.",
 )
-def usage_log_retention(context: dg.AssetExecutionContext,
-                        postgres: PostgresResource) -> Iterator[dg.MaterializeResult]:
+def usage_log_retention(
+    context: dg.AssetExecutionContext, postgres: PostgresResource
+) -> Iterator[dg.MaterializeResult]:
     settings = get_settings()
     month = context.partition_time_window.start.date()
     today = dt.datetime.now(dt.UTC).date()

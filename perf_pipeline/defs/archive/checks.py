@@ -13,20 +13,30 @@ def _check(postgres: PostgresResource, table: str) -> dg.AssetCheckResult:
     bad = "\n".join(f"- `{name}`: {problem}" for name, problem in sorted(report.problems.items()))
     return dg.AssetCheckResult(
         passed=not report.problems,
-        metadata={"files_ok": len(report.ok), "files_bad": len(report.problems), "threshold": 0,
-                  "problems": dg.MetadataValue.md(bad or "_none_")},
+        metadata={
+            "files_ok": len(report.ok),
+            "files_bad": len(report.problems),
+            "threshold": 0,
+            "problems": dg.MetadataValue.md(bad or "_none_"),
+        },
     )
 
 
-@dg.asset_check(asset=audit_log_archive, name="audit_log_archive_files_match_manifest",
-                description="Every archived audit month's Parquet file exists and matches its manifest sha256 and "
-                            "row count (reads every file once).")
+@dg.asset_check(
+    asset=audit_log_archive,
+    name="audit_log_archive_files_match_manifest",
+    description="Every archived audit month's Parquet file exists and matches its manifest sha256 and "
+    "row count (reads every file once).",
+)
 def audit_log_archive_files_match_manifest(postgres: PostgresResource) -> dg.AssetCheckResult:
     return _check(postgres, "audit_log")
 
 
-@dg.asset_check(asset=usage_log_retention, name="usage_log_archive_files_match_manifest",
-                description="Every archived usage month's Parquet file exists and matches its manifest sha256 and "
-                            "row count (reads every file once).")
+@dg.asset_check(
+    asset=usage_log_retention,
+    name="usage_log_archive_files_match_manifest",
+    description="Every archived usage month's Parquet file exists and matches its manifest sha256 and "
+    "row count (reads every file once).",
+)
 def usage_log_archive_files_match_manifest(postgres: PostgresResource) -> dg.AssetCheckResult:
     return _check(postgres, "usage_log")

@@ -13,11 +13,17 @@ from perf_pipeline.settings import get_settings
 CATCH_UP_MONTHS = 2
 
 audit_archive_job = dg.define_asset_job(
-    "audit_log_archive_job", selection=dg.AssetSelection.assets(audit_log_archive),
-    partitions_def=ARCHIVE_PARTITIONS, description="Archive one audit month (detach → Parquet → verify → drop).")
+    "audit_log_archive_job",
+    selection=dg.AssetSelection.assets(audit_log_archive),
+    partitions_def=ARCHIVE_PARTITIONS,
+    description="Archive one audit month (detach → Parquet → verify → drop).",
+)
 usage_retention_job = dg.define_asset_job(
-    "usage_log_retention_job", selection=dg.AssetSelection.assets(usage_log_retention),
-    partitions_def=ARCHIVE_PARTITIONS, description="Archive and drop one usage month past retention.")
+    "usage_log_retention_job",
+    selection=dg.AssetSelection.assets(usage_log_retention),
+    partitions_def=ARCHIVE_PARTITIONS,
+    description="Archive and drop one usage month past retention.",
+)
 
 
 def _requests(day: dt.date, retention_months: int) -> Iterator[dg.RunRequest]:
@@ -34,7 +40,7 @@ def _requests(day: dt.date, retention_months: int) -> Iterator[dg.RunRequest]:
     cron_schedule="30 3 2 * *",
     execution_timezone="UTC",
     description="Monthly on the 2nd at 03:30 UTC (quiet hours): archive the audit month that just passed "
-                "PERF_PIPELINE_AUDIT_RETENTION_MONTHS, and retry the two before it if they did not finish.",
+    "PERF_PIPELINE_AUDIT_RETENTION_MONTHS, and retry the two before it if they did not finish.",
 )
 def archive_audit_log_monthly(context: dg.ScheduleEvaluationContext) -> Iterator[dg.RunRequest]:
     yield from _requests(context.scheduled_execution_time.date(), get_settings().audit_retention_months)
@@ -45,7 +51,7 @@ def archive_audit_log_monthly(context: dg.ScheduleEvaluationContext) -> Iterator
     cron_schedule="45 3 2 * *",
     execution_timezone="UTC",
     description="Monthly on the 2nd at 03:45 UTC (after the audit archive): archive and drop the usage month that "
-                "passed PERF_PIPELINE_USAGE_RETENTION_MONTHS, unless the rollups may still recompute it.",
+    "passed PERF_PIPELINE_USAGE_RETENTION_MONTHS, unless the rollups may still recompute it.",
 )
 def usage_log_retention_monthly(context: dg.ScheduleEvaluationContext) -> Iterator[dg.RunRequest]:
     yield from _requests(context.scheduled_execution_time.date(), get_settings().usage_retention_months)

@@ -24,14 +24,16 @@ create_partitions_job = dg.define_asset_job(
     cron_schedule="10 0 * * *",
     execution_timezone="UTC",
     description="Daily at 00:10 UTC: one run over the range current month … +PERF_PIPELINE_PREMAKE_MONTHS "
-                "(single-run backfill policy), so future months exist before any row needs them, even on days "
-                "with no data; also evaluates the *_default_partition_empty checks.",
+    "(single-run backfill policy), so future months exist before any row needs them, even on days "
+    "with no data; also evaluates the *_default_partition_empty checks.",
 )
 def create_partitions_ahead_daily(context: dg.ScheduleEvaluationContext) -> dg.RunRequest:
     day = context.scheduled_execution_time.date()
     months = months_ahead(day, get_settings().premake_months)
     return dg.RunRequest(
         run_key=f"partitions-{day.isoformat()}",
-        tags={ASSET_PARTITION_RANGE_START_TAG: months[0].isoformat(),
-              ASSET_PARTITION_RANGE_END_TAG: months[-1].isoformat()},
+        tags={
+            ASSET_PARTITION_RANGE_START_TAG: months[0].isoformat(),
+            ASSET_PARTITION_RANGE_END_TAG: months[-1].isoformat(),
+        },
     )
