@@ -26,6 +26,8 @@ from urllib.parse import urlsplit, urlunsplit
 import psycopg
 from psycopg import sql
 
+from perf_pipeline.lib.stats import percentile
+
 SCENARIOS: dict[str, tuple[Callable[[BenchContext], None], str]] = {}
 RESULTS_DIR = Path(__file__).parent / "results"
 
@@ -57,15 +59,6 @@ class Stats:
     @property
     def max(self) -> float:
         return max(self.samples)
-
-
-def percentile(samples: list[float], pct: float) -> float:
-    ordered = sorted(samples)
-    if not ordered:
-        return float("nan")
-    k = (len(ordered) - 1) * pct / 100
-    lo, hi = int(k), min(int(k) + 1, len(ordered) - 1)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
 
 
 def measure(fn: Callable[[], object], *, repeat: int = 20, warmup: int = 2) -> Stats:

@@ -89,6 +89,7 @@ import psycopg
 from psycopg import errors
 
 from perf_pipeline.lib.db import connect
+from perf_pipeline.lib.stats import percentile
 from perf_pipeline.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -404,10 +405,7 @@ _WRITERS: weakref.WeakSet[AuditWriter] = weakref.WeakSet()
 
 
 def _percentile(samples: list[float], pct: float) -> float:
-    if not samples:
-        return 0.0
-    ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, int(round((len(ordered) - 1) * pct / 100)))]
+    return percentile(samples, pct) if samples else 0.0
 
 
 class AuditWriter:

@@ -29,6 +29,7 @@ from psycopg.rows import dict_row
 
 from perf_pipeline.lib.db import connect, load_query
 from perf_pipeline.lib.partitioning import PARTITIONED_TABLES, add_months, list_partitions, month_start
+from perf_pipeline.lib.stats import percentile
 
 log = logging.getLogger(__name__)
 
@@ -37,16 +38,6 @@ HOT_TABLES: tuple[str, ...] = ("session", "data_export", "usage_daily_metrics", 
 
 
 # ------------------------------------------------------------------------------------------ helpers
-
-
-def percentile(samples: Sequence[float], pct: float) -> float:
-    """Linear-interpolated percentile (``pct`` in 0–100) of ``samples``; NaN when empty."""
-    ordered = sorted(samples)
-    if not ordered:
-        return float("nan")
-    k = (len(ordered) - 1) * pct / 100
-    lo, hi = int(k), min(int(k) + 1, len(ordered) - 1)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
 
 
 def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
