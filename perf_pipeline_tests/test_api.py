@@ -336,3 +336,50 @@ def test_perf_pipeline_serve_runs_the_api(usage_db: str, redis_url: str) -> None
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=15)
+
+
+# ------------------------------------------------------------------------- the near-cache fast path
+
+
+def _scope(app: Any, path: str, query: bytes = b"", auth: list[bytes] | None = None) -> dict[str, Any]:
+    headers = [(b"authorization", a) for a in (auth if auth is not None else [f"Bearer {ADMIN}".encode()])]
+    return {"type": "http", "method": "GET", "path": path, "query_string": query, "headers": headers, "app": app}
+
+
+def test_fast_path_serves_only_what_fastapi_would_serve(redis_url: str, pool: psycopg_pool.ConnectionPool) -> None:
+    from perf_pipeline.api.app import HotReadsMiddleware
+
+    cache = DashboardCache(serving_client(redis_url, 200), pool.connection, local_ttl_s=30)
+    app = create_app(SETTINGS, cache)
+    client = TestClient(app)
+    query = b"start_date=2025-07-01&end_date=2025-07-14&granularity=weekly"
+    kpis = client.get(KPIS, headers=AUTH)
+    trends = client.get(TRENDS, params=dict(p.split("=") for p in query.decode().split("&")), headers=AUTH)
+    assert kpis.status_code == trends.status_code == 200  # both now in the near cache
+    decide = HotReadsMiddleware._cached_body
+    assert decide(_scope(app, KPIS)) == kpis.content
+    assert decide(_scope(app, TRENDS, query)) == trends.content
+    assert decide(_scope(app, TRENDS, query, [f"bearer   {ADMIN}".encode()])) == trends.content
+    # everything else goes to FastAPI
+    for scope in (
+        _scope(app, KPIS, auth=[]),
+        _scope(app, KPIS, auth=[f"Bearer {USER}".encode()]),
+        _scope(app, KPIS, auth=[f"Basic {ADMIN}".encode()]),
+        _scope(app, KPIS, auth=[f"Bearer {ADMIN}".encode(), f"Bearer {USER}".encode()]),
+        _scope(app, TRENDS, query + b"&start_date=2025-07-02"),
+        _scope(app, TRENDS, b"start_date=20250701&end_date=2025-07-14&granularity=weekly"),
+        _scope(app, TRENDS, b"start_date=2025-07-14&end_date=2025-07-01&granularity=weekly"),
+        _scope(app, TRENDS, b"start_date=2025-07-01&end_date=2025-07-14&granularity=hourly"),
+        _scope(app, TRENDS, b"start_date=2025-07-01&end_date=2025-07-15&granularity=weekly"),  # not cached
+        _scope(app, TRENDS, query + b"&x=1"),
+        _scope(app, "/healthz"),
+    ):
+        assert decide(scope) is None, scope
+    # and through HTTP, with the answers in the near cache, auth and validation are unchanged
+    assert client.get(KPIS).status_code == 401
+    assert client.get(KPIS, headers={"Authorization": f"Bearer {USER}"}).status_code == 403
+    bad = client.get(TRENDS, params={"start_date": "2025-07-14", "end_date": "2025-07-01"}, headers=AUTH)
+    assert bad.status_code == 422
+    served = client.get(KPIS, headers=AUTH)
+    assert served.content == kpis.content and served.headers["content-type"] == "application/json"
+    assert cache.recomputations[cache_lib.KPIS_KEY] == 1
