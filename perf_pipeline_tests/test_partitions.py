@@ -13,7 +13,7 @@ import pytest
 from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
 from psycopg import sql
 
-from perf_pipeline.defs.partitions.assets import usage_log_partitions
+from perf_pipeline.defs.partitions.assets import audit_log_partitions, usage_log_partitions
 from perf_pipeline.defs.partitions.checks import (
     audit_log_default_partition_empty,
     usage_log_default_partition_empty,
@@ -23,6 +23,7 @@ from perf_pipeline.defs.partitions.schedules import create_partitions_ahead_dail
 from perf_pipeline.defs.resources import PostgresResource
 from perf_pipeline.lib import partitioning as p
 from perf_pipeline.lib.db import load_query
+from perf_pipeline.settings import get_settings
 
 UTC = dt.UTC
 
@@ -113,6 +114,24 @@ def test_daily_schedule_requests_current_plus_premake_months(monkeypatch: pytest
     request = create_partitions_ahead_daily(ctx)
     assert request.tags[ASSET_PARTITION_RANGE_START_TAG] == "2026-11-01"
     assert request.tags[ASSET_PARTITION_RANGE_END_TAG] == "2027-02-01"
+
+
+def test_the_schedules_range_run_creates_every_premake_month(db_url: str, db: psycopg.Connection) -> None:
+    now = dt.datetime.now(UTC)
+    request = create_partitions_ahead_daily(dg.build_schedule_context(scheduled_execution_time=now))
+    res = dg.materialize(
+        [audit_log_partitions, usage_log_partitions],
+        tags=request.tags,
+        resources={"postgres": PostgresResource(url=db_url)},
+        instance=dg.DagsterInstance.ephemeral(),
+    )
+    assert res.success
+    months = p.months_ahead(now.date(), get_settings().premake_months)
+    for table in ("audit_log", "usage_log"):
+        # one run, one materialization per key, and the body saw the whole window at once
+        mats = res.asset_materializations_for_node(f"{table}_partitions")
+        assert len(mats) == len(months) and mats[0].metadata["months"].value == len(months)
+        assert {p.partition_name(table, m) for m in months} <= set(_months(db, table))
 
 
 def test_default_guard_fails_then_move_default_rows_fixes_it(db_url: str, db: psycopg.Connection) -> None:

@@ -193,7 +193,16 @@ def _detach(conn: psycopg.Connection, table: str, month: dt.date, lock_timeout_m
         # the re-run sees the catalog state (standalone / detach_pending) and finishes.
         conn.execute(sql.SQL("SET lock_timeout = {}").format(sql.Literal(f"{int(lock_timeout_ms)}ms")))
         try:
-            conn.execute(sql.SQL("ALTER TABLE {} DETACH PARTITION {} CONCURRENTLY").format(parent, child))
+            for attempt in range(1, 101):
+                try:
+                    conn.execute(
+                        sql.SQL("ALTER TABLE {} DETACH PARTITION {} CONCURRENTLY").format(parent, child)
+                    )
+                    break
+                except psycopg.errors.LockNotAvailable:
+                    if attempt == 100:
+                        raise
+                    time.sleep(min(0.05 * 2 ** min(attempt, 6), 2.0))
         finally:
             conn.execute("RESET lock_timeout")
     elif state == "attached":
