@@ -309,7 +309,7 @@ def test_a_sequential_scan_fails_only_where_it_reads_enough_to_matter() -> None:
 
 
 def test_trends_probe_is_skipped_without_the_rollup_table(seeded_url: str) -> None:
-    probe = health.Probe("trends_missing", health.ANALYTICS, "health_probe_trends", False,
+    probe = health.Probe("trends_missing", health.ANALYTICS, "rollup_trends", False,
                          requires_table="no_such_rollup_table")
     with psycopg.connect(seeded_url, autocommit=True) as conn:
         result = health.run_probe(conn, probe, health.probe_params(conn))
