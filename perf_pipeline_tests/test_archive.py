@@ -4,6 +4,9 @@ a concurrent writer, the Dagster assets/checks/schedules, the CLI and the usage 
 from __future__ import annotations
 
 import datetime as dt
+import signal
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -171,6 +174,46 @@ def test_crash_after_each_step_is_finished_by_a_rerun(seeded: str, archive_dir: 
         assert _rows(conn, "audit_log", month) == before
         # leave it archived for the check test
         a.archive_partition(conn, "audit_log", month, archive_dir)
+
+
+_KILL_AFTER = """
+import datetime as dt, os, signal, sys
+from pathlib import Path
+import psycopg
+from perf_pipeline.lib.archive import archive_partition
+url, month, folder, step = sys.argv[1], dt.date.fromisoformat(sys.argv[2]), Path(sys.argv[3]), sys.argv[4]
+def hook(done):
+    if done == step:
+        os.kill(os.getpid(), signal.SIGKILL)  # no finally, no rollback: the process just dies
+with psycopg.connect(url, autocommit=True) as conn:
+    archive_partition(conn, "usage_log", month, folder, hook=hook)
+"""
+
+
+@pytest.mark.parametrize("step", ["detach", "export", "verify"])
+def test_sigkill_after_each_step_is_finished_by_a_rerun(seeded: str, archive_dir: Path, step: str) -> None:
+    month = {"detach": dt.date(2024, 1, 1), "export": dt.date(2024, 2, 1), "verify": dt.date(2024, 3, 1)}[
+        step
+    ]
+    with psycopg.connect(seeded, autocommit=True) as conn:
+        before = _rows(conn, "usage_log", month)
+    proc = subprocess.run(
+        [sys.executable, "-c", _KILL_AFTER, seeded, month.isoformat(), str(archive_dir), step],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    with psycopg.connect(seeded, autocommit=True) as conn:
+        assert (
+            a.manifest_row(conn, "usage_log", month).state
+            == {"detach": "detached", "export": "exported", "verify": "verified"}[step]
+        )
+        result = a.archive_partition(conn, "usage_log", month, archive_dir)  # the killed run's lock is gone
+        assert result.state == "dropped" and result.rows == len(before) > 0
+        a.restore_partition(conn, "usage_log", month)
+        assert _rows(conn, "usage_log", month) == before
 
 
 def test_late_rows_of_an_archived_month_come_back_with_its_restore(seeded: str, archive_dir: Path) -> None:
