@@ -35,7 +35,7 @@ from pathlib import Path
 import psycopg
 from psycopg import sql
 
-from bench.harness import BenchContext, measure, percentile, scenario
+from bench.harness import BenchContext, measure, scenario
 from perf_pipeline.lib.db import load_query
 from perf_pipeline.lib.partitioning import (
     add_months,
@@ -44,6 +44,7 @@ from perf_pipeline.lib.partitioning import (
     month_start,
     partition_name,
 )
+from perf_pipeline.lib.stats import percentile
 from perf_pipeline.lib.workload import WorkloadSpec, load_workload
 
 SCALES = {"full": (1_000_000, 10_000_000), "small": (100_000, 300_000)}
