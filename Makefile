@@ -5,8 +5,9 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 SCENARIO ?= all
+DURATION ?= 30m
 
-.PHONY: install dev test test-system lint bench validate up down clean
+.PHONY: install dev test test-system lint bench bench-scale soak validate up down clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +38,14 @@ lint: install
 ## make bench [SCENARIO=name]: benchmark scenarios (see bench/README.md); prints median/p95 tables
 bench: install
 	$(BIN)/python -m bench $(SCENARIO)
+
+## make bench-scale: 100M audit + 20M usage rows over 24 months vs 1M, side by side (not in CI; SCALE_AUDIT_ROWS=…)
+bench-scale: install
+	$(BIN)/python -m bench.scale
+
+## make soak [DURATION=30m]: webserver + daemon + API under load on private servers, with faults (bench/soak.py)
+soak: install
+	$(BIN)/python -m bench.soak --duration $(DURATION)
 
 validate: install
 	DAGSTER_HOME=$$(mktemp -d) $(BIN)/dagster definitions validate -m perf_pipeline.definitions
