@@ -296,6 +296,35 @@ def test_checks_detect_bad_numbers(conn: psycopg.Connection) -> None:
     assert rollups.reconcile(conn, start, end) == [] and rollups.negative_days(conn, start, end) == []
 
 
+def test_bad_numbers_are_rolled_back_and_fail_the_blocking_check(loaded_url: str, conn: psycopg.Connection) -> None:
+    """Fault injected in the database: a trigger corrupting revenue on write. The reconciliation sees it
+    on the rollup's own snapshot, the rollup is rolled back, the blocking check fails, marks stay."""
+    day = DAYS[4]
+    rollups.rollup_days(conn, day, day + dt.timedelta(days=1))
+    conn.execute("INSERT INTO usage_rollup_stale_days (day) VALUES (%s)", (day,))
+    conn.execute("""
+        CREATE FUNCTION test_corrupt_revenue() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN NEW.revenue := NEW.revenue + 1; RETURN NEW; END $$""")
+    conn.execute("CREATE TRIGGER corrupt BEFORE INSERT OR UPDATE ON usage_daily_metrics "
+                 "FOR EACH ROW EXECUTE FUNCTION test_corrupt_revenue()")
+    try:
+        conn.execute("UPDATE usage_daily_metrics SET computed_at = now() - interval '1 day' WHERE day = %s", (day,))
+        before = _table(conn)[day]  # the corrupting trigger ran once here: the state to keep
+        run = dg.materialize([usage_daily_metrics], partition_key=day.isoformat(), resources=_resources(loaded_url),
+                             instance=dg.DagsterInstance.ephemeral(), raise_on_error=False)
+        checks = {e.check_name: e for e in run.get_asset_check_evaluations()}
+        assert not checks[CHECK_RECONCILED].passed
+        assert checks[CHECK_RECONCILED].blocking
+        assert checks[CHECK_RECONCILED].metadata["rolled_back"].value is True
+        assert _table(conn)[day] == before  # untouched
+        assert day in {r[0] for r in conn.execute("SELECT day FROM usage_rollup_stale_days")}
+    finally:
+        conn.execute("DROP TRIGGER corrupt ON usage_daily_metrics")
+        conn.execute("DROP FUNCTION test_corrupt_revenue()")
+    repaired = rollups.rollup_days(conn, day, day + dt.timedelta(days=1))
+    assert repaired.committed and repaired.reconciled and repaired.stale_days_cleared == [day]
+
+
 def test_late_rows_rerun_exactly_their_day(loaded_url: str, conn: psycopg.Connection) -> None:
     start, end = _window()
     rollups.rollup_days(conn, start, end)

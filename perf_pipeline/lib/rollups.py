@@ -86,6 +86,7 @@ class RollupResult:
     user_sets_written: int = 0
     stale_days_cleared: list[dt.date] = field(default_factory=list)
     mismatches: list[Mismatch] = field(default_factory=list)
+    committed: bool = False
     duration_ms: float = 0.0
     upsert_ms: float = 0.0
     reconcile_ms: float = 0.0
@@ -136,14 +137,16 @@ def reconcile(conn: psycopg.Connection, start: dt.date, end: dt.date) -> list[Mi
 
 
 def rollup_days(conn: psycopg.Connection, start: dt.date, end: dt.date, *, work_mem: str = "256MB",
-                check: bool = True) -> RollupResult:
+                check: bool = True, rollback_on_mismatch: bool = True) -> RollupResult:
     """Recompute the rollup of the UTC days ``[start, end)`` and, with ``check``, reconcile it.
 
     Steps: take the rollup advisory lock (session level; serializes rollups), clear the window's
     late-data marks (own short transaction), then one REPEATABLE READ transaction running the
-    set-based upsert and, on the same snapshot, the reconciliation against ``usage_log``. The result is
-    committed either way (a failed reconciliation is reported, in ``mismatches``, for the blocking
-    asset check); if the transaction fails the marks are put back and the error re-raised.
+    set-based upsert and, on the same snapshot, the reconciliation against ``usage_log``. If the
+    reconciliation finds a difference, the transaction is rolled back (``rollback_on_mismatch``): bad
+    numbers never reach the rollup tables, hence neither the view nor the dashboard cache; the
+    differences are returned in ``mismatches`` (``committed`` is False) for the blocking asset check.
+    Whenever nothing is committed the claimed marks are put back, and errors are re-raised.
 
     Cost: one read of the window's ``usage_log`` rows for the upsert and one for the check; memory
     bounded by ``work_mem`` (raised for the transaction only, so the pre-aggregation hashes in memory).
@@ -173,9 +176,14 @@ def rollup_days(conn: psycopg.Connection, start: dt.date, end: dt.date, *, work_
                     t0 = time.perf_counter()
                     result.mismatches = reconcile(conn, start, end)
                     result.reconcile_ms = (time.perf_counter() - t0) * 1000
+                    if result.mismatches and rollback_on_mismatch:
+                        raise psycopg.Rollback()  # leaves the block, rolling back, without an error
+                result.committed = True
         except BaseException:
             restore_stale_days(conn, result.stale_days_cleared)
             raise
+        if not result.committed:
+            restore_stale_days(conn, result.stale_days_cleared)
     finally:
         conn.execute("SELECT pg_advisory_unlock(%s)", (ROLLUP_LOCK_KEY,))
     result.duration_ms = (time.perf_counter() - started) * 1000

@@ -7,6 +7,8 @@ over ``context.partition_time_window``, one set-based statement.
 
 The checks are computed by the asset itself, because reconciliation must use the rollup's own snapshot
 (REPEATABLE READ): a separate check step would see rows inserted since and fail spuriously on today.
+A failed reconciliation also rolls the rollup back, so bad numbers never reach the tables that the view
+and the dashboard cache read (the blocking check then stops downstream steps of the same run).
 """
 
 import datetime as dt
@@ -66,6 +68,9 @@ def usage_daily_metrics(context: dg.AssetExecutionContext, postgres: PostgresRes
         today = utc_today()
         first = max(first_rollup_day(), today - dt.timedelta(days=LOOKBACK_DAYS))
         missing = missing_days(conn, first, today - dt.timedelta(days=1)) if first < today else []
+    if not result.committed:
+        context.log.error("reconciliation failed on %d day(s); the rollup was rolled back, the tables keep "
+                          "their previous numbers", len({m.day for m in result.mismatches}))
     if result.stale_days_cleared:
         context.log.info("late-data marks cleared: %s", ", ".join(d.isoformat() for d in result.stale_days_cleared))
 
@@ -77,6 +82,7 @@ def usage_daily_metrics(context: dg.AssetExecutionContext, postgres: PostgresRes
                 "mismatching_days": len(mismatch_days),
                 "mismatches": dg.MetadataValue.md(_mismatch_table(result)) if result.mismatches else "none",
                 "days_checked": result.days,
+                "rolled_back": not result.committed,
                 "duration_ms": result.reconcile_ms,
             },
         ),
@@ -104,6 +110,7 @@ def usage_daily_metrics(context: dg.AssetExecutionContext, postgres: PostgresRes
             "first_day": start.isoformat(),
             "last_day": (end - dt.timedelta(days=1)).isoformat(),
             "late_days_cleared": len(result.stale_days_cleared),
+            "committed": result.committed,
         },
         check_results=checks,
     )
