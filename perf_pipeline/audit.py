@@ -76,6 +76,7 @@ import logging
 import os
 import random
 import re
+import socket
 import threading
 import time
 import uuid
@@ -421,7 +422,8 @@ class AuditWriter:
     def __init__(self, url: str, *, batch_size: int = 5000, flush_interval_ms: int = 50,
                  max_queue: int = 100_000, spool_dir: str | os.PathLike[str] | None = None,
                  spool_fsync: bool = False, put_timeout: float = 1.0, connect_timeout_s: int = 5,
-                 statement_timeout_ms: int = 30_000, name: str = "audit") -> None:
+                 statement_timeout_ms: int = 30_000, name: str = "audit",
+                 metrics_interval_s: float | None = 15.0) -> None:
         if batch_size < 1 or max_queue < batch_size or flush_interval_ms < 1:
             raise ValueError("need batch_size ≥ 1, max_queue ≥ batch_size and flush_interval_ms ≥ 1")
         self.url = url
@@ -474,6 +476,10 @@ class AuditWriter:
                 self._recovered = sum(c for _, c in recovered)
                 log.info("audit spool %s: replaying %d events from %d segments",
                          spool_dir, sum(c for _, c in recovered), len(recovered))
+        # publishing the counters to audit_writer_metrics (0060) lets the health report see this process
+        self._metrics_interval = metrics_interval_s
+        self._metrics_key = f"{socket.gethostname()}:{os.getpid()}:{name}"
+        self._metrics_due = time.monotonic()
         self._thread = threading.Thread(target=self._run, name=f"{name}-flusher", daemon=True)
         self._thread.start()
         _WRITERS.add(self)
@@ -683,6 +689,7 @@ class AuditWriter:
 
     def _cycle(self) -> None:
         self._take_batches()
+        self._publish_metrics()
         while True:
             if self._backoff and time.monotonic() < self._retry_at:
                 return
@@ -694,6 +701,23 @@ class AuditWriter:
                 return
             # no _take_batches() here: what arrived meanwhile waits for a full batch or the interval, so a
             # steady stream goes in batch_size / flush_interval batches, not one tiny COMMIT per delivery
+
+    def _publish_metrics(self) -> None:
+        """Upsert this writer's counters (one short statement every ``metrics_interval_s``; skipped while
+        the database is unreachable; turned off for good if the table does not exist)."""
+        if self._metrics_interval is None or self._backoff or time.monotonic() < self._metrics_due:
+            return
+        self._metrics_due = time.monotonic() + self._metrics_interval
+        try:
+            self._connection().execute(
+                "INSERT INTO audit_writer_metrics (writer, updated_at, metrics) VALUES (%s, now(), %s::jsonb) "
+                "ON CONFLICT (writer) DO UPDATE SET updated_at = excluded.updated_at, metrics = excluded.metrics",
+                (self._metrics_key, json.dumps(self.metrics(), default=str)))
+        except errors.UndefinedTable:
+            log.warning("audit_writer_metrics does not exist (run `perf-pipeline migrate`): metrics stay local")
+            self._metrics_interval = None
+        except (psycopg.Error, OSError):
+            pass  # delivery will notice and back off; metrics are best effort
 
     def _connection(self) -> psycopg.Connection:
         if self._conn is None or self._conn.closed:
@@ -781,6 +805,9 @@ class AuditWriter:
                           self.name, lost)
             self._done.notify_all()
         if self._conn is not None:
+            self._metrics_due = 0.0  # a last snapshot, so the report does not show the writer as stuck
+            with contextlib.suppress(Exception):
+                self._publish_metrics()
             with contextlib.suppress(Exception):
                 self._conn.close()
             self._conn = None

@@ -433,3 +433,26 @@ def test_metrics_are_plain_json(db_url: str) -> None:
     for key in ("queued", "written", "spooled", "dropped", "flush_p50_ms", "flush_p99_ms"):
         assert key in m
     assert m["flush_p99_ms"] >= m["flush_p50_ms"] > 0
+
+
+def test_metrics_are_published_for_the_health_report(db_url: str, db: psycopg.Connection) -> None:
+    from perf_pipeline.lib import health
+
+    db.execute("DELETE FROM audit_writer_metrics")
+    writer = AuditWriter(db_url, name="published", metrics_interval_s=0.05)
+    try:
+        for i in range(7):
+            _log(writer, i)
+        assert writer.flush(10)
+    finally:
+        writer.close()  # publishes a last snapshot, with every event written
+    (key, metrics), = db.execute("SELECT writer, metrics FROM audit_writer_metrics").fetchall()
+    assert key.endswith(f":{os.getpid()}:published")
+    assert metrics["written"] == 7 and metrics["dropped"] == 0
+    report = health.health_report(db)
+    assert [w["writer"] for w in report.audit_writers] == [key]
+    assert health.report_metrics(report)["audit_dropped"] == 0.0
+    assert "published" in health.report_markdown(report)
+    db.execute("UPDATE audit_writer_metrics SET updated_at = now() - interval '10 minutes'")
+    stale = health.health_report(db)
+    assert stale.audit_writers[0]["stale"] and health.report_metrics(stale)["audit_writers"] == 0.0

@@ -258,6 +258,7 @@ class HealthReport:
     slow: SlowStatements
     database: dict[str, Any]
     server_version_num: int
+    audit_writers: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def unused_indexes(self) -> list[dict[str, Any]]:
@@ -293,6 +294,21 @@ def slow_statements(conn: psycopg.Connection, limit: int = 10) -> SlowStatements
     return SlowStatements("ok", f"pg_stat_statements {installed[0]}: top {len(rows)} statements by mean time", rows)
 
 
+#: a writer that has not published for this long is shown as stale (it publishes every ~15 s)
+AUDIT_WRITER_STALE = dt.timedelta(minutes=2)
+
+
+def audit_writers(conn: psycopg.Connection, *, within: dt.timedelta = dt.timedelta(days=1)) -> list[dict[str, Any]]:
+    """The platform's AuditWriter counters published in ``audit_writer_metrics`` (migration 0060) over
+    ``within``, newest first, each with ``stale`` set when it stopped publishing. Empty without the table."""
+    if not _exists(conn, "audit_writer_metrics"):
+        return []
+    rows = conn.execute(
+        "SELECT writer, updated_at, metrics, now() - updated_at > %s FROM audit_writer_metrics "
+        "WHERE updated_at > now() - %s ORDER BY updated_at DESC", (AUDIT_WRITER_STALE, within)).fetchall()
+    return [{"writer": w, "updated_at": at, "stale": stale, **m} for w, at, m, stale in rows]
+
+
 def health_report(conn: psycopg.Connection, *, top_statements: int = 10, dead_rows: int = 20) -> HealthReport:
     """Everything the ``db_health_report`` asset shows. Cost: catalog and statistics reads (a few ms to a
     few hundred ms with thousands of partitions); no locks beyond ACCESS SHARE on catalogs."""
@@ -305,7 +321,8 @@ def health_report(conn: psycopg.Connection, *, top_statements: int = 10, dead_ro
         total = t["live_tuples"] + t["dead_tuples"]
         t["dead_ratio"] = t["dead_tuples"] / total if total else 0.0
     version = int(conn.execute("SHOW server_version_num").fetchone()[0])
-    return HealthReport(tables, dead, indexes, slow_statements(conn, top_statements), dict(database), version)
+    return HealthReport(tables, dead, indexes, slow_statements(conn, top_statements), dict(database), version,
+                        audit_writers(conn))
 
 
 def report_markdown(report: HealthReport) -> str:
@@ -347,6 +364,16 @@ def report_markdown(report: HealthReport) -> str:
               db.get("server_connections"), db.get("max_connections"), db.get("commits"), db.get("rollbacks"),
               f"{db.get('rollback_ratio', 0):.2%}", f"{db.get('cache_hit_ratio', 0):.2%}", db.get("deadlocks"))]),
     ]
+    parts.append("### Audit writers (platform processes, from audit_writer_metrics)")
+    if report.audit_writers:
+        parts.append(markdown_table(
+            ["writer", "updated", "stale", "queued", "written", "spooled", "dropped", "rejected", "flush p99 ms",
+             "database reachable", "last error"],
+            [(w["writer"], w["updated_at"], "**STALE**" if w["stale"] else "", w.get("queued"), w.get("written"),
+              w.get("spooled"), w.get("dropped"), w.get("rejected"), w.get("flush_p99_ms"), w.get("db_reachable"),
+              w.get("last_error") or "") for w in report.audit_writers]))
+    else:
+        parts.append("_no audit writer published metrics in the last day_")
     return "\n\n".join(parts)
 
 
@@ -368,6 +395,11 @@ def report_metrics(report: HealthReport) -> dict[str, float]:
         out[f"dead_ratio.{t['table_name']}"] = float(t["dead_ratio"])
     if report.slow.rows:
         out["slowest_mean_ms"] = float(report.slow.rows[0]["mean_ms"])
+    live = [w for w in report.audit_writers if not w["stale"]]
+    out["audit_writers"] = float(len(live))
+    for key in ("queued", "spooled", "dropped", "rejected"):
+        out[f"audit_{key}"] = float(sum(w.get(key) or 0 for w in live))
+    out["audit_flush_p99_ms"] = max((float(w.get("flush_p99_ms") or 0) for w in live), default=0.0)
     return out
 
 
