@@ -382,6 +382,22 @@ def test_late_rows_rerun_exactly_their_day(loaded_url: str, conn: psycopg.Connec
     conn.execute("DELETE FROM usage_rollup_stale_days")
 
 
+def test_trigger_marks_past_days_only_at_the_utc_midnight_edge(conn: psycopg.Connection) -> None:
+    """The boundary is today 00:00Z (not the session's zone): the last microsecond of yesterday is late,
+    today's first instant is not. Other sessions' marks are not involved (own rows, deleted after)."""
+    midnight = rollups.day_start(TODAY)
+    ensure_partitions(conn, "usage_log", [TODAY - dt.timedelta(days=1), TODAY])
+    conn.execute("DELETE FROM usage_rollup_stale_days")
+    edge = [Row(USERS[6], midnight, Decimal(1), Decimal(0), True, "edge"),
+            Row(USERS[6], midnight + dt.timedelta(hours=1), Decimal(1), Decimal(0), True, "edge")]
+    _insert(conn, edge)
+    assert conn.execute("SELECT count(*) FROM usage_rollup_stale_days").fetchone()[0] == 0
+    _insert(conn, [Row(USERS[6], midnight - dt.timedelta(microseconds=1), Decimal(1), Decimal(0), True, "edge")])
+    assert [r[0] for r in conn.execute("SELECT day FROM usage_rollup_stale_days")] == [TODAY - dt.timedelta(days=1)]
+    conn.execute("DELETE FROM usage_log WHERE stt_provider = 'edge'")
+    conn.execute("DELETE FROM usage_rollup_stale_days")
+
+
 @pytest.mark.parametrize("mark_exists", [True, False])
 def test_late_writer_in_flight_is_never_lost(loaded_url: str, conn: psycopg.Connection, mark_exists: bool) -> None:
     """A late row committing while its day is rolled up is either counted or stays marked.
