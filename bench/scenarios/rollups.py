@@ -14,7 +14,7 @@ with the migration's row triggers versus without, alternated A/B, B/A. Rows of "
 path; rows of a past day (late data, which run the marking function) are measured too.
 
 Scales (``BENCH_SCALE``): default ``full`` — 1M and 10M usage rows (9 and 90 days of 111k rows/day);
-``small`` — 50k and 500k rows (5.5k rows/day), trigger part on 200k-row COPYs (about two minutes).
+``small`` — 50k and 500k rows (5.5k rows/day), trigger part on 100k-row COPYs (1–2 minutes).
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ CREATE UNIQUE INDEX ON seed_dashboard_daily_metrics (day);
 SCALES = {
     # label, days, rows/day; trigger part: COPY rows, single-row inserts
     "full": {"sizes": [("1M", 9, 111_111), ("10M", 90, 111_111)], "copy_rows": 1_000_000, "singles": 5000},
-    "small": {"sizes": [("50k", 9, 5_555), ("500k", 90, 5_555)], "copy_rows": 200_000, "singles": 2000},
+    "small": {"sizes": [("50k", 9, 5_555), ("500k", 90, 5_555)], "copy_rows": 100_000, "singles": 1000},
 }
 
 
