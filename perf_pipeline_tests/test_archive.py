@@ -448,3 +448,34 @@ def test_without_default_partition_the_detach_is_concurrent(pg_server_url: str, 
             assert _rows(conn, "audit_log", month) == before
     finally:
         drop_database(pg_server_url, url)
+
+
+# ------------------------------------------------------------------ review defects (months of 2023: own data)
+
+
+def _fresh_month(conn: psycopg.Connection, month: dt.date, n: int) -> None:
+    """``n`` audit rows spread over ``month`` (its partition created first)."""
+    ensure_partition(conn, "audit_log", month)
+    conn.execute(
+        "INSERT INTO audit_log (timestamp, event_type, operation, description) "
+        "SELECT %s::timestamptz + g * interval '5 hours', 'x.y', 'read', 'row ' || g FROM generate_series(0, %s) g",
+        (dt.datetime(month.year, month.month, 1, tzinfo=UTC), n - 1),
+    )
+
+
+def test_a_row_larger_than_the_csv_block_size_archives(seeded: str, archive_dir: Path) -> None:
+    """An ~18 MB details value spans more than two of the archive's 8 MiB pyarrow blocks: it used to fail the
+    export after the detach ("straddling object straddles two block boundaries"), month invisible."""
+    month = dt.date(2023, 11, 1)
+    with psycopg.connect(seeded, autocommit=True) as conn:
+        _fresh_month(conn, month, 10)
+        conn.execute(
+            "INSERT INTO audit_log (timestamp, event_type, operation, details) "
+            "VALUES ('2023-11-15Z', 'big.row', 'update', jsonb_build_object('blob', repeat(E'a\"b,\\n', 2300000)))"
+        )
+        before = _rows(conn, "audit_log", month)
+        result = a.archive_partition(conn, "audit_log", month, archive_dir)
+        assert result.state == "dropped" and result.rows == 11
+        a.restore_partition(conn, "audit_log", month)
+        assert _rows(conn, "audit_log", month) == before
+        a.archive_partition(conn, "audit_log", month, archive_dir)

@@ -118,6 +118,7 @@ def _from_csv_field(name: str, kind: str, raw: str) -> Any:
 
 def _read_file(path: Path, kind: str) -> tuple[list[str], list[tuple]]:
     if path.name.endswith(".csv.gz"):
+        csv.field_size_limit(1 << 30)  # audit details can be several MB (the csv module's default is 128 KiB)
         with gzip.open(path, "rt", newline="", encoding="utf-8") as fh:
             reader = csv.reader(fh)
             header = next(reader)
@@ -499,3 +500,26 @@ def test_cli_request_status_run(loaded: str, scratch_dir: Path, monkeypatch: pyt
     assert main(["export", "request", "--requested-by", REQUESTER, "--kind", "usage_log", "--severity", "high"]) == 2
     assert "unknown filter key" in capsys.readouterr().err
     assert main(["export", "status", "999999"]) == 1
+
+
+BIG_USER = "22222222-3333-4444-8555-666666666666"
+
+
+@pytest.mark.parametrize("fmt", ex.FORMATS)
+def test_a_row_larger_than_the_csv_block_size_exports(loaded: str, db: psycopg.Connection, scratch_dir: Path,
+                                                      fmt: str) -> None:
+    """audit_log.details can be several MiB: one ~3 MB record is longer than pyarrow's CSV block (1 MiB), which
+    with newlines_in_values used to fail with "straddling object straddles two block boundaries"."""
+    details = {"blob": "x\n\"y\", " * 400_000, "n": 1}  # ~3.2 MB of JSON, quotes and newlines doubled in CSV
+    db.execute("INSERT INTO audit_log (timestamp, user_id, event_type, operation, severity, details) "
+               "VALUES ('2026-02-21 08:00+00', %s, 'big.row', 'update', 'low', %s)", (BIG_USER, Jsonb(details)))
+    db.execute("INSERT INTO audit_log (timestamp, user_id, event_type, operation, severity, description) "
+               "VALUES ('2026-02-21 09:00+00', %s, 'small.row', 'update', 'low', 'after the big one')", (BIG_USER,))
+    try:
+        request_id = _request(db, "audit_log", fmt, {"user_id": BIG_USER, "start": "2026-02-21", "end": "2026-02-21"})
+        result = _run(loaded, request_id, scratch_dir)
+        expected = _expected(db, "audit_log", "user_id = %(u)s", {"u": BIG_USER})
+        assert result.rows == 2 and result.csv_bytes > 3_000_000
+        assert _read_file(result.path, "audit_log")[1] == (_csv_blank(expected) if fmt == "csv.gz" else expected)
+    finally:
+        db.execute("DELETE FROM audit_log WHERE user_id = %s", (BIG_USER,))

@@ -296,7 +296,11 @@ def _parse(batch: bytes, columns: list[_Column]) -> pa.Table:
     table = pacsv.read_csv(
         io.BytesIO(batch),
         read_options=pacsv.ReadOptions(
-            column_names=[c.name for c in columns], block_size=8 << 20, use_threads=False
+            # the whole batch as one block: with newlines_in_values a record longer than the block size
+            # (audit details of several MiB) fails with "straddling object" — after the detach
+            column_names=[c.name for c in columns],
+            block_size=max(8 << 20, len(batch) + 1),
+            use_threads=False,
         ),
         parse_options=pacsv.ParseOptions(newlines_in_values=True),
         convert_options=pacsv.ConvertOptions(

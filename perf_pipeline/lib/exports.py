@@ -484,7 +484,12 @@ def _write_parquet(messages: Iterator[Any], sink: _HashingSink, spec: ExportKind
         def parse_block() -> None:
             nonlocal rows
             if buffer:
-                table = pacsv.read_csv(pa.BufferReader(bytes(buffer)), read, parse, convert)
+                # one pyarrow block for the whole buffer: with newlines_in_values a record longer than the
+                # block size (a multi-MiB audit details value) fails with "straddling object"; the buffer is
+                # in memory already, so a block as large as it costs nothing more
+                block = pacsv.ReadOptions(column_names=read.column_names, use_threads=False,
+                                          block_size=max(read.block_size, len(buffer) + 1))
+                table = pacsv.read_csv(pa.BufferReader(bytes(buffer)), block, parse, convert)
                 progress.csv_bytes += len(buffer)
                 buffer.clear()
                 tables.append(table)
