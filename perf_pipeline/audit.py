@@ -35,6 +35,11 @@ sent (write-ahead) and the segment is deleted only after ``COMMIT`` returned. So
   thread, never on ``log()``).
 * an exclusive ``flock`` on ``<spool_dir>/.lock`` keeps two live writers from sharing one folder.
 
+``close()`` while a delivery is stuck (lock wait, slow server, half-open TCP; the connection uses TCP
+keepalives and ``tcp_user_timeout`` so a dead peer is noticed in about 30 s): the closing thread writes the
+queue to a new spool segment itself (without a spool: counts it as dropped, logged at ERROR), so nothing
+accepted lives only in the memory of a thread that dies at interpreter exit.
+
 What a SIGKILL can still lose: events accepted by ``log()`` but not yet taken by the flusher (at most
 ``flush_interval_ms`` worth, or ``batch_size`` events). Call :meth:`flush` after an event that must not be
 lost, before answering the request.
@@ -435,6 +440,12 @@ class AuditWriter:
         self._connect_kwargs: dict[str, object] = {
             "connect_timeout": connect_timeout_s, "application_name": f"perf_pipeline.{name}",
             "options": f"-c statement_timeout={int(statement_timeout_ms)}",
+            # a half-open TCP connection (peer gone, no RST) would hang the flusher until the kernel's
+            # defaults (~2 h): probe after 10 s idle every 5 s, give up after 3 misses, and cap unacknowledged
+            # sent data (keepalives do not cover a connection with data in flight) — never shorter than the
+            # server's statement_timeout, so a legitimately slow COPY is cut by the server, not by TCP
+            "keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5, "keepalives_count": 3,
+            "tcp_user_timeout": max(30_000, int(statement_timeout_ms) + 5_000),
         }
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)  # producers/flush()/close() → flusher
@@ -600,10 +611,53 @@ class AuditWriter:
             self._stop = True
             self._wake.notify()
         self._thread.join(timeout=max(5.0, timeout))
-        if self._spool is not None and not self._thread.is_alive():
+        if self._thread.is_alive():
+            # the flusher is stuck inside a delivery (lock wait, slow server, half-open TCP): _shutdown has
+            # not run, and this daemon thread dies at interpreter exit with whatever is only in memory
+            self._save_queue_from_closing_thread()
+        elif self._spool is not None:
             self._spool.close()
         _WRITERS.discard(self)
         return done
+
+    def _save_queue_from_closing_thread(self) -> None:
+        """close() with the flusher still stuck: spool the queue (or count it as dropped) from this thread.
+
+        Under the lock, so the segment takes the next sequence number after every batch already pending
+        (delivery order is kept) and no producer or spill interleaves. Batches the flusher took but has
+        not spooled (no spool, or a spool write that failed) are written to their own segment too: if the
+        stuck delivery does commit later, the replay of that segment is idempotent (duplicates skipped).
+        Cost: one segment write per batch, ~1 ms each. The stuck thread keeps the spool's flock until it
+        ends; if it ever returns it delivers these segments itself and runs its normal shutdown.
+        """
+        with self._lock:
+            leftover = list(self._queue)
+            self._queue.clear()
+            if self._spool is not None:
+                try:
+                    for batch in self._pending:
+                        if not batch.spooled and batch.payload is not None:
+                            self._spool.write(batch.seq, batch.payload)
+                            batch.spooled = True
+                    if leftover:
+                        seq = self._seq
+                        self._seq += 1
+                        self._spool.write(seq, b"".join(leftover))
+                        self._pending.append(_Batch(seq, len(leftover), own=True, payload=None, spooled=True))
+                        log.warning("audit writer %r closed while its delivery is stuck: %d queued events "
+                                    "written to spool segment %d", self.name, len(leftover), seq)
+                        leftover = []
+                except OSError as exc:
+                    log.error("audit writer %r: spooling the queue at close failed: %s", self.name, exc)
+            in_flight = sum(b.count for b in self._pending if b.own and not b.spooled)
+            if leftover:
+                self._dropped += len(leftover)
+                self._settled += len(leftover)
+                self._done.notify_all()
+            if leftover or in_flight:
+                log.error("audit writer %r closed while its delivery is stuck: %d queued events are lost and "
+                          "%d in flight are lost unless that delivery completes before the process exits",
+                          self.name, len(leftover), in_flight)
 
     async def aflush(self, timeout: float | None = 30.0) -> bool:
         """:meth:`flush` for async code (waits in a worker thread, not on the event loop)."""
