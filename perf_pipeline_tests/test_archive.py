@@ -27,6 +27,7 @@ from perf_pipeline.lib.migrations import apply_migrations
 from perf_pipeline.lib.partitioning import (
     PartitionError,
     ensure_partition,
+    ensure_partitions,
     list_partitions,
     move_default_rows,
 )
@@ -461,6 +462,77 @@ def _fresh_month(conn: psycopg.Connection, month: dt.date, n: int) -> None:
         "SELECT %s::timestamptz + g * interval '5 hours', 'x.y', 'read', 'row ' || g FROM generate_series(0, %s) g",
         (dt.datetime(month.year, month.month, 1, tzinfo=UTC), n - 1),
     )
+
+
+def _late_row(conn: psycopg.Connection, ts: str, description: str) -> None:
+    conn.execute(
+        "INSERT INTO audit_log (timestamp, event_type, operation, description) VALUES (%s, 'x.y', 'update', %s)",
+        (ts, description),
+    )
+
+
+def test_a_month_mid_archive_is_never_reattached_and_dropped_with_new_rows(seeded: str, archive_dir: Path) -> None:
+    """Reviewer's repro: archive stopped at `verified`; a late row lands in DEFAULT; move_default_rows used to
+    reuse the detached table, attach it back (new writes went into it) and the resumed archive dropped it:
+    102 rows before the resume, 100 after a restore."""
+    month = dt.date(2023, 7, 1)
+    with psycopg.connect(seeded, autocommit=True) as conn:
+        _fresh_month(conn, month, 100)
+        with pytest.raises(_Crash):
+            a.archive_partition(conn, "audit_log", month, archive_dir, hook=_crash_after("verify"))
+        _late_row(conn, "2023-07-20 10:00Z", "late")
+        with pytest.raises(PartitionError, match=r"2023-07 \(archive stopped at verified\)"):
+            move_default_rows(conn, "audit_log")
+        assert "audit_log_y2023m07" not in _attached(conn, "audit_log")  # left alone: still being archived
+        # nor does creating partitions (the partitions asset, a workload load) attach it back
+        with pytest.raises(PartitionError, match="archive stopped at verified"):
+            ensure_partition(conn, "audit_log", month)
+        assert ensure_partitions(conn, "audit_log", [month]) == []
+        assert "audit_log_y2023m07" not in _attached(conn, "audit_log")
+        _late_row(conn, "2023-07-21 10:00Z", "after")  # a write after the (refused) move: DEFAULT again
+        assert conn.execute("SELECT count(*) FROM audit_log_default").fetchone()[0] == 2
+        result = a.archive_partition(conn, "audit_log", month, archive_dir)
+        assert result.state == "dropped" and result.rows == 100
+        restored = a.restore_partition(conn, "audit_log", month)
+        assert restored.late_rows == 2 and restored.rows == 102
+        assert len(_rows(conn, "audit_log", month)) == 102  # nothing lost
+        assert a.archive_partition(conn, "audit_log", month, archive_dir).rows == 102
+
+
+def test_drop_refuses_a_reattached_or_changed_table(seeded: str, archive_dir: Path) -> None:
+    """Whatever re-attached or wrote into a detached month, the drop step does not remove those rows."""
+    with psycopg.connect(seeded, autocommit=True) as conn:
+        # 1. re-attached by someone else while at `verified`, then written to
+        month = dt.date(2023, 8, 1)
+        _fresh_month(conn, month, 50)
+        with pytest.raises(_Crash):
+            a.archive_partition(conn, "audit_log", month, archive_dir, hook=_crash_after("verify"))
+        with conn.transaction():
+            from perf_pipeline.lib.partitioning import attach_partition
+
+            attach_partition(conn, "audit_log", month)
+        _late_row(conn, "2023-08-20 10:00Z", "written after the re-attach")
+        with pytest.raises(a.ArchiveError, match="attached to audit_log again.*restore"):
+            a.archive_partition(conn, "audit_log", month, archive_dir)
+        assert len(_rows(conn, "audit_log", month)) == 51
+        assert a.manifest_row(conn, "audit_log", month).state == "verified"
+        # what the message says to do: restore (marks it restored), then archive again
+        a.restore_partition(conn, "audit_log", month)
+        assert a.archive_partition(conn, "audit_log", month, archive_dir).rows == 51
+
+        # 2. still standalone at `verified`, but a row was written straight into it
+        month = dt.date(2023, 9, 1)
+        _fresh_month(conn, month, 40)
+        with pytest.raises(_Crash):
+            a.archive_partition(conn, "audit_log", month, archive_dir, hook=_crash_after("verify"))
+        conn.execute(
+            "INSERT INTO audit_log_y2023m09 (timestamp, event_type, operation) VALUES ('2023-09-09Z', 'x.y', 'read')"
+        )
+        with pytest.raises(a.ArchiveError, match="41 rows, the manifest says 40"):
+            a.archive_partition(conn, "audit_log", month, archive_dir)
+        assert conn.execute("SELECT count(*) FROM audit_log_y2023m09").fetchone()[0] == 41
+        a.restore_partition(conn, "audit_log", month)
+        assert a.archive_partition(conn, "audit_log", month, archive_dir).rows == 41
 
 
 def test_a_row_larger_than_the_csv_block_size_archives(seeded: str, archive_dir: Path) -> None:

@@ -14,7 +14,9 @@ finished by calling :func:`archive_partition` again for the same month:
    batch) in a temporary file, fsynced and renamed: memory stays bounded by the batch size.
 3. **verify**: the file is read back (sha256, row count, min/max timestamp) and compared with the
    manifest and with the detached table.
-4. **drop** the table (standalone by now, so no lock on the parent).
+4. **drop** the table (standalone by now, so no lock on the parent), only if it is still standalone and
+   holds exactly the exported row count (checked under its ACCESS EXCLUSIVE lock, taken with a
+   ``lock_timeout``). Export, verify and drop also refuse a table that was attached again meanwhile.
 
 A month whose manifest says ``dropped`` is never archived twice; ``restored`` starts over.
 Concurrent runs of the same month are serialized by an advisory lock.
@@ -43,6 +45,7 @@ from psycopg import sql
 from perf_pipeline.lib.db import load_query, run_with_lock_retry
 from perf_pipeline.lib.partitioning import (
     add_months,
+    archive_lock_key,
     attach_partition,
     default_name,
     month_bounds,
@@ -433,7 +436,61 @@ def _verify(conn: psycopg.Connection, table: str, month: dt.date, m: ManifestRow
 
 
 def _lock_key(table: str, month: dt.date) -> sql.Composed:
-    return sql.SQL("hashtextextended({}, 0)").format(sql.Literal(f"perf_pipeline.archive:{table}:{month}"))
+    # the same key move_default_rows takes before it touches a month's table
+    return archive_lock_key(table, month)
+
+
+def _require_standalone(conn: psycopg.Connection, table: str, month: dt.date, state: str) -> None:
+    """Refuse to go on with a month whose detached table was attached to ``table`` again (by hand or by an
+    older ``move_default_rows``): rows written since then are in it and not in the file."""
+    name = partition_name(table, month)
+    if _attach_state(conn, table, name) == "attached":
+        raise ArchiveError(
+            f"{name} is attached to {table} again although its archive stopped at {state}: not exporting or "
+            f"dropping it (rows written since are not in the file). It is live data again: run perf-pipeline "
+            f"archive restore {month:%Y-%m} --table {table} (marks it restored), then archive it again"
+        )
+
+
+def _drop(conn: psycopg.Connection, table: str, month: dt.date, m: ManifestRow, lock_timeout_ms: int) -> None:
+    """Drop the verified, detached table and mark the month dropped, in one transaction.
+
+    Locks the table ACCESS EXCLUSIVE first (bounded by ``lock_timeout_ms``, retried): ATTACH also needs that
+    lock, so after it nobody can attach the table or write into it; then it must still be standalone and
+    hold exactly the manifest's row count, else :class:`ArchiveError` and nothing is dropped. No lock on
+    the parent. Cost: one count(*) of the table.
+    """
+    name = partition_name(table, month)
+    ident = sql.Identifier(name)
+
+    def work(c: psycopg.Connection) -> None:
+        state = _attach_state(c, table, name)
+        if state != "absent":
+            c.execute(sql.SQL("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE").format(ident))
+            state = _attach_state(c, table, name)
+            if state != "standalone":
+                raise ArchiveError(
+                    f"{name} is {state.replace('_', ' ')} to {table} although its archive was verified: not "
+                    f"dropping it; run perf-pipeline archive restore {month:%Y-%m} --table {table}, then archive "
+                    f"it again"
+                )
+            rows = c.execute(sql.SQL("SELECT count(*) FROM {}").format(ident)).fetchone()[0]
+            if rows != m.rows:
+                raise ArchiveError(
+                    f"{name} has {rows} rows, the manifest says {m.rows}: rows were written into the detached "
+                    f"table after the export; not dropping it. Run perf-pipeline archive restore {month:%Y-%m} "
+                    f"--table {table}, then archive it again"
+                )
+            c.execute(sql.SQL("DROP TABLE {}").format(ident))
+        # absent: the table is already gone (nothing to drop); the verified file is the month
+        c.execute(
+            "UPDATE archive_manifest SET state = 'dropped', dropped_at = now(), "
+            "updated_at = now(), archive_count = archive_count + 1 "
+            "WHERE table_name = %s AND month = %s",
+            (table, month),
+        )
+
+    run_with_lock_retry(conn, work, lock_timeout_ms=lock_timeout_ms, attempts=100, what=f"drop {name}")
 
 
 def archive_partition(
@@ -468,6 +525,8 @@ def archive_partition(
                 result.sha256, result.file_path = m.sha256, m.file_path
                 return result
             started = time.perf_counter()
+            if state in ("detached", "exported", "verified"):
+                _require_standalone(conn, table, month, state)
             if state in (None, "restored"):
                 if _attach_state(conn, table, name) == "absent":
                     return result
@@ -504,14 +563,8 @@ def archive_partition(
                     _set_state(conn, table, month, "verified")
             elif state == "verified":
                 step = "drop"
-                with conn.transaction():
-                    conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(sql.Identifier(name)))
-                    conn.execute(
-                        "UPDATE archive_manifest SET state = 'dropped', dropped_at = now(), "
-                        "updated_at = now(), archive_count = archive_count + 1 "
-                        "WHERE table_name = %s AND month = %s",
-                        (table, month),
-                    )
+                assert m is not None
+                _drop(conn, table, month, m, lock_timeout_ms)
             else:
                 raise ArchiveError(f"{name}: unexpected manifest state {state!r}")
             result.steps_run.append(step)

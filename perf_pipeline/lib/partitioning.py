@@ -188,10 +188,18 @@ def ensure_partition(
     Idempotent. Locks: SHARE UPDATE EXCLUSIVE on the parent, ACCESS EXCLUSIVE on the new table and on
     the DEFAULT partition while it is scanned (it should be empty), each bounded by ``lock_timeout_ms``.
     Raises ``psycopg.errors.CheckViolation`` if DEFAULT already holds rows of that month (move them first:
-    ``move_default_rows``).
+    ``move_default_rows``), and :class:`PartitionError` for a month that is archived or being archived
+    (archive_manifest state other than ``restored``): its detached table must not be attached back, nor a
+    fresh one created that would shadow the archive (restore the month instead).
     """
     month = month_start(month)
     name = partition_name(table, month)
+    state = archive_states(conn, table).get(month)
+    if state is not None and name not in {p.name for p in list_partitions(conn, table)}:
+        raise PartitionError(
+            f"{name}: not created/attached, the month is {_archive_reason(state)} "
+            f"(perf-pipeline archive restore {month:%Y-%m} --table {table} brings it back)"
+        )
     created = run_with_lock_retry(
         conn,
         lambda c: _attach(c, table, name, month),
@@ -207,10 +215,18 @@ def ensure_partition(
 def ensure_partitions(
     conn: psycopg.Connection, table: str, months: list[dt.date], **kwargs: int
 ) -> list[str]:
-    """:func:`ensure_partition` for each month; returns the names created."""
+    """:func:`ensure_partition` for each month; returns the names created.
+
+    Months that are archived or being archived (see :func:`ensure_partition`) are skipped with a log line.
+    """
     have = existing_months(conn, table)
+    archived = archive_states(conn, table)
     created = []
     for month in sorted({month_start(m) for m in months}):
+        if month not in have and month in archived:
+            log.warning("%s: not created, the month is %s", partition_name(table, month),
+                        _archive_reason(archived[month]))
+            continue
         if month not in have and ensure_partition(conn, table, month, **kwargs):
             created.append(partition_name(table, month))
     return created
@@ -289,16 +305,40 @@ def prepare_partition_table(conn: psycopg.Connection, table: str, month: dt.date
     return name
 
 
-def _archived_months(conn: psycopg.Connection, table: str) -> set[dt.date]:
-    """Months of ``table`` whose partition was archived and dropped (archive_manifest, migration 0010)."""
+def archive_lock_key(table: str, month: dt.date) -> sql.Composed:
+    """The per-month advisory lock key of the archive (:mod:`perf_pipeline.lib.archive` takes it for a whole
+    archive or restore); :func:`move_default_rows` takes the same one, so neither sees the other half-done."""
+    return sql.SQL("hashtextextended({}, 0)").format(
+        sql.Literal(f"perf_pipeline.archive:{table}:{month_start(month)}")
+    )
+
+
+def archive_states(conn: psycopg.Connection, table: str) -> dict[dt.date, str]:
+    """Months of ``table`` with an archive in any state but ``restored`` (archive_manifest, migration 0010):
+    ``detached`` / ``exported`` / ``verified`` (archive in progress or interrupted: the detached table is
+    about to be dropped) or ``dropped``. One small catalog + manifest read."""
     if conn.execute("SELECT to_regclass('archive_manifest') IS NULL").fetchone()[0]:
-        return set()
-    return {
-        m
-        for (m,) in conn.execute(
-            "SELECT month FROM archive_manifest WHERE table_name = %s AND state = 'dropped'", (table,)
-        )
-    }
+        return {}
+    return dict(
+        conn.execute(
+            "SELECT month, state FROM archive_manifest WHERE table_name = %s AND state <> 'restored'", (table,)
+        ).fetchall()
+    )
+
+
+def _archive_reason(state: str) -> str:
+    return "archived" if state == "dropped" else f"archive stopped at {state}"
+
+
+def _try_month_lock(conn: psycopg.Connection, table: str, month: dt.date) -> bool:
+    """Session advisory lock of the month's archive, without waiting (an archive holds it for minutes)."""
+    return bool(
+        conn.execute(sql.SQL("SELECT pg_try_advisory_lock({})").format(archive_lock_key(table, month))).fetchone()[0]
+    )
+
+
+def _unlock_month(conn: psycopg.Connection, table: str, month: dt.date) -> None:
+    conn.execute(sql.SQL("SELECT pg_advisory_unlock({})").format(archive_lock_key(table, month)))
 
 
 @dataclass
@@ -325,50 +365,85 @@ def move_default_rows(
     ``DELETE … RETURNING`` feeding an ``INSERT`` in one transaction: a row is in exactly one place at
     every commit, so a crash loses or duplicates nothing and a re-run continues), then the table is
     attached. Rows a writer adds to DEFAULT meanwhile make ATTACH fail its check; they are moved and
-    the attach retried (``max_rounds``). Locks: ROW EXCLUSIVE on DEFAULT per batch; the attach as in
-    :func:`ensure_partition`. Cost: one index-less scan of DEFAULT per batch (DEFAULT is small).
+    the attach retried (``max_rounds``). Locks: the month's archive advisory lock (not waited for: a month
+    being archived is skipped), ROW EXCLUSIVE on DEFAULT per batch; the attach as in :func:`ensure_partition`.
+    Cost: one index-less scan of DEFAULT per batch (DEFAULT is small).
+
+    Months with an archive manifest row in any state but ``restored`` are not touched: an interrupted
+    archive's detached table (state detached/exported/verified) must not get rows nor be attached back,
+    since the resumed archive drops it; a dropped month would be shadowed by a fresh partition. Their rows
+    stay in DEFAULT and :class:`PartitionError` says which months and what to do (restore moves them in).
     """
     result = MoveResult()
     default = sql.Identifier(default_name(table))
     key = sql.Identifier(partition_key_column(table))
     move = sql.SQL(load_query("partition_move_default_batch"))
+    skipped: dict[dt.date, str] = {}  # month → why its rows stay in DEFAULT
     for _ in range(max_rounds):
         summary = default_partition_summary(conn, table)
-        archived = _archived_months(conn, table) & set(summary.months)
-        if not set(summary.months) - archived:
-            if archived:
-                # a fresh partition would shadow the archive (and never be archived itself); restoring
-                # the month takes these rows along (perf_pipeline.lib.archive.restore_partition)
-                months = ", ".join(f"{m:%Y-%m}" for m in sorted(archived))
+        for month, state in archive_states(conn, table).items():
+            if month in summary.months:
+                skipped[month] = _archive_reason(state)
+        todo = sorted(set(summary.months) - set(skipped))
+        if not todo:
+            if skipped:
+                months = ", ".join(f"{m:%Y-%m} ({why})" for m, why in sorted(skipped.items()))
                 raise PartitionError(
-                    f"{table}: DEFAULT holds rows of archived month(s) {months}; restore them "
-                    f"(perf-pipeline archive restore YYYY-MM --table {table}), which moves these rows in"
+                    f"{table}: DEFAULT holds rows of month(s) left there: {months}. A partition for them "
+                    f"would be dropped by the archive or shadow it: finish an interrupted archive (perf-pipeline "
+                    f"archive run YYYY-MM --table {table}), then restore the month (perf-pipeline archive "
+                    f"restore YYYY-MM --table {table}), which moves these rows in"
                 )
             return result
-        for month in sorted(set(summary.months) - archived):
-            start, end = month_bounds(month)
-            name = partition_name(table, month)
-            with conn.transaction():
-                prepare_partition_table(conn, table, month)
-            while True:
-                with conn.transaction():
-                    moved = conn.execute(
-                        move.format(default=default, target=sql.Identifier(name), key=key),
-                        {"start": start, "end": end, "batch": batch_size},
-                    ).fetchone()[0]
-                if not moved:
-                    break
-                result.rows_moved += moved
-                result.batches += 1
-            if month not in result.months:
-                result.months.append(month)
+        for month in todo:
+            if not _try_month_lock(conn, table, month):
+                skipped[month] = "being archived or restored right now"
+                continue
             try:
-                if ensure_partition(conn, table, month, lock_timeout_ms=lock_timeout_ms, attempts=attempts):
-                    result.partitions_created.append(name)
-            except psycopg.errors.CheckViolation:
-                log.info(
-                    "%s: new rows of %s arrived in DEFAULT during the move; moving them too", table, month
-                )
+                # re-read under the lock: an archive may have started since the summary
+                state = archive_states(conn, table).get(month)
+                if state is not None:
+                    skipped[month] = _archive_reason(state)
+                    continue
+                _move_month(conn, table, month, move, default, key, batch_size, result)
+                try:
+                    if ensure_partition(conn, table, month, lock_timeout_ms=lock_timeout_ms, attempts=attempts):
+                        result.partitions_created.append(partition_name(table, month))
+                except psycopg.errors.CheckViolation:
+                    log.info(
+                        "%s: new rows of %s arrived in DEFAULT during the move; moving them too", table, month
+                    )
+            finally:
+                _unlock_month(conn, table, month)
     raise PartitionError(
         f"{table}: DEFAULT kept receiving rows after {max_rounds} rounds of move_default_rows"
     )
+
+
+def _move_month(
+    conn: psycopg.Connection,
+    table: str,
+    month: dt.date,
+    move: sql.SQL,
+    default: sql.Identifier,
+    key: sql.Identifier,
+    batch_size: int,
+    result: MoveResult,
+) -> None:
+    """Prepare ``month``'s standalone table and move its DEFAULT rows into it, one transaction per batch."""
+    start, end = month_bounds(month)
+    name = partition_name(table, month)
+    with conn.transaction():
+        prepare_partition_table(conn, table, month)
+    while True:
+        with conn.transaction():
+            moved = conn.execute(
+                move.format(default=default, target=sql.Identifier(name), key=key),
+                {"start": start, "end": end, "batch": batch_size},
+            ).fetchone()[0]
+        if not moved:
+            break
+        result.rows_moved += moved
+        result.batches += 1
+    if month not in result.months:
+        result.months.append(month)
