@@ -535,6 +535,32 @@ def test_drop_refuses_a_reattached_or_changed_table(seeded: str, archive_dir: Pa
         assert a.archive_partition(conn, "audit_log", month, archive_dir).rows == 41
 
 
+def test_a_verify_that_keeps_failing_stops_after_a_few_exports(seeded: str, archive_dir: Path) -> None:
+    month = dt.date(2023, 10, 1)
+    exports = []
+
+    def damage_every_export(done: str) -> None:
+        if done == "export":
+            exports.append(done)
+            if len(exports) > 6:
+                raise _Crash("still re-exporting after 6 attempts")
+            path = a.archive_path(archive_dir, "audit_log", month)
+            path.write_bytes(path.read_bytes()[:-100])  # a disk that keeps damaging the file
+
+    with psycopg.connect(seeded, autocommit=True) as conn:
+        _fresh_month(conn, month, 20)
+        with pytest.raises(a.ArchiveError, match=r"verification failed 3 times"):
+            a.archive_partition(conn, "audit_log", month, archive_dir, hook=damage_every_export)
+        assert len(exports) == 3
+        assert a.manifest_row(conn, "audit_log", month).state == "detached"
+        assert conn.execute("SELECT count(*) FROM audit_log_y2023m10").fetchone()[0] == 20  # still there
+        problems = a.verify_archives(conn, "audit_log").problems
+        assert "archive stopped at detached" in problems["audit_log_y2023m10"]
+        # the disk is fine again: the next run finishes it
+        assert a.archive_partition(conn, "audit_log", month, archive_dir).state == "dropped"
+        assert "audit_log_y2023m10" not in a.verify_archives(conn, "audit_log").problems
+
+
 def test_a_row_larger_than_the_csv_block_size_archives(seeded: str, archive_dir: Path) -> None:
     """An ~18 MB details value spans more than two of the archive's 8 MiB pyarrow blocks: it used to fail the
     export after the detach ("straddling object straddles two block boundaries"), month invisible."""

@@ -62,6 +62,8 @@ STEPS = ("detach", "export", "verify", "drop")
 StepHook = Callable[[str], None]
 BATCH_BYTES = 16 << 20
 DETACH_LOCK_TIMEOUT_MS = 100
+#: exports per archive call whose verification may fail before it gives up (the month stays detached)
+VERIFY_ATTEMPTS = 3
 ROLLUP_HORIZON_DAYS = 90
 
 
@@ -514,6 +516,7 @@ def archive_partition(
     month = month_start(month)
     name = partition_name(table, month)
     result = ArchiveResult(table, month, "absent")
+    verify_failures = 0
     conn.execute(sql.SQL("SELECT pg_advisory_lock({})").format(_lock_key(table, month)))
     try:
         while True:
@@ -554,10 +557,19 @@ def archive_partition(
                 try:
                     _verify(conn, table, month, m)
                 except ArchiveError as exc:
-                    # the table is still there: export again rather than trust a damaged file
-                    log.warning("%s; exporting again", exc)
+                    # the table is still there: export again rather than trust a damaged file, but not
+                    # forever (a disk that keeps damaging files, data pyarrow cannot round-trip)
+                    verify_failures += 1
                     with conn.transaction():
                         _set_state(conn, table, month, "detached")
+                    if verify_failures >= VERIFY_ATTEMPTS:
+                        raise ArchiveError(
+                            f"{name}: verification failed {verify_failures} times, giving up (last: {exc}). The "
+                            f"month stays detached (invisible to queries, recorded as detached in archive_manifest, "
+                            f"flagged by the archive files check): fix the cause and run the archive again, or "
+                            f"perf-pipeline archive restore {month:%Y-%m} --table {table}"
+                        ) from exc
+                    log.warning("%s; exporting again (attempt %d/%d)", exc, verify_failures + 1, VERIFY_ATTEMPTS)
                     continue
                 with conn.transaction():
                     _set_state(conn, table, month, "verified")
@@ -583,12 +595,20 @@ class VerifyReport:
 
 
 def verify_archives(conn: psycopg.Connection, table: str | None = None) -> VerifyReport:
-    """Check every dropped month's file against its manifest: exists, sha256, row count.
+    """Check every dropped month's file against its manifest: exists, sha256, row count; and flag every
+    month whose archive stopped half-way (detached / exported / verified: its table is detached, so its
+    rows are invisible to queries until the archive is run again or the month restored).
 
     Cost: one full read of every archive file (sha256) plus its Parquet footer.
     """
     ok, problems = [], {}
     for m in list_manifest(conn, table):
+        if m.state in ("detached", "exported", "verified"):
+            problems[m.partition_name] = (
+                f"archive stopped at {m.state}: the table is detached (its rows are invisible to queries); run "
+                f"the archive of {m.month:%Y-%m} again or restore it"
+            )
+            continue
         if m.state != "dropped":
             continue
         path = Path(m.file_path or "")

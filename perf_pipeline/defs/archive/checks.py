@@ -1,4 +1,5 @@
-"""Each archived month's file still matches its manifest row (exists, sha256, row count)."""
+"""Each archived month's file still matches its manifest row (exists, sha256, row count), and no month's
+archive stopped half-way (its table detached, rows invisible)."""
 
 import dagster as dg
 
@@ -26,7 +27,8 @@ def _check(postgres: PostgresResource, table: str) -> dg.AssetCheckResult:
     asset=audit_log_archive,
     name="audit_log_archive_files_match_manifest",
     description="Every archived audit month's Parquet file exists and matches its manifest sha256 and "
-    "row count (reads every file once).",
+    "row count (reads every file once); fails too for a month whose archive stopped half-way (detached, "
+    "exported or verified: its rows are invisible until it is archived again or restored).",
 )
 def audit_log_archive_files_match_manifest(postgres: PostgresResource) -> dg.AssetCheckResult:
     return _check(postgres, "audit_log")
@@ -36,7 +38,8 @@ def audit_log_archive_files_match_manifest(postgres: PostgresResource) -> dg.Ass
     asset=usage_log_retention,
     name="usage_log_archive_files_match_manifest",
     description="Every archived usage month's Parquet file exists and matches its manifest sha256 and "
-    "row count (reads every file once).",
+    "row count (reads every file once); fails too for a month whose archive stopped half-way (detached, "
+    "exported or verified: its rows are invisible until it is archived again or restored).",
 )
 def usage_log_archive_files_match_manifest(postgres: PostgresResource) -> dg.AssetCheckResult:
     return _check(postgres, "usage_log")
