@@ -148,12 +148,12 @@ class Managed:
                 os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(10)
 
-    def rss_mb(self) -> dict[str, float]:
-        """RSS of the process and of each descendant, MB (by command)."""
+    def rss_mb(self) -> dict[str, tuple[int, float]]:
+        """label → (pid, RSS MB) of the process and of each descendant (labelled by command)."""
         if not self.alive():
             return {}
         assert self.proc is not None
-        out: dict[str, float] = {}
+        out: dict[str, tuple[int, float]] = {}
         try:
             root = psutil.Process(self.proc.pid)
             for p in [root, *root.children(recursive=True)]:
@@ -161,16 +161,31 @@ class Managed:
                     label = self.name if p.pid == root.pid else f"{self.name}/{_short(p.cmdline())}"
                     while label in out:
                         label += "'"
-                    out[label] = p.memory_info().rss / 2**20
+                    out[label] = (p.pid, p.memory_info().rss / 2**20)
         except psutil.Error:
             pass
         return out
 
 
+def snapshot_rss(managed: list[Managed], state: Path) -> dict[str, tuple[int, float]]:
+    """label → (pid, MB) of every long-running process: the managed ones and their children, PostgreSQL
+    (pid 0: aggregate figures) and Redis."""
+    out: dict[str, tuple[int, float]] = {}
+    for m in managed:
+        out.update(m.rss_mb())
+    out.update({k: (0, v) for k, v in postgres_rss_mb(state).items()})
+    with contextlib.suppress(OSError, ValueError):
+        pid = int((state / "redis" / "redis.pid").read_text())
+        out["redis-server"] = (pid, pid_rss_mb(pid))
+    return out
+
+
 def _short(cmdline: list[str]) -> str:
     text = " ".join(Path(cmdline[0]).name if i == 0 else a for i, a in enumerate(cmdline[:6]))
+    if "resource_tracker" in text:
+        return "resource tracker"
     if "multiprocessing" in text:
-        return "worker (spawn)"
+        return "spawned worker"
     return text[:60]
 
 
@@ -405,6 +420,23 @@ def wait_until(check: Callable[[], bool], timeout: float, step: float = 0.25) ->
     return None
 
 
+def wait_all(
+    checks: dict[str, Callable[[], bool]], since: float, timeout: float, step: float = 0.25
+) -> dict[str, float | None]:
+    """For each named check, seconds from ``since`` (a time.time()) until it first held; None after ``timeout``.
+    All checks are polled together, so each figure is its own recovery time."""
+    out: dict[str, float | None] = dict.fromkeys(checks)
+    deadline = time.time() + timeout
+    while time.time() < deadline and any(v is None for v in out.values()):
+        for name, check in checks.items():
+            if out[name] is None:
+                with contextlib.suppress(Exception):
+                    if check():
+                        out[name] = time.time() - since
+        time.sleep(step)
+    return out
+
+
 def windows(
     samples: list[tuple[float, float, bool]], start: float, size: float = 300
 ) -> list[dict[str, object]]:
@@ -587,13 +619,7 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 — one linear sto
                         minute_stats[m] = {k.decode(): int(v) for k, v in h.items()}
 
         time.sleep(5)  # let the API warm
-        rss_start: dict[str, float] = {}
-        for m in managed:
-            rss_start.update(m.rss_mb())
-        rss_start.update(postgres_rss_mb(state))
-        rss_start["redis-server"] = pid_rss_mb(
-            embedded.redis_running(state) and int((state / "redis" / "redis.pid").read_text()) or 0
-        )
+        rss_start = snapshot_rss(managed, state)
         audit.start()
         usage.start()
         api_thread.start()
@@ -637,44 +663,43 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 — one linear sto
                     embedded.stop_postgres(state)
                     down = time.time() - t
                     embedded.start_postgres(state)
-                    up_s = time.time() - t
-                    # recovery times are counted from the stop command
-                    audit_s = wait_until(
-                        lambda w=written: (
-                            writer.metrics()["written"] > w and writer.metrics()["db_reachable"]
-                        ),
+                    up = time.time()
+                    # every recovery time counts from the stop command
+                    times = wait_all(
+                        {
+                            "audit_writer_delivering_s": lambda written=written: (
+                                writer.metrics()["written"] > written and writer.metrics()["db_reachable"]
+                            ),
+                            "usage_writer_inserting_s": lambda up=up: usage.last_ok > up,
+                            "daemons_healthy_s": lambda: daemons_healthy(web_port),
+                        },
+                        t,
                         300,
                     )
-                    usage_s = wait_until(lambda back=t + up_s: usage.last_ok > back, 300)
-                    daemons = wait_until(lambda: daemons_healthy(web_port), 300, 1)
+                    failed_api = sum(1 for ts, _, ok in list(api.samples) if ts >= t and not ok)
                     recoveries.append(
                         {
                             "fault": "PostgreSQL restart",
                             "stop_s": down,
-                            "up_again_s": up_s,
-                            "audit_writer_delivering_s": None if audit_s is None else up_s + audit_s,
-                            "usage_writer_inserting_s": None if usage_s is None else up_s + usage_s,
-                            "daemons_healthy_s": None
-                            if daemons is None
-                            else up_s + (audit_s or 0) + (usage_s or 0) + daemons,
-                            "api_failed_meanwhile": sum(
-                                1 for ts, _, ok in list(api.samples) if t <= ts < t + 60 and not ok
-                            ),
+                            "up_again_s": up - t,
+                            **times,
+                            "api_failed_meanwhile": failed_api,
                         }
                     )
                 elif action == "restart redis":
                     embedded.stop_redis(state)
                     embedded.start_redis(state)
-                    up_s = time.time() - t
-                    refill = wait_until(lambda: rc.exists(cache.KPIS_KEY) == 1, 300, 0.1)
+                    up = time.time()
+                    times = wait_all(
+                        {"cache_refilled_s": lambda: rc.exists(cache.KPIS_KEY) == 1}, t, 300, 0.1
+                    )
+                    failed_api = sum(1 for ts, _, ok in list(api.samples) if ts >= t and not ok)
                     recoveries.append(
                         {
                             "fault": "Redis restart (empty)",
-                            "up_again_s": up_s,
-                            "cache_refilled_s": None if refill is None else up_s + refill,
-                            "api_failed_meanwhile": sum(
-                                1 for ts, _, ok in list(api.samples) if t <= ts < t + 60 and not ok
-                            ),
+                            "up_again_s": up - t,
+                            **times,
+                            "api_failed_meanwhile": failed_api,
                         }
                     )
                 elif action == "archive":
@@ -751,11 +776,7 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 — one linear sto
         usage.join(90)
         writer_closed = writer.close(timeout=120)
         sample_hits()
-        rss_end: dict[str, float] = {}
-        for m in managed:
-            rss_end.update(m.rss_mb())
-        rss_end.update(postgres_rss_mb(state))
-        rss_end["redis-server"] = pid_rss_mb(int((state / "redis" / "redis.pid").read_text()))
+        rss_end = snapshot_rss(managed, state)
 
         # let runs in flight finish (bounded), then judge every run
         wait_until(
@@ -848,14 +869,15 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 — one linear sto
             },
             {"metric": "process restarts by supervisor", "value": sum(len(m.restarts) for m in managed)},
         ]
-        for name in sorted(set(rss_start) | set(rss_end)):
-            report.append(
-                {
-                    "metric": f"RSS MB {name}",
-                    "value": f"{rss_start.get(name, float('nan')):.0f} → "
-                    f"{rss_end.get(name, float('nan')):.0f}",
-                }
-            )
+        end_by_pid = {pid: mb for pid, mb in rss_end.values() if pid}
+        for name, (pid, mb) in rss_start.items():  # the processes alive at the start, followed by pid
+            if pid and pid in end_by_pid:
+                end, note = end_by_pid[pid], ""
+            elif name in rss_end:
+                end, note = rss_end[name][1], "" if not pid else f"new process (pid {pid} gone)"
+            else:
+                end, note = float("nan"), "gone"
+            report.append({"metric": f"RSS MB {name}", "value": f"{mb:.0f} → {end:.0f}", "detail": note})
         win = windows(api.samples, load_start)
         print("\n--- API latency per 5-minute window")
         print_table(win)
