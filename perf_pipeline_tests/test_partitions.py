@@ -271,3 +271,32 @@ def test_definitions_expose_the_interface_names() -> None:
         assert schedules[name].description
     assert schedules["create_partitions_ahead_daily"].cron_schedule == "10 0 * * *"
     assert schedules["archive_audit_log_monthly"].cron_schedule == "30 3 2 * *"
+
+
+def test_rows_moved_into_a_table_whose_attach_failed_are_attached_by_the_next_run(
+    db_url: str, db: psycopg.Connection
+) -> None:
+    """The attach comes last: if it fails (LockNotAvailable) or the process dies before it, DEFAULT is already
+    empty and the rows sit in a standalone table, invisible. The guard flags it; the next run attaches it."""
+    resources = {"postgres": PostgresResource(url=db_url)}
+    for i in range(12):
+        _insert_audit(db, dt.datetime(2021, 3, 1, tzinfo=UTC) + dt.timedelta(hours=i), description=f"m{i}")
+    before = db.execute("SELECT * FROM audit_log ORDER BY id").fetchall()
+    with psycopg.connect(db_url) as blocker:  # holds SHARE UPDATE EXCLUSIVE on the parent: ATTACH cannot lock
+        blocker.execute("LOCK TABLE audit_log IN SHARE UPDATE EXCLUSIVE MODE")
+        with pytest.raises(p.PartitionError, match="audit_log_y2021m03 holds moved rows but is not attached"):
+            p.move_default_rows(db, "audit_log", batch_size=5, lock_timeout_ms=20, attempts=2)
+        blocker.rollback()
+    assert db.execute("SELECT count(*) FROM audit_log_default").fetchone()[0] == 0
+    assert db.execute("SELECT count(*) FROM audit_log_y2021m03").fetchone()[0] == 12
+    assert "audit_log_y2021m03" not in _months(db, "audit_log")
+    assert p.unattached_partitions(db, "audit_log") == ["audit_log_y2021m03"]
+    check = audit_log_default_partition_empty(**resources)
+    assert not check.passed and check.metadata["unattached_tables"].value == 1
+    assert "audit_log_y2021m03" in (check.description or "")
+
+    result = p.move_default_rows(db, "audit_log")  # DEFAULT is empty: it still attaches the table
+    assert result.rows_moved == 0 and result.partitions_created == ["audit_log_y2021m03"]
+    assert db.execute("SELECT * FROM audit_log ORDER BY id").fetchall() == before
+    assert p.unattached_partitions(db, "audit_log") == []
+    assert audit_log_default_partition_empty(**resources).passed

@@ -341,6 +341,66 @@ def _unlock_month(conn: psycopg.Connection, table: str, month: dt.date) -> None:
     conn.execute(sql.SQL("SELECT pg_advisory_unlock({})").format(archive_lock_key(table, month)))
 
 
+def unattached_partitions(conn: psycopg.Connection, table: str) -> list[str]:
+    """Standalone ``{table}_yYYYYmMM`` tables left by an interrupted :func:`move_default_rows`: they carry the
+    bound CHECK of :func:`prepare_partition_table`, are attached to nothing, and their month has no archive
+    in progress or done (a detached table being archived, or a half-restored one, is the archive's).
+
+    Their rows are invisible to queries on ``table`` while DEFAULT may already be empty. Catalog read only.
+    """
+    archived = archive_states(conn, table)
+    rows = conn.execute(
+        """
+        SELECT c.relname FROM pg_class c
+        JOIN pg_constraint k ON k.conrelid = c.oid AND k.contype = 'c' AND k.conname = c.relname || '_bound'
+        WHERE c.relnamespace = current_schema()::regnamespace AND c.relkind = 'r' AND NOT c.relispartition
+          AND c.relname LIKE %s
+        ORDER BY c.relname
+        """,
+        (_check_table(table).replace("_", "\\_") + "\\_y%",),
+    ).fetchall()
+    out = []
+    for (name,) in rows:
+        match = _PARTITION.match(name)
+        month = month_of_partition(name)
+        if match and match["table"] == table and month is not None and month not in archived:
+            out.append(name)
+    return out
+
+
+def _attach_interrupted_moves(
+    conn: psycopg.Connection, table: str, result: MoveResult, lock_timeout_ms: int, attempts: int, *, final: bool
+) -> None:
+    """Attach every :func:`unattached_partitions` table (an earlier run moved rows into it, then its attach
+    failed or the process died). Under the month's advisory lock, re-checked there. If DEFAULT holds rows of
+    the month, ATTACH fails its check: the caller's move loop takes the month (it reuses the table). With
+    ``final`` (the end of a run) a table that still cannot be attached raises :class:`PartitionError`.
+    """
+    for name in unattached_partitions(conn, table):
+        month = month_of_partition(name)
+        assert month is not None
+        if not _try_month_lock(conn, table, month):
+            log.info("%s: its month is locked by another run; leaving it to that run", name)
+            continue
+        try:
+            if name not in unattached_partitions(conn, table):
+                continue
+            try:
+                if ensure_partition(conn, table, month, lock_timeout_ms=lock_timeout_ms, attempts=attempts):
+                    log.warning("%s: attached (moved rows were left in it unattached by an earlier run)", name)
+                    result.partitions_created.append(name)
+            except (psycopg.errors.CheckViolation, psycopg.errors.LockNotAvailable) as exc:
+                if final:
+                    raise PartitionError(
+                        f"{table}: {name} holds moved rows but is not attached ({type(exc).__name__}: "
+                        f"{str(exc).strip()}); its rows are invisible to queries until move_default_rows is "
+                        f"run again"
+                    ) from exc
+                log.warning("%s: attach failed (%s); the move below retries", name, type(exc).__name__)
+        finally:
+            _unlock_month(conn, table, month)
+
+
 @dataclass
 class MoveResult:
     rows_moved: int = 0
@@ -365,7 +425,9 @@ def move_default_rows(
     ``DELETE … RETURNING`` feeding an ``INSERT`` in one transaction: a row is in exactly one place at
     every commit, so a crash loses or duplicates nothing and a re-run continues), then the table is
     attached. Rows a writer adds to DEFAULT meanwhile make ATTACH fail its check; they are moved and
-    the attach retried (``max_rounds``). Locks: the month's archive advisory lock (not waited for: a month
+    the attach retried (``max_rounds``). A table whose attach failed (lock timeouts) or was never reached
+    (the process died) is attached at the start of the next run and retried before returning
+    (:func:`unattached_partitions`); if it still cannot be attached, :class:`PartitionError` names it. Locks: the month's archive advisory lock (not waited for: a month
     being archived is skipped), ROW EXCLUSIVE on DEFAULT per batch; the attach as in :func:`ensure_partition`.
     Cost: one index-less scan of DEFAULT per batch (DEFAULT is small).
 
@@ -379,6 +441,8 @@ def move_default_rows(
     key = sql.Identifier(partition_key_column(table))
     move = sql.SQL(load_query("partition_move_default_batch"))
     skipped: dict[dt.date, str] = {}  # month → why its rows stay in DEFAULT
+    # rows an interrupted run moved into a table it did not attach: DEFAULT may be empty already
+    _attach_interrupted_moves(conn, table, result, lock_timeout_ms, attempts, final=False)
     for _ in range(max_rounds):
         summary = default_partition_summary(conn, table)
         for month, state in archive_states(conn, table).items():
@@ -386,6 +450,8 @@ def move_default_rows(
                 skipped[month] = _archive_reason(state)
         todo = sorted(set(summary.months) - set(skipped))
         if not todo:
+            # a month whose attach failed below (lock timeouts) gets its retries here, before returning
+            _attach_interrupted_moves(conn, table, result, lock_timeout_ms, attempts, final=True)
             if skipped:
                 months = ", ".join(f"{m:%Y-%m} ({why})" for m, why in sorted(skipped.items()))
                 raise PartitionError(
@@ -413,6 +479,9 @@ def move_default_rows(
                     log.info(
                         "%s: new rows of %s arrived in DEFAULT during the move; moving them too", table, month
                     )
+                except psycopg.errors.LockNotAvailable:
+                    # the rows are in the standalone table now: retried before returning, and by the next run
+                    log.warning("%s: could not attach %s yet (lock timeouts); retrying later", table, month)
             finally:
                 _unlock_month(conn, table, month)
     raise PartitionError(

@@ -1,28 +1,37 @@
-"""Default partition guard: rows in DEFAULT mean a month had no partition when they arrived."""
+"""Default partition guard: rows in DEFAULT mean a month had no partition when they arrived; a standalone
+month table left by an interrupted move_default_rows holds rows queries cannot see."""
 
 import dagster as dg
 
 from perf_pipeline.defs.partitions.assets import audit_log_partitions, usage_log_partitions
 from perf_pipeline.defs.resources import PostgresResource
-from perf_pipeline.lib.partitioning import default_name, default_partition_summary
+from perf_pipeline.lib.partitioning import default_name, default_partition_summary, unattached_partitions
 
 
 def _check(postgres: PostgresResource, table: str) -> dg.AssetCheckResult:
     with postgres.connection(autocommit=True) as conn:
         summary = default_partition_summary(conn, table)
+        # an interrupted move leaves rows in a table it never attached, with DEFAULT already empty
+        unattached = unattached_partitions(conn, table)
     months = ", ".join(f"{m:%Y-%m} ({n})" for m, n in sorted(summary.months.items()))
+    problems = []
+    if summary.rows:
+        problems.append(f"{summary.rows} row(s) in {default_name(table)}, months: {months}")
+    if unattached:
+        problems.append(f"moved rows in unattached table(s) {', '.join(unattached)} (invisible to queries)")
     return dg.AssetCheckResult(
-        passed=summary.rows == 0,
+        passed=not problems,
         description=(
             f"{default_name(table)} is empty"
-            if not summary.rows
-            else f"{summary.rows} row(s) in {default_name(table)}, months: {months}; run job move_default_rows"
+            if not problems
+            else "; ".join(problems) + "; run job move_default_rows"
         ),
         metadata={
             "rows": summary.rows,
             "threshold": 0,
             "months": months or "none",
             "month_count": len(summary.months),
+            "unattached_tables": len(unattached),
         },
     )
 
