@@ -34,6 +34,9 @@ sent (write-ahead) and the segment is deleted only after ``COMMIT`` returned. So
   power loss. ``spool_fsync=True`` fsyncs each segment and the folder (~1–10 ms per batch, on the flusher
   thread, never on ``log()``).
 * an exclusive ``flock`` on ``<spool_dir>/.lock`` keeps two live writers from sharing one folder.
+* spool disk full (a segment write fails): the batch stays in memory and is delivered from there if the
+  database is up; no further batch is taken until its segment is written (retried every cycle), so
+  memory holds one such batch plus the bounded queue; ``spool_write_failures`` counts the failures.
 
 ``close()`` while a delivery is stuck (lock wait, slow server, half-open TCP; the connection uses TCP
 keepalives and ``tcp_user_timeout`` so a dead peer is noticed in about 30 s): the closing thread writes the
@@ -44,7 +47,8 @@ What a SIGKILL can still lose: events accepted by ``log()`` but not yet taken by
 ``flush_interval_ms`` worth, or ``batch_size`` events). Call :meth:`flush` after an event that must not be
 lost, before answering the request.
 
-Full queue (``max_queue`` events in memory, i.e. the flusher is stuck in a slow connect or ``COPY``):
+Full queue (``max_queue`` events or ``max_queue_bytes`` bytes in memory, i.e. the flusher is stuck in a
+slow connect or ``COPY``):
 
 * with a spool: **spill** — the producer that finds the queue full writes the oldest ``batch_size``
   queued events to a new spool segment (one file write, ~1 ms, under the writer's lock) and goes on;
@@ -109,7 +113,9 @@ LIMITS: dict[str, tuple[int, int]] = {
     "event_type": (1, 64), "operation": (1, 32), "entity_type": (0, 64), "entity_id": (0, 128),
     "description": (0, 2000),
 }
-MAX_DETAILS_BYTES = 1 << 20  # a larger audit payload is a bug in the caller, not an audit event
+MAX_DETAILS_BYTES = 1 << 20  # UTF-8 bytes of the JSON; a larger audit payload is a caller's bug, not an event
+# bytes of a queued line before its encoded fields: "<uuid 36>\t<YYYY-MM-DD HH:MM:SS.ffffff+00>\t"
+_LINE_PREFIX_BYTES = 36 + 1 + 29 + 1
 
 _COLS_SQL = ", ".join(f'"{c}"' for c in COLUMNS)
 _STAGING = "audit_log_staging"
@@ -220,8 +226,10 @@ def _details(value: object) -> str:
         text = _JSON.encode(value)
     except (TypeError, ValueError) as exc:
         raise AuditEventError(f"details must be JSON-serializable (no NaN/Infinity): {exc}") from None
-    if len(text) > MAX_DETAILS_BYTES:
-        raise AuditEventError(f"details is {len(text)} characters as JSON; the limit is {MAX_DETAILS_BYTES}")
+    if len(text) * 4 > MAX_DETAILS_BYTES:  # a UTF-8 character is ≤ 4 bytes: only a large text can be over
+        size = len(text.encode("utf-8", "surrogatepass"))  # ~0.1 ms per MB, paid by large payloads only
+        if size > MAX_DETAILS_BYTES:
+            raise AuditEventError(f"details is {size} bytes as UTF-8 JSON; the limit is {MAX_DETAILS_BYTES} bytes")
     if "\\u0000" in text and _JSON_NUL.search(text):
         raise AuditEventError("details contains a NUL character (\\u0000), which jsonb cannot store")
     return text.translate(_ESCAPES) if _NEEDS_ESCAPE.search(text) else text
@@ -418,7 +426,8 @@ class AuditWriter:
     """Thread-safe, non-blocking audit logger over one database connection (see the module docstring).
 
     ``url``: the platform database. ``batch_size``: events per COPY. ``flush_interval_ms``: the longest an
-    event waits in memory. ``max_queue``: events held in memory. ``spool_dir``: enables the spool (write-
+    event waits in memory. ``max_queue``: events held in memory; ``max_queue_bytes``: bytes of COPY text held
+    in the queue (one event is always accepted into an empty queue). ``spool_dir``: enables the spool (write-
     ahead segments, replay, spill when full). ``put_timeout``: without a spool, how long ``log()`` waits
     for room in a full queue. Starts its thread at once; replays an existing spool first (the constructor
     reads the segments left there to count their events: ~1 s per GB of spool; no database round trip).
@@ -428,14 +437,16 @@ class AuditWriter:
                  max_queue: int = 100_000, spool_dir: str | os.PathLike[str] | None = None,
                  spool_fsync: bool = False, put_timeout: float = 1.0, connect_timeout_s: int = 5,
                  statement_timeout_ms: int = 30_000, name: str = "audit",
-                 metrics_interval_s: float | None = 15.0) -> None:
-        if batch_size < 1 or max_queue < batch_size or flush_interval_ms < 1:
-            raise ValueError("need batch_size ≥ 1, max_queue ≥ batch_size and flush_interval_ms ≥ 1")
+                 metrics_interval_s: float | None = 15.0, max_queue_bytes: int = 64 << 20) -> None:
+        if batch_size < 1 or max_queue < batch_size or flush_interval_ms < 1 or max_queue_bytes < 1:
+            raise ValueError("need batch_size ≥ 1, max_queue ≥ batch_size, flush_interval_ms ≥ 1 and "
+                             "max_queue_bytes ≥ 1")
         self.url = url
         self.name = name
         self.batch_size = batch_size
         self.flush_interval = flush_interval_ms / 1000
         self.max_queue = max_queue
+        self.max_queue_bytes = max_queue_bytes
         self.put_timeout = put_timeout
         self._connect_kwargs: dict[str, object] = {
             "connect_timeout": connect_timeout_s, "application_name": f"perf_pipeline.{name}",
@@ -452,6 +463,7 @@ class AuditWriter:
         self._room = threading.Condition(self._lock)  # flusher → producers blocked on a full queue
         self._done = threading.Condition(self._lock)  # flusher → flush()
         self._queue: deque[bytes] = deque()
+        self._queue_bytes = 0  # sum of len() of the queued lines (under _lock)
         self._pending: deque[_Batch] = deque()  # handed to the flusher, not yet acknowledged, oldest first
         self._ids = UUIDv7()
         self._ts_second = -1
@@ -474,6 +486,8 @@ class AuditWriter:
         self._rejected = 0
         self._batches = 0
         self._failures = 0
+        self._spool_write_failures = 0
+        self._spool_failing = False  # the last segment write failed (errors are logged once per episode)
         self._last_error: str | None = None
         self._latencies: deque[float] = deque(maxlen=2048)
         self._spool = _Spool(Path(spool_dir), spool_fsync) if spool_dir is not None else None
@@ -523,11 +537,12 @@ class AuditWriter:
             tail = f"{rest}\n".encode()
         except UnicodeEncodeError as exc:
             raise AuditEventError(f"event text is not valid Unicode (lone surrogate?): {exc}") from None
+        size = _LINE_PREFIX_BYTES + len(tail)
         with self._lock:
             if self._closed:
                 raise AuditWriterClosed(f"audit writer {self.name!r} is closed")
-            if len(self._queue) >= self.max_queue:
-                self._make_room()
+            if len(self._queue) >= self.max_queue or self._queue_bytes + size > self.max_queue_bytes:
+                self._make_room(size)
             now = time.time_ns()
             event_id = self._ids.next(now)
             second, micros = divmod(now // 1000, 1_000_000)
@@ -535,37 +550,54 @@ class AuditWriter:
                 self._ts_second = second
                 self._ts_prefix = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(second))
             self._queue.append(f"{event_id}\t{self._ts_prefix}.{micros:06d}+00\t".encode() + tail)
+            self._queue_bytes += size
             self._accepted += 1
             if len(self._queue) == self.batch_size:
                 self._wake.notify()
         return event_id
 
-    def _make_room(self) -> None:
-        """Called with the lock held and the queue full: spill to the spool, or wait for room."""
+    def _full(self, size: int) -> bool:
+        """Whether an event of ``size`` bytes does not fit (lock held). An empty queue always takes one."""
+        return len(self._queue) >= self.max_queue or (
+            bool(self._queue) and self._queue_bytes + size > self.max_queue_bytes)
+
+    def _pop_lines(self, n: int) -> list[bytes]:
+        """The oldest ``n`` queued lines, removed (lock held)."""
+        lines = [self._queue.popleft() for _ in range(n)]
+        self._queue_bytes -= sum(map(len, lines))
+        return lines
+
+    def _make_room(self, size: int) -> None:
+        """Called with the lock held and the queue full (events or bytes): spill to the spool, or wait."""
         if self._spool is not None:
             # the oldest batch_size events become the next segment: they are older than what stays queued
             # and newer than every pending batch, so the sequence order is still the log() order; one
-            # batch-sized write (~1 ms) instead of the whole queue keeps this producer's stall short
-            seq = self._seq
-            self._seq += 1
-            lines = [self._queue.popleft() for _ in range(min(self.batch_size, len(self._queue)))]
-            try:
-                self._spool.write(seq, b"".join(lines))  # under the lock: sequence order == file order
-            except OSError as exc:  # disk full, folder gone: fall back to waiting for room, below
-                self._queue.extendleft(reversed(lines))
-                log.error("audit queue full and the spool write failed (%s); waiting for room", exc)
-            else:
+            # batch-sized write (~1 ms) instead of the whole queue keeps this producer's stall short (more
+            # than one only when a batch's bytes do not free room for a large event)
+            while self._queue and self._full(size):
+                seq = self._seq
+                self._seq += 1
+                lines = self._pop_lines(min(self.batch_size, len(self._queue)))
+                try:
+                    self._spool.write(seq, b"".join(lines))  # under the lock: sequence order == file order
+                except OSError as exc:  # disk full, folder gone: fall back to waiting for room, below
+                    self._queue.extendleft(reversed(lines))
+                    self._queue_bytes += sum(map(len, lines))
+                    self._spool_write_failures += 1
+                    log.error("audit queue full and the spool write failed (%s); waiting for room", exc)
+                    break
                 self._pending.append(_Batch(seq, len(lines), own=True, payload=None, spooled=True))
                 self._spilled += len(lines)
                 log.warning("audit queue full (%d events): spilled them to spool segment %d", len(lines), seq)
+            if not self._full(size):
                 return
         deadline = time.monotonic() + self.put_timeout
-        while len(self._queue) >= self.max_queue and not self._closed:
+        while self._full(size) and not self._closed:
             left = deadline - time.monotonic()
             if left <= 0:
                 self._dropped += 1
-                raise AuditQueueFull(f"audit queue full ({self.max_queue} events) for {self.put_timeout}s and no "
-                                     f"spool configured; event not recorded")
+                raise AuditQueueFull(f"audit queue full ({self.max_queue} events / {self.max_queue_bytes} bytes) "
+                                     f"for {self.put_timeout}s and no room in a spool; event not recorded")
             self._wake.notify()
             self._room.wait(left)
         if self._closed:
@@ -633,6 +665,7 @@ class AuditWriter:
         with self._lock:
             leftover = list(self._queue)
             self._queue.clear()
+            self._queue_bytes = 0
             if self._spool is not None:
                 try:
                     for batch in self._pending:
@@ -680,6 +713,7 @@ class AuditWriter:
             return {
                 "accepted": self._accepted,
                 "queued": len(self._queue),
+                "queued_bytes": self._queue_bytes,
                 "pending": sum(b.count for b in self._pending),
                 # events in spool segments not yet acknowledged (a healthy writer shows the batch in flight)
                 "spooled": sum(b.count for b in self._pending if b.spooled),
@@ -692,6 +726,7 @@ class AuditWriter:
                 "rejected": self._rejected,
                 "batches": self._batches,
                 "failed_attempts": self._failures,
+                "spool_write_failures": self._spool_write_failures,
                 "flush_p50_ms": _percentile(latencies, 50),
                 "flush_p99_ms": _percentile(latencies, 99),
                 "db_reachable": self._conn is not None and self._backoff == 0,
@@ -720,7 +755,15 @@ class AuditWriter:
                 return
 
     def _take_batches(self) -> None:
-        """Move the queue into pending batches (to spool segments first, when there is a spool)."""
+        """Move the queue into pending batches (to spool segments first, when there is a spool).
+
+        A batch whose segment write fails (disk full) stays pending in memory, unspooled — deliverable
+        straight from memory like a spool-less writer's — and no further batch is taken until its segment
+        is written (retried here every cycle): memory then holds one such batch at most, the rest waits in
+        the queue, bounded by ``max_queue``/``max_queue_bytes`` and their full-queue policy.
+        """
+        if self._spool is not None and not self._spool_unsaved():
+            return
         while True:
             with self._lock:
                 if not self._queue:
@@ -728,18 +771,46 @@ class AuditWriter:
                 if self._spool is None and self._pending:
                     return  # without a spool, memory holds one undelivered batch at most
                 n = min(len(self._queue), self.batch_size)
-                lines = [self._queue.popleft() for _ in range(n)]
+                lines = self._pop_lines(n)
                 seq = self._seq
                 self._seq += 1
                 batch = _Batch(seq, n, own=True, payload=b"".join(lines), spooled=False)
                 self._pending.append(batch)
                 self._room.notify_all()
-            if self._spool is not None:
-                self._spool.write(seq, batch.payload or b"")
-                batch.spooled = True
-                if self._backoff or len(self._pending) > 2:
-                    # database down or behind: keep memory bounded, the segment has the payload
-                    batch.payload = None
+            if self._spool is not None and not self._spool_batch(batch):
+                return
+
+    def _spool_unsaved(self) -> bool:
+        """Retry the segment of every pending batch whose write failed; True when none is left unsaved."""
+        with self._lock:  # a snapshot: producers may append spilled batches meanwhile
+            unsaved = [b for b in self._pending if not b.spooled and b.payload is not None]
+        return all(self._spool_batch(b) for b in unsaved)
+
+    def _spool_batch(self, batch: _Batch) -> bool:
+        """Write a taken batch to its segment (flusher thread, no lock held: one write, ~1 ms).
+
+        False when the write failed (the batch keeps its payload in memory and stays deliverable).
+        """
+        assert self._spool is not None and batch.payload is not None
+        try:
+            self._spool.write(batch.seq, batch.payload)
+        except OSError as exc:
+            with self._lock:
+                self._spool_write_failures += 1
+                first, self._spool_failing = not self._spool_failing, True
+            if first:
+                log.error("audit spool write failed (%s): batches wait in memory (at most one) until it works "
+                          "again; the queue's full-queue policy applies meanwhile", exc)
+            return False
+        batch.spooled = True
+        with self._lock:
+            if self._spool_failing:
+                self._spool_failing = False
+                log.warning("audit spool writable again")
+            if self._backoff or len(self._pending) > 2:
+                # database down or behind: keep memory bounded, the segment has the payload
+                batch.payload = None
+        return True
 
     def _cycle(self) -> None:
         self._take_batches()
@@ -845,12 +916,17 @@ class AuditWriter:
         with self._lock:
             leftover = list(self._queue)
             self._queue.clear()
+            self._queue_bytes = 0
             if leftover and self._spool is not None:
                 seq = self._seq
                 self._seq += 1
-                self._spool.write(seq, b"".join(leftover))
-                self._pending.append(_Batch(seq, len(leftover), own=True, payload=None, spooled=True))
-                leftover = []
+                try:
+                    self._spool.write(seq, b"".join(leftover))
+                except OSError as exc:
+                    log.error("audit writer %r: spooling the queue at shutdown failed: %s", self.name, exc)
+                else:
+                    self._pending.append(_Batch(seq, len(leftover), own=True, payload=None, spooled=True))
+                    leftover = []
             lost = len(leftover) + sum(b.count for b in self._pending if b.own and not b.spooled)
             if lost:
                 self._dropped += lost

@@ -525,3 +525,107 @@ def test_close_while_delivery_is_stuck_keeps_queued_events(clean: psycopg.Connec
         m = replay.metrics()
     assert m["replayed"] == 15 and m["written"] == 15
     assert _ids_in_delivery_order(clean) == logged  # every event, in log() order
+
+
+# ------------------------------------------------------------------------------------ memory byte bounds
+
+
+def test_details_limit_is_measured_in_utf8_bytes(clean: psycopg.Connection, db_url: str) -> None:
+    """D6: 600k 'é' are 600k characters but 1.2 MB of UTF-8, over the 1 MiB limit."""
+    assert audit.MAX_DETAILS_BYTES == 1 << 20
+    with AuditWriter(db_url, flush_interval_ms=5) as writer:
+        with pytest.raises(AuditEventError, match="bytes"):
+            writer.log("e", None, None, "o", None, details={"x": "é" * 600_000})
+        with pytest.raises(AuditEventError, match="bytes"):
+            writer.log("e", None, None, "o", None, details={"x": "🎙" * 270_000})  # 4 bytes each
+        ok = writer.log("e", None, None, "o", None, details={"x": "é" * 500_000})  # ~1.0 MB: allowed
+        assert writer.flush(30)
+    assert _ids_in_delivery_order(clean) == [ok]
+
+
+def _big(writer: AuditWriter, i: int) -> str:
+    return writer.log("e", None, None, "o", None, details={"i": i, "pad": "p" * 1000})
+
+
+def test_queue_byte_budget_without_spool_blocks_then_raises() -> None:
+    """D6: max_queue_bytes bounds the queue by bytes with the same policy as max_queue (here: no spool)."""
+    writer = AuditWriter(DEAD_URL, batch_size=10, max_queue=100_000, max_queue_bytes=50_000, put_timeout=0.1)
+    try:
+        for i in range(10):  # the one in-memory batch the flusher holds (it cannot deliver it)
+            _big(writer, i)
+        _wait_until(lambda: writer.metrics()["pending"] == 10)
+        accepted = 0
+        with pytest.raises(AuditQueueFull):
+            for i in range(10, 1000):
+                _big(writer, i)
+                accepted += 1
+        m = writer.metrics()
+        assert 40 <= accepted < 50 and m["queued"] == accepted  # ~1.1 kB each: 50 kB hold fewer than 50
+        assert m["queued_bytes"] <= 50_000 and m["dropped"] == 1
+    finally:
+        writer.close(timeout=0.3)
+
+
+def test_queue_byte_budget_with_spool_spills(clean: psycopg.Connection, db_url: str, scratch_dir: Path) -> None:
+    srv, stuck_url = _silent_server()
+    try:
+        writer = AuditWriter(stuck_url, batch_size=10, max_queue=100_000, max_queue_bytes=30_000,
+                             flush_interval_ms=5, spool_dir=scratch_dir, connect_timeout_s=2)
+        logged = [_big(writer, 0)]
+        _wait_until(lambda: writer.metrics()["spooled"] == 1)  # the flusher hangs in connect() for 2 s
+        logged += [_big(writer, i) for i in range(1, 200)]
+        m = writer.metrics()
+        assert m["spilled"] >= 150 and m["queued_bytes"] <= 30_000 and m["dropped"] == 0
+        writer.close(timeout=1)
+    finally:
+        srv.close()
+    with AuditWriter(db_url, spool_dir=scratch_dir, flush_interval_ms=5) as replay:
+        assert replay.flush(30)
+    assert _ids_in_delivery_order(clean) == logged
+
+
+def _failing_spool_writes(writer: AuditWriter, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Make every spool segment write fail as on a full disk; returns the list of attempted sequences."""
+    attempts: list[int] = []
+
+    def disk_full(seq: int, payload: bytes) -> None:
+        attempts.append(seq)
+        raise OSError(28, "No space left on device")
+
+    assert writer._spool is not None
+    monkeypatch.setattr(writer._spool, "write", disk_full)
+    return attempts
+
+
+def test_spool_disk_full_while_database_down_keeps_memory_bounded(clean: psycopg.Connection, db_url: str,
+                                                                  scratch_dir: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """D6: spool writes failing (ENOSPC) while the database is down: no batch piles up in memory per cycle;
+    once the disk has room again every event reaches the spool and, later, the database, in order."""
+    writer = AuditWriter(DEAD_URL, batch_size=10, flush_interval_ms=5, spool_dir=scratch_dir)
+    try:
+        attempts = _failing_spool_writes(writer, monkeypatch)
+        logged = [_log(writer, i) for i in range(300)]
+        _wait_until(lambda: len(attempts) >= 20)  # many flusher cycles met the full disk
+        m = writer.metrics()
+        assert m["pending"] <= 10 and m["queued"] + m["pending"] == 300 and m["dropped"] == 0
+        monkeypatch.undo()  # the disk has room again
+        _wait_until(lambda: writer.metrics()["spooled"] == 300)
+    finally:
+        writer.close(timeout=0.5)
+    assert writer.metrics()["dropped"] == 0
+    with AuditWriter(db_url, spool_dir=scratch_dir, flush_interval_ms=5) as replay:
+        assert replay.flush(30)
+    assert _ids_in_delivery_order(clean) == logged
+
+
+def test_spool_disk_full_while_database_up_still_delivers(clean: psycopg.Connection, db_url: str,
+                                                          scratch_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A full spool disk must not stop delivery to a healthy database (batches go straight from memory)."""
+    with AuditWriter(db_url, batch_size=10, flush_interval_ms=5, spool_dir=scratch_dir) as writer:
+        attempts = _failing_spool_writes(writer, monkeypatch)
+        logged = [_log(writer, i) for i in range(300)]
+        assert writer.flush(30)
+        m = writer.metrics()
+    assert attempts and m["written"] == 300 and m["dropped"] == 0
+    assert _ids_in_delivery_order(clean) == logged
