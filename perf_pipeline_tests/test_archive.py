@@ -326,9 +326,24 @@ def test_dagster_archive_asset_check_and_schedule(
     assert "missing" in audit_log_archive_files_match_manifest(**resources).metadata["problems"].value
 
     monkeypatch.setenv("PERF_PIPELINE_AUDIT_RETENTION_MONTHS", "12")
-    ctx = dg.build_schedule_context(scheduled_execution_time=dt.datetime(2026, 11, 2, 3, 30, tzinfo=UTC))
+    tick = dt.datetime(2026, 11, 2, 3, 30, tzinfo=UTC)
+    ctx = dg.build_schedule_context(scheduled_execution_time=tick, resources=resources)
     keys = [r.partition_key for r in archive_audit_log_monthly(ctx)]
     assert keys == ["2025-08-01", "2025-09-01", "2025-10-01"]
+    # a month whose archive stopped half-way is requested by every tick until it is finished, with a run_key
+    # of that tick (a run_key the schedule used before would be skipped by Dagster)
+    may = dt.date(2024, 5, 1)
+    with psycopg.connect(seeded, autocommit=True) as conn:
+        a.restore_partition(conn, "audit_log", may)
+        with pytest.raises(_Crash):
+            a.archive_partition(conn, "audit_log", may, archive_dir, hook=_crash_after("detach"))
+        for day in (tick, tick.replace(month=12)):
+            requests = list(archive_audit_log_monthly(dg.build_schedule_context(scheduled_execution_time=day,
+                                                                               resources=resources)))
+            assert requests[0].partition_key == "2024-05-01"
+            assert requests[0].run_key == f"2024-05-01@{day.date().isoformat()}"
+        assert a.archive_partition(conn, "audit_log", may, archive_dir).state == "dropped"
+    assert [r.partition_key for r in archive_audit_log_monthly(ctx)] == keys
     assert a.archive_eligible(dt.date(2025, 10, 1), dt.date(2026, 11, 2), 12)
     assert not a.archive_eligible(dt.date(2025, 11, 1), dt.date(2026, 11, 2), 12)
 
@@ -577,3 +592,17 @@ def test_a_row_larger_than_the_csv_block_size_archives(seeded: str, archive_dir:
         a.restore_partition(conn, "audit_log", month)
         assert _rows(conn, "audit_log", month) == before
         a.archive_partition(conn, "audit_log", month, archive_dir)
+
+
+def test_a_failed_export_does_not_leave_synchronize_seqscans_off(seeded: str, archive_dir: Path) -> None:
+    month = dt.date(2023, 12, 1)
+    blocker = archive_dir / "audit_log" / ".audit_log_y2023m12.parquet.tmp"
+    blocker.mkdir(parents=True)  # the temp file cannot be created: the export fails after the SET
+    with psycopg.connect(seeded, autocommit=True) as conn:
+        _fresh_month(conn, month, 5)
+        with pytest.raises(OSError):
+            a.archive_partition(conn, "audit_log", month, archive_dir)
+        assert conn.execute("SHOW synchronize_seqscans").fetchone()[0] == "on"
+        assert a.manifest_row(conn, "audit_log", month).state == "detached"
+        blocker.rmdir()
+        assert a.archive_partition(conn, "audit_log", month, archive_dir).state == "dropped"

@@ -9,7 +9,8 @@ finished by calling :func:`archive_partition` again for the same month:
    plain one: a catalog-only change (no scan) that holds ACCESS EXCLUSIVE on the parent for a few
    milliseconds, taken with a short ``lock_timeout`` (100 ms) and retried, so a writer queued behind it
    waits at most about ``lock_timeout``. Without a DEFAULT partition the CONCURRENTLY form is used.
-2. **export**: ``COPY (SELECT … ORDER BY key, pk) TO STDOUT (FORMAT csv)`` streamed, cut into ~16 MiB
+2. **export**: ``COPY (SELECT …) TO STDOUT (FORMAT csv)`` in physical order (no sort: the detached table
+   no longer changes and ``synchronize_seqscans`` is off, so restore → re-archive gives the same file), cut into ~16 MiB
    record-aligned batches, parsed by pyarrow and appended to a zstd Parquet file (one row group per
    batch) in a temporary file, fsynced and renamed: memory stays bounded by the batch size.
 3. **verify**: the file is read back (sha256, row count, min/max timestamp) and compared with the
@@ -359,30 +360,51 @@ class FileFacts:
     max_ts: dt.datetime | None
 
 
+def _make_dirs_durable(folder: Path) -> None:
+    """``mkdir -p folder``, fsyncing the parent of every directory it creates: a new ``archive_dir/<table>``
+    whose own entry is not durable could vanish in a crash together with the file renamed into it."""
+    missing = []
+    cur = folder
+    while not cur.exists():
+        missing.append(cur)
+        cur = cur.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    for created in reversed(missing):
+        fd = os.open(created.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
 def _export(conn: psycopg.Connection, table: str, month: dt.date, path: Path, batch_bytes: int) -> FileFacts:
     name = partition_name(table, month)
     columns = table_columns(conn, table)
     schema = pa.schema([pa.field(c.name, c.arrow) for c in columns])
     key = partition_key_column(table)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    _make_dirs_durable(path.parent)
     tmp = path.with_name(f".{path.name}.tmp")
     rows, lo, hi = 0, None, None
     conn.execute("SET synchronize_seqscans = off")  # a scan starting mid-table would reorder the file
-    with (
-        conn.cursor() as cur,
-        cur.copy(_select_for_export(table, name, columns)) as copy,
-        pq.ParquetWriter(tmp, schema, compression="zstd") as writer,
-    ):
-        for batch in _csv_batches(iter(copy), batch_bytes):
-            part = _parse(batch, columns)
-            writer.write_table(part)
-            rows += part.num_rows
-            mm = pc.min_max(part[key])
-            lo = mm["min"].as_py() if lo is None else min(lo, mm["min"].as_py())
-            hi = mm["max"].as_py() if hi is None else max(hi, mm["max"].as_py())
-        if rows == 0:
-            writer.write_table(schema.empty_table())
-    conn.execute("RESET synchronize_seqscans")
+    try:
+        with (
+            conn.cursor() as cur,
+            cur.copy(_select_for_export(table, name, columns)) as copy,
+            pq.ParquetWriter(tmp, schema, compression="zstd") as writer,
+        ):
+            for batch in _csv_batches(iter(copy), batch_bytes):
+                part = _parse(batch, columns)
+                writer.write_table(part)
+                rows += part.num_rows
+                mm = pc.min_max(part[key])
+                lo = mm["min"].as_py() if lo is None else min(lo, mm["min"].as_py())
+                hi = mm["max"].as_py() if hi is None else max(hi, mm["max"].as_py())
+            if rows == 0:
+                writer.write_table(schema.empty_table())
+    finally:
+        # the session goes on (other months, the caller's work): do not leave the setting behind on errors
+        if conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE:
+            conn.execute("RESET synchronize_seqscans")
     with tmp.open("rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)

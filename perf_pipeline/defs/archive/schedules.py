@@ -1,4 +1,5 @@
-"""Monthly, early morning: archive the audit month that just left retention, and apply usage retention."""
+"""Monthly, early morning: archive the audit month that just left retention, and apply usage retention;
+every tick also finishes any month whose archive stopped half-way."""
 
 import datetime as dt
 from collections.abc import Iterator
@@ -6,11 +7,15 @@ from collections.abc import Iterator
 import dagster as dg
 
 from perf_pipeline.defs.archive.assets import ARCHIVE_PARTITIONS, audit_log_archive, usage_log_retention
+from perf_pipeline.defs.resources import PostgresResource
+from perf_pipeline.lib.archive import list_manifest
 from perf_pipeline.lib.partitioning import FIRST_MONTH, add_months, month_start
 from perf_pipeline.settings import get_settings
 
 #: the newest eligible month plus this many before it: a missed or failed month is retried next time
 CATCH_UP_MONTHS = 2
+#: manifest states of an archive that stopped half-way (its table is detached: rows invisible)
+UNFINISHED = ("detached", "exported", "verified")
 
 audit_archive_job = dg.define_asset_job(
     "audit_log_archive_job",
@@ -26,13 +31,33 @@ usage_retention_job = dg.define_asset_job(
 )
 
 
-def _requests(day: dt.date, retention_months: int) -> Iterator[dg.RunRequest]:
+def _unfinished_months(postgres: PostgresResource, table: str) -> list[dt.date]:
+    """Months of ``table`` whose archive stopped at detached/exported/verified (one manifest read)."""
+    with postgres.connection(autocommit=True) as conn:
+        if conn.execute("SELECT to_regclass('archive_manifest') IS NULL").fetchone()[0]:
+            return []
+        return [m.month for m in list_manifest(conn, table) if m.state in UNFINISHED]
+
+
+def _requests(
+    context: dg.ScheduleEvaluationContext, retention_months: int, unfinished: list[dt.date]
+) -> Iterator[dg.RunRequest]:
+    day = context.scheduled_execution_time.date()
     newest = add_months(month_start(day), -retention_months - 1)
-    for back in range(CATCH_UP_MONTHS, -1, -1):
-        month = add_months(newest, -back)
-        if month >= FIRST_MONTH:
-            # run_key per month: an archived month is never requested twice by this schedule
-            yield dg.RunRequest(run_key=month.isoformat(), partition_key=month.isoformat())
+    months = {add_months(newest, -back) for back in range(CATCH_UP_MONTHS + 1)}
+    for month in unfinished:
+        if FIRST_MONTH <= month < month_start(day):
+            months.add(month)
+        else:  # not a key of ARCHIVE_PARTITIONS: only `perf-pipeline archive run` can finish it
+            context.log.warning(
+                "archive of %s stopped half-way but is outside the schedule's partitions: run "
+                "`perf-pipeline archive run %s` (or restore it)", month, f"{month:%Y-%m}"
+            )
+    for month in sorted(m for m in months if m >= FIRST_MONTH):
+        # the tick's day is in the run_key: Dagster skips a request whose run_key this schedule used before,
+        # so a per-month key alone would never retry a failed or interrupted month. Re-requesting an archived
+        # month is cheap: archive_partition returns at once for a month in state dropped.
+        yield dg.RunRequest(run_key=f"{month.isoformat()}@{day.isoformat()}", partition_key=month.isoformat())
 
 
 @dg.schedule(
@@ -40,10 +65,15 @@ def _requests(day: dt.date, retention_months: int) -> Iterator[dg.RunRequest]:
     cron_schedule="30 3 2 * *",
     execution_timezone="UTC",
     description="Monthly on the 2nd at 03:30 UTC (quiet hours): archive the audit month that just passed "
-    "PERF_PIPELINE_AUDIT_RETENTION_MONTHS, and retry the two before it if they did not finish.",
+    "PERF_PIPELINE_AUDIT_RETENTION_MONTHS, retry the two before it, and finish every month whose archive "
+    "stopped half-way (manifest state detached / exported / verified).",
 )
-def archive_audit_log_monthly(context: dg.ScheduleEvaluationContext) -> Iterator[dg.RunRequest]:
-    yield from _requests(context.scheduled_execution_time.date(), get_settings().audit_retention_months)
+def archive_audit_log_monthly(
+    context: dg.ScheduleEvaluationContext, postgres: PostgresResource
+) -> Iterator[dg.RunRequest]:
+    yield from _requests(
+        context, get_settings().audit_retention_months, _unfinished_months(postgres, "audit_log")
+    )
 
 
 @dg.schedule(
@@ -51,7 +81,12 @@ def archive_audit_log_monthly(context: dg.ScheduleEvaluationContext) -> Iterator
     cron_schedule="45 3 2 * *",
     execution_timezone="UTC",
     description="Monthly on the 2nd at 03:45 UTC (after the audit archive): archive and drop the usage month that "
-    "passed PERF_PIPELINE_USAGE_RETENTION_MONTHS, unless the rollups may still recompute it.",
+    "passed PERF_PIPELINE_USAGE_RETENTION_MONTHS, unless the rollups may still recompute it; retry the two "
+    "before it and finish every usage month whose archive stopped half-way.",
 )
-def usage_log_retention_monthly(context: dg.ScheduleEvaluationContext) -> Iterator[dg.RunRequest]:
-    yield from _requests(context.scheduled_execution_time.date(), get_settings().usage_retention_months)
+def usage_log_retention_monthly(
+    context: dg.ScheduleEvaluationContext, postgres: PostgresResource
+) -> Iterator[dg.RunRequest]:
+    yield from _requests(
+        context, get_settings().usage_retention_months, _unfinished_months(postgres, "usage_log")
+    )
