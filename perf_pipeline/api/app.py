@@ -223,7 +223,9 @@ def _default_cache(settings: Settings) -> tuple[DashboardCache, psycopg_pool.Con
     urls = resolve_urls(settings, start=False)
     # a small pool per worker process bounds the SQL fallback's load on PostgreSQL when Redis is down:
     # 1,000 concurrent requests queue for 4 connections instead of opening 1,000
+    # check=: an idle connection killed by a PostgreSQL restart is replaced, not handed out (a 503 in the soak)
     pool = psycopg_pool.ConnectionPool(urls.database_url, min_size=1, max_size=4, timeout=5, open=True,
+                                       check=psycopg_pool.ConnectionPool.check_connection,
                                        kwargs={"autocommit": True, "application_name": "perf_pipeline.api"},
                                        name="dashboard")
     client = serving_client(urls.redis_url, settings.redis_socket_timeout_ms)
