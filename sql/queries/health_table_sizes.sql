@@ -13,6 +13,7 @@ WITH leaf AS (
     FROM pg_class c
     JOIN pg_namespace n ON n.oid = c.relnamespace
     WHERE c.relkind IN ('r', 'm')
+      AND c.relpersistence <> 't'  -- other sessions' TEMP tables: sizes can vanish (NULL) mid-query
       AND n.nspname NOT IN ('pg_catalog', 'information_schema')
       AND n.nspname NOT LIKE 'pg\_toast%'
 )
