@@ -44,6 +44,7 @@ import pyarrow.parquet as pq
 from psycopg import sql
 
 from perf_pipeline.lib.db import load_query, run_with_lock_retry
+from perf_pipeline.lib.memory import release_free_memory
 from perf_pipeline.lib.partitioning import (
     add_months,
     archive_lock_key,
@@ -62,6 +63,7 @@ STEPS = ("detach", "export", "verify", "drop")
 #: called after each completed step with its name; tests raise from it to simulate a crash
 StepHook = Callable[[str], None]
 BATCH_BYTES = 16 << 20
+DROP_LOCK_TIMEOUT_MS = 5000
 DETACH_LOCK_TIMEOUT_MS = 100
 #: exports per archive call whose verification may fail before it gives up (the month stays detached)
 VERIFY_ATTEMPTS = 3
@@ -392,7 +394,9 @@ def _export(conn: psycopg.Connection, table: str, month: dt.date, path: Path, ba
             cur.copy(_select_for_export(table, name, columns)) as copy,
             pq.ParquetWriter(tmp, schema, compression="zstd") as writer,
         ):
-            for batch in _csv_batches(iter(copy), batch_bytes):
+            for i, batch in enumerate(_csv_batches(iter(copy), batch_bytes)):
+                if i % 4 == 3:
+                    release_free_memory()  # keeps RSS flat whatever the month's size (lib/memory.py)
                 part = _parse(batch, columns)
                 writer.write_table(part)
                 rows += part.num_rows
@@ -514,7 +518,12 @@ def _drop(conn: psycopg.Connection, table: str, month: dt.date, m: ManifestRow, 
             (table, month),
         )
 
-    run_with_lock_retry(conn, work, lock_timeout_ms=lock_timeout_ms, attempts=100, what=f"drop {name}")
+    # Only the detached table is locked, so no platform statement queues behind this wait. The wait must
+    # outlast deadlock_timeout (1 s by default): that is when PostgreSQL cancels an autovacuum blocking a
+    # lock request. With the detach's 100 ms timeout, a freshly loaded month being auto-vacuumed kept the
+    # drop retrying for 60 s at 10M rows (measured); with 5 s it waits ~1 s.
+    run_with_lock_retry(conn, work, lock_timeout_ms=max(lock_timeout_ms, DROP_LOCK_TIMEOUT_MS), attempts=100,
+                        what=f"drop {name}")
 
 
 def archive_partition(
@@ -668,7 +677,9 @@ def _copy_file_into(conn: psycopg.Connection, name: str, path: Path) -> int:
     )
     rows = 0
     with conn.cursor() as cur, cur.copy(stmt) as copy:
-        for batch in parquet.iter_batches(batch_size=100_000):
+        for i, batch in enumerate(parquet.iter_batches(batch_size=100_000)):
+            if i % 8 == 7:
+                release_free_memory()
             buf = io.BytesIO()
             # pyarrow quotes empty strings and leaves NULLs unquoted-empty, as COPY's CSV expects
             pacsv.write_csv(pa.Table.from_batches([batch]), buf, pacsv.WriteOptions(include_header=False))
