@@ -206,7 +206,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         return 0 if found["status"] != "failed" else 1
     result = exports.run_export(
         url, args.id, settings.export_dir, statement_timeout_s=settings.export_statement_timeout_s,
-        retention_months=retention,
+        retention_months=retention, max_mb_per_s=settings.export_max_mb_s,
         progress=lambda p: print(f"{p.rows:,} rows, {p.csv_bytes / 1e6:,.1f} MB in {p.seconds:.1f} s", file=sys.stderr))
     print(f"{result.path}: {result.rows:,} rows, {result.bytes:,} bytes ({result.csv_bytes / 1e6:,.1f} MB of CSV) "
           f"in {result.seconds:.2f} s, sha256 {result.sha256}")

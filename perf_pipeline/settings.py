@@ -138,6 +138,9 @@ class Settings:
     export_concurrency: int = _setting(
         "PERF_PIPELINE_EXPORT_CONCURRENCY", 2, _int_in(1, 64),
         "Exports running at once (Dagster pool `exports`).")
+    export_max_mb_s: float = _setting(
+        "PERF_PIPELINE_EXPORT_MAX_MB_S", 15.0, _float_in(0, 100000),
+        "Cap on one export's speed in MB/s of CSV (0: none), so an export leaves CPU to the platform's queries.")
     export_statement_timeout_s: int = _setting(
         "PERF_PIPELINE_EXPORT_STATEMENT_TIMEOUT_S", 600, _int_in(1, 86400),
         "statement_timeout of one export's COPY, in seconds.")

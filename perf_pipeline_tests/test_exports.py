@@ -19,6 +19,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -523,3 +524,16 @@ def test_a_row_larger_than_the_csv_block_size_exports(loaded: str, db: psycopg.C
         assert _read_file(result.path, "audit_log")[1] == (_csv_blank(expected) if fmt == "csv.gz" else expected)
     finally:
         db.execute("DELETE FROM audit_log WHERE user_id = %s", (BIG_USER,))
+
+
+@pytest.mark.parametrize("fmt", ["csv.gz", "parquet"])
+def test_max_mb_per_s_paces_the_export(loaded: str, db: psycopg.Connection, scratch_dir: Path, fmt: str) -> None:
+    started = time.monotonic()
+    fast = _run(loaded, _request(db, "audit_log", fmt, {}), scratch_dir)
+    fast_s = time.monotonic() - started
+    rate = fast.csv_bytes / 1e6 / 1.5  # a pace that must stretch the export to 1.5 s
+    started = time.monotonic()
+    paced = _run(loaded, _request(db, "audit_log", fmt, {}), scratch_dir, max_mb_per_s=rate)
+    paced_s = time.monotonic() - started
+    assert paced.rows == fast.rows and paced.csv_bytes == fast.csv_bytes and paced.sha256 == fast.sha256
+    assert fast_s < 1.0 <= 1.45 <= paced_s  # the last report waits until bytes / rate seconds have passed

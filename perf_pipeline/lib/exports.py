@@ -523,7 +523,7 @@ def _lock(conn: psycopg.Connection, request_id: int) -> bool:
 def run_export(url: str, request_id: int, export_dir: Path, *, statement_timeout_s: int,
                retention_months: Mapping[str, int], run_id: str = "cli", today: dt.date | None = None,
                progress: ProgressCallback | None = None,
-               progress_every_bytes: int = PROGRESS_EVERY_BYTES) -> ExportResult:
+               progress_every_bytes: int = PROGRESS_EVERY_BYTES, max_mb_per_s: float = 0.0) -> ExportResult:
     """Export request ``request_id`` to ``export_dir`` and record the outcome on the request.
 
     Cost: one sequential scan of the partitions in the date range (``COPY … TO STDOUT``, one backend, no
@@ -531,6 +531,10 @@ def run_export(url: str, request_id: int, export_dir: Path, *, statement_timeout
     at a few MiB (csv.gz) or a few blocks plus one row group (parquet). Locks: ACCESS SHARE on the scanned
     partitions for the duration of the COPY (``lock_timeout`` 2 s to get it), a session advisory lock on
     the request id, and row locks of the one-row status updates.
+
+    ``max_mb_per_s`` (> 0) paces the stream to that many MB of CSV per second: the client reads slower and
+    the server's COPY waits on its socket, so an export takes at most about half a core on a 2-core server
+    instead of a whole one; the COPY lasts longer (``statement_timeout_s`` must allow size / rate).
 
     A succeeded request is returned as recorded (not exported again). Raises :class:`ExportRequestError`
     (request marked ``failed``), :class:`ExportBusyError` (another process holds the request), or the
@@ -560,7 +564,8 @@ def run_export(url: str, request_id: int, export_dir: Path, *, statement_timeout
             (run_id[:64], request_id),
         )
         try:
-            result = _stream(conn, plan, export_dir, statement_timeout_s, progress, progress_every_bytes)
+            result = _stream(conn, plan, export_dir, statement_timeout_s, progress, progress_every_bytes,
+                             max_mb_per_s)
         except BaseException as exc:  # also KeyboardInterrupt / Dagster's interrupt: record why, re-raise
             message = f"{type(exc).__name__}: {exc}".strip().rstrip(":")
             with contextlib.suppress(Exception):
@@ -577,13 +582,19 @@ def run_export(url: str, request_id: int, export_dir: Path, *, statement_timeout
 
 
 def _stream(conn: psycopg.Connection, plan: ExportPlan, export_dir: Path, statement_timeout_s: int,
-            progress_cb: ProgressCallback | None, progress_every_bytes: int) -> ExportResult:
+            progress_cb: ProgressCallback | None, progress_every_bytes: int,
+            max_mb_per_s: float = 0.0) -> ExportResult:
     spec = KINDS[plan.kind]
     final = export_dir / plan.filename
     progress = Progress()
     next_report = [progress_every_bytes]
+    started = time.monotonic()
 
     def report() -> None:
+        if max_mb_per_s > 0:  # pace: never ahead of max_mb_per_s since the start
+            ahead = progress.csv_bytes / (max_mb_per_s * 1e6) - (time.monotonic() - started)
+            if ahead > 0:
+                time.sleep(ahead)
         if progress_cb is not None and progress.csv_bytes >= next_report[0]:
             next_report[0] = progress.csv_bytes + progress_every_bytes
             progress_cb(progress)

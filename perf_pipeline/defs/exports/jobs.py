@@ -49,7 +49,7 @@ def run_data_export(context: dg.OpExecutionContext, config: ExportRequestConfig,
         result = run_export(postgres.url, config.request_id, settings.export_dir,
                             statement_timeout_s=settings.export_statement_timeout_s,
                             retention_months=retention_months_from(settings), run_id=context.run_id,
-                            progress=progress)
+                            progress=progress, max_mb_per_s=settings.export_max_mb_s)
     except ExportRequestError as exc:
         # the request is already marked failed with this message; retrying the run cannot help
         raise dg.Failure(description=f"export request {config.request_id} rejected: {exc}",
