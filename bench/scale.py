@@ -53,7 +53,7 @@ from perf_pipeline.embedded import _free_port, launch_redis_server, resolve_urls
 from perf_pipeline.lib import health
 from perf_pipeline.lib.archive import archive_partition
 from perf_pipeline.lib.cache import KPIS_KEY, DashboardCache, serving_client, trends_key
-from perf_pipeline.lib.dashboard import standard_trend_requests
+from perf_pipeline.lib.dashboard import TrendRequest, standard_trend_requests
 from perf_pipeline.lib.db import connect, load_query
 from perf_pipeline.lib.partitioning import add_months, month_start
 from perf_pipeline.lib.rollups import rollup_days
@@ -264,6 +264,17 @@ def run_size(
             res.figures["trends hit p95"] = measure(
                 lambda: reader.usage_trends_json(trends[next(j) % len(trends)]), repeat=repeat * 5, warmup=5
             ).p95
+            # which range costs what on a miss (not judged: the breakdown of "trends miss p95")
+            for request in trends:
+
+                def miss_one(request: TrendRequest = request) -> None:
+                    client.delete(trends_key(request))
+                    reader.usage_trends_json(request)
+
+                days = (request.end - request.start).days + 1
+                res.figures[f"trends miss {request.granularity} {days}d median"] = measure(
+                    miss_one, repeat=max(5, repeat // 5), warmup=1
+                ).median
 
             # one full day's rollup (yesterday), with the reconciliation the asset runs
             yesterday = today - dt.timedelta(days=1)
