@@ -32,8 +32,8 @@ test-system: install
 	$(BIN)/pytest -n 2 --dist loadfile $(PYTEST_ARGS)
 
 lint: install
-	$(BIN)/ruff check perf_pipeline perf_pipeline_tests bench
-	$(BIN)/ruff format --check perf_pipeline perf_pipeline_tests bench
+	$(BIN)/ruff check perf_pipeline perf_pipeline_tests bench deploy
+	$(BIN)/ruff format --check perf_pipeline perf_pipeline_tests bench deploy
 
 ## make bench [SCENARIO=name]: benchmark scenarios (see bench/README.md); prints median/p95 tables
 bench: install

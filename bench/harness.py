@@ -32,7 +32,9 @@ SCENARIOS: dict[str, tuple[Callable[[BenchContext], None], str]] = {}
 RESULTS_DIR = Path(__file__).parent / "results"
 
 
-def scenario(name: str, description: str) -> Callable[[Callable[[BenchContext], None]], Callable[[BenchContext], None]]:
+def scenario(
+    name: str, description: str
+) -> Callable[[Callable[[BenchContext], None]], Callable[[BenchContext], None]]:
     def register(fn: Callable[[BenchContext], None]) -> Callable[[BenchContext], None]:
         SCENARIOS[name] = (fn, description)
         return fn
@@ -105,7 +107,9 @@ class BenchContext:
         finally:
             if not os.environ.get("BENCH_KEEP_DB"):
                 with psycopg.connect(self.server_url, autocommit=True) as conn:
-                    conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+                    conn.execute(
+                        sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+                    )
 
 
 def _fmt(value: object) -> str:

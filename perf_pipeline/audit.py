@@ -105,12 +105,26 @@ from perf_pipeline.settings import Settings, get_settings
 log = logging.getLogger(__name__)
 
 #: the column order of every COPY line (and of spool segments)
-COLUMNS: tuple[str, ...] = ("id", "timestamp", "user_id", "entity_type", "entity_id", "event_type",
-                            "operation", "severity", "description", "details", "ip")
+COLUMNS: tuple[str, ...] = (
+    "id",
+    "timestamp",
+    "user_id",
+    "entity_type",
+    "entity_id",
+    "event_type",
+    "operation",
+    "severity",
+    "description",
+    "details",
+    "ip",
+)
 SEVERITIES: frozenset[str] = frozenset({"low", "medium", "high", "critical"})
 # (field, min chars, max chars) — mirrors the CHECK constraints of audit_log in 0001_core_schema.sql
 LIMITS: dict[str, tuple[int, int]] = {
-    "event_type": (1, 64), "operation": (1, 32), "entity_type": (0, 64), "entity_id": (0, 128),
+    "event_type": (1, 64),
+    "operation": (1, 32),
+    "entity_type": (0, 64),
+    "entity_id": (0, 128),
     "description": (0, 2000),
 }
 MAX_DETAILS_BYTES = 1 << 20  # UTF-8 bytes of the JSON; a larger audit payload is a caller's bug, not an event
@@ -122,8 +136,9 @@ _STAGING = "audit_log_staging"
 _CREATE_STAGING = f"CREATE TEMP TABLE IF NOT EXISTS {_STAGING} (LIKE audit_log) ON COMMIT DELETE ROWS"
 _COPY_STAGING = f"COPY {_STAGING} ({_COLS_SQL}) FROM STDIN"
 _COPY_DIRECT = f"COPY audit_log ({_COLS_SQL}) FROM STDIN"
-_MOVE_STAGING = (f"INSERT INTO audit_log ({_COLS_SQL}) SELECT {_COLS_SQL} FROM {_STAGING} "
-                 "ON CONFLICT DO NOTHING")
+_MOVE_STAGING = (
+    f"INSERT INTO audit_log ({_COLS_SQL}) SELECT {_COLS_SQL} FROM {_STAGING} ON CONFLICT DO NOTHING"
+)
 
 _NEEDS_ESCAPE = re.compile(r"[\\\t\n\r]")
 _ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
@@ -175,7 +190,9 @@ class UUIDv7:
             self._counter += 1
             if self._counter > 0xFFF:
                 self._ms, self._counter = self._ms + 1, self._rng.getrandbits(11)
-        value = (self._ms << 80) | (0x7 << 76) | (self._counter << 64) | (0b10 << 62) | self._rng.getrandbits(62)
+        value = (
+            (self._ms << 80) | (0x7 << 76) | (self._counter << 64) | (0b10 << 62) | self._rng.getrandbits(62)
+        )
         h = f"{value:032x}"
         return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
@@ -229,7 +246,9 @@ def _details(value: object) -> str:
     if len(text) * 4 > MAX_DETAILS_BYTES:  # a UTF-8 character is ≤ 4 bytes: only a large text can be over
         size = len(text.encode("utf-8", "surrogatepass"))  # ~0.1 ms per MB, paid by large payloads only
         if size > MAX_DETAILS_BYTES:
-            raise AuditEventError(f"details is {size} bytes as UTF-8 JSON; the limit is {MAX_DETAILS_BYTES} bytes")
+            raise AuditEventError(
+                f"details is {size} bytes as UTF-8 JSON; the limit is {MAX_DETAILS_BYTES} bytes"
+            )
     if "\\u0000" in text and _JSON_NUL.search(text):
         raise AuditEventError("details contains a NUL character (\\u0000), which jsonb cannot store")
     return text.translate(_ESCAPES) if _NEEDS_ESCAPE.search(text) else text
@@ -238,8 +257,10 @@ def _details(value: object) -> str:
 def _ip(value: object) -> str:
     if value is None:
         return "\\N"
-    if isinstance(value, (ipaddress.IPv4Address, ipaddress.IPv6Address,
-                          ipaddress.IPv4Interface, ipaddress.IPv6Interface)):
+    if isinstance(
+        value,
+        (ipaddress.IPv4Address, ipaddress.IPv6Address, ipaddress.IPv4Interface, ipaddress.IPv6Interface),
+    ):
         return str(value)
     if isinstance(value, str):
         normalized = _parse_ip(value)
@@ -258,26 +279,36 @@ def _parse_ip(value: str) -> str | None:
         return None
 
 
-def encode_fields(event_type: str, entity_type: str | None, entity_id: str | None, operation: str,
-                  description: str | None, user_id: str | uuid.UUID | None = None, severity: str = "low",
-                  details: Any = None, ip: str | None = None) -> str:
+def encode_fields(
+    event_type: str,
+    entity_type: str | None,
+    entity_id: str | None,
+    operation: str,
+    description: str | None,
+    user_id: str | uuid.UUID | None = None,
+    severity: str = "low",
+    details: Any = None,
+    ip: str | None = None,
+) -> str:
     """Validate an event and render every column after ``id`` and ``timestamp`` as COPY text.
 
     Costs a few µs (most of it ``json.dumps`` of ``details``). Raises :class:`AuditEventError`.
     """
     if severity not in SEVERITIES:
         raise AuditEventError(f"severity must be one of {sorted(SEVERITIES)}, got {severity!r:.80}")
-    return "\t".join((
-        _user_id(user_id),
-        _text("entity_type", entity_type, required=False),
-        _text("entity_id", entity_id, required=False),
-        _text("event_type", event_type, required=True),
-        _text("operation", operation, required=True),
-        severity,
-        _text("description", description, required=False),
-        _details(details),
-        _ip(ip),
-    ))
+    return "\t".join(
+        (
+            _user_id(user_id),
+            _text("entity_type", entity_type, required=False),
+            _text("entity_id", entity_id, required=False),
+            _text("event_type", event_type, required=True),
+            _text("operation", operation, required=True),
+            severity,
+            _text("description", description, required=False),
+            _details(details),
+            _ip(ip),
+        )
+    )
 
 
 # ---------------------------------------------------------------------------------------------- delivery
@@ -366,8 +397,11 @@ class _Spool:
             if data:
                 final = tmp.with_suffix("")
                 final.write_bytes(data)
-                log.warning("recovered %d complete events from the partial spool segment %s",
-                            data.count(b"\n"), tmp.name)
+                log.warning(
+                    "recovered %d complete events from the partial spool segment %s",
+                    data.count(b"\n"),
+                    tmp.name,
+                )
             tmp.unlink()
         found = []
         for p in self.folder.iterdir():
@@ -384,7 +418,7 @@ class _Spool:
         try:
             view = memoryview(payload)
             while view:
-                view = view[os.write(fd, view):]
+                view = view[os.write(fd, view) :]
             if self.fsync:
                 os.fsync(fd)
         finally:
@@ -433,14 +467,26 @@ class AuditWriter:
     reads the segments left there to count their events: ~1 s per GB of spool; no database round trip).
     """
 
-    def __init__(self, url: str, *, batch_size: int = 5000, flush_interval_ms: int = 50,
-                 max_queue: int = 100_000, spool_dir: str | os.PathLike[str] | None = None,
-                 spool_fsync: bool = False, put_timeout: float = 1.0, connect_timeout_s: int = 5,
-                 statement_timeout_ms: int = 30_000, name: str = "audit",
-                 metrics_interval_s: float | None = 15.0, max_queue_bytes: int = 64 << 20) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        batch_size: int = 5000,
+        flush_interval_ms: int = 50,
+        max_queue: int = 100_000,
+        spool_dir: str | os.PathLike[str] | None = None,
+        spool_fsync: bool = False,
+        put_timeout: float = 1.0,
+        connect_timeout_s: int = 5,
+        statement_timeout_ms: int = 30_000,
+        name: str = "audit",
+        metrics_interval_s: float | None = 15.0,
+        max_queue_bytes: int = 64 << 20,
+    ) -> None:
         if batch_size < 1 or max_queue < batch_size or flush_interval_ms < 1 or max_queue_bytes < 1:
-            raise ValueError("need batch_size ≥ 1, max_queue ≥ batch_size, flush_interval_ms ≥ 1 and "
-                             "max_queue_bytes ≥ 1")
+            raise ValueError(
+                "need batch_size ≥ 1, max_queue ≥ batch_size, flush_interval_ms ≥ 1 and max_queue_bytes ≥ 1"
+            )
         self.url = url
         self.name = name
         self.batch_size = batch_size
@@ -449,13 +495,17 @@ class AuditWriter:
         self.max_queue_bytes = max_queue_bytes
         self.put_timeout = put_timeout
         self._connect_kwargs: dict[str, object] = {
-            "connect_timeout": connect_timeout_s, "application_name": f"perf_pipeline.{name}",
+            "connect_timeout": connect_timeout_s,
+            "application_name": f"perf_pipeline.{name}",
             "options": f"-c statement_timeout={int(statement_timeout_ms)}",
             # a half-open TCP connection (peer gone, no RST) would hang the flusher until the kernel's
             # defaults (~2 h): probe after 10 s idle every 5 s, give up after 3 misses, and cap unacknowledged
             # sent data (keepalives do not cover a connection with data in flight) — never shorter than the
             # server's statement_timeout, so a legitimately slow COPY is cut by the server, not by TCP
-            "keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5, "keepalives_count": 3,
+            "keepalives": 1,
+            "keepalives_idle": 10,
+            "keepalives_interval": 5,
+            "keepalives_count": 3,
             "tcp_user_timeout": max(30_000, int(statement_timeout_ms) + 5_000),
         }
         self._lock = threading.Lock()
@@ -499,8 +549,12 @@ class AuditWriter:
             if recovered:
                 self._seq = recovered[-1][0] + 1
                 self._recovered = sum(c for _, c in recovered)
-                log.info("audit spool %s: replaying %d events from %d segments",
-                         spool_dir, sum(c for _, c in recovered), len(recovered))
+                log.info(
+                    "audit spool %s: replaying %d events from %d segments",
+                    spool_dir,
+                    sum(c for _, c in recovered),
+                    len(recovered),
+                )
         # publishing the counters to audit_writer_metrics (0060) lets the health report see this process
         self._metrics_interval = metrics_interval_s
         self._metrics_key = f"{socket.gethostname()}:{os.getpid()}:{name}"
@@ -521,9 +575,18 @@ class AuditWriter:
 
     # ---------------------------------------------------------------------------------------- producers
 
-    def log(self, event_type: str, entity_type: str | None, entity_id: str | None, operation: str,
-            description: str | None, user_id: str | uuid.UUID | None = None, severity: str = "low",
-            details: Any = None, ip: str | None = None) -> str:
+    def log(
+        self,
+        event_type: str,
+        entity_type: str | None,
+        entity_id: str | None,
+        operation: str,
+        description: str | None,
+        user_id: str | uuid.UUID | None = None,
+        severity: str = "low",
+        details: Any = None,
+        ip: str | None = None,
+    ) -> str:
         """Validate and enqueue one event; returns its id (UUIDv7 string). Never touches the network.
 
         Cost: ~5–15 µs (validation, ``json.dumps`` of ``details``). Raises :class:`AuditEventError` for an
@@ -531,8 +594,9 @@ class AuditWriter:
         ``batch_size`` events to a segment (~1 ms); without, waits up to ``put_timeout`` then raises
         :class:`AuditQueueFull`.
         """
-        rest = encode_fields(event_type, entity_type, entity_id, operation, description, user_id, severity,
-                             details, ip)
+        rest = encode_fields(
+            event_type, entity_type, entity_id, operation, description, user_id, severity, details, ip
+        )
         try:
             tail = f"{rest}\n".encode()
         except UnicodeEncodeError as exc:
@@ -559,7 +623,8 @@ class AuditWriter:
     def _full(self, size: int) -> bool:
         """Whether an event of ``size`` bytes does not fit (lock held). An empty queue always takes one."""
         return len(self._queue) >= self.max_queue or (
-            bool(self._queue) and self._queue_bytes + size > self.max_queue_bytes)
+            bool(self._queue) and self._queue_bytes + size > self.max_queue_bytes
+        )
 
     def _pop_lines(self, n: int) -> tuple[list[bytes], bytes]:
         """The oldest ``n`` queued lines, removed, and their concatenation (lock held; the join's length
@@ -598,8 +663,10 @@ class AuditWriter:
             left = deadline - time.monotonic()
             if left <= 0:
                 self._dropped += 1
-                raise AuditQueueFull(f"audit queue full ({self.max_queue} events / {self.max_queue_bytes} bytes) "
-                                     f"for {self.put_timeout}s and no room in a spool; event not recorded")
+                raise AuditQueueFull(
+                    f"audit queue full ({self.max_queue} events / {self.max_queue_bytes} bytes) "
+                    f"for {self.put_timeout}s and no room in a spool; event not recorded"
+                )
             self._wake.notify()
             self._room.wait(left)
         if self._closed:
@@ -679,8 +746,13 @@ class AuditWriter:
                         self._seq += 1
                         self._spool.write(seq, b"".join(leftover))
                         self._pending.append(_Batch(seq, len(leftover), own=True, payload=None, spooled=True))
-                        log.warning("audit writer %r closed while its delivery is stuck: %d queued events "
-                                    "written to spool segment %d", self.name, len(leftover), seq)
+                        log.warning(
+                            "audit writer %r closed while its delivery is stuck: %d queued events "
+                            "written to spool segment %d",
+                            self.name,
+                            len(leftover),
+                            seq,
+                        )
                         leftover = []
                 except OSError as exc:
                     log.error("audit writer %r: spooling the queue at close failed: %s", self.name, exc)
@@ -690,9 +762,13 @@ class AuditWriter:
                 self._settled += len(leftover)
                 self._done.notify_all()
             if leftover or in_flight:
-                log.error("audit writer %r closed while its delivery is stuck: %d queued events are lost and "
-                          "%d in flight are lost unless that delivery completes before the process exits",
-                          self.name, len(leftover), in_flight)
+                log.error(
+                    "audit writer %r closed while its delivery is stuck: %d queued events are lost and "
+                    "%d in flight are lost unless that delivery completes before the process exits",
+                    self.name,
+                    len(leftover),
+                    in_flight,
+                )
 
     async def aflush(self, timeout: float | None = 30.0) -> bool:
         """:meth:`flush` for async code (waits in a worker thread, not on the event loop)."""
@@ -801,8 +877,11 @@ class AuditWriter:
                 self._spool_write_failures += 1
                 first, self._spool_failing = not self._spool_failing, True
             if first:
-                log.error("audit spool write failed (%s): batches wait in memory (at most one) until it works "
-                          "again; the queue's full-queue policy applies meanwhile", exc)
+                log.error(
+                    "audit spool write failed (%s): batches wait in memory (at most one) until it works "
+                    "again; the queue's full-queue policy applies meanwhile",
+                    exc,
+                )
             return False
         batch.spooled = True
         with self._lock:
@@ -839,9 +918,12 @@ class AuditWriter:
             self._connection().execute(
                 "INSERT INTO audit_writer_metrics (writer, updated_at, metrics) VALUES (%s, now(), %s::jsonb) "
                 "ON CONFLICT (writer) DO UPDATE SET updated_at = excluded.updated_at, metrics = excluded.metrics",
-                (self._metrics_key, json.dumps(self.metrics(), default=str)))
+                (self._metrics_key, json.dumps(self.metrics(), default=str)),
+            )
         except errors.UndefinedTable:
-            log.warning("audit_writer_metrics does not exist (run `perf-pipeline migrate`): metrics stay local")
+            log.warning(
+                "audit_writer_metrics does not exist (run `perf-pipeline migrate`): metrics stay local"
+            )
             self._metrics_interval = None
         except (psycopg.Error, OSError):
             pass  # delivery will notice and back off; metrics are best effort
@@ -872,7 +954,9 @@ class AuditWriter:
                 except errors.UniqueViolation:  # cannot happen for fresh ids; be safe anyway
                     inserted = deliver_batch(conn, payload, idempotent=True)
             except (errors.DataError, errors.IntegrityError):
-                log.exception("audit batch %d refused; retrying its %d events one by one", batch.seq, batch.count)
+                log.exception(
+                    "audit batch %d refused; retrying its %d events one by one", batch.seq, batch.count
+                )
                 inserted, refused = _deliver_one_by_one(conn, payload)
                 if refused and self._spool is not None:
                     self._spool.reject(refused)
@@ -933,8 +1017,11 @@ class AuditWriter:
             if lost:
                 self._dropped += lost
                 self._settled += lost
-                log.error("audit writer %r closed with %d undelivered events and no spool: they are lost",
-                          self.name, lost)
+                log.error(
+                    "audit writer %r closed with %d undelivered events and no spool: they are lost",
+                    self.name,
+                    lost,
+                )
             self._done.notify_all()
         if self._conn is not None:
             self._metrics_due = 0.0  # a last snapshot, so the report does not show the writer as stuck
@@ -973,6 +1060,16 @@ def _close_all() -> None:
 atexit.register(_close_all)
 
 __all__: list[str] = [
-    "COLUMNS", "AuditError", "AuditEventError", "AuditQueueFull", "AuditWriter", "AuditWriterClosed",
-    "UUIDv7", "deliver_batch", "encode_fields", "metrics", "prepare_connection", "uuid7_time_ms",
+    "COLUMNS",
+    "AuditError",
+    "AuditEventError",
+    "AuditQueueFull",
+    "AuditWriter",
+    "AuditWriterClosed",
+    "UUIDv7",
+    "deliver_batch",
+    "encode_fields",
+    "metrics",
+    "prepare_connection",
+    "uuid7_time_ms",
 ]

@@ -42,11 +42,13 @@ def dagster_environment(settings: Settings | None = None) -> dict[str, str]:
         link.unlink(missing_ok=True)
         link.symlink_to(PROJECT_ROOT / "dagster.yaml")
     env = urls.exports()
-    env.update({
-        "DAGSTER_HOME": str(home),
-        "PERF_PIPELINE_DAGSTER_ARTIFACTS_DIR": str(settings.state_dir / "dagster_storage"),
-        "PERF_PIPELINE_DAGSTER_COMPUTE_LOGS_DIR": str(settings.state_dir / "dagster_compute_logs"),
-    })
+    env.update(
+        {
+            "DAGSTER_HOME": str(home),
+            "PERF_PIPELINE_DAGSTER_ARTIFACTS_DIR": str(settings.state_dir / "dagster_storage"),
+            "PERF_PIPELINE_DAGSTER_COMPUTE_LOGS_DIR": str(settings.state_dir / "dagster_compute_logs"),
+        }
+    )
     return env
 
 
@@ -120,21 +122,31 @@ def cmd_seed(args: argparse.Namespace) -> int:
     if args.if_empty and not database_is_empty(url):
         print("database already holds usage/audit rows; not seeding (--if-empty)")
         return 0
-    spec_kwargs = dict(days=args.days, usage_per_day=args.usage_per_day, audit_per_day=args.audit_per_day,
-                       users=args.users, seed=args.seed)
+    spec_kwargs = dict(
+        days=args.days,
+        usage_per_day=args.usage_per_day,
+        audit_per_day=args.audit_per_day,
+        users=args.users,
+        seed=args.seed,
+    )
     if args.end:
         spec_kwargs["end"] = args.end
     result = load_workload(url, WorkloadSpec(**spec_kwargs), workers=args.workers, progress=not args.quiet)
     rows = result.sessions + result.usage_rows + result.audit_rows
-    print(f"loaded {result.sessions:,} sessions, {result.usage_rows:,} usage rows, {result.audit_rows:,} audit rows "
-          f"in {result.seconds:.2f} s ({rows / result.seconds:,.0f} rows/s)")
+    print(
+        f"loaded {result.sessions:,} sessions, {result.usage_rows:,} usage rows, {result.audit_rows:,} audit rows "
+        f"in {result.seconds:.2f} s ({rows / result.seconds:,.0f} rows/s)"
+    )
     return 0
 
 
 def cmd_settings(args: argparse.Namespace) -> int:
     for var, default, doc in Settings.documented():
         current = os.environ.get(var)
-        print(f"{var}\n    {doc}\n    default: {default or '(unset)'}" + (f"\n    current: {current}" if current else ""))
+        print(
+            f"{var}\n    {doc}\n    default: {default or '(unset)'}"
+            + (f"\n    current: {current}" if current else "")
+        )
     return 0
 
 
@@ -153,9 +165,20 @@ def cmd_dev(args: argparse.Namespace) -> int:
     print("Dagster pools:", ", ".join(f"{k}={v}" for k, v in apply_pool_limits(env).items()))
     os.environ.update(env)
     dagster = Path(sys.executable).with_name("dagster")
-    argv = [str(dagster), "dev", "-w", str(PROJECT_ROOT / "workspace.yaml"), "-h", args.host, "-p", str(args.port)]
+    argv = [
+        str(dagster),
+        "dev",
+        "-w",
+        str(PROJECT_ROOT / "workspace.yaml"),
+        "-h",
+        args.host,
+        "-p",
+        str(args.port),
+    ]
     print("exec", " ".join(argv))
-    os.chdir(env["DAGSTER_HOME"])  # where its dagster.yaml is; from the project root Dagster warns about the other one
+    os.chdir(
+        env["DAGSTER_HOME"]
+    )  # where its dagster.yaml is; from the project root Dagster warns about the other one
     os.execve(argv[0], argv, os.environ)
     return 0  # not reached
 
@@ -169,9 +192,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     os.environ.update(_urls().exports())
     if not settings.admin_tokens:
         log.warning("PERF_PIPELINE_ADMIN_TOKENS is empty: every dashboard request will be answered 401")
-    uvicorn.run("perf_pipeline.api.app:create_app", factory=True, host=args.host, port=args.port,
-                workers=args.workers, log_level="warning" if not args.access_log else "info",
-                access_log=args.access_log, backlog=args.backlog)
+    uvicorn.run(
+        "perf_pipeline.api.app:create_app",
+        factory=True,
+        host=args.host,
+        port=args.port,
+        workers=args.workers,
+        log_level="warning" if not args.access_log else "info",
+        access_log=args.access_log,
+        backlog=args.backlog,
+    )
     return 0
 
 
@@ -185,12 +215,26 @@ def cmd_export(args: argparse.Namespace) -> int:
     url = _urls().database_url
     retention = exports.retention_months_from(settings)
     if args.export_command == "request":
-        filters = {k: v for k, v in {"user_id": args.user_id, "start": args.start, "end": args.end,
-                                     "entity_type": args.entity_type, "severity": args.severity}.items()
-                   if v is not None}
+        filters = {
+            k: v
+            for k, v in {
+                "user_id": args.user_id,
+                "start": args.start,
+                "end": args.end,
+                "entity_type": args.entity_type,
+                "severity": args.severity,
+            }.items()
+            if v is not None
+        }
         # refuse now what the export job would refuse later (raises ExportRequestError, a ValueError)
-        exports.validate_request(0, args.kind, args.format, filters, today=dt.datetime.now(dt.UTC).date(),
-                                 retention_months=retention)
+        exports.validate_request(
+            0,
+            args.kind,
+            args.format,
+            filters,
+            today=dt.datetime.now(dt.UTC).date(),
+            retention_months=retention,
+        )
         with connect(url) as conn:
             request_id = exports.file_request(conn, args.requested_by, args.kind, args.format, filters)
             conn.commit()
@@ -205,11 +249,20 @@ def cmd_export(args: argparse.Namespace) -> int:
         print(exports.describe(found))
         return 0 if found["status"] != "failed" else 1
     result = exports.run_export(
-        url, args.id, settings.export_dir, statement_timeout_s=settings.export_statement_timeout_s,
-        retention_months=retention, max_mb_per_s=settings.export_max_mb_s,
-        progress=lambda p: print(f"{p.rows:,} rows, {p.csv_bytes / 1e6:,.1f} MB in {p.seconds:.1f} s", file=sys.stderr))
-    print(f"{result.path}: {result.rows:,} rows, {result.bytes:,} bytes ({result.csv_bytes / 1e6:,.1f} MB of CSV) "
-          f"in {result.seconds:.2f} s, sha256 {result.sha256}")
+        url,
+        args.id,
+        settings.export_dir,
+        statement_timeout_s=settings.export_statement_timeout_s,
+        retention_months=retention,
+        max_mb_per_s=settings.export_max_mb_s,
+        progress=lambda p: print(
+            f"{p.rows:,} rows, {p.csv_bytes / 1e6:,.1f} MB in {p.seconds:.1f} s", file=sys.stderr
+        ),
+    )
+    print(
+        f"{result.path}: {result.rows:,} rows, {result.bytes:,} bytes ({result.csv_bytes / 1e6:,.1f} MB of CSV) "
+        f"in {result.seconds:.2f} s, sha256 {result.sha256}"
+    )
     return 0
 
 
@@ -223,19 +276,29 @@ def cmd_archive(args: argparse.Namespace) -> int:
     with connect(_urls().database_url, autocommit=True) as conn:
         if args.archive_command == "list":
             for m in archive.list_manifest(conn, args.table):
-                print(f"{m.partition_name}  {m.state:<9} rows={m.rows if m.rows is not None else '-'} "
-                      f"bytes={m.bytes if m.bytes is not None else '-'} sha256={(m.sha256 or '-')[:16]} {m.file_path or ''}")
+                print(
+                    f"{m.partition_name}  {m.state:<9} rows={m.rows if m.rows is not None else '-'} "
+                    f"bytes={m.bytes if m.bytes is not None else '-'} sha256={(m.sha256 or '-')[:16]} {m.file_path or ''}"
+                )
             return 0
         month = month_of_key(args.month)
         try:
             if args.archive_command == "restore":
                 r = archive.restore_partition(conn, args.table, month)
-                print(f"{args.table} {month:%Y-%m}: " + ("already restored" if r.already else
-                      f"restored {r.rows:,} rows and re-attached in {r.duration_ms / 1000:.2f} s"))
+                print(
+                    f"{args.table} {month:%Y-%m}: "
+                    + (
+                        "already restored"
+                        if r.already
+                        else f"restored {r.rows:,} rows and re-attached in {r.duration_ms / 1000:.2f} s"
+                    )
+                )
             else:
                 a = archive.archive_partition(conn, args.table, month, get_settings().archive_dir)
-                print(f"{args.table} {month:%Y-%m}: {a.state}, {a.rows:,} rows, {a.bytes:,} bytes, "
-                      f"steps {', '.join(a.steps_run) or 'none'} in {a.duration_ms / 1000:.2f} s, {a.file_path or ''}")
+                print(
+                    f"{args.table} {month:%Y-%m}: {a.state}, {a.rows:,} rows, {a.bytes:,} bytes, "
+                    f"steps {', '.join(a.steps_run) or 'none'} in {a.duration_ms / 1000:.2f} s, {a.file_path or ''}"
+                )
         except archive.ArchiveError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
@@ -255,10 +318,23 @@ def cmd_health(args: argparse.Namespace) -> int:
         budgets = {health.AUDIT: settings.audit_budget_ms, health.ANALYTICS: settings.analytics_budget_ms}
         results = health.run_probes(conn)
     print("\n### Query latency budgets\n")
-    print(health.markdown_table(
-        ["query", "group", "p50 ms", "p95 ms", "budget ms", "index used", "result"],
-        [(r.name, r.group, r.p50_ms, r.p95_ms, budgets[r.group], r.index_used,
-          r.skipped or ("ok" if r.within(budgets[r.group]) else "FAIL")) for r in results]))
+    print(
+        health.markdown_table(
+            ["query", "group", "p50 ms", "p95 ms", "budget ms", "index used", "result"],
+            [
+                (
+                    r.name,
+                    r.group,
+                    r.p50_ms,
+                    r.p95_ms,
+                    budgets[r.group],
+                    r.index_used,
+                    r.skipped or ("ok" if r.within(budgets[r.group]) else "FAIL"),
+                )
+                for r in results
+            ],
+        )
+    )
     return 0 if all(r.within(budgets[r.group]) for r in results) else 1
 
 
@@ -284,7 +360,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="perf-pipeline",
         description="Keeps the platform's audit/usage/session/export tables fast (Dagster code location + tools). "
-                    "Uses PERF_PIPELINE_DATABASE_URL / PERF_PIPELINE_REDIS_URL, or embedded servers when unset.")
+        "Uses PERF_PIPELINE_DATABASE_URL / PERF_PIPELINE_REDIS_URL, or embedded servers when unset.",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -293,16 +370,34 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(handler=handler)
         return p
 
-    add("env", cmd_env, "print shell `export` lines for the URLs in use (starts the embedded servers if needed)")
-    add("up", cmd_up, "start the embedded PostgreSQL and Redis (those not configured by URL) and print the URLs")
+    add(
+        "env",
+        cmd_env,
+        "print shell `export` lines for the URLs in use (starts the embedded servers if needed)",
+    )
+    add(
+        "up",
+        cmd_up,
+        "start the embedded PostgreSQL and Redis (those not configured by URL) and print the URLs",
+    )
     add("down", cmd_down, "stop the embedded PostgreSQL and Redis")
     add("migrate", cmd_migrate, "apply pending sql/migrations in order (idempotent)")
     add("settings", cmd_settings, "list every setting, its default and current value")
-    p = add("health", cmd_health, "print the database health report (sizes, dead tuples, index usage, slow statements)")
-    p.add_argument("--budgets", action="store_true", help="also run the latency probes; exit 1 if one is over budget")
+    p = add(
+        "health",
+        cmd_health,
+        "print the database health report (sizes, dead tuples, index usage, slow statements)",
+    )
+    p.add_argument(
+        "--budgets", action="store_true", help="also run the latency probes; exit 1 if one is over budget"
+    )
     p = add("seed", cmd_seed, "load a reproducible synthetic workload with COPY")
-    p.add_argument("--days", type=int, required=True, help="UTC calendar days of data, ending today (partial)")
-    p.add_argument("--usage-per-day", type=_positive, required=True, help="usage_log rows (and sessions) per day")
+    p.add_argument(
+        "--days", type=int, required=True, help="UTC calendar days of data, ending today (partial)"
+    )
+    p.add_argument(
+        "--usage-per-day", type=_positive, required=True, help="usage_log rows (and sessions) per day"
+    )
     p.add_argument("--audit-per-day", type=_positive, required=True, help="audit_log rows per day")
     p.add_argument("--users", type=int, default=5000, help="distinct users, Zipf-skewed (default 5000)")
     p.add_argument("--seed", type=_positive, default=42, help="random seed (same seed and --end: same rows)")
@@ -310,18 +405,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=2, help="parallel COPY connections (default 2)")
     p.add_argument("--if-empty", action="store_true", help="do nothing if usage_log or audit_log has rows")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    p = add("dev", cmd_dev, "start servers, migrate, seed a demo if empty, and run `dagster dev` (UI + daemon)")
+    p = add(
+        "dev", cmd_dev, "start servers, migrate, seed a demo if empty, and run `dagster dev` (UI + daemon)"
+    )
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=3000)
-    p = add("serve", cmd_serve, "run the dashboard HTTP API (FastAPI on uvicorn): /api/v1/admin/dashboard/…, /healthz")
+    p = add(
+        "serve",
+        cmd_serve,
+        "run the dashboard HTTP API (FastAPI on uvicorn): /api/v1/admin/dashboard/…, /healthz",
+    )
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--workers", type=int, default=2, help="uvicorn worker processes (default 2)")
     p.add_argument("--backlog", type=int, default=4096, help="listen backlog (default 4096)")
     p.add_argument("--access-log", action="store_true", help="log every request")
-    p = add("export", cmd_export, "background exports of usage_log / audit_log: file a request, show one, run one")
+    p = add(
+        "export", cmd_export, "background exports of usage_log / audit_log: file a request, show one, run one"
+    )
     export_sub = p.add_subparsers(dest="export_command", required=True, metavar="ACTION")
-    e = export_sub.add_parser("request", help="file a data_export request (the sensor launches it); prints its id")
+    e = export_sub.add_parser(
+        "request", help="file a data_export request (the sensor launches it); prints its id"
+    )
     e.add_argument("--requested-by", required=True, help="UUID of the requesting user")
     e.add_argument("--kind", required=True, help="usage_log or audit_log")
     e.add_argument("--format", default="csv.gz", help="csv.gz (default) or parquet")
@@ -332,25 +437,37 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--severity", action="append", help="audit_log only: this severity (repeatable)")
     e = export_sub.add_parser("status", help="print a request: status, file, rows, bytes, sha256, error")
     e.add_argument("id", type=int)
-    e = export_sub.add_parser("run", help="run a request now in this process (retry of a failed one included)")
+    e = export_sub.add_parser(
+        "run", help="run a request now in this process (retry of a failed one included)"
+    )
     e.add_argument("id", type=int)
-    p = add("archive", cmd_archive, "archived monthly partitions: list the manifest, restore a month, archive one now")
+    p = add(
+        "archive",
+        cmd_archive,
+        "archived monthly partitions: list the manifest, restore a month, archive one now",
+    )
     archive_sub = p.add_subparsers(dest="archive_command", required=True, metavar="ACTION")
-    for action, help_ in (("list", "print archive_manifest (state, rows, bytes, sha256, file) per month"),
-                          ("restore", "load YYYY-MM back from its verified file and re-attach it (queries see it again)"),
-                          ("run", "archive YYYY-MM now: detach, Parquet, verify, drop (resumes an interrupted one)")):
+    for action, help_ in (
+        ("list", "print archive_manifest (state, rows, bytes, sha256, file) per month"),
+        ("restore", "load YYYY-MM back from its verified file and re-attach it (queries see it again)"),
+        ("run", "archive YYYY-MM now: detach, Parquet, verify, drop (resumes an interrupted one)"),
+    ):
         e = archive_sub.add_parser(action, help=help_)
         if action != "list":
             e.add_argument("month", help="YYYY-MM")
-        e.add_argument("--table", choices=["audit_log", "usage_log"], default="audit_log" if action != "list" else None)
+        e.add_argument(
+            "--table", choices=["audit_log", "usage_log"], default="audit_log" if action != "list" else None
+        )
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     try:
         return args.handler(args)
     except SettingsError as exc:

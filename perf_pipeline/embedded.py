@@ -117,7 +117,9 @@ def _run(cmd: list[str], *, user: str | None = None, timeout: float = 60) -> str
     kwargs = {"user": user} if user else {}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kwargs)
     if proc.returncode != 0:
-        raise EmbeddedError(f"{' '.join(cmd[:2])} failed ({proc.returncode}): {proc.stderr.strip() or proc.stdout.strip()}")
+        raise EmbeddedError(
+            f"{' '.join(cmd[:2])} failed ({proc.returncode}): {proc.stderr.strip() or proc.stdout.strip()}"
+        )
     return proc.stdout
 
 
@@ -235,8 +237,20 @@ def start_postgres(state_dir: Path) -> str:
                 if data.exists():
                     shutil.rmtree(data)
                 log.info("initdb %s", data)
-                _run([str(_pg_bin() / "initdb"), "-D", str(data), "-U", PG_USER, "--auth=trust",
-                      "--encoding=UTF8", "--locale=C"], user=user, timeout=120)
+                _run(
+                    [
+                        str(_pg_bin() / "initdb"),
+                        "-D",
+                        str(data),
+                        "-U",
+                        PG_USER,
+                        "--auth=trust",
+                        "--encoding=UTF8",
+                        "--locale=C",
+                    ],
+                    user=user,
+                    timeout=120,
+                )
                 with open(data / "postgresql.conf", "a") as fh:
                     fh.write(_PG_CONF.format(port=_free_port(), socket_dir=run))
             port = _pg_port(data)
@@ -245,8 +259,21 @@ def start_postgres(state_dir: Path) -> str:
             if stale.exists():
                 stale.unlink()  # the process behind it is gone (checked above)
             log.info("starting embedded PostgreSQL on 127.0.0.1:%s", port)
-            _run([str(_pg_bin() / "pg_ctl"), "-D", str(data), "-l", str(root / "postgres.log"), "-w", "-t", "60",
-                  "start"], user=user, timeout=90)
+            _run(
+                [
+                    str(_pg_bin() / "pg_ctl"),
+                    "-D",
+                    str(data),
+                    "-l",
+                    str(root / "postgres.log"),
+                    "-w",
+                    "-t",
+                    "60",
+                    "start",
+                ],
+                user=user,
+                timeout=90,
+            )
             _wait_for(lambda: _pg_ready(port), "embedded PostgreSQL")
         with psycopg.connect(_pg_url(port, "postgres"), autocommit=True) as conn:
             for db in (PLATFORM_DB, DAGSTER_DB):
@@ -262,8 +289,11 @@ def stop_postgres(state_dir: Path) -> bool:
         if postgres_running(state_dir) is None:
             return False
         user = "embedded_postgres" if os.geteuid() == 0 else None
-        _run([str(_pg_bin() / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "-t", "60", "stop"],
-             user=user, timeout=90)
+        _run(
+            [str(_pg_bin() / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "-t", "60", "stop"],
+            user=user,
+            timeout=90,
+        )
         return True
 
 
@@ -306,9 +336,31 @@ def launch_redis_server(root: Path, port: int) -> int:
     root.mkdir(parents=True, exist_ok=True)
     pidfile = root / "redis.pid"
     pidfile.unlink(missing_ok=True)
-    _run([str(redis_server_binary()), "--bind", "127.0.0.1", "--port", str(port), "--daemonize", "yes",
-          "--pidfile", str(pidfile), "--dir", str(root), "--logfile", str(root / "redis.log"),
-          "--save", "", "--appendonly", "no", "--maxmemory", "1gb", "--maxmemory-policy", "allkeys-lru"])
+    _run(
+        [
+            str(redis_server_binary()),
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--daemonize",
+            "yes",
+            "--pidfile",
+            str(pidfile),
+            "--dir",
+            str(root),
+            "--logfile",
+            str(root / "redis.log"),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--maxmemory",
+            "1gb",
+            "--maxmemory-policy",
+            "allkeys-lru",
+        ]
+    )
     client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=1)
     _wait_for(lambda: client.ping() and pidfile.exists(), f"embedded Redis on port {port}")
     return int(pidfile.read_text().strip())
@@ -365,7 +417,9 @@ def resolve_urls(settings: Settings | None = None, *, start: bool = True) -> Url
         else:
             port = postgres_running(settings.state_dir)
             if port is None:
-                raise EmbeddedError("the embedded PostgreSQL is not running (start it with `perf-pipeline up`)")
+                raise EmbeddedError(
+                    "the embedded PostgreSQL is not running (start it with `perf-pipeline up`)"
+                )
             db_url = _pg_url(port)
     if embedded_redis:
         if start:

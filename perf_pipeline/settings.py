@@ -91,71 +91,134 @@ class Settings:
     """The project's configuration. Defaults serve the embedded setup."""
 
     database_url: str | None = _setting(
-        "PERF_PIPELINE_DATABASE_URL", None, _PG,
-        "Platform database (postgresql://…). Unset: the embedded PostgreSQL is started and used.")
+        "PERF_PIPELINE_DATABASE_URL",
+        None,
+        _PG,
+        "Platform database (postgresql://…). Unset: the embedded PostgreSQL is started and used.",
+    )
     redis_url: str | None = _setting(
-        "PERF_PIPELINE_REDIS_URL", None, _REDIS,
-        "Dashboard cache (redis://…/N). Unset: the embedded Redis is started and used.")
+        "PERF_PIPELINE_REDIS_URL",
+        None,
+        _REDIS,
+        "Dashboard cache (redis://…/N). Unset: the embedded Redis is started and used.",
+    )
     dagster_database_url: str | None = _setting(
-        "PERF_PIPELINE_DAGSTER_DATABASE_URL", None, _PG,
-        "Dagster run/event/schedule storage. Unset: database `dagster` on the platform's server.")
+        "PERF_PIPELINE_DAGSTER_DATABASE_URL",
+        None,
+        _PG,
+        "Dagster run/event/schedule storage. Unset: database `dagster` on the platform's server.",
+    )
     state_dir: Path = _setting(
-        "PERF_PIPELINE_STATE_DIR", PROJECT_ROOT / ".perf_pipeline", _path,
-        "Folder for the embedded servers' data, logs and Dagster's local artifacts (git-ignored).")
+        "PERF_PIPELINE_STATE_DIR",
+        PROJECT_ROOT / ".perf_pipeline",
+        _path,
+        "Folder for the embedded servers' data, logs and Dagster's local artifacts (git-ignored).",
+    )
     archive_dir: Path = _setting(
-        "PERF_PIPELINE_ARCHIVE_DIR", PROJECT_ROOT / ".perf_pipeline" / "archive", _path,
-        "Where archived partitions are written as Parquet files.")
+        "PERF_PIPELINE_ARCHIVE_DIR",
+        PROJECT_ROOT / ".perf_pipeline" / "archive",
+        _path,
+        "Where archived partitions are written as Parquet files.",
+    )
     export_dir: Path = _setting(
-        "PERF_PIPELINE_EXPORT_DIR", PROJECT_ROOT / ".perf_pipeline" / "exports", _path,
-        "Where finished exports are written.")
+        "PERF_PIPELINE_EXPORT_DIR",
+        PROJECT_ROOT / ".perf_pipeline" / "exports",
+        _path,
+        "Where finished exports are written.",
+    )
     audit_spool_dir: Path = _setting(
-        "PERF_PIPELINE_AUDIT_SPOOL_DIR", PROJECT_ROOT / ".perf_pipeline" / "audit_spool", _path,
-        "AuditWriter's local spool: batches not yet acknowledged by PostgreSQL, replayed in order.")
+        "PERF_PIPELINE_AUDIT_SPOOL_DIR",
+        PROJECT_ROOT / ".perf_pipeline" / "audit_spool",
+        _path,
+        "AuditWriter's local spool: batches not yet acknowledged by PostgreSQL, replayed in order.",
+    )
     premake_months: int = _setting(
-        "PERF_PIPELINE_PREMAKE_MONTHS", 3, _int_in(1, 36),
-        "Future monthly partitions kept created ahead of time.")
+        "PERF_PIPELINE_PREMAKE_MONTHS",
+        3,
+        _int_in(1, 36),
+        "Future monthly partitions kept created ahead of time.",
+    )
     audit_retention_months: int = _setting(
-        "PERF_PIPELINE_AUDIT_RETENTION_MONTHS", 12, _int_in(1, 600),
-        "Months of audit_log kept online; older months are archived to files, then dropped.")
+        "PERF_PIPELINE_AUDIT_RETENTION_MONTHS",
+        12,
+        _int_in(1, 600),
+        "Months of audit_log kept online; older months are archived to files, then dropped.",
+    )
     usage_retention_months: int = _setting(
-        "PERF_PIPELINE_USAGE_RETENTION_MONTHS", 24, _int_in(4, 600),
-        "Months of usage_log kept online (at least 4: the rollups recompute the last 90 days).")
+        "PERF_PIPELINE_USAGE_RETENTION_MONTHS",
+        24,
+        _int_in(4, 600),
+        "Months of usage_log kept online (at least 4: the rollups recompute the last 90 days).",
+    )
     kpi_ttl_seconds: int = _setting(
-        "PERF_PIPELINE_KPI_TTL_SECONDS", 60, _int_in(60, 300),
-        "TTL of cached real-time KPIs (the user story asks for 1–5 minutes).")
+        "PERF_PIPELINE_KPI_TTL_SECONDS",
+        60,
+        _int_in(60, 300),
+        "TTL of cached real-time KPIs (the user story asks for 1–5 minutes).",
+    )
     trends_ttl_seconds: int = _setting(
-        "PERF_PIPELINE_TRENDS_TTL_SECONDS", 300, _int_in(60, 300),
-        "TTL of cached usage trends (1–5 minutes).")
+        "PERF_PIPELINE_TRENDS_TTL_SECONDS", 300, _int_in(60, 300), "TTL of cached usage trends (1–5 minutes)."
+    )
     redis_socket_timeout_ms: int = _setting(
-        "PERF_PIPELINE_REDIS_SOCKET_TIMEOUT_MS", 50, _int_in(5, 5000),
-        "Socket timeout of the serving path's Redis client; past it the read falls back to SQL.")
+        "PERF_PIPELINE_REDIS_SOCKET_TIMEOUT_MS",
+        50,
+        _int_in(5, 5000),
+        "Socket timeout of the serving path's Redis client; past it the read falls back to SQL.",
+    )
     admin_tokens: tuple[str, ...] = _setting(
-        "PERF_PIPELINE_ADMIN_TOKENS", (), _tokens,
-        "Comma-separated bearer tokens accepted as admins by the dashboard API.")
+        "PERF_PIPELINE_ADMIN_TOKENS",
+        (),
+        _tokens,
+        "Comma-separated bearer tokens accepted as admins by the dashboard API.",
+    )
     user_tokens: tuple[str, ...] = _setting(
-        "PERF_PIPELINE_USER_TOKENS", (), _tokens,
-        "Comma-separated bearer tokens of authenticated non-admin users (answered 403).")
+        "PERF_PIPELINE_USER_TOKENS",
+        (),
+        _tokens,
+        "Comma-separated bearer tokens of authenticated non-admin users (answered 403).",
+    )
     export_concurrency: int = _setting(
-        "PERF_PIPELINE_EXPORT_CONCURRENCY", 2, _int_in(1, 64),
-        "Exports running at once (Dagster pool `exports`).")
+        "PERF_PIPELINE_EXPORT_CONCURRENCY",
+        2,
+        _int_in(1, 64),
+        "Exports running at once (Dagster pool `exports`).",
+    )
     export_max_mb_s: float = _setting(
-        "PERF_PIPELINE_EXPORT_MAX_MB_S", 15.0, _float_in(0, 100000),
-        "Cap on one export's speed in MB/s of CSV (0: none), so an export leaves CPU to the platform's queries.")
+        "PERF_PIPELINE_EXPORT_MAX_MB_S",
+        15.0,
+        _float_in(0, 100000),
+        "Cap on one export's speed in MB/s of CSV (0: none), so an export leaves CPU to the platform's queries.",
+    )
     export_statement_timeout_s: int = _setting(
-        "PERF_PIPELINE_EXPORT_STATEMENT_TIMEOUT_S", 600, _int_in(1, 86400),
-        "statement_timeout of one export's COPY, in seconds.")
+        "PERF_PIPELINE_EXPORT_STATEMENT_TIMEOUT_S",
+        600,
+        _int_in(1, 86400),
+        "statement_timeout of one export's COPY, in seconds.",
+    )
     audit_budget_ms: float = _setting(
-        "PERF_PIPELINE_AUDIT_BUDGET_MS", 50.0, _float_in(0.1, 60000),
-        "Latency budget (p95) of the audit lookups.")
+        "PERF_PIPELINE_AUDIT_BUDGET_MS",
+        50.0,
+        _float_in(0.1, 60000),
+        "Latency budget (p95) of the audit lookups.",
+    )
     analytics_budget_ms: float = _setting(
-        "PERF_PIPELINE_ANALYTICS_BUDGET_MS", 200.0, _float_in(0.1, 60000),
-        "Latency budget (p95) of the analytics queries (KPIs, trends, usage by user).")
+        "PERF_PIPELINE_ANALYTICS_BUDGET_MS",
+        200.0,
+        _float_in(0.1, 60000),
+        "Latency budget (p95) of the analytics queries (KPIs, trends, usage by user).",
+    )
     run_history_days: int = _setting(
-        "PERF_PIPELINE_RUN_HISTORY_DAYS", 30, _int_in(1, 3650),
-        "Days of Dagster run history kept; older runs are deleted by a schedule.")
+        "PERF_PIPELINE_RUN_HISTORY_DAYS",
+        30,
+        _int_in(1, 3650),
+        "Days of Dagster run history kept; older runs are deleted by a schedule.",
+    )
     alert_webhook_url: str | None = _setting(
-        "PERF_PIPELINE_ALERT_WEBHOOK_URL", None, _url("http", "https"),
-        "Optional: alerts are also POSTed here as JSON.")
+        "PERF_PIPELINE_ALERT_WEBHOOK_URL",
+        None,
+        _url("http", "https"),
+        "Optional: alerts are also POSTed here as JSON.",
+    )
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:

@@ -23,13 +23,19 @@ def exploding_asset() -> None:
     raise RuntimeError("disk on fire")
 
 
-@dg.asset(check_specs=[dg.AssetCheckSpec("always_fails", asset="checked_asset"),
-                       dg.AssetCheckSpec("always_passes", asset="checked_asset")])
+@dg.asset(
+    check_specs=[
+        dg.AssetCheckSpec("always_fails", asset="checked_asset"),
+        dg.AssetCheckSpec("always_passes", asset="checked_asset"),
+    ]
+)
 def checked_asset() -> dg.MaterializeResult:
-    return dg.MaterializeResult(check_results=[
-        dg.AssetCheckResult(check_name="always_fails", passed=False, metadata={"p95_ms": 120.0}),
-        dg.AssetCheckResult(check_name="always_passes", passed=True),
-    ])
+    return dg.MaterializeResult(
+        check_results=[
+            dg.AssetCheckResult(check_name="always_fails", passed=False, metadata={"p95_ms": 120.0}),
+            dg.AssetCheckResult(check_name="always_passes", passed=True),
+        ]
+    )
 
 
 @dg.asset
@@ -79,8 +85,9 @@ def clean_alerts(db: psycopg.Connection) -> psycopg.Connection:
 
 
 def _alerts(conn: psycopg.Connection) -> list[tuple]:
-    return conn.execute("SELECT alert_key, kind, source, message, webhook_status, webhook_error "
-                        "FROM alert_event ORDER BY id").fetchall()
+    return conn.execute(
+        "SELECT alert_key, kind, source, message, webhook_status, webhook_error FROM alert_event ORDER BY id"
+    ).fetchall()
 
 
 def test_raise_alert_records_once_per_key(clean_alerts: psycopg.Connection, db_url: str) -> None:
@@ -97,13 +104,16 @@ def test_webhook_failure_is_recorded_not_raised(clean_alerts: psycopg.Connection
         s.bind(("127.0.0.1", 0))
         dead = f"http://127.0.0.1:{s.getsockname()[1]}/hook"
     with psycopg.connect(db_url) as conn:
-        assert raise_alert(conn, Alert("check_failure:1", "check_failure", "a:b", "failed", {}), webhook_url=dead)
+        assert raise_alert(
+            conn, Alert("check_failure:1", "check_failure", "a:b", "failed", {}), webhook_url=dead
+        )
     [row] = _alerts(clean_alerts)
     assert row[4] == "failed" and row[5]
 
 
 def test_run_failure_sensor_records_logs_and_posts_one_alert_per_failed_run(
-        clean_alerts: psycopg.Connection, db_url: str, webhook: Webhook, caplog: pytest.LogCaptureFixture) -> None:
+    clean_alerts: psycopg.Connection, db_url: str, webhook: Webhook, caplog: pytest.LogCaptureFixture
+) -> None:
     instance = dg.DagsterInstance.ephemeral()
     failed = dg.materialize([exploding_asset], instance=instance, raise_on_error=False)
     assert not failed.success
@@ -111,8 +121,12 @@ def test_run_failure_sensor_records_logs_and_posts_one_alert_per_failed_run(
 
     def tick() -> None:
         context = dg.build_run_status_sensor_context(
-            sensor_name="alert_on_run_failure", dagster_instance=instance, dagster_run=failed.dagster_run,
-            dagster_event=failed.get_run_failure_event(), resources=resources).for_run_failure()
+            sensor_name="alert_on_run_failure",
+            dagster_instance=instance,
+            dagster_run=failed.dagster_run,
+            dagster_event=failed.get_run_failure_event(),
+            resources=resources,
+        ).for_run_failure()
         alert_on_run_failure(context)
 
     with caplog.at_level("WARNING", logger="perf_pipeline.lib.alerts"):
@@ -124,19 +138,26 @@ def test_run_failure_sensor_records_logs_and_posts_one_alert_per_failed_run(
     assert key == f"run_failure:{failed.run_id}" and kind == "run_failure" and status == "sent"
     assert source == failed.dagster_run.job_name
     assert len(webhook.received) == 1
-    assert webhook.received[0]["alert_key"] == key and webhook.received[0]["details"]["run_id"] == failed.run_id
+    assert (
+        webhook.received[0]["alert_key"] == key and webhook.received[0]["details"]["run_id"] == failed.run_id
+    )
     assert sum(key in r.getMessage() for r in caplog.records) == 1
 
     other = dg.materialize([exploding_asset], instance=instance, raise_on_error=False)
     context = dg.build_run_status_sensor_context(
-        sensor_name="alert_on_run_failure", dagster_instance=instance, dagster_run=other.dagster_run,
-        dagster_event=other.get_run_failure_event(), resources=resources).for_run_failure()
+        sensor_name="alert_on_run_failure",
+        dagster_instance=instance,
+        dagster_run=other.dagster_run,
+        dagster_event=other.get_run_failure_event(),
+        resources=resources,
+    ).for_run_failure()
     alert_on_run_failure(context)
     assert len(_alerts(clean_alerts)) == 2 and len(webhook.received) == 2
 
 
 def test_check_failure_sensor_records_one_alert_per_failed_evaluation(
-        clean_alerts: psycopg.Connection, db_url: str, webhook: Webhook) -> None:
+    clean_alerts: psycopg.Connection, db_url: str, webhook: Webhook
+) -> None:
     instance = dg.DagsterInstance.ephemeral()
     resources = {"postgres": PostgresResource(url=db_url)}
     dg.materialize([checked_asset, fine_asset], instance=instance)

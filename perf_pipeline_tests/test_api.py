@@ -70,12 +70,16 @@ def pool(usage_db: str) -> Iterator[psycopg_pool.ConnectionPool]:
         yield p
 
 
-def _client(redis_url: str, pool: psycopg_pool.ConnectionPool, **kwargs: Any) -> tuple[TestClient, DashboardCache]:
+def _client(
+    redis_url: str, pool: psycopg_pool.ConnectionPool, **kwargs: Any
+) -> tuple[TestClient, DashboardCache]:
     cache = DashboardCache(serving_client(redis_url, 200), pool.connection, **kwargs)
     return TestClient(create_app(SETTINGS, cache)), cache
 
 
-def sql_trends(conn: psycopg.Connection, start: dt.date, end: dt.date, granularity: str) -> list[dict[str, Any]]:
+def sql_trends(
+    conn: psycopg.Connection, start: dt.date, end: dt.date, granularity: str
+) -> list[dict[str, Any]]:
     """The oracle: trends straight from usage_log (not the rollups), periods that have usage."""
     unit = {"daily": "day", "weekly": "week", "monthly": "month"}[granularity]
     q = """
@@ -89,12 +93,18 @@ def sql_trends(conn: psycopg.Connection, start: dt.date, end: dt.date, granulari
         GROUP BY 1 ORDER BY 1"""
     with conn.cursor(row_factory=dict_row) as cur:
         rows = cur.execute(q, {"unit": unit, "start": start, "end": end}).fetchall()
-        prov = cur.execute(q.replace("AS period,", "AS period, stt_provider,").replace(
-            "GROUP BY 1 ORDER BY 1", "GROUP BY 1, 2 ORDER BY 1, 2"), {"unit": unit, "start": start, "end": end}
+        prov = cur.execute(
+            q.replace("AS period,", "AS period, stt_provider,").replace(
+                "GROUP BY 1 ORDER BY 1", "GROUP BY 1, 2 ORDER BY 1, 2"
+            ),
+            {"unit": unit, "start": start, "end": end},
         ).fetchall()
     for r in rows:
-        r["providers"] = {p["stt_provider"]: (p["session_count"], p["total_minutes"], p["total_cost"])
-                          for p in prov if p["period"] == r["period"]}
+        r["providers"] = {
+            p["stt_provider"]: (p["session_count"], p["total_minutes"], p["total_cost"])
+            for p in prov
+            if p["period"] == r["period"]
+        }
     return rows
 
 
@@ -118,13 +128,22 @@ def assert_trends_equal(api: dict[str, Any], oracle: list[dict[str, Any]]) -> No
 # ------------------------------------------------------------------------------------------ values
 
 
-@pytest.mark.parametrize("granularity,start,end", [
-    ("daily", dt.date(2025, 8, 1), dt.date(2025, 8, 14)),
-    ("weekly", dt.date(2025, 6, 4), dt.date(2025, 8, 20)),
-    ("monthly", dt.date(2025, 6, 1), dt.date(2025, 9, 10)),
-])
-def test_usage_trends_equal_sql(redis_url: str, pool: psycopg_pool.ConnectionPool, usage_db: str,
-                                granularity: str, start: dt.date, end: dt.date) -> None:
+@pytest.mark.parametrize(
+    "granularity,start,end",
+    [
+        ("daily", dt.date(2025, 8, 1), dt.date(2025, 8, 14)),
+        ("weekly", dt.date(2025, 6, 4), dt.date(2025, 8, 20)),
+        ("monthly", dt.date(2025, 6, 1), dt.date(2025, 9, 10)),
+    ],
+)
+def test_usage_trends_equal_sql(
+    redis_url: str,
+    pool: psycopg_pool.ConnectionPool,
+    usage_db: str,
+    granularity: str,
+    start: dt.date,
+    end: dt.date,
+) -> None:
     client, cache = _client(redis_url, pool)
     params = {"start_date": start.isoformat(), "end_date": end.isoformat(), "granularity": granularity}
     first = client.get(TRENDS, params=params, headers=AUTH)
@@ -132,8 +151,11 @@ def test_usage_trends_equal_sql(redis_url: str, pool: psycopg_pool.ConnectionPoo
     body = first.json()
     TrendsResponse.model_validate(body)  # bodies are served as cached, so check them against the schema
     assert first.headers["content-type"] == "application/json"
-    assert body["period"] == {"start_date": start.isoformat(), "end_date": end.isoformat(),
-                              "granularity": granularity}
+    assert body["period"] == {
+        "start_date": start.isoformat(),
+        "end_date": end.isoformat(),
+        "granularity": granularity,
+    }
     with psycopg.connect(usage_db) as conn:
         oracle = sql_trends(conn, start, end, granularity)
     assert_trends_equal(body, oracle)
@@ -176,7 +198,10 @@ def test_auth_401_403_200(redis_url: str, pool: psycopg_pool.ConnectionPool) -> 
     for path, p in ((KPIS, None), (TRENDS, params)):
         missing = client.get(path, params=p)
         assert missing.status_code == 401 and missing.headers["www-authenticate"] == "Bearer"
-        assert client.get(path, params=p, headers={"Authorization": "Bearer not-a-known-token-xx"}).status_code == 401
+        assert (
+            client.get(path, params=p, headers={"Authorization": "Bearer not-a-known-token-xx"}).status_code
+            == 401
+        )
         assert client.get(path, params=p, headers={"Authorization": f"Basic {ADMIN}"}).status_code == 401
         assert client.get(path, params=p, headers={"Authorization": f"Bearer {ADMIN}x"}).status_code == 401
         forbidden = client.get(path, params=p, headers={"Authorization": f"Bearer {USER}"})
@@ -194,18 +219,28 @@ def test_no_configured_tokens_means_nobody_gets_in(redis_url: str, pool: psycopg
 # ---------------------------------------------------------------------------------------- validation
 
 
-@pytest.mark.parametrize("params,message", [
-    ({"start_date": "2025-13-01", "end_date": "2025-08-02"}, "valid date"),
-    ({"start_date": "yesterday", "end_date": "2025-08-02"}, "valid date"),
-    ({"end_date": "2025-08-02"}, "Field required"),
-    ({"start_date": "2025-08-10", "end_date": "2025-08-01"}, "is before start_date"),
-    ({"start_date": "2024-01-01", "end_date": "2025-08-01"}, "at most 366 days"),
-    ({"start_date": "2019-01-01", "end_date": "2025-08-01", "granularity": "monthly"}, "at most 1096 days"),
-    ({"start_date": "2025-08-01", "end_date": "2025-08-02", "granularity": "hourly"}, "daily"),
-])
+@pytest.mark.parametrize(
+    "params,message",
+    [
+        ({"start_date": "2025-13-01", "end_date": "2025-08-02"}, "valid date"),
+        ({"start_date": "yesterday", "end_date": "2025-08-02"}, "valid date"),
+        ({"end_date": "2025-08-02"}, "Field required"),
+        ({"start_date": "2025-08-10", "end_date": "2025-08-01"}, "is before start_date"),
+        ({"start_date": "2024-01-01", "end_date": "2025-08-01"}, "at most 366 days"),
+        (
+            {"start_date": "2019-01-01", "end_date": "2025-08-01", "granularity": "monthly"},
+            "at most 1096 days",
+        ),
+        ({"start_date": "2025-08-01", "end_date": "2025-08-02", "granularity": "hourly"}, "daily"),
+    ],
+)
 def test_bad_parameters_are_422_and_nothing_is_cached(
-        redis_url: str, redis_client: redis_lib.Redis, pool: psycopg_pool.ConnectionPool,
-        params: dict[str, str], message: str) -> None:
+    redis_url: str,
+    redis_client: redis_lib.Redis,
+    pool: psycopg_pool.ConnectionPool,
+    params: dict[str, str],
+    message: str,
+) -> None:
     client, cache = _client(redis_url, pool)
     response = client.get(TRENDS, params=params, headers=AUTH)
     assert response.status_code == 422, response.text
@@ -239,8 +274,9 @@ def private_redis(tmp_path: Path) -> Iterator[tuple[str, Path, int]]:
         os.kill(int((tmp_path / "redis" / "redis.pid").read_text()), signal.SIGTERM)
 
 
-def test_healthz_reports_postgres_and_redis(private_redis: tuple[str, Path, int],
-                                            pool: psycopg_pool.ConnectionPool) -> None:
+def test_healthz_reports_postgres_and_redis(
+    private_redis: tuple[str, Path, int], pool: psycopg_pool.ConnectionPool
+) -> None:
     url, _, _ = private_redis
     client, _ = _client(url, pool)
     ok = client.get("/healthz")
@@ -255,7 +291,8 @@ def test_healthz_reports_postgres_and_redis(private_redis: tuple[str, Path, int]
 
 
 def test_redis_stopped_mid_test_serves_from_sql_then_refills(
-        private_redis: tuple[str, Path, int], pool: psycopg_pool.ConnectionPool) -> None:
+    private_redis: tuple[str, Path, int], pool: psycopg_pool.ConnectionPool
+) -> None:
     import time
 
     url, root, port = private_redis
@@ -301,7 +338,11 @@ def test_database_down_is_503_unless_cached(redis_url: str, pool: psycopg_pool.C
     missing = down.get(TRENDS, params={"start_date": "2025-07-01", "end_date": "2025-07-02"}, headers=AUTH)
     assert missing.status_code == 503 and missing.json() == {"detail": "the database is unavailable"}
     health = down.get("/healthz")
-    assert health.status_code == 503 and health.json()["status"] == "down" and not health.json()["postgres"]["ok"]
+    assert (
+        health.status_code == 503
+        and health.json()["status"] == "down"
+        and not health.json()["postgres"]["ok"]
+    )
 
 
 def test_perf_pipeline_serve_runs_the_api(usage_db: str, redis_url: str) -> None:
@@ -314,11 +355,16 @@ def test_perf_pipeline_serve_runs_the_api(usage_db: str, redis_url: str) -> None
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = dict(os.environ, PERF_PIPELINE_DATABASE_URL=usage_db, PERF_PIPELINE_REDIS_URL=redis_url,
-               PERF_PIPELINE_ADMIN_TOKENS=ADMIN)
+    env = dict(
+        os.environ,
+        PERF_PIPELINE_DATABASE_URL=usage_db,
+        PERF_PIPELINE_REDIS_URL=redis_url,
+        PERF_PIPELINE_ADMIN_TOKENS=ADMIN,
+    )
     cli = Path(sys.executable).with_name("perf-pipeline")
-    proc = subprocess.Popen([str(cli), "serve", "--port", str(port), "--workers", "1"], env=env,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        [str(cli), "serve", "--port", str(port), "--workers", "1"], env=env, start_new_session=True
+    )
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 30
@@ -327,7 +373,9 @@ def test_perf_pipeline_serve_runs_the_api(usage_db: str, redis_url: str) -> None
                 health = httpx.get(f"{base}/healthz", timeout=2)
                 break
             except httpx.TransportError:
-                assert proc.poll() is None and time.monotonic() < deadline, "perf-pipeline serve did not start"
+                assert proc.poll() is None and time.monotonic() < deadline, (
+                    "perf-pipeline serve did not start"
+                )
                 time.sleep(0.2)
         assert health.status_code == 200 and health.json()["status"] == "ok"
         assert httpx.get(f"{base}{KPIS}").status_code == 401
@@ -343,10 +391,19 @@ def test_perf_pipeline_serve_runs_the_api(usage_db: str, redis_url: str) -> None
 
 def _scope(app: Any, path: str, query: bytes = b"", auth: list[bytes] | None = None) -> dict[str, Any]:
     headers = [(b"authorization", a) for a in (auth if auth is not None else [f"Bearer {ADMIN}".encode()])]
-    return {"type": "http", "method": "GET", "path": path, "query_string": query, "headers": headers, "app": app}
+    return {
+        "type": "http",
+        "method": "GET",
+        "path": path,
+        "query_string": query,
+        "headers": headers,
+        "app": app,
+    }
 
 
-def test_fast_path_serves_only_what_fastapi_would_serve(redis_url: str, pool: psycopg_pool.ConnectionPool) -> None:
+def test_fast_path_serves_only_what_fastapi_would_serve(
+    redis_url: str, pool: psycopg_pool.ConnectionPool
+) -> None:
     from perf_pipeline.api.app import HotReadsMiddleware
 
     cache = DashboardCache(serving_client(redis_url, 200), pool.connection, local_ttl_s=30)

@@ -338,8 +338,11 @@ def test_dagster_archive_asset_check_and_schedule(
         with pytest.raises(_Crash):
             a.archive_partition(conn, "audit_log", may, archive_dir, hook=_crash_after("detach"))
         for day in (tick, tick.replace(month=12)):
-            requests = list(archive_audit_log_monthly(dg.build_schedule_context(scheduled_execution_time=day,
-                                                                               resources=resources)))
+            requests = list(
+                archive_audit_log_monthly(
+                    dg.build_schedule_context(scheduled_execution_time=day, resources=resources)
+                )
+            )
             assert requests[0].partition_key == "2024-05-01"
             assert requests[0].run_key == f"2024-05-01@{day.date().isoformat()}"
         assert a.archive_partition(conn, "audit_log", may, archive_dir).state == "dropped"
@@ -486,7 +489,9 @@ def _late_row(conn: psycopg.Connection, ts: str, description: str) -> None:
     )
 
 
-def test_a_month_mid_archive_is_never_reattached_and_dropped_with_new_rows(seeded: str, archive_dir: Path) -> None:
+def test_a_month_mid_archive_is_never_reattached_and_dropped_with_new_rows(
+    seeded: str, archive_dir: Path
+) -> None:
     """Reviewer's repro: archive stopped at `verified`; a late row lands in DEFAULT; move_default_rows used to
     reuse the detached table, attach it back (new writes went into it) and the resumed archive dropped it:
     102 rows before the resume, 100 after a restore."""

@@ -47,8 +47,16 @@ def clean(db: psycopg.Connection) -> psycopg.Connection:
 
 
 def _log(writer: AuditWriter, i: int, **kw: object) -> str:
-    return writer.log("session.create", "session", str(i), "create", f"Session {i} created", user_id=USER,
-                      details={"i": i}, **kw)
+    return writer.log(
+        "session.create",
+        "session",
+        str(i),
+        "create",
+        f"Session {i} created",
+        user_id=USER,
+        details={"i": i},
+        **kw,
+    )
 
 
 def _ids_in_delivery_order(conn: psycopg.Connection) -> list[str]:
@@ -75,7 +83,9 @@ def _count(conn: psycopg.Connection) -> tuple[int, int]:
 def test_uuid7_is_rfc9562_and_monotonic() -> None:
     gen = UUIDv7()
     now = time.time_ns()
-    ids = [gen.next(now) for _ in range(10_000)]  # same millisecond: the counter (and its overflow) orders them
+    ids = [
+        gen.next(now) for _ in range(10_000)
+    ]  # same millisecond: the counter (and its overflow) orders them
     assert ids == sorted(ids) and len(set(ids)) == len(ids)
     parsed = uuid.UUID(ids[0])
     assert parsed.version == 7 and parsed.variant == uuid.RFC_4122
@@ -84,31 +94,40 @@ def test_uuid7_is_rfc9562_and_monotonic() -> None:
     assert gen.next(now - 10**9) > ids[-1]  # the clock stepping back does not break the order
 
 
-@pytest.mark.parametrize(("kwargs", "message"), [
-    ({"severity": "fatal"}, "severity"),
-    ({"event_type": ""}, "event_type"),
-    ({"event_type": "e" * 65}, "event_type"),
-    ({"operation": "o" * 33}, "operation"),
-    ({"entity_type": "t" * 65}, "entity_type"),
-    ({"entity_id": "i" * 129}, "entity_id"),
-    ({"description": "d" * 2001}, "description"),
-    ({"description": "nul\x00byte"}, "NUL"),
-    ({"description": "lone \udc80 surrogate"}, "Unicode"),
-    ({"details": {"when": object()}}, "JSON"),
-    ({"details": {1, 2}}, "JSON"),
-    ({"details": {"x": float("nan")}}, "JSON"),
-    ({"details": {"x": "a\x00b"}}, "NUL"),
-    ({"ip": "300.1.1.1"}, "ip"),
-    ({"ip": "fe80::1%eth0"}, "ip"),
-    ({"ip": 12345}, "ip"),
-    ({"user_id": "not-a-uuid"}, "user_id"),
-    ({"event_type": None}, "event_type"),
-    ({"operation": 5}, "operation"),
-])
-def test_invalid_events_raise_at_log_time(clean: psycopg.Connection, db_url: str, kwargs: dict[str, object],
-                                          message: str) -> None:
-    event: dict[str, object] = {"event_type": "session.create", "entity_type": "session", "entity_id": "s1",
-                                "operation": "create", "description": "ok"}
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"severity": "fatal"}, "severity"),
+        ({"event_type": ""}, "event_type"),
+        ({"event_type": "e" * 65}, "event_type"),
+        ({"operation": "o" * 33}, "operation"),
+        ({"entity_type": "t" * 65}, "entity_type"),
+        ({"entity_id": "i" * 129}, "entity_id"),
+        ({"description": "d" * 2001}, "description"),
+        ({"description": "nul\x00byte"}, "NUL"),
+        ({"description": "lone \udc80 surrogate"}, "Unicode"),
+        ({"details": {"when": object()}}, "JSON"),
+        ({"details": {1, 2}}, "JSON"),
+        ({"details": {"x": float("nan")}}, "JSON"),
+        ({"details": {"x": "a\x00b"}}, "NUL"),
+        ({"ip": "300.1.1.1"}, "ip"),
+        ({"ip": "fe80::1%eth0"}, "ip"),
+        ({"ip": 12345}, "ip"),
+        ({"user_id": "not-a-uuid"}, "user_id"),
+        ({"event_type": None}, "event_type"),
+        ({"operation": 5}, "operation"),
+    ],
+)
+def test_invalid_events_raise_at_log_time(
+    clean: psycopg.Connection, db_url: str, kwargs: dict[str, object], message: str
+) -> None:
+    event: dict[str, object] = {
+        "event_type": "session.create",
+        "entity_type": "session",
+        "entity_id": "s1",
+        "operation": "create",
+        "description": "ok",
+    }
     event.update(kwargs)
     with AuditWriter(db_url, flush_interval_ms=5) as writer:
         with pytest.raises(AuditEventError, match=message):
@@ -123,31 +142,56 @@ def test_valid_edge_values_round_trip_exactly(clean: psycopg.Connection, db_url:
     tricky = "tab\there\nnewline\r\\backslash \\N «ünïcødé» 🎙️" + "x" * 1900
     details = {"nested": {"list": [1, 2.5, None, True], "text": "a\\u0000 is not NUL\t"}, "emoji": "🎧"}
     with AuditWriter(db_url, flush_interval_ms=5) as writer:
-        event_id = writer.log("e" * 64, "t" * 64, uuid.UUID(USER), "o" * 32, tricky, user_id=uuid.UUID(USER),
-                              severity="critical", details=details, ip="2001:db8::1/64")
+        event_id = writer.log(
+            "e" * 64,
+            "t" * 64,
+            uuid.UUID(USER),
+            "o" * 32,
+            tricky,
+            user_id=uuid.UUID(USER),
+            severity="critical",
+            details=details,
+            ip="2001:db8::1/64",
+        )
         bare = writer.log("x", None, None, "y", None)
         before = time.time()
         assert writer.flush(10)
     row = clean.execute(
         "SELECT event_type, entity_type, entity_id, operation, description, user_id::text, severity, details,"
         " host(ip) || '/' || masklen(ip), extract(epoch FROM \"timestamp\") FROM audit_log WHERE id = %s",
-        (event_id,)).fetchone()
-    assert row[:9] == ("e" * 64, "t" * 64, USER, "o" * 32, tricky, USER, "critical", details, "2001:db8::1/64")
+        (event_id,),
+    ).fetchone()
+    assert row[:9] == (
+        "e" * 64,
+        "t" * 64,
+        USER,
+        "o" * 32,
+        tricky,
+        USER,
+        "critical",
+        details,
+        "2001:db8::1/64",
+    )
     assert abs(float(row[9]) - uuid7_time_ms(event_id) / 1000) < 0.002  # timestamp taken with the id
     assert float(row[9]) <= before
-    bare_row = clean.execute("SELECT entity_type, entity_id, description, details, ip, user_id, severity "
-                             "FROM audit_log WHERE id = %s", (bare,)).fetchone()
+    bare_row = clean.execute(
+        "SELECT entity_type, entity_id, description, details, ip, user_id, severity "
+        "FROM audit_log WHERE id = %s",
+        (bare,),
+    ).fetchone()
     assert bare_row == (None, None, None, None, None, None, "low")
 
 
 # ------------------------------------------------------------------------------------- delivery, once each
 
 
-def test_concurrent_producers_write_every_event_once_in_order(clean: psycopg.Connection, db_url: str,
-                                                              scratch_dir: Path) -> None:
+def test_concurrent_producers_write_every_event_once_in_order(
+    clean: psycopg.Connection, db_url: str, scratch_dir: Path
+) -> None:
     threads, per_thread = 8, 2500
     logged: list[list[str]] = [[] for _ in range(threads)]
     with AuditWriter(db_url, batch_size=700, flush_interval_ms=10, spool_dir=scratch_dir) as writer:
+
         def produce(k: int) -> None:
             for i in range(per_thread):
                 logged[k].append(_log(writer, k * per_thread + i))
@@ -172,8 +216,9 @@ def test_concurrent_producers_write_every_event_once_in_order(clean: psycopg.Con
     assert audit.metrics()["writers"] == 0  # closed writers leave the process-wide metrics
 
 
-def test_redelivery_after_commit_without_ack_writes_nothing_twice(clean: psycopg.Connection, db_url: str,
-                                                                  scratch_dir: Path) -> None:
+def test_redelivery_after_commit_without_ack_writes_nothing_twice(
+    clean: psycopg.Connection, db_url: str, scratch_dir: Path
+) -> None:
     """A crash after COMMIT but before the segment was deleted: the next writer re-sends that segment."""
     gen = UUIDv7()
 
@@ -224,12 +269,17 @@ def _python_env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
 
 
-def test_killed_process_spool_is_replayed_in_order(clean: psycopg.Connection, db_url: str,
-                                                   scratch_dir: Path) -> None:
+def test_killed_process_spool_is_replayed_in_order(
+    clean: psycopg.Connection, db_url: str, scratch_dir: Path
+) -> None:
     spool, n = scratch_dir / "spool", 3000
     spool.mkdir()
-    child = subprocess.Popen([sys.executable, "-c", _CHILD, DEAD_URL, str(spool), str(n)],
-                             stdout=subprocess.PIPE, text=True, env=_python_env())
+    child = subprocess.Popen(
+        [sys.executable, "-c", _CHILD, DEAD_URL, str(spool), str(n)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=_python_env(),
+    )
     try:
         assert child.stdout is not None
         assert child.stdout.readline().split() == ["READY", str(n)]
@@ -248,9 +298,11 @@ def test_killed_process_spool_is_replayed_in_order(clean: psycopg.Connection, db
 
 
 def test_flushes_at_interpreter_exit(clean: psycopg.Connection, db_url: str) -> None:
-    code = ("import sys\nfrom perf_pipeline.audit import AuditWriter\n"
-            "w = AuditWriter(sys.argv[1], flush_interval_ms=60000, batch_size=10000)\n"
-            "for i in range(250):\n    w.log('login', 'user', str(i), 'login', None)\n")
+    code = (
+        "import sys\nfrom perf_pipeline.audit import AuditWriter\n"
+        "w = AuditWriter(sys.argv[1], flush_interval_ms=60000, batch_size=10000)\n"
+        "for i in range(250):\n    w.log('login', 'user', str(i), 'login', None)\n"
+    )
     subprocess.run([sys.executable, "-c", code, db_url], check=True, env=_python_env(), timeout=60)
     assert _count(clean) == (250, 250)  # nothing triggered a flush but the exit hook
 
@@ -283,7 +335,9 @@ def test_database_stopped_mid_stream_then_restarted(private_pg: tuple[Path, str]
     state, url = private_pg
     logged: list[str] = []
     stop_logging = threading.Event()
-    writer = AuditWriter(url, batch_size=200, flush_interval_ms=10, spool_dir=scratch_dir, connect_timeout_s=2)
+    writer = AuditWriter(
+        url, batch_size=200, flush_interval_ms=10, spool_dir=scratch_dir, connect_timeout_s=2
+    )
 
     def produce() -> None:
         i = 0
@@ -346,14 +400,23 @@ def _silent_server() -> tuple[socket.socket, str]:
     return srv, f"postgresql://postgres@127.0.0.1:{srv.getsockname()[1]}/stuck"
 
 
-def test_with_spool_a_full_queue_spills_and_order_is_kept(clean: psycopg.Connection, db_url: str,
-                                                          scratch_dir: Path) -> None:
+def test_with_spool_a_full_queue_spills_and_order_is_kept(
+    clean: psycopg.Connection, db_url: str, scratch_dir: Path
+) -> None:
     srv, stuck_url = _silent_server()
     try:
-        writer = AuditWriter(stuck_url, batch_size=50, max_queue=100, flush_interval_ms=5, spool_dir=scratch_dir,
-                             connect_timeout_s=2)
+        writer = AuditWriter(
+            stuck_url,
+            batch_size=50,
+            max_queue=100,
+            flush_interval_ms=5,
+            spool_dir=scratch_dir,
+            connect_timeout_s=2,
+        )
         logged = [_log(writer, 0)]
-        _wait_until(lambda: writer.metrics()["spooled"] == 1)  # the flusher took event 0, hangs in connect() 2 s
+        _wait_until(
+            lambda: writer.metrics()["spooled"] == 1
+        )  # the flusher took event 0, hangs in connect() 2 s
         time.sleep(0.05)
         started = time.perf_counter()
         logged += [_log(writer, i) for i in range(1, 351)]
@@ -370,10 +433,13 @@ def test_with_spool_a_full_queue_spills_and_order_is_kept(clean: psycopg.Connect
     assert _ids_in_delivery_order(clean) == logged
 
 
-def test_rows_the_database_refuses_are_set_aside_and_the_rest_delivered(clean: psycopg.Connection, db_url: str,
-                                                                       scratch_dir: Path) -> None:
+def test_rows_the_database_refuses_are_set_aside_and_the_rest_delivered(
+    clean: psycopg.Connection, db_url: str, scratch_dir: Path
+) -> None:
     # a constraint stricter than log()'s validation (a schema that moved on): only that row may be lost
-    clean.execute("ALTER TABLE audit_log ADD CONSTRAINT test_no_poison CHECK (description <> 'poison') NOT VALID")
+    clean.execute(
+        "ALTER TABLE audit_log ADD CONSTRAINT test_no_poison CHECK (description <> 'poison') NOT VALID"
+    )
     try:
         with AuditWriter(db_url, spool_dir=scratch_dir, flush_interval_ms=5) as writer:
             ids = [writer.log("e", None, None, "o", "poison" if i == 4 else f"ok {i}") for i in range(10)]
@@ -387,10 +453,12 @@ def test_rows_the_database_refuses_are_set_aside_and_the_rest_delivered(clean: p
     assert rejected.startswith(ids[4]) and rejected.count("\n") == 1
 
 
-def test_from_settings_uses_the_configured_database_and_spool(clean: psycopg.Connection, db_url: str,
-                                                              scratch_dir: Path) -> None:
-    settings = Settings.from_env({"PERF_PIPELINE_DATABASE_URL": db_url,
-                                  "PERF_PIPELINE_AUDIT_SPOOL_DIR": str(scratch_dir / "spool")})
+def test_from_settings_uses_the_configured_database_and_spool(
+    clean: psycopg.Connection, db_url: str, scratch_dir: Path
+) -> None:
+    settings = Settings.from_env(
+        {"PERF_PIPELINE_DATABASE_URL": db_url, "PERF_PIPELINE_AUDIT_SPOOL_DIR": str(scratch_dir / "spool")}
+    )
     with AuditWriter.from_settings(settings, flush_interval_ms=5) as writer:
         assert writer.url == db_url
         event_id = writer.log("login", "user", "u1", "login", None)
@@ -448,9 +516,12 @@ def test_metrics_are_published_for_the_health_report(db_url: str, db: psycopg.Co
         writer.close()  # publishes a last snapshot, with every event written
     # the writer's backend drops its TEMP staging table as it exits, after close() returned; the health
     # query's pg_table_size() of a table being dropped is NULL (a health.py defect, reported): wait it out
-    _wait_until(lambda: db.execute("SELECT count(*) FROM pg_class WHERE relname = 'audit_log_staging'")
-                .fetchone()[0] == 0)
-    (key, metrics), = db.execute("SELECT writer, metrics FROM audit_writer_metrics").fetchall()
+    _wait_until(
+        lambda: (
+            db.execute("SELECT count(*) FROM pg_class WHERE relname = 'audit_log_staging'").fetchone()[0] == 0
+        )
+    )
+    ((key, metrics),) = db.execute("SELECT writer, metrics FROM audit_writer_metrics").fetchall()
     assert key.endswith(f":{os.getpid()}:published")
     assert metrics["written"] == 7 and metrics["dropped"] == 0
     report = health.health_report(db)
@@ -489,8 +560,9 @@ _STUCK_CHILD = textwrap.dedent("""
 
 
 @pytest.mark.parametrize("with_spool", [True, False], ids=["spool", "no_spool"])
-def test_close_while_delivery_is_stuck_keeps_queued_events(clean: psycopg.Connection, db_url: str,
-                                                           scratch_dir: Path, with_spool: bool) -> None:
+def test_close_while_delivery_is_stuck_keeps_queued_events(
+    clean: psycopg.Connection, db_url: str, scratch_dir: Path, with_spool: bool
+) -> None:
     """D5: a delivery stuck on a lock (slow server, half-open TCP) must not make close() forget the queue.
 
     The flusher's COPY of the first 10 events waits behind an ACCESS EXCLUSIVE lock; 5 more events are
@@ -501,8 +573,13 @@ def test_close_while_delivery_is_stuck_keeps_queued_events(clean: psycopg.Connec
     locker = psycopg.connect(db_url)
     try:
         locker.execute("LOCK TABLE audit_log IN ACCESS EXCLUSIVE MODE")
-        child = subprocess.run([sys.executable, "-c", _STUCK_CHILD, db_url, str(spool) if with_spool else ""],
-                               capture_output=True, text=True, env=_python_env(), timeout=60)
+        child = subprocess.run(
+            [sys.executable, "-c", _STUCK_CHILD, db_url, str(spool) if with_spool else ""],
+            capture_output=True,
+            text=True,
+            env=_python_env(),
+            timeout=60,
+        )
     finally:
         locker.rollback()  # releases the lock; the dead client's COPY then fails: nothing committed by it
         locker.close()
@@ -511,9 +588,15 @@ def test_close_while_delivery_is_stuck_keeps_queued_events(clean: psycopg.Connec
     logged = ids_line.split()
     _, done, alive, dropped = closed_line.split()
     assert len(logged) == 15 and done == "False" and alive == "True"  # the scenario really happened
-    _wait_until(lambda: clean.execute(
-        "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'perf_pipeline.audit' "
-        "AND datname = current_database()").fetchone()[0] == 0)
+    _wait_until(
+        lambda: (
+            clean.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'perf_pipeline.audit' "
+                "AND datname = current_database()"
+            ).fetchone()[0]
+            == 0
+        )
+    )
     assert _count(clean) == (0, 0)
     if not with_spool:
         assert int(dropped) == 5  # the queued events, counted and logged as lost
@@ -566,11 +649,20 @@ def test_queue_byte_budget_without_spool_blocks_then_raises() -> None:
         writer.close(timeout=0.3)
 
 
-def test_queue_byte_budget_with_spool_spills(clean: psycopg.Connection, db_url: str, scratch_dir: Path) -> None:
+def test_queue_byte_budget_with_spool_spills(
+    clean: psycopg.Connection, db_url: str, scratch_dir: Path
+) -> None:
     srv, stuck_url = _silent_server()
     try:
-        writer = AuditWriter(stuck_url, batch_size=10, max_queue=100_000, max_queue_bytes=30_000,
-                             flush_interval_ms=5, spool_dir=scratch_dir, connect_timeout_s=2)
+        writer = AuditWriter(
+            stuck_url,
+            batch_size=10,
+            max_queue=100_000,
+            max_queue_bytes=30_000,
+            flush_interval_ms=5,
+            spool_dir=scratch_dir,
+            connect_timeout_s=2,
+        )
         logged = [_big(writer, 0)]
         _wait_until(lambda: writer.metrics()["spooled"] == 1)  # the flusher hangs in connect() for 2 s
         logged += [_big(writer, i) for i in range(1, 200)]
@@ -597,9 +689,9 @@ def _failing_spool_writes(writer: AuditWriter, monkeypatch: pytest.MonkeyPatch) 
     return attempts
 
 
-def test_spool_disk_full_while_database_down_keeps_memory_bounded(clean: psycopg.Connection, db_url: str,
-                                                                  scratch_dir: Path,
-                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+def test_spool_disk_full_while_database_down_keeps_memory_bounded(
+    clean: psycopg.Connection, db_url: str, scratch_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """D6: spool writes failing (ENOSPC) while the database is down: no batch piles up in memory per cycle;
     once the disk has room again every event reaches the spool and, later, the database, in order."""
     writer = AuditWriter(DEAD_URL, batch_size=10, flush_interval_ms=5, spool_dir=scratch_dir)
@@ -619,8 +711,9 @@ def test_spool_disk_full_while_database_down_keeps_memory_bounded(clean: psycopg
     assert _ids_in_delivery_order(clean) == logged
 
 
-def test_spool_disk_full_while_database_up_still_delivers(clean: psycopg.Connection, db_url: str,
-                                                          scratch_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_spool_disk_full_while_database_up_still_delivers(
+    clean: psycopg.Connection, db_url: str, scratch_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A full spool disk must not stop delivery to a healthy database (batches go straight from memory)."""
     with AuditWriter(db_url, batch_size=10, flush_interval_ms=5, spool_dir=scratch_dir) as writer:
         attempts = _failing_spool_writes(writer, monkeypatch)

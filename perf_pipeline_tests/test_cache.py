@@ -32,17 +32,28 @@ from perf_pipeline.lib.dashboard import compute_kpis
 AS_OF = dt.datetime(2025, 8, 14, 12, 0, tzinfo=dt.UTC)
 
 
-def _usage(conn: psycopg.Connection, at: dt.datetime, minutes: float, cost: float, *, billable: bool = True,
-           user: uuid.UUID | None = None, provider: str = "google") -> None:
+def _usage(
+    conn: psycopg.Connection,
+    at: dt.datetime,
+    minutes: float,
+    cost: float,
+    *,
+    billable: bool = True,
+    user: uuid.UUID | None = None,
+    provider: str = "google",
+) -> None:
     conn.execute(
         "INSERT INTO usage_log (user_id, session_id, created_at, duration_minutes, cost_usd, is_billable, stt_provider)"
         " VALUES (%s, %s, %s, %s, %s, %s, %s)",
-        (user or uuid.uuid4(), uuid.uuid4(), at, minutes, cost, billable, provider))
+        (user or uuid.uuid4(), uuid.uuid4(), at, minutes, cost, billable, provider),
+    )
 
 
 def _session(conn: psycopg.Connection, status: str, created: dt.datetime, updated: dt.datetime) -> None:
-    conn.execute("INSERT INTO session (user_id, status, created_at, updated_at) VALUES (%s, %s, %s, %s)",
-                 (uuid.uuid4(), status, created, updated))
+    conn.execute(
+        "INSERT INTO session (user_id, status, created_at, updated_at) VALUES (%s, %s, %s, %s)",
+        (uuid.uuid4(), status, created, updated),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +138,9 @@ class CountingCompute:
             return {"value": self.value}
 
 
-def test_cache_aside_counts_hits_and_misses(redis_url: str, db_url: str, redis_client: redis_lib.Redis) -> None:
+def test_cache_aside_counts_hits_and_misses(
+    redis_url: str, db_url: str, redis_client: redis_lib.Redis
+) -> None:
     cache = _cache(redis_url, db_url)
     first = cache.kpis()
     assert cache.recomputations[cache_lib.KPIS_KEY] == 1
@@ -144,7 +157,9 @@ def test_cache_aside_counts_hits_and_misses(redis_url: str, db_url: str, redis_c
     assert rate.rate == pytest.approx(0.9)
 
 
-def test_counters_are_batched_then_flushed(redis_url: str, db_url: str, redis_client: redis_lib.Redis) -> None:
+def test_counters_are_batched_then_flushed(
+    redis_url: str, db_url: str, redis_client: redis_lib.Redis
+) -> None:
     cache = _cache(redis_url, db_url, stats_flush_s=3600)
     compute = CountingCompute()
     for _ in range(4):
@@ -156,8 +171,9 @@ def test_counters_are_batched_then_flushed(redis_url: str, db_url: str, redis_cl
     assert rate.counts["miss"] == 1 and rate.counts["hit"] == 3
 
 
-def test_near_cache_serves_from_memory_for_local_ttl(redis_url: str, db_url: str,
-                                                     redis_client: redis_lib.Redis) -> None:
+def test_near_cache_serves_from_memory_for_local_ttl(
+    redis_url: str, db_url: str, redis_client: redis_lib.Redis
+) -> None:
     cache = _cache(redis_url, db_url, local_ttl_s=0.5)
     compute = CountingCompute()
     key = "dash:test:near"
@@ -177,7 +193,8 @@ def test_near_cache_serves_from_memory_for_local_ttl(redis_url: str, db_url: str
 
 
 def test_stale_entry_is_recomputed_by_one_reader_while_others_serve_it(
-        redis_url: str, db_url: str, redis_client: redis_lib.Redis) -> None:
+    redis_url: str, db_url: str, redis_client: redis_lib.Redis
+) -> None:
     compute = CountingCompute(delay=1.0)
     cache = _cache(redis_url, db_url)
     key = "dash:test:stale"
@@ -186,7 +203,9 @@ def test_stale_entry_is_recomputed_by_one_reader_while_others_serve_it(
     # expire it logically (Redis still holds the stale copy)
     entry = Entry.decode(redis_client.get(key))
     assert entry is not None
-    redis_client.set(key, Entry(entry.gen, entry.computed_at - 120, time.time() - 1, 1.0, entry.body).encode())
+    redis_client.set(
+        key, Entry(entry.gen, entry.computed_at - 120, time.time() - 1, 1.0, entry.body).encode()
+    )
     compute.value = 2
 
     readers = 40
@@ -231,7 +250,9 @@ def test_cold_key_stampede_waits_for_single_flight(redis_url: str, db_url: str) 
     for t in threads:
         t.join()
     assert len(results) == readers and all(r == {"value": 1} for r in results)
-    assert compute.calls == 1, f"{compute.calls} recomputations for {readers} concurrent readers of a cold key"
+    assert compute.calls == 1, (
+        f"{compute.calls} recomputations for {readers} concurrent readers of a cold key"
+    )
     waited = sum(c.counts["waited"] for c in caches)
     assert waited == readers - 1
 
@@ -260,7 +281,8 @@ def test_without_the_lock_every_reader_recomputes(redis_url: str, db_url: str) -
 
 
 def test_invalidation_makes_every_entry_stale_without_keys(
-        redis_url: str, db_url: str, redis_client: redis_lib.Redis) -> None:
+    redis_url: str, db_url: str, redis_client: redis_lib.Redis
+) -> None:
     compute = CountingCompute()
     cache = _cache(redis_url, db_url)
     for k in ("dash:test:a", "dash:test:b"):
@@ -298,7 +320,9 @@ def _stop(url: str) -> None:
         redis_lib.Redis.from_url(url).shutdown(nosave=True)
 
 
-def test_redis_stopped_falls_back_to_sql_then_refills(kpi_db: str, private_redis: tuple[str, Path, int]) -> None:
+def test_redis_stopped_falls_back_to_sql_then_refills(
+    kpi_db: str, private_redis: tuple[str, Path, int]
+) -> None:
     url, root, port = private_redis
     cache = _cache(url, kpi_db, retry_after_s=0.3)
     expected = cache.kpis()
@@ -339,7 +363,9 @@ def test_hung_redis_costs_one_short_timeout(kpi_db: str, private_redis: tuple[st
     cache = DashboardCache(serving_client(url, 50), _cache(url, kpi_db).connection, retry_after_s=5)
     expected = cache.kpis()
     # DEBUG SLEEP blocks the whole server, as a swapping or overloaded Redis would
-    sleeper = threading.Thread(target=lambda: redis_lib.Redis.from_url(url).execute_command("DEBUG", "SLEEP", 3))
+    sleeper = threading.Thread(
+        target=lambda: redis_lib.Redis.from_url(url).execute_command("DEBUG", "SLEEP", 3)
+    )
     sleeper.start()
     time.sleep(0.2)
     # count the commands the read path sends to Redis (instrumentation of the real client, no mock)
@@ -394,7 +420,8 @@ def _check_results(result: object) -> dict[str, object]:
 
 
 def test_asset_warms_checks_pass_and_rollup_rerun_serves_new_numbers(
-        recent_db: str, redis_url: str, redis_client: redis_lib.Redis) -> None:
+    recent_db: str, redis_url: str, redis_client: redis_lib.Redis
+) -> None:
     import dagster as dg
 
     from perf_pipeline.defs.cache.assets import dashboard_cache
@@ -409,7 +436,12 @@ def test_asset_warms_checks_pass_and_rollup_rerun_serves_new_numbers(
 
     instance = dg.DagsterInstance.ephemeral()
     resources = _resources(recent_db, redis_url)
-    cache_defs = [dashboard_cache, dashboard_cache_keys_fresh, dashboard_cache_matches_sql, dashboard_cache_hit_rate]
+    cache_defs = [
+        dashboard_cache,
+        dashboard_cache_keys_fresh,
+        dashboard_cache_matches_sql,
+        dashboard_cache_hit_rate,
+    ]
 
     result = dg.materialize(cache_defs, resources=resources, instance=instance)
     assert result.success
@@ -435,19 +467,25 @@ def test_asset_warms_checks_pass_and_rollup_rerun_serves_new_numbers(
 
     # late rows for yesterday, then the rollup re-run of that partition
     with psycopg.connect(recent_db, autocommit=True) as conn:
-        conn.execute("""
+        conn.execute(
+            """
             INSERT INTO usage_log (user_id, session_id, created_at, duration_minutes, cost_usd, is_billable,
                                    stt_provider)
             SELECT gen_random_uuid(), gen_random_uuid(), %s::date + interval '12 hours', 5, 0.5, true, 'whisper'
-            FROM generate_series(1, 9)""", (yesterday,))
-    rollup = dg.materialize([usage_daily_metrics], partition_key=yesterday.isoformat(), resources=resources,
-                            instance=instance)
+            FROM generate_series(1, 9)""",
+            (yesterday,),
+        )
+    rollup = dg.materialize(
+        [usage_daily_metrics], partition_key=yesterday.isoformat(), resources=resources, instance=instance
+    )
     assert rollup.success
 
     # the sensor asks for one dashboard_cache run, once
     tick = refresh_dashboard_cache_after_rollup(dg.build_sensor_context(instance=instance))
     assert isinstance(tick, dg.SensorResult) and len(tick.run_requests or []) == 1
-    again = refresh_dashboard_cache_after_rollup(dg.build_sensor_context(instance=instance, cursor=tick.cursor))
+    again = refresh_dashboard_cache_after_rollup(
+        dg.build_sensor_context(instance=instance, cursor=tick.cursor)
+    )
     assert isinstance(again, dg.SkipReason)
 
     # the stale cache still serves the old numbers until the warm runs …
@@ -455,7 +493,9 @@ def test_asset_warms_checks_pass_and_rollup_rerun_serves_new_numbers(
     result = dg.materialize(cache_defs, resources=resources, instance=instance)
     evaluations = _check_results(result)
     assert result.success
-    assert evaluations["dashboard_cache_keys_fresh"].passed and evaluations["dashboard_cache_matches_sql"].passed
+    assert (
+        evaluations["dashboard_cache_keys_fresh"].passed and evaluations["dashboard_cache_matches_sql"].passed
+    )
     # reads so far: week (hit), odd range (miss), odd range (hit): 2 of 3 from the cache
     rate = evaluations["dashboard_cache_hit_rate"]
     assert not rate.passed and rate.metadata["hit_rate"].value == pytest.approx(2 / 3)
@@ -466,13 +506,17 @@ def test_asset_warms_checks_pass_and_rollup_rerun_serves_new_numbers(
         a = {p["period"]: p["session_count"] for p in after["transcription_trend"]}
         assert a[yesterday.isoformat()] == b[yesterday.isoformat()] + 9
         whisper = {x["provider"]: x["session_count"] for x in after["provider_breakdown"]}["whisper"]
-        assert whisper == {x["provider"]: x["session_count"] for x in before["provider_breakdown"]}["whisper"] + 9
+        assert (
+            whisper
+            == {x["provider"]: x["session_count"] for x in before["provider_breakdown"]}["whisper"] + 9
+        )
     assert cache.recomputations[cache_lib.trends_key(odd_range)] == 2
     assert cache.recomputations[cache_lib.trends_key(week)] == 0
 
 
 def test_checks_fail_on_wrong_values_and_low_hit_rate(
-        recent_db: str, redis_url: str, redis_client: redis_lib.Redis) -> None:
+    recent_db: str, redis_url: str, redis_client: redis_lib.Redis
+) -> None:
     import dagster as dg
 
     from perf_pipeline.defs.cache.assets import dashboard_cache
@@ -495,8 +539,10 @@ def test_checks_fail_on_wrong_values_and_low_hit_rate(
     redis_client.set(key, Entry.of(entry.gen, entry.computed_at, entry.expires_at, 1.0, payload).encode())
     kpis = Entry.decode(redis_client.get(cache_lib.KPIS_KEY))
     assert kpis is not None
-    redis_client.set(cache_lib.KPIS_KEY, Entry(kpis.gen, kpis.computed_at - 3600, kpis.expires_at - 3600, 1.0,
-                                               kpis.body).encode())
+    redis_client.set(
+        cache_lib.KPIS_KEY,
+        Entry(kpis.gen, kpis.computed_at - 3600, kpis.expires_at - 3600, 1.0, kpis.body).encode(),
+    )
     cache = _cache(redis_url, recent_db)
     compute = CountingCompute()
     for i in range(5):
@@ -504,8 +550,13 @@ def test_checks_fail_on_wrong_values_and_low_hit_rate(
     cache.get("dash:test:cold0", 60, compute)  # 1 hit
 
     checks = [dashboard_cache_keys_fresh, dashboard_cache_matches_sql, dashboard_cache_hit_rate]
-    result = dg.materialize([dashboard_cache, *checks], resources=resources, instance=instance,
-                            selection=dg.AssetSelection.checks(*checks), raise_on_error=False)
+    result = dg.materialize(
+        [dashboard_cache, *checks],
+        resources=resources,
+        instance=instance,
+        selection=dg.AssetSelection.checks(*checks),
+        raise_on_error=False,
+    )
     evaluations = _check_results(result)
     fresh = evaluations["dashboard_cache_keys_fresh"]
     assert not fresh.passed and fresh.metadata["stale"].value == 1

@@ -25,23 +25,44 @@ def test_definitions_load() -> None:
 
 
 def test_dagster_definitions_validate() -> None:
-    env = dict(os.environ, DAGSTER_HOME=tempfile.mkdtemp(prefix="ppt_dagster_"),
-               PERF_PIPELINE_DATABASE_URL="postgresql://u@db.invalid/x", PERF_PIPELINE_REDIS_URL="redis://c.invalid/0")
-    proc = subprocess.run([os.path.join(os.path.dirname(sys.executable), "dagster"), "definitions", "validate",
-                           "-m", "perf_pipeline.definitions"], capture_output=True, text=True, cwd=PROJECT_ROOT,
-                          env=env, timeout=300)
+    env = dict(
+        os.environ,
+        DAGSTER_HOME=tempfile.mkdtemp(prefix="ppt_dagster_"),
+        PERF_PIPELINE_DATABASE_URL="postgresql://u@db.invalid/x",
+        PERF_PIPELINE_REDIS_URL="redis://c.invalid/0",
+    )
+    proc = subprocess.run(
+        [
+            os.path.join(os.path.dirname(sys.executable), "dagster"),
+            "definitions",
+            "validate",
+            "-m",
+            "perf_pipeline.definitions",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=PROJECT_ROOT,
+        env=env,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Validation successful" in proc.stderr + proc.stdout
 
 
 def test_platform_schema_materializes_on_an_empty_database(empty_db_url: str) -> None:
-    result = dg.materialize([platform_schema], resources={"postgres": PostgresResource(url=empty_db_url)},
-                            instance=dg.DagsterInstance.ephemeral())
+    result = dg.materialize(
+        [platform_schema],
+        resources={"postgres": PostgresResource(url=empty_db_url)},
+        instance=dg.DagsterInstance.ephemeral(),
+    )
     assert result.success
     metadata = result.asset_materializations_for_node("platform_schema")[0].metadata
     assert metadata["applied"].value == metadata["migrations"].value > 0
     with psycopg.connect(empty_db_url) as conn:
         assert conn.execute("SELECT to_regclass('audit_log') IS NOT NULL").fetchone()[0]
-    again = dg.materialize([platform_schema], resources={"postgres": PostgresResource(url=empty_db_url)},
-                           instance=dg.DagsterInstance.ephemeral())
+    again = dg.materialize(
+        [platform_schema],
+        resources={"postgres": PostgresResource(url=empty_db_url)},
+        instance=dg.DagsterInstance.ephemeral(),
+    )
     assert again.asset_materializations_for_node("platform_schema")[0].metadata["applied"].value == 0

@@ -33,8 +33,10 @@ def _snapshot() -> dict:
     return {
         "assets": assets,
         "jobs": sorted(j.name for j in repo.get_all_jobs() if not j.name.startswith("__")),
-        "schedules": {s.name: {"cron": s.cron_schedule, "timezone": s.execution_timezone, "job": s.job_name}
-                      for s in sorted(repo.schedule_defs, key=lambda s: s.name)},
+        "schedules": {
+            s.name: {"cron": s.cron_schedule, "timezone": s.execution_timezone, "job": s.job_name}
+            for s in sorted(repo.schedule_defs, key=lambda s: s.name)
+        },
         "sensors": sorted(s.name for s in repo.sensor_defs),
     }
 
@@ -44,4 +46,6 @@ def test_definitions_match_snapshot() -> None:
     if os.environ.get("UPDATE_SNAPSHOTS"):
         SNAPSHOT.write_text(json.dumps(current, indent=2, sort_keys=True) + "\n")
     expected = json.loads(SNAPSHOT.read_text())
-    assert current == expected, "the Dagster graph changed: if deliberate, regenerate the snapshot (see module doc)"
+    assert current == expected, (
+        "the Dagster graph changed: if deliberate, regenerate the snapshot (see module doc)"
+    )

@@ -26,7 +26,9 @@ ENV = {
     "PERF_PIPELINE_DAGSTER_ARTIFACTS_DIR": "/tmp/ppt_artifacts",
     "PERF_PIPELINE_DAGSTER_COMPUTE_LOGS_DIR": "/tmp/ppt_logs",
     "PERF_PIPELINE_CELERY_BROKER_URL": "redis://cache.invalid:6379/15",
-    "DAGSTER_PG_HOST": "db.invalid", "DAGSTER_PG_USER": "dagster", "DAGSTER_PG_PASSWORD": "secret",
+    "DAGSTER_PG_HOST": "db.invalid",
+    "DAGSTER_PG_USER": "dagster",
+    "DAGSTER_PG_PASSWORD": "secret",
 }
 
 
@@ -64,10 +66,18 @@ def test_helm_values_render_the_validated_launcher() -> None:
 
     assert helm["jobNamespace"] == launcher["job_namespace"]
     assert [s["name"] for s in helm["envSecrets"]] == launcher["env_secrets"]
-    assert helm["runK8sConfig"]["containerConfig"]["resources"] == launcher["run_k8s_config"]["container_config"]["resources"]
+    assert (
+        helm["runK8sConfig"]["containerConfig"]["resources"]
+        == launcher["run_k8s_config"]["container_config"]["resources"]
+    )
     deployment = values["dagster-user-deployments"]["deployments"][0]
     assert deployment["dagsterApiGrpcArgs"] == ["-m", "perf_pipeline.definitions"]
-    assert values["postgresql"]["enabled"] is False and values["postgresql"]["postgresqlDatabase"] == "dagster"
+    assert (
+        values["postgresql"]["enabled"] is False and values["postgresql"]["postgresqlDatabase"] == "dagster"
+    )
     coordinator = values["dagsterDaemon"]["runCoordinator"]
     assert coordinator["type"] == "QueuedRunCoordinator"
-    assert coordinator["config"]["queuedRunCoordinator"]["maxConcurrentRuns"] == instance["concurrency"]["runs"]["max_concurrent_runs"]
+    assert (
+        coordinator["config"]["queuedRunCoordinator"]["maxConcurrentRuns"]
+        == instance["concurrency"]["runs"]["max_concurrent_runs"]
+    )

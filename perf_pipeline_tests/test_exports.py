@@ -45,10 +45,31 @@ ODD_USER = "11111111-2222-4333-8444-555555555555"
 
 ODD_AUDIT_ROWS = [
     # (timestamp, user_id, entity_type, entity_id, event_type, operation, severity, description, details, ip)
-    ("2026-02-24 10:00:00.5+00", ODD_USER, "session", "s-1", "session.export", "export", "critical",
-     'said "hi", then\nleft; émoji ✓ and a \\ backslash', {"nested": {"a": [1, 2, None]}, "q": "it's"}, "2001:db8::1"),
+    (
+        "2026-02-24 10:00:00.5+00",
+        ODD_USER,
+        "session",
+        "s-1",
+        "session.export",
+        "export",
+        "critical",
+        'said "hi", then\nleft; émoji ✓ and a \\ backslash',
+        {"nested": {"a": [1, 2, None]}, "q": "it's"},
+        "2001:db8::1",
+    ),
     ("2026-02-24 11:00:00+00", ODD_USER, None, None, "login", "login", "high", "", None, None),
-    ("2026-02-24 12:00:00+00", None, "billing", "b-9", "billing.update", "update", "high", None, {}, "10.0.0.1"),
+    (
+        "2026-02-24 12:00:00+00",
+        None,
+        "billing",
+        "b-9",
+        "billing.update",
+        "update",
+        "high",
+        None,
+        {},
+        "10.0.0.1",
+    ),
 ]
 
 
@@ -62,21 +83,27 @@ def loaded(db_url: str) -> str:
                 " description, details, ip) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
                 (*row[:8], Jsonb(row[8]) if row[8] is not None else None, row[9]),
             )
-        conn.execute("INSERT INTO usage_log (user_id, session_id, created_at, duration_minutes, cost_usd, is_billable,"
-                     " stt_provider) VALUES (%s, NULL, '2026-02-24 13:00+00', 0, 0, false, 'whisper')", (ODD_USER,))
+        conn.execute(
+            "INSERT INTO usage_log (user_id, session_id, created_at, duration_minutes, cost_usd, is_billable,"
+            " stt_provider) VALUES (%s, NULL, '2026-02-24 13:00+00', 0, 0, false, 'whisper')",
+            (ODD_USER,),
+        )
     return db_url
 
 
 def _request(conn: psycopg.Connection, kind: object, fmt: object, filters: object) -> int:
-    row = conn.execute("INSERT INTO data_export (requested_by, kind, format, filters) VALUES (%s, %s, %s, %s) "
-                       "RETURNING id", (REQUESTER, kind, fmt, Jsonb(filters))).fetchone()
+    row = conn.execute(
+        "INSERT INTO data_export (requested_by, kind, format, filters) VALUES (%s, %s, %s, %s) RETURNING id",
+        (REQUESTER, kind, fmt, Jsonb(filters)),
+    ).fetchone()
     assert row is not None
     return int(row[0])
 
 
 def _run(url: str, request_id: int, folder: Path, **kwargs: Any) -> ex.ExportResult:
-    return ex.run_export(url, request_id, folder, statement_timeout_s=60, retention_months=RETENTION, today=TODAY,
-                         **kwargs)
+    return ex.run_export(
+        url, request_id, folder, statement_timeout_s=60, retention_months=RETENTION, today=TODAY, **kwargs
+    )
 
 
 # -------------------------------------------------------------------------- independent reading of both sides
@@ -123,7 +150,9 @@ def _read_file(path: Path, kind: str) -> tuple[list[str], list[tuple]]:
         with gzip.open(path, "rt", newline="", encoding="utf-8") as fh:
             reader = csv.reader(fh)
             header = next(reader)
-            rows = [tuple(_from_csv_field(n, kind, v) for n, v in zip(header, rec, strict=True)) for rec in reader]
+            rows = [
+                tuple(_from_csv_field(n, kind, v) for n, v in zip(header, rec, strict=True)) for rec in reader
+            ]
     else:
         table = pq.read_table(path)
         header = table.column_names
@@ -148,13 +177,19 @@ def _visible(folder: Path) -> list[str]:
 
 @pytest.mark.parametrize("fmt", ex.FORMATS)
 @pytest.mark.parametrize("kind", list(ex.KINDS))
-def test_round_trip_every_column(loaded: str, db: psycopg.Connection, scratch_dir: Path, kind: str, fmt: str) -> None:
+def test_round_trip_every_column(
+    loaded: str, db: psycopg.Connection, scratch_dir: Path, kind: str, fmt: str
+) -> None:
     request_id = _request(db, kind, fmt, {"start": "2026-02-22", "end": "2026-02-25"})
     result = _run(loaded, request_id, scratch_dir)
 
     time_col = ex.KINDS[kind].schema.names[1 if kind == "audit_log" else 3]
-    expected = _expected(db, kind, f'"{time_col}" >= %(a)s AND "{time_col}" < %(b)s',
-                         {"a": dt.datetime(2026, 2, 22, tzinfo=dt.UTC), "b": dt.datetime(2026, 2, 26, tzinfo=dt.UTC)})
+    expected = _expected(
+        db,
+        kind,
+        f'"{time_col}" >= %(a)s AND "{time_col}" < %(b)s',
+        {"a": dt.datetime(2026, 2, 22, tzinfo=dt.UTC), "b": dt.datetime(2026, 2, 26, tzinfo=dt.UTC)},
+    )
     header, got = _read_file(result.path, kind)
     assert header == list(ex.KINDS[kind].schema.names)
     assert len(expected) > 3000
@@ -164,13 +199,22 @@ def test_round_trip_every_column(loaded: str, db: psycopg.Connection, scratch_di
     req = ex.get_request(db, request_id)
     assert req is not None
     assert req["status"] == "succeeded" and req["error"] is None
-    assert (req["rows"], req["bytes"], req["sha256"]) == (len(expected), len(data), hashlib.sha256(data).hexdigest())
+    assert (req["rows"], req["bytes"], req["sha256"]) == (
+        len(expected),
+        len(data),
+        hashlib.sha256(data).hexdigest(),
+    )
     assert req["file_path"] == str(result.path) and req["csv_bytes"] > len(expected) * 40
     assert _visible(scratch_dir) == [result.path.name]  # no temp names left behind
 
 
 def test_filters_user_entity_and_severities(loaded: str, db: psycopg.Connection, scratch_dir: Path) -> None:
-    filters = {"user_id": ODD_USER, "start": "2026-02-24", "end": "2026-02-24", "severity": ["high", "critical"]}
+    filters = {
+        "user_id": ODD_USER,
+        "start": "2026-02-24",
+        "end": "2026-02-24",
+        "severity": ["high", "critical"],
+    }
     request_id = _request(db, "audit_log", "parquet", filters)
     _, got = _read_file(_run(loaded, request_id, scratch_dir).path, "audit_log")
     assert [r[7] for r in got] == ["critical", "high"] or [r[7] for r in got] == ["high", "critical"]
@@ -178,11 +222,20 @@ def test_filters_user_entity_and_severities(loaded: str, db: psycopg.Connection,
     assert odd == {ODD_AUDIT_ROWS[0][7], ""}  # Parquet keeps '' apart from NULL, and the awkward text intact
     assert {r[10] for r in got} == {"2001:db8::1", None}
 
-    request_id = _request(db, "audit_log", "csv.gz", {"start": "2026-02-24", "end": "2026-02-24",
-                                                      "entity_type": "billing", "severity": "high"})
+    request_id = _request(
+        db,
+        "audit_log",
+        "csv.gz",
+        {"start": "2026-02-24", "end": "2026-02-24", "entity_type": "billing", "severity": "high"},
+    )
     result = _run(loaded, request_id, scratch_dir)
-    expected = _expected(db, "audit_log", "\"timestamp\" >= '2026-02-24' AND \"timestamp\" < '2026-02-25' AND "
-                         "entity_type = 'billing' AND severity = 'high'", {})
+    expected = _expected(
+        db,
+        "audit_log",
+        "\"timestamp\" >= '2026-02-24' AND \"timestamp\" < '2026-02-25' AND "
+        "entity_type = 'billing' AND severity = 'high'",
+        {},
+    )
     assert _read_file(result.path, "audit_log")[1] == _csv_blank(expected)
     assert result.rows == len(expected) >= 1
 
@@ -196,8 +249,14 @@ def test_empty_result_gives_valid_files(loaded: str, db: psycopg.Connection, scr
 
 
 def test_date_range_prunes_partitions(loaded: str, db: psycopg.Connection) -> None:
-    plan = ex.validate_request(1, "audit_log", "csv.gz", {"start": "2026-02-21", "end": "2026-02-23"},
-                               today=TODAY, retention_months=RETENTION)
+    plan = ex.validate_request(
+        1,
+        "audit_log",
+        "csv.gz",
+        {"start": "2026-02-21", "end": "2026-02-23"},
+        today=TODAY,
+        retention_months=RETENTION,
+    )
     text = "\n".join(r[0] for r in db.execute("EXPLAIN " + ex.export_select(db, plan)).fetchall())
     assert "audit_log_y2026m02" in text
     assert "audit_log_y2026m03" not in text and "audit_log_default" not in text
@@ -208,9 +267,19 @@ def test_date_range_prunes_partitions(loaded: str, db: psycopg.Connection) -> No
 BAD_REQUESTS = [
     ("session", "csv.gz", {}, "unknown kind 'session'"),
     ("audit_log", "xlsx", {}, "unknown format 'xlsx'"),
-    ("audit_log", "csv.gz", {"stt_provider": "google"}, "unknown filter key(s) for audit_log: 'stt_provider'"),
+    (
+        "audit_log",
+        "csv.gz",
+        {"stt_provider": "google"},
+        "unknown filter key(s) for audit_log: 'stt_provider'",
+    ),
     ("usage_log", "csv.gz", {"severity": "high"}, "unknown filter key(s) for usage_log: 'severity'"),
-    ("audit_log", "csv.gz", {"start": "2026-02-25", "end": "2026-02-21"}, "start 2026-02-25 is after end 2026-02-21"),
+    (
+        "audit_log",
+        "csv.gz",
+        {"start": "2026-02-25", "end": "2026-02-21"},
+        "start 2026-02-25 is after end 2026-02-21",
+    ),
     ("audit_log", "csv.gz", {"start": "2020-01-01"}, "beyond the retention of audit_log"),
     ("usage_log", "parquet", {"start": "2023-12-31"}, "beyond the retention of usage_log"),
     ("audit_log", "csv.gz", {"user_id": 42}, "'user_id' must be a UUID string"),
@@ -220,15 +289,35 @@ BAD_REQUESTS = [
     ("audit_log", "csv.gz", {"severity": []}, "non-empty list"),
     ("audit_log", "csv.gz", ["start", "2026-02-01"], "filters must be a JSON object"),
     ("audit_log", "csv.gz", {"user_id": "' OR 1=1; DROP TABLE audit_log; --"}, "'user_id' is not a UUID"),
-    ("audit_log", "csv.gz", {"entity_type": "session' OR '1'='1"}, "'entity_type' must be a lowercase identifier"),
-    ("audit_log", "csv.gz", {"start": "2026-02-01'); DROP TABLE audit_log; --"}, "'start' must be a date string"),
+    (
+        "audit_log",
+        "csv.gz",
+        {"entity_type": "session' OR '1'='1"},
+        "'entity_type' must be a lowercase identifier",
+    ),
+    (
+        "audit_log",
+        "csv.gz",
+        {"start": "2026-02-01'); DROP TABLE audit_log; --"},
+        "'start' must be a date string",
+    ),
 ]
 
 
-@pytest.mark.parametrize(("kind", "fmt", "filters", "message"), BAD_REQUESTS,
-                         ids=[f"{i:02d}-{m.split()[0]}-{m.split()[1]}" for i, (*_, m) in enumerate(BAD_REQUESTS)])
-def test_bad_request_fails_with_reason_and_no_file(loaded: str, db: psycopg.Connection, scratch_dir: Path,
-                                                   kind: object, fmt: object, filters: object, message: str) -> None:
+@pytest.mark.parametrize(
+    ("kind", "fmt", "filters", "message"),
+    BAD_REQUESTS,
+    ids=[f"{i:02d}-{m.split()[0]}-{m.split()[1]}" for i, (*_, m) in enumerate(BAD_REQUESTS)],
+)
+def test_bad_request_fails_with_reason_and_no_file(
+    loaded: str,
+    db: psycopg.Connection,
+    scratch_dir: Path,
+    kind: object,
+    fmt: object,
+    filters: object,
+    message: str,
+) -> None:
     before = db.execute("SELECT count(*) FROM audit_log").fetchone()
     request_id = _request(db, kind, fmt, filters)
     with pytest.raises(ex.ExportRequestError) as info:
@@ -242,9 +331,15 @@ def test_bad_request_fails_with_reason_and_no_file(loaded: str, db: psycopg.Conn
 
 def test_quoted_values_cannot_escape_even_unvalidated(loaded: str, db: psycopg.Connection) -> None:
     # defense in depth: values are merged as quoted literals, so even a plan that skipped validation is inert
-    plan = ex.ExportPlan(1, "audit_log", "csv.gz", dt.datetime(2026, 2, 1, tzinfo=dt.UTC),
-                         dt.datetime(2026, 3, 2, tzinfo=dt.UTC), entity_type="x' OR '1'='1'; DROP TABLE audit_log; --",
-                         severities=("low'); DROP TABLE audit_log; --",))
+    plan = ex.ExportPlan(
+        1,
+        "audit_log",
+        "csv.gz",
+        dt.datetime(2026, 2, 1, tzinfo=dt.UTC),
+        dt.datetime(2026, 3, 2, tzinfo=dt.UTC),
+        entity_type="x' OR '1'='1'; DROP TABLE audit_log; --",
+        severities=("low'); DROP TABLE audit_log; --",),
+    )
     assert db.execute(ex.export_select(db, plan)).fetchall() == []
     assert db.execute("SELECT count(*) > 0 FROM audit_log").fetchone() == (True,)
 
@@ -267,11 +362,16 @@ _KILL_CHILD = textwrap.dedent("""
 
 
 @pytest.mark.parametrize("fmt", ex.FORMATS)
-def test_kill_mid_export_leaves_no_file_and_retry_succeeds(loaded: str, db: psycopg.Connection, scratch_dir: Path,
-                                                           fmt: str) -> None:
+def test_kill_mid_export_leaves_no_file_and_retry_succeeds(
+    loaded: str, db: psycopg.Connection, scratch_dir: Path, fmt: str
+) -> None:
     request_id = _request(db, "audit_log", fmt, {"start": "2026-02-20"})
-    child = subprocess.Popen([sys.executable, "-c", _KILL_CHILD, loaded, str(request_id), str(scratch_dir)],
-                             stdout=subprocess.PIPE, text=True, cwd=PROJECT_ROOT)
+    child = subprocess.Popen(
+        [sys.executable, "-c", _KILL_CHILD, loaded, str(request_id), str(scratch_dir)],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=PROJECT_ROOT,
+    )
     try:
         line = child.stdout.readline() if child.stdout else ""
         assert line.startswith("STREAMING"), f"child did not start streaming: {line!r}"
@@ -296,8 +396,9 @@ def test_kill_mid_export_leaves_no_file_and_retry_succeeds(loaded: str, db: psyc
     assert _visible(scratch_dir) == [result.path.name]
 
 
-def test_failure_after_some_batches_leaves_no_file_and_retry_succeeds(loaded: str, db: psycopg.Connection,
-                                                                     scratch_dir: Path) -> None:
+def test_failure_after_some_batches_leaves_no_file_and_retry_succeeds(
+    loaded: str, db: psycopg.Connection, scratch_dir: Path
+) -> None:
     request_id = _request(db, "usage_log", "parquet", {"start": "2026-02-20"})
 
     def explode(progress: ex.Progress) -> None:
@@ -311,7 +412,10 @@ def test_failure_after_some_batches_leaves_no_file_and_retry_succeeds(loaded: st
 
     result = _run(loaded, request_id, scratch_dir)
     assert ex.get_request(db, request_id)["status"] == "succeeded"  # type: ignore[index]
-    assert result.rows == db.execute("SELECT count(*) FROM usage_log WHERE created_at >= '2026-02-20'").fetchone()[0]
+    assert (
+        result.rows
+        == db.execute("SELECT count(*) FROM usage_log WHERE created_at >= '2026-02-20'").fetchone()[0]
+    )
 
 
 def test_export_does_not_queue_behind_ddl(loaded: str, db: psycopg.Connection, scratch_dir: Path) -> None:
@@ -331,21 +435,33 @@ def test_statement_timeout_bounds_the_copy(loaded: str, db: psycopg.Connection, 
     with psycopg.connect(loaded) as ddl:
         ddl.execute("LOCK TABLE audit_log_y2026m02 IN ACCESS EXCLUSIVE MODE")
         with pytest.raises(psycopg.errors.QueryCanceled, match="statement timeout"):  # 1 s < lock_timeout 2 s
-            ex.run_export(loaded, request_id, scratch_dir, statement_timeout_s=1, retention_months=RETENTION,
-                          today=TODAY)
+            ex.run_export(
+                loaded,
+                request_id,
+                scratch_dir,
+                statement_timeout_s=1,
+                retention_months=RETENTION,
+                today=TODAY,
+            )
         ddl.rollback()
     req = ex.get_request(db, request_id)
     assert req is not None and req["status"] == "failed" and "statement timeout" in req["error"]
     assert _visible(scratch_dir) == []
 
 
-def test_without_o_tmpfile_a_hidden_named_temp_is_used(loaded: str, db: psycopg.Connection, scratch_dir: Path,
-                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+def test_without_o_tmpfile_a_hidden_named_temp_is_used(
+    loaded: str, db: psycopg.Connection, scratch_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.delattr(os, "O_TMPFILE")  # as on a filesystem or platform without it
     seen: list[list[str]] = []
     request_id = _request(db, "usage_log", "csv.gz", {"start": "2026-02-20"})
-    result = _run(loaded, request_id, scratch_dir, progress=lambda p: seen.append(_visible(scratch_dir)),
-                  progress_every_bytes=1)
+    result = _run(
+        loaded,
+        request_id,
+        scratch_dir,
+        progress=lambda p: seen.append(_visible(scratch_dir)),
+        progress_every_bytes=1,
+    )
     *streaming, final = seen  # the last report comes once the file is in place
     assert streaming and all(len(n) == 1 and n[0].startswith(f".export-{request_id}-") for n in streaming)
     assert final == _visible(scratch_dir) == [result.path.name]
@@ -359,9 +475,13 @@ def test_without_o_tmpfile_a_hidden_named_temp_is_used(loaded: str, db: psycopg.
     assert _visible(scratch_dir) == [result.path.name]  # the failed attempt's temp file is gone
 
 
-def test_two_requests_in_parallel_both_succeed(loaded: str, db: psycopg.Connection, scratch_dir: Path) -> None:
-    ids = [_request(db, "audit_log", "csv.gz", {"start": "2026-02-20"}),
-           _request(db, "usage_log", "parquet", {"start": "2026-02-20"})]
+def test_two_requests_in_parallel_both_succeed(
+    loaded: str, db: psycopg.Connection, scratch_dir: Path
+) -> None:
+    ids = [
+        _request(db, "audit_log", "csv.gz", {"start": "2026-02-20"}),
+        _request(db, "usage_log", "parquet", {"start": "2026-02-20"}),
+    ]
     results: dict[int, ex.ExportResult] = {}
     errors: list[BaseException] = []
 
@@ -377,8 +497,10 @@ def test_two_requests_in_parallel_both_succeed(loaded: str, db: psycopg.Connecti
     for t in threads:
         t.join(timeout=120)
     assert not errors
-    counts = [db.execute(f"SELECT count(*) FROM {k} WHERE {c} >= '2026-02-20'").fetchone()[0]
-              for k, c in (("audit_log", "timestamp"), ("usage_log", "created_at"))]
+    counts = [
+        db.execute(f"SELECT count(*) FROM {k} WHERE {c} >= '2026-02-20'").fetchone()[0]
+        for k, c in (("audit_log", "timestamp"), ("usage_log", "created_at"))
+    ]
     assert [results[i].rows for i in ids] == counts
     assert all(ex.get_request(db, i)["status"] == "succeeded" for i in ids)  # type: ignore[index]
     assert _visible(scratch_dir) == sorted(r.path.name for r in results.values())
@@ -396,7 +518,9 @@ def test_late_failure_notice_does_not_fail_a_newer_attempt(db: psycopg.Connectio
 
 
 def test_sensor_launches_each_pending_request_once(loaded: str, db: psycopg.Connection) -> None:
-    db.execute("UPDATE data_export SET status = 'failed' WHERE status = 'pending'")  # earlier tests' leftovers
+    db.execute(
+        "UPDATE data_export SET status = 'failed' WHERE status = 'pending'"
+    )  # earlier tests' leftovers
     instance = dg.DagsterInstance.ephemeral()
     postgres = PostgresResource(url=loaded)
 
@@ -432,8 +556,9 @@ def test_sensor_launches_each_pending_request_once(loaded: str, db: psycopg.Conn
     assert len(keys) == len(set(keys)) == 3
 
 
-def test_export_job_run_records_file_and_metadata(loaded: str, db: psycopg.Connection, scratch_dir: Path,
-                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+def test_export_job_run_records_file_and_metadata(
+    loaded: str, db: psycopg.Connection, scratch_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("PERF_PIPELINE_EXPORT_DIR", str(scratch_dir))
     (op,) = export_job.graph.node_defs
     assert op.pool == "exports"  # the pool whose limit caps concurrent exports
@@ -442,8 +567,10 @@ def test_export_job_run_records_file_and_metadata(loaded: str, db: psycopg.Conne
     monkeypatch.setenv("PERF_PIPELINE_USAGE_RETENTION_MONTHS", "600")  # the job uses the real today
     good = _request(db, "usage_log", "csv.gz", {"start": "2026-02-20"})
     result = export_job.execute_in_process(
-        run_config={"ops": {"run_data_export": {"config": {"request_id": good}}}}, resources=resources,
-        instance=instance)
+        run_config={"ops": {"run_data_export": {"config": {"request_id": good}}}},
+        resources=resources,
+        instance=instance,
+    )
     assert result.success
     (mat,) = result.asset_materializations_for_node("run_data_export")
     req = ex.get_request(db, good)
@@ -453,8 +580,11 @@ def test_export_job_run_records_file_and_metadata(loaded: str, db: psycopg.Conne
 
     bad = _request(db, "audit_log", "csv.gz", {"start": "1999-01-01"})
     failed = export_job.execute_in_process(
-        run_config={"ops": {"run_data_export": {"config": {"request_id": bad}}}}, resources=resources,
-        instance=instance, raise_on_error=False)
+        run_config={"ops": {"run_data_export": {"config": {"request_id": bad}}}},
+        resources=resources,
+        instance=instance,
+        raise_on_error=False,
+    )
     assert not failed.success
     req = ex.get_request(db, bad)
     assert req is not None and req["status"] == "failed" and "retention" in req["error"]
@@ -466,31 +596,61 @@ def test_run_failure_sensor_fails_the_request_of_a_dead_run(loaded: str, db: psy
     request_id = _request(db, "audit_log", "csv.gz", {"start": "1999-01-01"})
     run = export_job.execute_in_process(
         run_config={"ops": {"run_data_export": {"config": {"request_id": request_id}}}},
-        resources={"postgres": postgres}, instance=instance, raise_on_error=False,
-        tags={REQUEST_TAG: str(request_id)})
+        resources={"postgres": postgres},
+        instance=instance,
+        raise_on_error=False,
+        tags={REQUEST_TAG: str(request_id)},
+    )
     assert not run.success
     # as if the run's process had died mid-export: the request still says running, claimed by that run
-    db.execute("UPDATE data_export SET status = 'running', error = NULL, run_id = %s WHERE id = %s",
-               (run.run_id, request_id))
+    db.execute(
+        "UPDATE data_export SET status = 'running', error = NULL, run_id = %s WHERE id = %s",
+        (run.run_id, request_id),
+    )
     ctx = dg.build_run_status_sensor_context(
-        sensor_name="export_run_failure_sensor", dagster_event=run.get_run_failure_event(),
-        dagster_instance=instance, dagster_run=run.dagster_run, resources={"postgres": postgres},
+        sensor_name="export_run_failure_sensor",
+        dagster_event=run.get_run_failure_event(),
+        dagster_instance=instance,
+        dagster_run=run.dagster_run,
+        resources={"postgres": postgres},
     ).for_run_failure()
     export_run_failure_sensor(ctx)
     req = ex.get_request(db, request_id)
-    assert req is not None and req["status"] == "failed" and f"Dagster run {run.run_id} failed" in req["error"]
+    assert (
+        req is not None and req["status"] == "failed" and f"Dagster run {run.run_id} failed" in req["error"]
+    )
 
 
-def test_cli_request_status_run(loaded: str, scratch_dir: Path, monkeypatch: pytest.MonkeyPatch,
-                                capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_request_status_run(
+    loaded: str, scratch_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     from perf_pipeline.cli import main
 
     monkeypatch.setenv("PERF_PIPELINE_DATABASE_URL", loaded)
-    monkeypatch.setenv("PERF_PIPELINE_REDIS_URL", "redis://127.0.0.1:1/0")  # not used; keeps embedded Redis off
+    monkeypatch.setenv(
+        "PERF_PIPELINE_REDIS_URL", "redis://127.0.0.1:1/0"
+    )  # not used; keeps embedded Redis off
     monkeypatch.setenv("PERF_PIPELINE_EXPORT_DIR", str(scratch_dir))
     start = str(dt.date.today() - dt.timedelta(days=3))
-    assert main(["export", "request", "--requested-by", REQUESTER, "--kind", "audit_log", "--format", "parquet",
-                 "--start", start, "--severity", "critical"]) == 0
+    assert (
+        main(
+            [
+                "export",
+                "request",
+                "--requested-by",
+                REQUESTER,
+                "--kind",
+                "audit_log",
+                "--format",
+                "parquet",
+                "--start",
+                start,
+                "--severity",
+                "critical",
+            ]
+        )
+        == 0
+    )
     request_id = int(capsys.readouterr().out.strip())
     assert main(["export", "status", str(request_id)]) == 0
     assert "status: pending" in capsys.readouterr().out
@@ -498,7 +658,10 @@ def test_cli_request_status_run(loaded: str, scratch_dir: Path, monkeypatch: pyt
     assert main(["export", "status", str(request_id)]) == 0
     out = capsys.readouterr().out
     assert "status: succeeded" in out and "sha256: " in out
-    assert main(["export", "request", "--requested-by", REQUESTER, "--kind", "usage_log", "--severity", "high"]) == 2
+    assert (
+        main(["export", "request", "--requested-by", REQUESTER, "--kind", "usage_log", "--severity", "high"])
+        == 2
+    )
     assert "unknown filter key" in capsys.readouterr().err
     assert main(["export", "status", "999999"]) == 1
 
@@ -507,27 +670,40 @@ BIG_USER = "22222222-3333-4444-8555-666666666666"
 
 
 @pytest.mark.parametrize("fmt", ex.FORMATS)
-def test_a_row_larger_than_the_csv_block_size_exports(loaded: str, db: psycopg.Connection, scratch_dir: Path,
-                                                      fmt: str) -> None:
+def test_a_row_larger_than_the_csv_block_size_exports(
+    loaded: str, db: psycopg.Connection, scratch_dir: Path, fmt: str
+) -> None:
     """audit_log.details can be several MiB: one ~3 MB record is longer than pyarrow's CSV block (1 MiB), which
     with newlines_in_values used to fail with "straddling object straddles two block boundaries"."""
-    details = {"blob": "x\n\"y\", " * 400_000, "n": 1}  # ~3.2 MB of JSON, quotes and newlines doubled in CSV
-    db.execute("INSERT INTO audit_log (timestamp, user_id, event_type, operation, severity, details) "
-               "VALUES ('2026-02-21 08:00+00', %s, 'big.row', 'update', 'low', %s)", (BIG_USER, Jsonb(details)))
-    db.execute("INSERT INTO audit_log (timestamp, user_id, event_type, operation, severity, description) "
-               "VALUES ('2026-02-21 09:00+00', %s, 'small.row', 'update', 'low', 'after the big one')", (BIG_USER,))
+    details = {"blob": 'x\n"y", ' * 400_000, "n": 1}  # ~3.2 MB of JSON, quotes and newlines doubled in CSV
+    db.execute(
+        "INSERT INTO audit_log (timestamp, user_id, event_type, operation, severity, details) "
+        "VALUES ('2026-02-21 08:00+00', %s, 'big.row', 'update', 'low', %s)",
+        (BIG_USER, Jsonb(details)),
+    )
+    db.execute(
+        "INSERT INTO audit_log (timestamp, user_id, event_type, operation, severity, description) "
+        "VALUES ('2026-02-21 09:00+00', %s, 'small.row', 'update', 'low', 'after the big one')",
+        (BIG_USER,),
+    )
     try:
-        request_id = _request(db, "audit_log", fmt, {"user_id": BIG_USER, "start": "2026-02-21", "end": "2026-02-21"})
+        request_id = _request(
+            db, "audit_log", fmt, {"user_id": BIG_USER, "start": "2026-02-21", "end": "2026-02-21"}
+        )
         result = _run(loaded, request_id, scratch_dir)
         expected = _expected(db, "audit_log", "user_id = %(u)s", {"u": BIG_USER})
         assert result.rows == 2 and result.csv_bytes > 3_000_000
-        assert _read_file(result.path, "audit_log")[1] == (_csv_blank(expected) if fmt == "csv.gz" else expected)
+        assert _read_file(result.path, "audit_log")[1] == (
+            _csv_blank(expected) if fmt == "csv.gz" else expected
+        )
     finally:
         db.execute("DELETE FROM audit_log WHERE user_id = %s", (BIG_USER,))
 
 
 @pytest.mark.parametrize("fmt", ["csv.gz", "parquet"])
-def test_max_mb_per_s_paces_the_export(loaded: str, db: psycopg.Connection, scratch_dir: Path, fmt: str) -> None:
+def test_max_mb_per_s_paces_the_export(
+    loaded: str, db: psycopg.Connection, scratch_dir: Path, fmt: str
+) -> None:
     started = time.monotonic()
     fast = _run(loaded, _request(db, "audit_log", fmt, {}), scratch_dir)
     fast_s = time.monotonic() - started

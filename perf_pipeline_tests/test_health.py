@@ -40,11 +40,16 @@ def seeded_url(db_url: str) -> str:
     return db_url
 
 
-def _materialize(assets: list, url: str, run_config: dict | None = None,
-                 instance: dg.DagsterInstance | None = None) -> dg.ExecuteInProcessResult:
-    return dg.materialize(assets, resources={"postgres": PostgresResource(url=url)},
-                          instance=instance or dg.DagsterInstance.ephemeral(), run_config=run_config,
-                          raise_on_error=False)
+def _materialize(
+    assets: list, url: str, run_config: dict | None = None, instance: dg.DagsterInstance | None = None
+) -> dg.ExecuteInProcessResult:
+    return dg.materialize(
+        assets,
+        resources={"postgres": PostgresResource(url=url)},
+        instance=instance or dg.DagsterInstance.ephemeral(),
+        run_config=run_config,
+        raise_on_error=False,
+    )
 
 
 def _checks(result: dg.ExecuteInProcessResult) -> dict[str, dg.AssetCheckEvaluation]:
@@ -83,17 +88,24 @@ def test_maintenance_targets_hot_tables_and_recent_partitions_only(seeded_url: s
 
 
 def test_vacuum_runs_outside_a_transaction_with_per_table_durations(seeded_url: str) -> None:
-    result = health.run_maintenance(seeded_url, recent_months=2, today=TODAY, statement_timeout_ms=60_000,
-                                    lock_timeout_ms=2000)
+    result = health.run_maintenance(
+        seeded_url, recent_months=2, today=TODAY, statement_timeout_ms=60_000, lock_timeout_ms=2000
+    )
     assert result.failures == 0
     assert [v.relation for v in result.vacuumed]
     assert all(v.ok and v.duration_ms > 0 for v in result.vacuumed)
     with psycopg.connect(seeded_url, autocommit=True) as conn:
         current = partition_name("audit_log", month_start(TODAY))
-        _wait_for(conn, "SELECT last_vacuum IS NOT NULL AND last_analyze IS NOT NULL FROM pg_stat_user_tables "
-                        "WHERE relname = %s", (current,))
-        old = conn.execute("SELECT last_vacuum FROM pg_stat_user_tables WHERE relname = %s",
-                           (partition_name("audit_log", OLD_MONTH),)).fetchone()[0]
+        _wait_for(
+            conn,
+            "SELECT last_vacuum IS NOT NULL AND last_analyze IS NOT NULL FROM pg_stat_user_tables "
+            "WHERE relname = %s",
+            (current,),
+        )
+        old = conn.execute(
+            "SELECT last_vacuum FROM pg_stat_user_tables WHERE relname = %s",
+            (partition_name("audit_log", OLD_MONTH),),
+        ).fetchone()[0]
         assert old is None
         # inside a transaction PostgreSQL refuses VACUUM; the lib refuses such a connection up front
         with psycopg.connect(seeded_url) as tx_conn:
@@ -108,8 +120,9 @@ def test_lock_timeout_bounds_a_blocked_vacuum_and_the_rest_still_runs(seeded_url
         # SHARE UPDATE EXCLUSIVE conflicts with VACUUM's own lock (as a running ALTER TABLE or ANALYZE would)
         holder.execute("LOCK TABLE data_export IN SHARE UPDATE EXCLUSIVE MODE")
         started = time.perf_counter()
-        result = health.run_maintenance(seeded_url, tables=["data_export", "session"], lock_timeout_ms=300,
-                                        statement_timeout_ms=60_000)
+        result = health.run_maintenance(
+            seeded_url, tables=["data_export", "session"], lock_timeout_ms=300, statement_timeout_ms=60_000
+        )
         elapsed = time.perf_counter() - started
         holder.rollback()
     blocked, other = result.vacuumed
@@ -133,12 +146,15 @@ def test_bloated_index_is_rebuilt_concurrently_and_a_compact_one_is_not(seeded_u
         before = {r["index_name"]: r for r in health.index_bloat(conn, ["bloat_demo"])}
         assert before["bloat_demo_payload"]["bloat_ratio"] > 0.7
         assert before["bloat_demo_fresh"]["bloat_ratio"] < 0.3
-        results, checked = health.reindex_bloated(conn, ["bloat_demo"], bloat_threshold=0.5, min_index_bytes=0)
+        results, checked = health.reindex_bloated(
+            conn, ["bloat_demo"], bloat_threshold=0.5, min_index_bytes=0
+        )
         assert checked == 3
         assert {r.index for r in results} == {"bloat_demo_pkey", "bloat_demo_payload"}
         assert all(r.ok and r.bytes_after is not None and r.bytes_after < r.bytes_before / 3 for r in results)
-        valid = conn.execute("SELECT bool_and(indisvalid) FROM pg_index WHERE indrelid = 'bloat_demo'::regclass"
-                             ).fetchone()[0]
+        valid = conn.execute(
+            "SELECT bool_and(indisvalid) FROM pg_index WHERE indrelid = 'bloat_demo'::regclass"
+        ).fetchone()[0]
         assert valid
         conn.execute("DROP TABLE bloat_demo")
 
@@ -157,8 +173,11 @@ def test_db_maintenance_asset_reports_per_table_durations(seeded_url: str) -> No
 def test_db_maintenance_asset_fails_when_a_relation_could_not_be_vacuumed(seeded_url: str) -> None:
     with psycopg.connect(seeded_url) as holder:
         holder.execute("LOCK TABLE data_export IN SHARE UPDATE EXCLUSIVE MODE")
-        result = _materialize([db_maintenance], seeded_url, run_config={
-            "ops": {"db_maintenance": {"config": {"lock_timeout_ms": 200}}}})
+        result = _materialize(
+            [db_maintenance],
+            seeded_url,
+            run_config={"ops": {"db_maintenance": {"config": {"lock_timeout_ms": 200}}}},
+        )
         holder.rollback()
     assert not result.success
     failure = result.get_step_failure_events()[0].step_failure_data.user_failure_data
@@ -175,7 +194,8 @@ def test_sizes_are_grouped_under_the_parent(seeded_url: str) -> None:
         leaves = list_partitions(conn, "audit_log")
         expected = conn.execute(
             "SELECT sum(pg_table_size(c.oid) + pg_indexes_size(c.oid)) FROM pg_inherits i "
-            "JOIN pg_class c ON c.oid = i.inhrelid WHERE i.inhparent = 'audit_log'::regclass").fetchone()[0]
+            "JOIN pg_class c ON c.oid = i.inhrelid WHERE i.inhparent = 'audit_log'::regclass"
+        ).fetchone()[0]
     by_name = {t["table_name"]: t for t in report.tables}
     assert by_name["audit_log"]["partitioned"] and by_name["audit_log"]["partitions"] == len(leaves)
     assert by_name["audit_log"]["total_bytes"] == expected
@@ -276,8 +296,10 @@ def test_budgets_pass_on_a_healthy_schema_and_fail_without_the_needed_index(seed
         try:
             broken = _materialize([query_latency_budgets], seeded_url)
         finally:
-            conn.execute("CREATE INDEX idx_audit_log_user_timestamp ON audit_log (user_id, \"timestamp\" DESC) "
-                         "WHERE user_id IS NOT NULL")
+            conn.execute(
+                'CREATE INDEX idx_audit_log_user_timestamp ON audit_log (user_id, "timestamp" DESC) '
+                "WHERE user_id IS NOT NULL"
+            )
     audit = _checks(broken)["audit_lookups_within_budget"]
     assert not audit.passed
     assert audit.description == "audit_user_latest"
@@ -288,8 +310,11 @@ def test_budgets_pass_on_a_healthy_schema_and_fail_without_the_needed_index(seed
 
 
 def test_budget_is_configurable_and_an_over_budget_query_fails(seeded_url: str) -> None:
-    result = _materialize([query_latency_budgets], seeded_url, run_config={
-        "ops": {"query_latency_budgets": {"config": {"runs": 2, "analytics_budget_ms": 0.001}}}})
+    result = _materialize(
+        [query_latency_budgets],
+        seeded_url,
+        run_config={"ops": {"query_latency_budgets": {"config": {"runs": 2, "analytics_budget_ms": 0.001}}}},
+    )
     analytics = _checks(result)["analytics_within_budget"]
     assert not analytics.passed
     assert analytics.metadata["budget_ms"].value == 0.001
@@ -303,14 +328,16 @@ def test_a_sequential_scan_fails_only_where_it_reads_enough_to_matter() -> None:
     assert tiny.within(50)  # a 6-page table: the planner is right to scan it
     big = health.ProbeResult("q", health.AUDIT, samples_ms=[1.0], needs_index=True, shared_hit=5000)
     assert big.missing_index and not big.within(50)
-    indexed = health.ProbeResult("q", health.AUDIT, samples_ms=[1.0], needs_index=True, shared_hit=5000,
-                                 indexes=["idx"])
+    indexed = health.ProbeResult(
+        "q", health.AUDIT, samples_ms=[1.0], needs_index=True, shared_hit=5000, indexes=["idx"]
+    )
     assert indexed.within(50) and not indexed.within(0.5)
 
 
 def test_trends_probe_is_skipped_without_the_rollup_table(seeded_url: str) -> None:
-    probe = health.Probe("trends_missing", health.ANALYTICS, "rollup_trends", False,
-                         requires_table="no_such_rollup_table")
+    probe = health.Probe(
+        "trends_missing", health.ANALYTICS, "rollup_trends", False, requires_table="no_such_rollup_table"
+    )
     with psycopg.connect(seeded_url, autocommit=True) as conn:
         result = health.run_probe(conn, probe, health.probe_params(conn))
     assert result.skipped and "does not exist" in result.skipped
@@ -351,8 +378,14 @@ def test_system_resources_asset_checks_against_thresholds(seeded_url: str) -> No
     assert checks["memory_below_threshold"].passed == (md["memory_percent"].value < 70)
     assert checks["connections_within_limit"].passed
     # a threshold below the measured value fails the check
-    strict = _materialize([system_resources], seeded_url, instance=instance, run_config={
-        "ops": {"system_resources": {"config": {"memory_max_pct": 0.01, "connection_max_ratio": 0.0}}}})
+    strict = _materialize(
+        [system_resources],
+        seeded_url,
+        instance=instance,
+        run_config={
+            "ops": {"system_resources": {"config": {"memory_max_pct": 0.01, "connection_max_ratio": 0.0}}}
+        },
+    )
     assert not _checks(strict)["memory_below_threshold"].passed
     assert not _checks(strict)["connections_within_limit"].passed
     assert "cpu_busy_s" in strict.asset_materializations_for_node("system_resources")[0].metadata

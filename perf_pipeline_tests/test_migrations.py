@@ -15,9 +15,11 @@ from perf_pipeline.lib.migrations import MigrationError, apply_migrations, disco
 
 def _tables(url: str) -> dict[str, str]:
     with psycopg.connect(url) as conn:
-        return dict(conn.execute(
-            "SELECT relname, relkind FROM pg_class WHERE relnamespace = 'public'::regnamespace AND relkind IN ('r','p')"
-        ).fetchall())
+        return dict(
+            conn.execute(
+                "SELECT relname, relkind FROM pg_class WHERE relnamespace = 'public'::regnamespace AND relkind IN ('r','p')"
+            ).fetchall()
+        )
 
 
 def test_fresh_apply_creates_schema_and_reapply_is_noop(empty_db_url: str) -> None:
@@ -36,8 +38,13 @@ def test_fresh_apply_creates_schema_and_reapply_is_noop(empty_db_url: str) -> No
 
 def test_seed_indexes_exist(db: psycopg.Connection) -> None:
     names = {r[0] for r in db.execute("SELECT indexname FROM pg_indexes WHERE schemaname = 'public'")}
-    assert {"idx_audit_log_user_timestamp", "idx_audit_log_entity_timestamp", "idx_audit_log_critical_events",
-            "idx_usage_log_user_created", "idx_usage_log_billing_analysis"} <= names
+    assert {
+        "idx_audit_log_user_timestamp",
+        "idx_audit_log_entity_timestamp",
+        "idx_audit_log_critical_events",
+        "idx_usage_log_user_created",
+        "idx_usage_log_billing_analysis",
+    } <= names
     (pred,) = db.execute(
         "SELECT pg_get_expr(indpred, indrelid) FROM pg_index WHERE indexrelid = 'idx_usage_log_billing_analysis'::regclass"
     ).fetchone()
@@ -50,7 +57,9 @@ def test_constraints_reject_bad_rows(db: psycopg.Connection) -> None:
     with pytest.raises(psycopg.errors.CheckViolation):
         db.execute("INSERT INTO session (user_id, status) VALUES (gen_random_uuid(), 'paused')")
     with pytest.raises(psycopg.errors.CheckViolation):
-        db.execute("INSERT INTO usage_log (user_id, duration_minutes, stt_provider) VALUES (gen_random_uuid(), -1, 'google')")
+        db.execute(
+            "INSERT INTO usage_log (user_id, duration_minutes, stt_provider) VALUES (gen_random_uuid(), -1, 'google')"
+        )
 
 
 def _copy_migrations(tmp: Path) -> Path:

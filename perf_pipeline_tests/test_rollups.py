@@ -73,14 +73,40 @@ def _generate() -> list[Row]:
         providers = PROVIDERS if i % 2 == 0 else PROVIDERS[:3]
         for _ in range(150 + 20 * i):
             at = start + dt.timedelta(microseconds=rnd.randrange(86_400_000_000))
-            rows.append(Row(rnd.choice(USERS), at, Decimal(rnd.randrange(5, 9000)) / 100,
-                            Decimal(rnd.randrange(0, 200000)) / 10000, rnd.random() < 0.8, rnd.choice(providers)))
+            rows.append(
+                Row(
+                    rnd.choice(USERS),
+                    at,
+                    Decimal(rnd.randrange(5, 9000)) / 100,
+                    Decimal(rnd.randrange(0, 200000)) / 10000,
+                    rnd.random() < 0.8,
+                    rnd.choice(providers),
+                )
+            )
         # midnight edges, written with a +05:00 and a -08:00 offset: the first belongs to `day`, the last
         # microsecond of the day too, the next instant to the next day
-        rows.append(Row(USERS[0], start.astimezone(dt.timezone(dt.timedelta(hours=5))), Decimal("1.00"),
-                        Decimal("0.5000"), True, "google"))
-        rows.append(Row(USERS[1], (start + dt.timedelta(days=1, microseconds=-1)).astimezone(
-            dt.timezone(dt.timedelta(hours=-8))), Decimal("2.00"), Decimal("0.2500"), True, "whisper"))
+        rows.append(
+            Row(
+                USERS[0],
+                start.astimezone(dt.timezone(dt.timedelta(hours=5))),
+                Decimal("1.00"),
+                Decimal("0.5000"),
+                True,
+                "google",
+            )
+        )
+        rows.append(
+            Row(
+                USERS[1],
+                (start + dt.timedelta(days=1, microseconds=-1)).astimezone(
+                    dt.timezone(dt.timedelta(hours=-8))
+                ),
+                Decimal("2.00"),
+                Decimal("0.2500"),
+                True,
+                "whisper",
+            )
+        )
     return rows
 
 
@@ -88,9 +114,12 @@ ROWS = _generate()
 
 
 def _insert(conn: psycopg.Connection, rows: list[Row]) -> None:
-    with conn.cursor() as cur, cur.copy(
-        "COPY usage_log (user_id, created_at, duration_minutes, cost_usd, is_billable, stt_provider) FROM STDIN"
-    ) as copy:
+    with (
+        conn.cursor() as cur,
+        cur.copy(
+            "COPY usage_log (user_id, created_at, duration_minutes, cost_usd, is_billable, stt_provider) FROM STDIN"
+        ) as copy,
+    ):
         for r in rows:
             copy.write_row((r.user_id, r.created_at, r.minutes, r.cost, r.billable, r.provider))
 
@@ -101,7 +130,9 @@ def _expected(rows: list[Row]) -> tuple[dict[dt.date, dict[str, Any]], dict[tupl
     providers: dict[tuple[dt.date, str], list] = defaultdict(lambda: [0, Decimal(0), Decimal(0)])
     for r in rows:
         day = r.created_at.astimezone(UTC).date()
-        d = days.setdefault(day, {"sessions": 0, "minutes": Decimal(0), "revenue": Decimal(0), "users": set()})
+        d = days.setdefault(
+            day, {"sessions": 0, "minutes": Decimal(0), "revenue": Decimal(0), "users": set()}
+        )
         d["sessions"] += 1
         d["minutes"] += r.minutes
         d["revenue"] += r.cost if r.billable else 0
@@ -137,12 +168,15 @@ def _window() -> tuple[dt.date, dt.date]:
 def _table(conn: psycopg.Connection) -> dict[dt.date, tuple]:
     rows = conn.execute(
         "SELECT day, sessions, total_minutes, revenue, active_users, avg_duration, rows_scanned "
-        "FROM usage_daily_metrics ORDER BY day").fetchall()
+        "FROM usage_daily_metrics ORDER BY day"
+    ).fetchall()
     return {r[0]: r[1:] for r in rows}
 
 
 def _providers(conn: psycopg.Connection) -> dict[tuple[dt.date, str], tuple]:
-    rows = conn.execute("SELECT day, stt_provider, sessions, minutes, revenue FROM usage_daily_provider_metrics").fetchall()
+    rows = conn.execute(
+        "SELECT day, stt_provider, sessions, minutes, revenue FROM usage_daily_provider_metrics"
+    ).fetchall()
     return {(r[0], r[1]): tuple(r[2:]) for r in rows}
 
 
@@ -169,7 +203,12 @@ def test_rollup_equals_independent_computation(conn: psycopg.Connection) -> None
             assert (sessions, minutes, revenue, users, avg, scanned) == (0, 0, 0, 0, None, 0), day
             continue
         assert (sessions, minutes, revenue, users, scanned) == (
-            want["sessions"], want["minutes"], want["revenue"], len(want["users"]), want["sessions"]), day
+            want["sessions"],
+            want["minutes"],
+            want["revenue"],
+            len(want["users"]),
+            want["sessions"],
+        ), day
         assert abs(avg - want["minutes"] / want["sessions"]) < Decimal("1e-12"), day
     assert EMPTY_DAY in table and table[EMPTY_DAY][0] == 0
     assert _providers(conn) == providers
@@ -187,9 +226,17 @@ def test_rollup_equals_independent_computation(conn: psycopg.Connection) -> None
 def test_rerun_is_idempotent_and_writes_nothing_new(conn: psycopg.Connection) -> None:
     start, end = _window()
     rollups.rollup_days(conn, start, end)
-    before = (_table(conn), _providers(conn), conn.execute("SELECT * FROM usage_daily_user_sets ORDER BY day").fetchall())
+    before = (
+        _table(conn),
+        _providers(conn),
+        conn.execute("SELECT * FROM usage_daily_user_sets ORDER BY day").fetchall(),
+    )
     again = rollups.rollup_days(conn, start, end)
-    after = (_table(conn), _providers(conn), conn.execute("SELECT * FROM usage_daily_user_sets ORDER BY day").fetchall())
+    after = (
+        _table(conn),
+        _providers(conn),
+        conn.execute("SELECT * FROM usage_daily_user_sets ORDER BY day").fetchall(),
+    )
     assert before == after
     assert (again.provider_rows_written, again.provider_rows_deleted, again.user_sets_written) == (0, 0, 0)
 
@@ -208,7 +255,9 @@ def test_provider_gone_from_a_day_is_deleted(conn: psycopg.Connection) -> None:
     day = DAYS[0]
     rollups.rollup_days(conn, day, day + dt.timedelta(days=1))
     conn.execute("INSERT INTO usage_daily_provider_metrics VALUES (%s, 'ghost', 1, 1, 1)", (day,))
-    conn.execute("UPDATE usage_daily_user_sets SET user_ids = user_ids || gen_random_uuid() WHERE day = %s", (day,))
+    conn.execute(
+        "UPDATE usage_daily_user_sets SET user_ids = user_ids || gen_random_uuid() WHERE day = %s", (day,)
+    )
     result = rollups.rollup_days(conn, day, day + dt.timedelta(days=1))
     assert (result.provider_rows_deleted, result.user_sets_written) == (1, 1)
     assert (day, "ghost") not in _providers(conn)
@@ -222,8 +271,16 @@ def test_seed_view_has_the_seed_columns_and_values(conn: psycopg.Connection) -> 
         cur.execute("SELECT * FROM dashboard_daily_metrics")
         columns = [c.name for c in cur.description]
         view = cur.fetchall()
-    assert columns == ["day", "total_sessions", "total_minutes", "revenue", "active_users", "avg_duration",
-                       "google_sessions", "assemblyai_sessions"]
+    assert columns == [
+        "day",
+        "total_sessions",
+        "total_minutes",
+        "revenue",
+        "active_users",
+        "avg_duration",
+        "google_sessions",
+        "assemblyai_sessions",
+    ]
     # the seed's own matview query, verbatim but for the ::date, straight over usage_log
     seed = conn.execute("""
         SELECT date_trunc('day', created_at)::date as day, count(*) as total_sessions,
@@ -283,10 +340,15 @@ def test_checks_detect_bad_numbers(conn: psycopg.Connection) -> None:
     rollups.rollup_days(conn, start, end)
     day = DAYS[2]
     assert rollups.reconcile(conn, start, end) == []
-    conn.execute("UPDATE usage_daily_metrics SET revenue = revenue + 0.0001, sessions = -sessions WHERE day = %s",
-                 (day,))
-    conn.execute("UPDATE usage_daily_provider_metrics SET minutes = minutes - 0.01 WHERE day = %s AND stt_provider "
-                 "= 'google'", (DAYS[4],))
+    conn.execute(
+        "UPDATE usage_daily_metrics SET revenue = revenue + 0.0001, sessions = -sessions WHERE day = %s",
+        (day,),
+    )
+    conn.execute(
+        "UPDATE usage_daily_provider_metrics SET minutes = minutes - 0.01 WHERE day = %s AND stt_provider "
+        "= 'google'",
+        (DAYS[4],),
+    )
     bad = rollups.reconcile(conn, start, end)
     assert {(m.day, m.provider) for m in bad} == {(day, "*"), (DAYS[4], "google")}
     assert rollups.negative_days(conn, start, end) == [day]
@@ -296,7 +358,9 @@ def test_checks_detect_bad_numbers(conn: psycopg.Connection) -> None:
     assert rollups.reconcile(conn, start, end) == [] and rollups.negative_days(conn, start, end) == []
 
 
-def test_bad_numbers_are_rolled_back_and_fail_the_blocking_check(loaded_url: str, conn: psycopg.Connection) -> None:
+def test_bad_numbers_are_rolled_back_and_fail_the_blocking_check(
+    loaded_url: str, conn: psycopg.Connection
+) -> None:
     """Fault injected in the database: a trigger corrupting revenue on write. The reconciliation sees it
     on the rollup's own snapshot, the rollup is rolled back, the blocking check fails, marks stay."""
     day = DAYS[4]
@@ -305,13 +369,22 @@ def test_bad_numbers_are_rolled_back_and_fail_the_blocking_check(loaded_url: str
     conn.execute("""
         CREATE FUNCTION test_corrupt_revenue() RETURNS trigger LANGUAGE plpgsql AS $$
         BEGIN NEW.revenue := NEW.revenue + 1; RETURN NEW; END $$""")
-    conn.execute("CREATE TRIGGER corrupt BEFORE INSERT OR UPDATE ON usage_daily_metrics "
-                 "FOR EACH ROW EXECUTE FUNCTION test_corrupt_revenue()")
+    conn.execute(
+        "CREATE TRIGGER corrupt BEFORE INSERT OR UPDATE ON usage_daily_metrics "
+        "FOR EACH ROW EXECUTE FUNCTION test_corrupt_revenue()"
+    )
     try:
-        conn.execute("UPDATE usage_daily_metrics SET computed_at = now() - interval '1 day' WHERE day = %s", (day,))
+        conn.execute(
+            "UPDATE usage_daily_metrics SET computed_at = now() - interval '1 day' WHERE day = %s", (day,)
+        )
         before = _table(conn)[day]  # the corrupting trigger ran once here: the state to keep
-        run = dg.materialize([usage_daily_metrics], partition_key=day.isoformat(), resources=_resources(loaded_url),
-                             instance=dg.DagsterInstance.ephemeral(), raise_on_error=False)
+        run = dg.materialize(
+            [usage_daily_metrics],
+            partition_key=day.isoformat(),
+            resources=_resources(loaded_url),
+            instance=dg.DagsterInstance.ephemeral(),
+            raise_on_error=False,
+        )
         checks = {e.check_name: e for e in run.get_asset_check_evaluations()}
         assert not checks[CHECK_RECONCILED].passed
         assert checks[CHECK_RECONCILED].blocking
@@ -339,14 +412,31 @@ def test_late_rows_rerun_exactly_their_day(loaded_url: str, conn: psycopg.Connec
     assert idle.run_requests == []
 
     late_day = DAYS[5]
-    late = Row(USERS[3], dt.datetime.combine(late_day, dt.time(12), UTC), Decimal("7.77"), Decimal("1.2345"), True,
-               "newprovider")
+    late = Row(
+        USERS[3],
+        dt.datetime.combine(late_day, dt.time(12), UTC),
+        Decimal("7.77"),
+        Decimal("1.2345"),
+        True,
+        "newprovider",
+    )
     now_row = Row(USERS[3], dt.datetime.now(UTC), Decimal("1.00"), Decimal("0.0100"), True, "google")
     _insert(conn, [late, now_row])  # today's row is the schedule's business: not marked
     not_rolled = DAYS[0] - dt.timedelta(days=30)  # marked, but never rolled up: left to its first rollup
     ensure_partitions(conn, "usage_log", [not_rolled])
-    _insert(conn, [Row(USERS[4], dt.datetime.combine(not_rolled, dt.time(1), UTC), Decimal(1), Decimal(0), False,
-                       "google")])
+    _insert(
+        conn,
+        [
+            Row(
+                USERS[4],
+                dt.datetime.combine(not_rolled, dt.time(1), UTC),
+                Decimal(1),
+                Decimal(0),
+                False,
+                "google",
+            )
+        ],
+    )
     assert {r[0] for r in conn.execute("SELECT day FROM usage_rollup_stale_days")} == {late_day, not_rolled}
 
     result = tick(idle.cursor)
@@ -354,31 +444,47 @@ def test_late_rows_rerun_exactly_their_day(loaded_url: str, conn: psycopg.Connec
     assert result.run_requests[0].tags["perf_pipeline/late_days"].startswith(late_day.isoformat())
     assert tick(result.cursor).run_requests == []  # requested once, even while the run is queued
 
-    run = dg.materialize([usage_daily_metrics], partition_key=result.run_requests[0].partition_key,
-                         resources=_resources(loaded_url), instance=instance)
+    run = dg.materialize(
+        [usage_daily_metrics],
+        partition_key=result.run_requests[0].partition_key,
+        resources=_resources(loaded_url),
+        instance=instance,
+    )
     assert run.success
     assert {e.check_name: e.passed for e in run.get_asset_check_evaluations()}[CHECK_RECONCILED]
     days, _ = _expected([*ROWS, late])
-    assert _table(conn)[late_day][:3] == (days[late_day]["sessions"], days[late_day]["minutes"],
-                                          days[late_day]["revenue"])
+    assert _table(conn)[late_day][:3] == (
+        days[late_day]["sessions"],
+        days[late_day]["minutes"],
+        days[late_day]["revenue"],
+    )
     assert (late_day, "newprovider") in _providers(conn)
     assert {r[0] for r in conn.execute("SELECT day FROM usage_rollup_stale_days")} == {not_rolled}
     assert tick(result.cursor).run_requests == []
 
     # an UPDATE moving a row between two rolled-up days marks both; consecutive days → one ranged run
-    conn.execute("UPDATE usage_log SET created_at = created_at + interval '1 day' "
-                 "WHERE created_at = %s AND stt_provider = 'newprovider'", (late.created_at,))
+    conn.execute(
+        "UPDATE usage_log SET created_at = created_at + interval '1 day' "
+        "WHERE created_at = %s AND stt_provider = 'newprovider'",
+        (late.created_at,),
+    )
     moved = tick(result.cursor).run_requests
     assert len(moved) == 1 and moved[0].partition_key is None
     assert (moved[0].tags[RANGE_START_TAG], moved[0].tags[RANGE_END_TAG]) == (
-        late_day.isoformat(), (late_day + dt.timedelta(days=1)).isoformat())
+        late_day.isoformat(),
+        (late_day + dt.timedelta(days=1)).isoformat(),
+    )
     # a DELETE marks its day
     rollups.rollup_days(conn, late_day, late_day + dt.timedelta(days=2))
     conn.execute("DELETE FROM usage_log WHERE stt_provider = 'newprovider'")
-    assert [r.partition_key for r in tick(None).run_requests] == [(late_day + dt.timedelta(days=1)).isoformat()]
+    assert [r.partition_key for r in tick(None).run_requests] == [
+        (late_day + dt.timedelta(days=1)).isoformat()
+    ]
     rollups.rollup_days(conn, start, end)
-    conn.execute("DELETE FROM usage_log WHERE created_at >= %s AND created_at < %s",
-                 (rollups.day_start(not_rolled), rollups.day_start(not_rolled + dt.timedelta(days=1))))
+    conn.execute(
+        "DELETE FROM usage_log WHERE created_at >= %s AND created_at < %s",
+        (rollups.day_start(not_rolled), rollups.day_start(not_rolled + dt.timedelta(days=1))),
+    )
     conn.execute("DELETE FROM usage_rollup_stale_days")
 
 
@@ -388,18 +494,26 @@ def test_trigger_marks_past_days_only_at_the_utc_midnight_edge(conn: psycopg.Con
     midnight = rollups.day_start(TODAY)
     ensure_partitions(conn, "usage_log", [TODAY - dt.timedelta(days=1), TODAY])
     conn.execute("DELETE FROM usage_rollup_stale_days")
-    edge = [Row(USERS[6], midnight, Decimal(1), Decimal(0), True, "edge"),
-            Row(USERS[6], midnight + dt.timedelta(hours=1), Decimal(1), Decimal(0), True, "edge")]
+    edge = [
+        Row(USERS[6], midnight, Decimal(1), Decimal(0), True, "edge"),
+        Row(USERS[6], midnight + dt.timedelta(hours=1), Decimal(1), Decimal(0), True, "edge"),
+    ]
     _insert(conn, edge)
     assert conn.execute("SELECT count(*) FROM usage_rollup_stale_days").fetchone()[0] == 0
-    _insert(conn, [Row(USERS[6], midnight - dt.timedelta(microseconds=1), Decimal(1), Decimal(0), True, "edge")])
-    assert [r[0] for r in conn.execute("SELECT day FROM usage_rollup_stale_days")] == [TODAY - dt.timedelta(days=1)]
+    _insert(
+        conn, [Row(USERS[6], midnight - dt.timedelta(microseconds=1), Decimal(1), Decimal(0), True, "edge")]
+    )
+    assert [r[0] for r in conn.execute("SELECT day FROM usage_rollup_stale_days")] == [
+        TODAY - dt.timedelta(days=1)
+    ]
     conn.execute("DELETE FROM usage_log WHERE stt_provider = 'edge'")
     conn.execute("DELETE FROM usage_rollup_stale_days")
 
 
 @pytest.mark.parametrize("mark_exists", [True, False])
-def test_late_writer_in_flight_is_never_lost(loaded_url: str, conn: psycopg.Connection, mark_exists: bool) -> None:
+def test_late_writer_in_flight_is_never_lost(
+    loaded_url: str, conn: psycopg.Connection, mark_exists: bool
+) -> None:
     """A late row committing while its day is rolled up is either counted or stays marked.
 
     With a committed mark already there, the writer locks it (FOR KEY SHARE): the rollup's claim waits
@@ -411,7 +525,14 @@ def test_late_writer_in_flight_is_never_lost(loaded_url: str, conn: psycopg.Conn
     before = _table(conn)[day][0]
     if mark_exists:
         conn.execute("INSERT INTO usage_rollup_stale_days (day) VALUES (%s)", (day,))
-    row = Row(USERS[5], dt.datetime.combine(day, dt.time(3), UTC), Decimal("3.00"), Decimal("0.0300"), True, "google")
+    row = Row(
+        USERS[5],
+        dt.datetime.combine(day, dt.time(3), UTC),
+        Decimal("3.00"),
+        Decimal("0.0300"),
+        True,
+        "google",
+    )
     box: dict[str, rollups.RollupResult] = {}
     with psycopg.connect(loaded_url) as writer:
         _insert(writer, [row])
@@ -435,18 +556,25 @@ def test_late_writer_in_flight_is_never_lost(loaded_url: str, conn: psycopg.Conn
     else:
         assert box["r"].stale_days_cleared == []
         assert _table(conn)[day][0] == before and day in marks  # not counted, still marked
-    conn.execute("DELETE FROM usage_log WHERE created_at = %s AND user_id = %s", (row.created_at, row.user_id))
+    conn.execute(
+        "DELETE FROM usage_log WHERE created_at = %s AND user_id = %s", (row.created_at, row.user_id)
+    )
     rollups.rollup_days(conn, day, day + dt.timedelta(days=1))
     assert rollups.reconcile(conn, day, day + dt.timedelta(days=1)) == []
 
 
-def test_asset_materializes_a_range_in_one_run_with_checks_and_metadata(loaded_url: str,
-                                                                        conn: psycopg.Connection) -> None:
+def test_asset_materializes_a_range_in_one_run_with_checks_and_metadata(
+    loaded_url: str, conn: psycopg.Connection
+) -> None:
     conn.execute("DELETE FROM usage_daily_metrics")
     first, last = DAYS[0].isoformat(), DAYS[-1].isoformat()
     instance = dg.DagsterInstance.ephemeral()
-    run = dg.materialize([usage_daily_metrics], resources=_resources(loaded_url), instance=instance,
-                         tags={RANGE_START_TAG: first, RANGE_END_TAG: last})
+    run = dg.materialize(
+        [usage_daily_metrics],
+        resources=_resources(loaded_url),
+        instance=instance,
+        tags={RANGE_START_TAG: first, RANGE_END_TAG: last},
+    )
     assert run.success
     mats = run.asset_materializations_for_node("usage_daily_metrics")
     assert sorted(m.partition for m in mats) == [d.isoformat() for d in DAYS]  # one run, every day
@@ -469,8 +597,9 @@ def test_schedules_target_today_and_yesterday() -> None:
     today = refresh_today_metrics_every_30_min(ctx)
     assert today.partition_key == "2025-08-14"
     assert refresh_today_metrics_every_30_min.cron_schedule == "*/30 * * * *"
-    closing = close_yesterday_metrics_daily_0200(dg.build_schedule_context(
-        scheduled_execution_time=dt.datetime(2025, 8, 14, 2, 0, tzinfo=UTC)))
+    closing = close_yesterday_metrics_daily_0200(
+        dg.build_schedule_context(scheduled_execution_time=dt.datetime(2025, 8, 14, 2, 0, tzinfo=UTC))
+    )
     assert closing.partition_key == "2025-08-13"
     assert close_yesterday_metrics_daily_0200.cron_schedule == "0 2 * * *"
 

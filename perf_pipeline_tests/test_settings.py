@@ -19,9 +19,14 @@ def test_defaults() -> None:
 
 
 def test_values_are_parsed() -> None:
-    s = Settings.from_env({"PERF_PIPELINE_PREMAKE_MONTHS": "6", "PERF_PIPELINE_ARCHIVE_DIR": "/srv/archive",
-                           "PERF_PIPELINE_DATABASE_URL": "postgresql://u@db:5432/platform",
-                           "PERF_PIPELINE_ADMIN_TOKENS": "a" * 20 + ", " + "b" * 20})
+    s = Settings.from_env(
+        {
+            "PERF_PIPELINE_PREMAKE_MONTHS": "6",
+            "PERF_PIPELINE_ARCHIVE_DIR": "/srv/archive",
+            "PERF_PIPELINE_DATABASE_URL": "postgresql://u@db:5432/platform",
+            "PERF_PIPELINE_ADMIN_TOKENS": "a" * 20 + ", " + "b" * 20,
+        }
+    )
     assert s.premake_months == 6 and str(s.archive_dir) == "/srv/archive"
     assert s.admin_tokens == ("a" * 20, "b" * 20)
 
@@ -55,7 +60,12 @@ def test_every_setting_is_documented() -> None:
 
 
 def test_cli_reports_bad_setting_with_exit_code_2() -> None:
-    proc = subprocess.run([sys.executable, "-m", "perf_pipeline.cli", "migrate"], capture_output=True, text=True,
-                          env={"PATH": "/usr/bin:/bin", "PERF_PIPELINE_DATABASE_URL": "nope://x"}, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "perf_pipeline.cli", "migrate"],
+        capture_output=True,
+        text=True,
+        env={"PATH": "/usr/bin:/bin", "PERF_PIPELINE_DATABASE_URL": "nope://x"},
+        timeout=60,
+    )
     assert proc.returncode == 2
     assert "PERF_PIPELINE_DATABASE_URL" in proc.stderr

@@ -58,8 +58,9 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def webserver(db_url: str, redis_server_url: str, pg_server_url: str, tmp_path_factory: pytest.TempPathFactory
-              ) -> Iterator[DagsterGraphQLClient]:
+def webserver(
+    db_url: str, redis_server_url: str, pg_server_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[DagsterGraphQLClient]:
     home = tmp_path_factory.mktemp("dagster_home")
     storage_url = create_database(pg_server_url, prefix="ppt_dagster")
     psycopg2_url = urlunsplit(urlsplit(storage_url)._replace(scheme="postgresql+psycopg2"))
@@ -70,13 +71,29 @@ def webserver(db_url: str, redis_server_url: str, pg_server_url: str, tmp_path_f
         "telemetry:\n  enabled: false\n"
     )
     port = _free_port()
-    env = dict(os.environ, DAGSTER_HOME=str(home), PERF_PIPELINE_DAGSTER_PG_URL=psycopg2_url,
-               PERF_PIPELINE_DATABASE_URL=db_url, PERF_PIPELINE_REDIS_URL=redis_server_url)
+    env = dict(
+        os.environ,
+        DAGSTER_HOME=str(home),
+        PERF_PIPELINE_DAGSTER_PG_URL=psycopg2_url,
+        PERF_PIPELINE_DATABASE_URL=db_url,
+        PERF_PIPELINE_REDIS_URL=redis_server_url,
+    )
     with open(home / "webserver.log", "w") as log:
         proc = subprocess.Popen(
-            [str(Path(sys.executable).with_name("dagster-webserver")), "-h", "127.0.0.1", "-p", str(port),
-             "-w", str(PROJECT_ROOT / "workspace.yaml")],
-            cwd=home, env=env, stdout=log, stderr=subprocess.STDOUT)
+            [
+                str(Path(sys.executable).with_name("dagster-webserver")),
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(port),
+                "-w",
+                str(PROJECT_ROOT / "workspace.yaml"),
+            ],
+            cwd=home,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     try:
         deadline = time.monotonic() + 180
         while True:
@@ -86,7 +103,9 @@ def webserver(db_url: str, redis_server_url: str, pg_server_url: str, tmp_path_f
             except requests.ConnectionError:
                 pass
             if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"webserver did not start:\n{(home / 'webserver.log').read_text()[-3000:]}")
+                raise RuntimeError(
+                    f"webserver did not start:\n{(home / 'webserver.log').read_text()[-3000:]}"
+                )
             time.sleep(0.5)
         yield DagsterGraphQLClient("127.0.0.1", port_number=port)
     finally:
@@ -103,7 +122,9 @@ def test_lists_every_definition_and_materializes(webserver: DagsterGraphQLClient
     (repo,) = data["repositoriesOrError"]["nodes"]
     assert repo["location"]["name"] == "perf_pipeline"
     assets = {"/".join(a["assetKey"]["path"]) for a in repo["assetNodes"]}
-    checks = {c["name"] for a in repo["assetNodes"] for c in (a["assetChecksOrError"] or {}).get("checks", [])}
+    checks = {
+        c["name"] for a in repo["assetNodes"] for c in (a["assetChecksOrError"] or {}).get("checks", [])
+    }
     graph = expected.resolve_asset_graph()
     assert assets == {k.to_user_string() for k in graph.get_all_asset_keys()}
     assert checks == {k.name for k in graph.asset_check_keys}
@@ -112,8 +133,12 @@ def test_lists_every_definition_and_materializes(webserver: DagsterGraphQLClient
     assert {s["name"] for s in repo["sensors"]} == {s.name for s in repository.sensor_defs}
 
     params = {
-        "selector": {"repositoryLocationName": "perf_pipeline", "repositoryName": repo["name"],
-                     "jobName": "__ASSET_JOB", "assetSelection": [{"path": ["platform_schema"]}]},
+        "selector": {
+            "repositoryLocationName": "perf_pipeline",
+            "repositoryName": repo["name"],
+            "jobName": "__ASSET_JOB",
+            "assetSelection": [{"path": ["platform_schema"]}],
+        },
         "runConfigData": {},
     }
     launched = webserver._execute(LAUNCH, {"params": params})["launchRun"]

@@ -41,8 +41,10 @@ USER = "6f1c1a52-8f8e-4c59-9a55-0d3a7b0c2f11"
 
 
 def _create_session(conn: psycopg.Connection, i: int) -> str:
-    row = conn.execute("INSERT INTO session (user_id, title, status) VALUES (%s, %s, 'created') RETURNING id",
-                       (USER, f"bench session {i}")).fetchone()
+    row = conn.execute(
+        "INSERT INTO session (user_id, title, status) VALUES (%s, %s, 'created') RETURNING id",
+        (USER, f"bench session {i}"),
+    ).fetchone()
     conn.commit()
     assert row is not None
     return str(row[0])
@@ -50,11 +52,15 @@ def _create_session(conn: psycopg.Connection, i: int) -> str:
 
 def _seed_test(ctx: BenchContext, url: str) -> None:
     insert = sql.SQL("INSERT INTO audit_log ({}) VALUES ({})").format(
-        sql.SQL(", ").join(map(sql.Identifier, COLUMNS[2:])), sql.SQL(", ").join(sql.Placeholder() * 9))
+        sql.SQL(", ").join(map(sql.Identifier, COLUMNS[2:])), sql.SQL(", ").join(sql.Placeholder() * 9)
+    )
     results: dict[str, list[float]] = {"no audit": [], "sync INSERT+COMMIT": [], "AuditWriter.log()": []}
     audit_us: dict[str, list[float]] = {k: [] for k in results}  # time inside the audit call, per operation
-    with (tempfile.TemporaryDirectory(prefix="bench_audit_") as spool, psycopg.connect(url) as conn,
-          AuditWriter(url, spool_dir=spool) as writer):
+    with (
+        tempfile.TemporaryDirectory(prefix="bench_audit_") as spool,
+        psycopg.connect(url) as conn,
+        AuditWriter(url, spool_dir=spool) as writer,
+    ):
         for _ in range(ROUNDS):
             for variant in results:
                 started = time.perf_counter()
@@ -62,23 +68,51 @@ def _seed_test(ctx: BenchContext, url: str) -> None:
                     session_id = _create_session(conn, i)
                     t0 = time.perf_counter()
                     if variant == "sync INSERT+COMMIT":
-                        conn.execute(insert, (USER, "session", session_id, "session.create", "create", "low",
-                                              f"Session bench session {i} created", None, None))
+                        conn.execute(
+                            insert,
+                            (
+                                USER,
+                                "session",
+                                session_id,
+                                "session.create",
+                                "create",
+                                "low",
+                                f"Session bench session {i} created",
+                                None,
+                                None,
+                            ),
+                        )
                         conn.commit()
                     elif variant == "AuditWriter.log()":
-                        writer.log("session.create", "session", session_id, "create",
-                                   f"Session bench session {i} created", user_id=USER)
+                        writer.log(
+                            "session.create",
+                            "session",
+                            session_id,
+                            "create",
+                            f"Session bench session {i} created",
+                            user_id=USER,
+                        )
                     audit_us[variant].append((time.perf_counter() - t0) * 1e6)
                 results[variant].append((time.perf_counter() - started) * 1000)
         assert writer.flush(60)
     medians = {k: statistics.median(v) for k, v in results.items()}
     for variant, samples in results.items():
-        ctx.row(test="seed: 100 audited operations", variant=variant, rounds=len(samples),
-                median_ms=statistics.median(samples), p95_ms=percentile(samples, 95),
-                audit_call_p50_us=percentile(audit_us[variant], 50), audit_call_p99_us=percentile(audit_us[variant], 99),
-                target="< 2000 ms")
-    ctx.ratio("seed: sync audit / AuditWriter (100 ops, median)", medians["sync INSERT+COMMIT"],
-              medians["AuditWriter.log()"], target="> 1")
+        ctx.row(
+            test="seed: 100 audited operations",
+            variant=variant,
+            rounds=len(samples),
+            median_ms=statistics.median(samples),
+            p95_ms=percentile(samples, 95),
+            audit_call_p50_us=percentile(audit_us[variant], 50),
+            audit_call_p99_us=percentile(audit_us[variant], 99),
+            target="< 2000 ms",
+        )
+    ctx.ratio(
+        "seed: sync audit / AuditWriter (100 ops, median)",
+        medians["sync INSERT+COMMIT"],
+        medians["AuditWriter.log()"],
+        target="> 1",
+    )
 
 
 def _payload(n: int, offset: int) -> bytes:
@@ -87,8 +121,16 @@ def _payload(n: int, offset: int) -> bytes:
     gen, lines = UUIDv7(), []
     for i in range(n):
         event_id = gen.next(time.time_ns())
-        rest = encode_fields("session.create", "session", str(offset + i), "create", f"Session {i} created",
-                             USER, details={"i": i}, ip="10.1.2.3")
+        rest = encode_fields(
+            "session.create",
+            "session",
+            str(offset + i),
+            "create",
+            f"Session {i} created",
+            USER,
+            details={"i": i},
+            ip="10.1.2.3",
+        )
         lines.append(f"{event_id}\t2026-03-01 12:00:00.{i % 1_000_000:06d}+00\t{rest}\n")
     return "".join(lines).encode()
 
@@ -98,22 +140,36 @@ def _delivery_paths(ctx: BenchContext, url: str) -> None:
     payloads = [_payload(batch, k * batch) for k in range(batches)]
     with psycopg.connect(url, autocommit=True) as conn:
         prepare_connection(conn)
-        for label, idempotent in (("re-send: COPY → staging, INSERT … ON CONFLICT DO NOTHING", True),
-                                  ("first send: plain COPY into audit_log (autocommit)", False)):
+        for label, idempotent in (
+            ("re-send: COPY → staging, INSERT … ON CONFLICT DO NOTHING", True),
+            ("first send: plain COPY into audit_log (autocommit)", False),
+        ):
             conn.execute("TRUNCATE audit_log")
             started = time.perf_counter()
             for payload in payloads:
                 deliver_batch(conn, payload, idempotent=idempotent)
             seconds = time.perf_counter() - started
             rows = batch * batches
-            ctx.row(test="delivery path", variant=label, rows=rows, batch=batch, seconds=seconds,
-                    rows_per_s=rows / seconds)
+            ctx.row(
+                test="delivery path",
+                variant=label,
+                rows=rows,
+                batch=batch,
+                seconds=seconds,
+                rows_per_s=rows / seconds,
+            )
         started = time.perf_counter()
         for payload in payloads:  # replay of everything already there: all skipped, nothing written twice
             assert deliver_batch(conn, payload) == 0
         seconds = time.perf_counter() - started
-        ctx.row(test="delivery path", variant="replay of delivered batches (all skipped)", rows=batch * batches,
-                batch=batch, seconds=seconds, rows_per_s=batch * batches / seconds)
+        ctx.row(
+            test="delivery path",
+            variant="replay of delivered batches (all skipped)",
+            rows=batch * batches,
+            batch=batch,
+            seconds=seconds,
+            rows_per_s=batch * batches / seconds,
+        )
         conn.execute("TRUNCATE audit_log")
 
 
@@ -141,8 +197,16 @@ def _sustained(ctx: BenchContext, url: str, rate: int | None, switch_interval_s:
                 if ahead > 0:
                     time.sleep(ahead)
             t0 = clock()
-            event_id = writer.log("session.create", "session", entity, "create", "Session created",
-                                  user_id=USER, details={"n": i, "provider": "whisper"}, ip="10.1.2.3")
+            event_id = writer.log(
+                "session.create",
+                "session",
+                entity,
+                "create",
+                "Session created",
+                user_id=USER,
+                details={"n": i, "provider": "whisper"},
+                ip="10.1.2.3",
+            )
             lat.append(clock() - t0)
             out.append(event_id)
 
@@ -171,16 +235,43 @@ def _sustained(ctx: BenchContext, url: str, rate: int | None, switch_interval_s:
         rows, distinct = conn.execute("SELECT count(*), count(DISTINCT id) FROM audit_log").fetchone()  # type: ignore[misc]
     lost = len(logged) - distinct
     test = f"4 producers, {label}"
-    ctx.row(test=test, events=len(logged), flushed=flushed, log_phase_s=logged_s,
-            total_s=total_s, events_per_s=len(logged) / total_s, target_events_per_s=">= 50,000")
-    ctx.row(test=test, metric="log() latency µs", p50=percentile(all_lat, 50),
-            p99=percentile(all_lat, 99), p999=percentile(all_lat, 99.9), max=max(all_lat), target_p99="<= 50 µs")
-    ctx.row(test=test, metric="delivery", rows=rows, distinct_ids=distinct, lost=lost,
-            duplicates=rows - distinct, dropped=m["dropped"], spilled=m["spilled"], batches=m["batches"],
-            flush_p50_ms=m["flush_p50_ms"], flush_p99_ms=m["flush_p99_ms"], target_lost="0")
+    ctx.row(
+        test=test,
+        events=len(logged),
+        flushed=flushed,
+        log_phase_s=logged_s,
+        total_s=total_s,
+        events_per_s=len(logged) / total_s,
+        target_events_per_s=">= 50,000",
+    )
+    ctx.row(
+        test=test,
+        metric="log() latency µs",
+        p50=percentile(all_lat, 50),
+        p99=percentile(all_lat, 99),
+        p999=percentile(all_lat, 99.9),
+        max=max(all_lat),
+        target_p99="<= 50 µs",
+    )
+    ctx.row(
+        test=test,
+        metric="delivery",
+        rows=rows,
+        distinct_ids=distinct,
+        lost=lost,
+        duplicates=rows - distinct,
+        dropped=m["dropped"],
+        spilled=m["spilled"],
+        batches=m["batches"],
+        flush_p50_ms=m["flush_p50_ms"],
+        flush_p99_ms=m["flush_p99_ms"],
+        target_lost="0",
+    )
 
 
-@scenario("audit_writer", "AuditWriter: seed's 100 audited ops sync vs async, delivery paths, 4-thread throughput")
+@scenario(
+    "audit_writer", "AuditWriter: seed's 100 audited ops sync vs async, delivery paths, 4-thread throughput"
+)
 def run(ctx: BenchContext) -> None:
     with ctx.database("bench_audit") as url:
         _seed_test(ctx, url)

@@ -64,11 +64,16 @@ def _ensure_tools() -> None:
 @contextlib.contextmanager
 def _api_server(db_url: str, redis_url: str, workers: int = 2) -> Iterator[str]:
     port = _free_port()
-    env = dict(os.environ, PERF_PIPELINE_DATABASE_URL=db_url, PERF_PIPELINE_REDIS_URL=redis_url,
-               PERF_PIPELINE_ADMIN_TOKENS=TOKEN)
+    env = dict(
+        os.environ,
+        PERF_PIPELINE_DATABASE_URL=db_url,
+        PERF_PIPELINE_REDIS_URL=redis_url,
+        PERF_PIPELINE_ADMIN_TOKENS=TOKEN,
+    )
     cli = Path(sys.executable).with_name("perf-pipeline")
-    proc = subprocess.Popen([str(cli), "serve", "--port", str(port), "--workers", str(workers)], env=env,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        [str(cli), "serve", "--port", str(port), "--workers", str(workers)], env=env, start_new_session=True
+    )
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60
@@ -89,9 +94,25 @@ def _api_server(db_url: str, redis_url: str, workers: int = 2) -> Iterator[str]:
 
 
 def _ab(url: str, n: int, c: int) -> dict[str, float]:
-    out = subprocess.run(["ab", "-q", "-l", "-s", "30", "-n", str(n), "-c", str(c),
-                          "-H", f"Authorization: Bearer {TOKEN}", url],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [
+            "ab",
+            "-q",
+            "-l",
+            "-s",
+            "30",
+            "-n",
+            str(n),
+            "-c",
+            str(c),
+            "-H",
+            f"Authorization: Bearer {TOKEN}",
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
 
     def num(pattern: str, default: float = 0.0) -> float:
         m = re.search(pattern, out)
@@ -113,9 +134,26 @@ def _ab_pct(out: str, pct: int) -> float:
 
 
 def _wrk(url: str, connections: int, seconds: int) -> dict[str, float]:
-    out = subprocess.run(["wrk", "-t", "2", "-c", str(connections), "-d", f"{seconds}s", "--latency",
-                          "--timeout", "10s", "-H", f"Authorization: Bearer {TOKEN}", url],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [
+            "wrk",
+            "-t",
+            "2",
+            "-c",
+            str(connections),
+            "-d",
+            f"{seconds}s",
+            "--latency",
+            "--timeout",
+            "10s",
+            "-H",
+            f"Authorization: Bearer {TOKEN}",
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
 
     def latency(pct: int) -> float:
         m = re.search(rf"^\s*{pct}%\s+([\d.]+)(us|ms|s)\b", out, re.MULTILINE)
@@ -131,9 +169,10 @@ def _wrk(url: str, connections: int, seconds: int) -> dict[str, float]:
         "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),  # type: ignore[union-attr]
         "p50_ms": latency(50),
         "p99_ms": latency(99),
-        "failures": (sum(int(x) for x in errors.groups()) if errors else 0) + (int(non2xx.group(1)) if non2xx else 0),
+        "failures": (sum(int(x) for x in errors.groups()) if errors else 0)
+        + (int(non2xx.group(1)) if non2xx else 0),
         "errors": ("connect {} read {} write {} timeout {}".format(*errors.groups()) if errors else "none")
-                  + (f", non-2xx {non2xx.group(1)}" if non2xx else ""),
+        + (f", non-2xx {non2xx.group(1)}" if non2xx else ""),
     }
 
 
@@ -149,23 +188,32 @@ def _counts(client: redis.Redis) -> dict[str, int]:
         return {k: 0 for k in OUTCOMES}
 
 
-@scenario("dashboard_api", "dashboard API: seed ab tests, 100 / 1,000 connections, hit rate, Redis stopped "
-                           "(~1M usage rows; BENCH_SCALE=small: 90k)")
+@scenario(
+    "dashboard_api",
+    "dashboard API: seed ab tests, 100 / 1,000 connections, hit rate, Redis stopped "
+    "(~1M usage rows; BENCH_SCALE=small: 90k)",
+)
 def run(ctx: BenchContext) -> None:
     _ensure_tools()
     with contextlib.ExitStack() as stack:
         db_url = stack.enter_context(ctx.database("bench_dash"))
         end = dt.datetime.now(dt.UTC).replace(second=0, microsecond=0)
-        loaded = load_workload(db_url, WorkloadSpec(days=DAYS, usage_per_day=USAGE_PER_DAY, audit_per_day=0,
-                                                    end=end))
+        loaded = load_workload(
+            db_url, WorkloadSpec(days=DAYS, usage_per_day=USAGE_PER_DAY, audit_per_day=0, end=end)
+        )
         today = end.date()
         with connect(db_url, autocommit=True) as conn:
             t0 = time.perf_counter()
             rollup_days(conn, today - dt.timedelta(days=DAYS), today + dt.timedelta(days=1), check=False)
             rollup_s = time.perf_counter() - t0
             conn.execute("ANALYZE")
-        ctx.row(test="setup", usage_rows=loaded.usage_rows, sessions=loaded.sessions, load_s=loaded.seconds,
-                rollup_s=rollup_s)
+        ctx.row(
+            test="setup",
+            usage_rows=loaded.usage_rows,
+            sessions=loaded.sessions,
+            load_s=loaded.seconds,
+            rollup_s=rollup_s,
+        )
 
         root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench_redis_")))
         port = _free_port()
@@ -177,8 +225,12 @@ def run(ctx: BenchContext) -> None:
 
         with connect(db_url, autocommit=True) as conn:
             warm = warm_dashboard_cache(conn, client, today=today, kpi_ttl_s=60, trends_ttl_s=300)
-        ctx.row(test="warm (dashboard_cache asset body)", keys=len(warm.keys), bytes=warm.bytes,
-                duration_ms=warm.duration_ms)
+        ctx.row(
+            test="warm (dashboard_cache asset body)",
+            keys=len(warm.keys),
+            bytes=warm.bytes,
+            duration_ms=warm.duration_ms,
+        )
 
         # the read path in this process, no HTTP: what one request costs on a Redis hit vs from SQL
         trend_request = TrendRequest(today - dt.timedelta(days=13), today, "daily")
@@ -193,8 +245,12 @@ def run(ctx: BenchContext) -> None:
             reader = DashboardCache(serving_client(redis_url, 50), same_conn)  # type: ignore[arg-type]
             hit_kpis = measure(reader.kpis_json, repeat=500, warmup=5)
             hit_trends = measure(lambda: reader.usage_trends_json(trend_request), repeat=500, warmup=5)
-        for label, st in (("in-process: KPIs from SQL", sql_kpis), ("in-process: trends 14 d from SQL", sql_trends),
-                          ("in-process: KPIs Redis hit", hit_kpis), ("in-process: trends Redis hit", hit_trends)):
+        for label, st in (
+            ("in-process: KPIs from SQL", sql_kpis),
+            ("in-process: trends 14 d from SQL", sql_trends),
+            ("in-process: KPIs Redis hit", hit_kpis),
+            ("in-process: trends Redis hit", hit_trends),
+        ):
             ctx.row(test=label, p50_ms=st.median, p99_ms=st.p99, max_ms=st.max)
         ctx.ratio("KPIs: SQL p50 / Redis hit p50", sql_kpis.median, hit_kpis.median)
 
@@ -210,8 +266,13 @@ def run(ctx: BenchContext) -> None:
             delta = {k: after[k] - before[k] for k in OUTCOMES}
             served = sum(delta.values())
             cached = delta["hit"] + delta["stale"] + delta["waited"]
-            ctx.row(test=label, **result, hit_rate=cached / served if served else float("nan"),
-                    recomputes=delta["miss"], target=target)
+            ctx.row(
+                test=label,
+                **result,
+                hit_rate=cached / served if served else float("nan"),
+                recomputes=delta["miss"],
+                target=target,
+            )
             return result
 
         # 0. the framework's floor on this machine right now: FastAPI's static /docs page, no I/O
@@ -221,7 +282,9 @@ def run(ctx: BenchContext) -> None:
         measured("seed ab kpis n=1000 c=10", lambda: _ab(kpis, 1000, 10), "mean < 500 ms, 0 failures")
         measured("seed ab trends n=500 c=5", lambda: _ab(trends, 500, 5), "mean < 1000 ms, 0 failures")
         # 2. steady state at 100 connections (both endpoints), then 1,000 connections
-        c100 = measured("wrk kpis c=100", lambda: _wrk(kpis, 100, WRK_SECONDS), "p99 <= 20 ms, hit rate >= 99%")
+        c100 = measured(
+            "wrk kpis c=100", lambda: _wrk(kpis, 100, WRK_SECONDS), "p99 <= 20 ms, hit rate >= 99%"
+        )
         ctx.ratio("kpis c=100 rps / floor rps (same run)", c100["rps"], floor["rps"])
         measured("wrk trends c=100", lambda: _wrk(trends, 100, WRK_SECONDS), "p99 <= 20 ms, hit rate >= 99%")
         measured("ab kpis n=10000 c=1000", lambda: _ab(kpis, 10_000, 1000), "0 failures")
@@ -237,6 +300,10 @@ def run(ctx: BenchContext) -> None:
             ("NO REDIS ab kpis n=1000 c=10", lambda: _ab(kpis, 1000, 10), "0 failures (SQL fallback)"),
             ("NO REDIS ab trends n=500 c=5", lambda: _ab(trends, 500, 5), "0 failures (SQL fallback)"),
             ("NO REDIS wrk kpis c=100", lambda: _wrk(kpis, 100, WRK_SECONDS), "0 failures (SQL fallback)"),
-            ("NO REDIS wrk trends c=100", lambda: _wrk(trends, 100, WRK_SECONDS), "0 failures (SQL fallback)"),
+            (
+                "NO REDIS wrk trends c=100",
+                lambda: _wrk(trends, 100, WRK_SECONDS),
+                "0 failures (SQL fallback)",
+            ),
         ):
             ctx.row(test=label, **fn(), target=target)

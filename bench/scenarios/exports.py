@@ -30,8 +30,11 @@ from perf_pipeline.lib.db import connect, load_query
 from perf_pipeline.lib.workload import WorkloadSpec, load_workload
 from perf_pipeline.settings import PROJECT_ROOT
 
-AUDIT_QUERIES = ("health_probe_audit_user_latest", "health_probe_audit_entity_history",
-                 "health_probe_audit_critical_24h")
+AUDIT_QUERIES = (
+    "health_probe_audit_user_latest",
+    "health_probe_audit_entity_history",
+    "health_probe_audit_critical_24h",
+)
 AUDIT_CSV_BYTES_PER_ROW = 247  # measured on the generator's rows
 
 
@@ -45,14 +48,23 @@ def _scale() -> tuple[int, float]:
 def _lookup_args(url: str, n: int = 50) -> list[dict[str, object]]:
     """Recent users and entities, as an admin UI would look them up."""
     with connect(url) as conn:
-        users = [r[0] for r in conn.execute(
-            'SELECT user_id FROM audit_log WHERE user_id IS NOT NULL ORDER BY "timestamp" DESC LIMIT %s',
-            (n * 20,)).fetchall()]
-        entities = conn.execute('SELECT entity_type, entity_id FROM audit_log WHERE entity_type IS NOT NULL '
-                                'ORDER BY "timestamp" DESC LIMIT %s', (n * 20,)).fetchall()
+        users = [
+            r[0]
+            for r in conn.execute(
+                'SELECT user_id FROM audit_log WHERE user_id IS NOT NULL ORDER BY "timestamp" DESC LIMIT %s',
+                (n * 20,),
+            ).fetchall()
+        ]
+        entities = conn.execute(
+            "SELECT entity_type, entity_id FROM audit_log WHERE entity_type IS NOT NULL "
+            'ORDER BY "timestamp" DESC LIMIT %s',
+            (n * 20,),
+        ).fetchall()
     rng = random.Random(6)
-    return [{"user_id": rng.choice(users), "entity_type": e[0], "entity_id": e[1]}
-            for e in rng.sample(entities, min(n, len(entities)))]
+    return [
+        {"user_id": rng.choice(users), "entity_type": e[0], "entity_id": e[1]}
+        for e in rng.sample(entities, min(n, len(entities)))
+    ]
 
 
 class AuditClient(threading.Thread):
@@ -94,11 +106,21 @@ sys.exit(code)
 
 def _export_in_child(url: str, redis_url: str, request_id: int, folder: Path) -> tuple[float, float, int]:
     """Run `perf-pipeline export run ID` in a child process; (wall seconds, peak RSS MB, exit code)."""
-    env = dict(os.environ, PERF_PIPELINE_DATABASE_URL=url, PERF_PIPELINE_REDIS_URL=redis_url,
-               PERF_PIPELINE_EXPORT_DIR=str(folder))
+    env = dict(
+        os.environ,
+        PERF_PIPELINE_DATABASE_URL=url,
+        PERF_PIPELINE_REDIS_URL=redis_url,
+        PERF_PIPELINE_EXPORT_DIR=str(folder),
+    )
     t0 = time.perf_counter()
-    done = subprocess.run([sys.executable, "-c", _CHILD, str(request_id)], env=env, cwd=PROJECT_ROOT,
-                          capture_output=True, text=True, check=False)
+    done = subprocess.run(
+        [sys.executable, "-c", _CHILD, str(request_id)],
+        env=env,
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     wall = time.perf_counter() - t0
     peak = [int(line.split()[1]) for line in done.stdout.splitlines() if line.startswith("PEAK_RSS_KB")]
     if done.returncode != 0 or not peak:
@@ -106,7 +128,9 @@ def _export_in_child(url: str, redis_url: str, request_id: int, folder: Path) ->
     return wall, peak[0] / 1024, done.returncode
 
 
-@scenario("exports", "100 MB audit_log export (csv.gz, parquet): seconds, MB/s, child peak RSS, audit p95 ratio")
+@scenario(
+    "exports", "100 MB audit_log export (csv.gz, parquet): seconds, MB/s, child peak RSS, audit p95 ratio"
+)
 def run(ctx: BenchContext) -> None:
     target_bytes, baseline_s = _scale()
     days = 30
@@ -120,8 +144,9 @@ def run(ctx: BenchContext) -> None:
         try:
             for fmt in exports.FORMATS:
                 with connect(url, autocommit=True) as conn:
-                    request_id = exports.file_request(conn, "00000000-0000-4000-8000-00000000b006", "audit_log",
-                                                      fmt, {})
+                    request_id = exports.file_request(
+                        conn, "00000000-0000-4000-8000-00000000b006", "audit_log", fmt, {}
+                    )
                 before_start = time.time()
                 time.sleep(baseline_s)
                 before_end = time.time()
@@ -134,13 +159,29 @@ def run(ctx: BenchContext) -> None:
                 # "during" is the export itself (claim → file in place, same clock), not the child's start-up
                 before = client.window(before_start, before_end)
                 during = client.window(req["started_at"].timestamp(), req["finished_at"].timestamp())
-                ctx.row(step=f"export {fmt}", rows=req["rows"], csv_mb=req["csv_bytes"] / 1e6,
-                        file_mb=req["bytes"] / 1e6, seconds=seconds, mb_per_s=req["csv_bytes"] / 1e6 / seconds,
-                        child_wall_s=wall, peak_rss_mb=rss_mb, target="<= 10 s, RSS <= 200 MB")
-                ctx.row(step=f"  audit lookups before ({fmt})", samples=len(before.samples), p50_ms=before.median,
-                        p95_ms=before.p95)
-                ctx.row(step=f"  audit lookups during ({fmt})", samples=len(during.samples), p50_ms=during.median,
-                        p95_ms=during.p95)
+                ctx.row(
+                    step=f"export {fmt}",
+                    rows=req["rows"],
+                    csv_mb=req["csv_bytes"] / 1e6,
+                    file_mb=req["bytes"] / 1e6,
+                    seconds=seconds,
+                    mb_per_s=req["csv_bytes"] / 1e6 / seconds,
+                    child_wall_s=wall,
+                    peak_rss_mb=rss_mb,
+                    target="<= 10 s, RSS <= 200 MB",
+                )
+                ctx.row(
+                    step=f"  audit lookups before ({fmt})",
+                    samples=len(before.samples),
+                    p50_ms=before.median,
+                    p95_ms=before.p95,
+                )
+                ctx.row(
+                    step=f"  audit lookups during ({fmt})",
+                    samples=len(during.samples),
+                    p50_ms=during.median,
+                    p95_ms=during.p95,
+                )
                 ctx.ratio(f"audit p95 during / before export ({fmt})", during.p95, before.p95, target="<= 2")
         finally:
             client.stop.set()

@@ -36,15 +36,23 @@ def _spec() -> tuple[WorkloadSpec, float]:
 def _lookup_args(url: str, n: int = 50) -> list[dict[str, object]]:
     """Arguments for the audit lookups: recent users and entities, as an admin UI would ask for."""
     with connect(url) as conn:
-        users = [r[0] for r in conn.execute(
-            'SELECT user_id FROM audit_log WHERE user_id IS NOT NULL ORDER BY "timestamp" DESC LIMIT %s',
-            (n * 20,)).fetchall()]
+        users = [
+            r[0]
+            for r in conn.execute(
+                'SELECT user_id FROM audit_log WHERE user_id IS NOT NULL ORDER BY "timestamp" DESC LIMIT %s',
+                (n * 20,),
+            ).fetchall()
+        ]
         entities = conn.execute(
-            'SELECT entity_type, entity_id FROM audit_log WHERE entity_type IS NOT NULL '
-            'ORDER BY "timestamp" DESC LIMIT %s', (n * 20,)).fetchall()
+            "SELECT entity_type, entity_id FROM audit_log WHERE entity_type IS NOT NULL "
+            'ORDER BY "timestamp" DESC LIMIT %s',
+            (n * 20,),
+        ).fetchall()
     rng = random.Random(3)
-    return [{"user_id": rng.choice(users), "entity_type": e[0], "entity_id": e[1]}
-            for e in rng.sample(entities, min(n, len(entities)))]
+    return [
+        {"user_id": rng.choice(users), "entity_type": e[0], "entity_id": e[1]}
+        for e in rng.sample(entities, min(n, len(entities)))
+    ]
 
 
 class Client(threading.Thread):
@@ -72,7 +80,9 @@ class Client(threading.Thread):
         return [ms for t, _, ms in self.samples if start <= t < end]
 
 
-@scenario("maintenance", "db_maintenance + db_health_report on 10M rows: durations, audit p95 during vs before")
+@scenario(
+    "maintenance", "db_maintenance + db_health_report on 10M rows: durations, audit p95 during vs before"
+)
 def run(ctx: BenchContext) -> None:
     spec, baseline_s = _spec()
     with ctx.database("bench_maint") as url:
@@ -82,8 +92,10 @@ def run(ctx: BenchContext) -> None:
         with connect(url, autocommit=True) as conn:
             # status changes of 5 % of the sessions: dead tuples for VACUUM to clean, as in production
             t0 = time.perf_counter()
-            updated = conn.execute("UPDATE session SET updated_at = updated_at + interval '1 second' "
-                                   "WHERE (hashtext(id::text) & 1023) < 51").rowcount
+            updated = conn.execute(
+                "UPDATE session SET updated_at = updated_at + interval '1 second' "
+                "WHERE (hashtext(id::text) & 1023) < 51"
+            ).rowcount
             ctx.row(step="dirty 5% of sessions", rows=updated, seconds=time.perf_counter() - t0)
             conn.execute("CHECKPOINT")
 
@@ -102,19 +114,34 @@ def run(ctx: BenchContext) -> None:
 
         before = Stats(client.window(before_start, before_end))
         during = Stats(client.window(maint_start, maint_end))
-        ctx.row(step="db_maintenance", duration_ms=result.duration_ms,
-                relations_vacuumed=sum(v.ok for v in result.vacuumed),
-                vacuum_ms=sum(v.duration_ms for v in result.vacuumed),
-                indexes_reindexed=sum(r.ok for r in result.reindexed), failures=result.failures)
+        ctx.row(
+            step="db_maintenance",
+            duration_ms=result.duration_ms,
+            relations_vacuumed=sum(v.ok for v in result.vacuumed),
+            vacuum_ms=sum(v.duration_ms for v in result.vacuumed),
+            indexes_reindexed=sum(r.ok for r in result.reindexed),
+            failures=result.failures,
+        )
         slowest = sorted(result.vacuumed, key=lambda v: -v.duration_ms)[:3]
         for v in slowest:
             ctx.row(step=f"  vacuum {v.relation}", duration_ms=v.duration_ms)
         for r in result.reindexed:
-            ctx.row(step=f"  reindex {r.index}", duration_ms=r.duration_ms, bloat=r.bloat_ratio,
-                    mb_before=r.bytes_before / 2**20, mb_after=(r.bytes_after or 0) / 2**20)
-        ctx.row(step="audit lookups before", samples=len(before.samples), p50_ms=before.median, p95_ms=before.p95)
-        ctx.row(step="audit lookups during maintenance", samples=len(during.samples), p50_ms=during.median,
-                p95_ms=during.p95)
+            ctx.row(
+                step=f"  reindex {r.index}",
+                duration_ms=r.duration_ms,
+                bloat=r.bloat_ratio,
+                mb_before=r.bytes_before / 2**20,
+                mb_after=(r.bytes_after or 0) / 2**20,
+            )
+        ctx.row(
+            step="audit lookups before", samples=len(before.samples), p50_ms=before.median, p95_ms=before.p95
+        )
+        ctx.row(
+            step="audit lookups during maintenance",
+            samples=len(during.samples),
+            p50_ms=during.median,
+            p95_ms=during.p95,
+        )
         ctx.ratio("audit p95 during / before maintenance", during.p95, before.p95, target="<= 1.5")
 
         with connect(url, autocommit=True) as conn:
@@ -124,11 +151,22 @@ def run(ctx: BenchContext) -> None:
                 report = health.health_report(conn)
                 health.report_markdown(report)
                 timings.append((time.perf_counter() - t0) * 1000)
-            ctx.row(step="db_health_report", p50_ms=Stats(timings).median, max_ms=max(timings),
-                    tables=len(report.tables), indexes=len(report.indexes), slow_statements=report.slow.status)
+            ctx.row(
+                step="db_health_report",
+                p50_ms=Stats(timings).median,
+                max_ms=max(timings),
+                tables=len(report.tables),
+                indexes=len(report.indexes),
+                slow_statements=report.slow.status,
+            )
             t0 = time.perf_counter()
             probes = health.run_probes(conn, runs=5)
             ctx.row(step="query_latency_budgets", duration_ms=(time.perf_counter() - t0) * 1000)
             for p in probes:
-                ctx.row(step=f"  probe {p.name}", p50_ms=p.p50_ms, p95_ms=p.p95_ms,
-                        index_used=p.index_used, skipped=p.skipped or "")
+                ctx.row(
+                    step=f"  probe {p.name}",
+                    p50_ms=p.p50_ms,
+                    p95_ms=p.p95_ms,
+                    index_used=p.index_used,
+                    skipped=p.skipped or "",
+                )

@@ -86,34 +86,63 @@ def _rollup_part(ctx: BenchContext, label: str, days: int, per_day: int, repeat:
         with connect(url, autocommit=True, options="-c TimeZone=UTC") as conn:
             conn.execute(SEED_VIEW)
             conn.execute("VACUUM ANALYZE")  # same starting point for every variant (visibility map, stats)
-            refresh = lambda: conn.execute("REFRESH MATERIALIZED VIEW CONCURRENTLY seed_dashboard_daily_metrics")  # noqa: E731
+
+            def refresh() -> object:
+                return conn.execute("REFRESH MATERIALIZED VIEW CONCURRENTLY seed_dashboard_daily_metrics")
+
             window = (today - dt.timedelta(days=90), today + dt.timedelta(days=1))
             first = _timed(lambda: rollup_days(conn, *window, check=False))  # cold: writes every row
             ctx.row(size=label, step="backfill 91 days, first (empty rollup)", ms=first)
             variants: list[tuple[str, Callable[[], object], int]] = [
                 ("seed REFRESH MATERIALIZED VIEW CONCURRENTLY", refresh, max(2, repeat // 3)),
-                ("backfill 91 days (statement)", lambda: rollup_days(conn, *window, check=False), max(2, repeat // 3)),
-                ("backfill 91 days + reconciliation", lambda: rollup_days(conn, *window), max(2, repeat // 3)),
-                ("today (statement)", lambda: rollup_days(conn, today, today + dt.timedelta(days=1), check=False),
-                 repeat),
-                ("today + reconciliation (asset)", lambda: rollup_days(conn, today, today + dt.timedelta(days=1)),
-                 repeat),
+                (
+                    "backfill 91 days (statement)",
+                    lambda: rollup_days(conn, *window, check=False),
+                    max(2, repeat // 3),
+                ),
+                (
+                    "backfill 91 days + reconciliation",
+                    lambda: rollup_days(conn, *window),
+                    max(2, repeat // 3),
+                ),
+                (
+                    "today (statement)",
+                    lambda: rollup_days(conn, today, today + dt.timedelta(days=1), check=False),
+                    repeat,
+                ),
+                (
+                    "today + reconciliation (asset)",
+                    lambda: rollup_days(conn, today, today + dt.timedelta(days=1)),
+                    repeat,
+                ),
             ]
             for name, fn, n in variants:
                 stats = measure(fn, repeat=n, warmup=1)
                 out[name] = stats
                 ctx.row(size=label, step=name, median_ms=stats.median, p95_ms=stats.p95, samples=n)
-            today_rows = conn.execute("SELECT rows_scanned FROM usage_daily_metrics WHERE day = %s",
-                                      (today,)).fetchone()[0]
+            today_rows = conn.execute(
+                "SELECT rows_scanned FROM usage_daily_metrics WHERE day = %s", (today,)
+            ).fetchone()[0]
             ctx.row(size=label, step="rows in today's partition", rows=today_rows)
     full = out["seed REFRESH MATERIALIZED VIEW CONCURRENTLY"].median
-    ctx.ratio(f"{label}: full refresh / today (asset)", full, out["today + reconciliation (asset)"].median,
-              ">= 50 at 10M")
+    ctx.ratio(
+        f"{label}: full refresh / today (asset)",
+        full,
+        out["today + reconciliation (asset)"].median,
+        ">= 50 at 10M",
+    )
     ctx.ratio(f"{label}: full refresh / today (statement)", full, out["today (statement)"].median)
-    ctx.ratio(f"{label}: backfill 91 days (statement) / full refresh", out["backfill 91 days (statement)"].median,
-              full, "<= 1")
-    ctx.ratio(f"{label}: backfill 91 days + reconciliation / full refresh",
-              out["backfill 91 days + reconciliation"].median, full)
+    ctx.ratio(
+        f"{label}: backfill 91 days (statement) / full refresh",
+        out["backfill 91 days (statement)"].median,
+        full,
+        "<= 1",
+    )
+    ctx.ratio(
+        f"{label}: backfill 91 days + reconciliation / full refresh",
+        out["backfill 91 days + reconciliation"].median,
+        full,
+    )
     return out
 
 
@@ -154,8 +183,13 @@ def _trigger_part(ctx: BenchContext, copy_rows: int, n_singles: int) -> None:
     machine's drift hits both sides alike."""
     today = utc_today()
     now_spec = WorkloadSpec(days=1, usage_per_day=copy_rows, audit_per_day=0, end=_end_of_today(), seed=7)
-    late_spec = WorkloadSpec(days=1, usage_per_day=copy_rows, audit_per_day=0,
-                             end=day_start(today) - dt.timedelta(minutes=1), seed=8)
+    late_spec = WorkloadSpec(
+        days=1,
+        usage_per_day=copy_rows,
+        audit_per_day=0,
+        end=day_start(today) - dt.timedelta(minutes=1),
+        seed=8,
+    )
     csv_now = render_csv(_Generator(now_spec).usage_and_sessions(0)[0])
     csv_late = render_csv(_Generator(late_spec).usage_and_sessions(0)[0])
     triggers = _trigger_statements()
@@ -164,8 +198,12 @@ def _trigger_part(ctx: BenchContext, copy_rows: int, n_singles: int) -> None:
 
         def sample(on: bool, fn: Callable[[psycopg.Connection], None]) -> tuple[float, float]:
             conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(table))
-            conn.execute(sql.SQL("CREATE TABLE {} (LIKE usage_log INCLUDING DEFAULTS INCLUDING CONSTRAINTS "
-                                 "INCLUDING INDEXES)").format(table))
+            conn.execute(
+                sql.SQL(
+                    "CREATE TABLE {} (LIKE usage_log INCLUDING DEFAULTS INCLUDING CONSTRAINTS "
+                    "INCLUDING INDEXES)"
+                ).format(table)
+            )
             if on:
                 for stmt in triggers:
                     conn.execute(stmt)
@@ -191,14 +229,19 @@ def _trigger_part(ctx: BenchContext, copy_rows: int, n_singles: int) -> None:
                 "DO $$ BEGIN FOR i IN 1..{n} LOOP "
                 "EXECUTE format('INSERT INTO %I (user_id, created_at, duration_minutes, cost_usd, stt_provider) "
                 "VALUES (gen_random_uuid(), %L, 5.5, 0.1, ''google'')', {table}, {at}); {commit} "
-                "END LOOP; END $$").format(n=sql.Literal(n_singles), table=sql.Literal(SCRATCH),
-                                           at=sql.Literal(at.isoformat()),
-                                           commit=sql.SQL("COMMIT;" if commit_each else ""))
+                "END LOOP; END $$"
+            ).format(
+                n=sql.Literal(n_singles),
+                table=sql.Literal(SCRATCH),
+                at=sql.Literal(at.isoformat()),
+                commit=sql.SQL("COMMIT;" if commit_each else ""),
+            )
 
             def run(c: psycopg.Connection) -> None:
                 c.autocommit = True  # a DO block may COMMIT only outside a transaction block
                 c.execute(body)
                 c.autocommit = False
+
             return run
 
         now = dt.datetime.now(dt.UTC)
@@ -213,19 +256,27 @@ def _trigger_part(ctx: BenchContext, copy_rows: int, n_singles: int) -> None:
         for name, fn, pairs in cases:
             samples: dict[bool, list[tuple[float, float]]] = {True: [], False: []}
             for i in range(pairs):
-                for on in ((True, False) if i % 2 == 0 else (False, True)):
+                for on in (True, False) if i % 2 == 0 else (False, True):
                     samples[on].append(sample(on, fn))
             wall = {on: Stats([w for w, _ in samples[on]]).median for on in samples}
             cpu = {on: Stats([c for _, c in samples[on]]).median for on in samples}
-            ctx.row(insert=name, with_trigger_ms=wall[True], without_ms=wall[False],
-                    overhead_pct=(wall[True] / wall[False] - 1) * 100,
-                    server_cpu_with_ms=cpu[True], server_cpu_without_ms=cpu[False],
-                    cpu_overhead_pct=(cpu[True] / cpu[False] - 1) * 100 if cpu[False] > 0 else float("nan"),
-                    samples=pairs)
+            ctx.row(
+                insert=name,
+                with_trigger_ms=wall[True],
+                without_ms=wall[False],
+                overhead_pct=(wall[True] / wall[False] - 1) * 100,
+                server_cpu_with_ms=cpu[True],
+                server_cpu_without_ms=cpu[False],
+                cpu_overhead_pct=(cpu[True] / cpu[False] - 1) * 100 if cpu[False] > 0 else float("nan"),
+                samples=pairs,
+            )
 
 
-@scenario("rollups", "daily rollups: seed REFRESH MATERIALIZED VIEW CONCURRENTLY vs today's partition vs a 91-day "
-                     "backfill (1M/10M usage rows); late-data trigger write overhead (COPY 1M, single rows)")
+@scenario(
+    "rollups",
+    "daily rollups: seed REFRESH MATERIALIZED VIEW CONCURRENTLY vs today's partition vs a 91-day "
+    "backfill (1M/10M usage rows); late-data trigger write overhead (COPY 1M, single rows)",
+)
 def run(ctx: BenchContext) -> None:
     scale = SCALES[os.environ.get("BENCH_SCALE", "full")]
     today_by_size: dict[str, float] = {}

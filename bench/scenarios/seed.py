@@ -21,6 +21,11 @@ def run(ctx: BenchContext) -> None:
             with ctx.database("bench_seed") as url:
                 result = load_workload(url, spec)
             rows = result.audit_rows or result.usage_rows
-            ctx.row(load=label, attempt=attempt + 1, rows=rows, seconds=result.seconds,
-                    rows_per_s=rows / result.seconds)
+            ctx.row(
+                load=label,
+                attempt=attempt + 1,
+                rows=rows,
+                seconds=result.seconds,
+                rows_per_s=rows / result.seconds,
+            )
     ctx.row(load="peak RSS of the loader", mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)

@@ -76,11 +76,15 @@ def main() -> int:
     home.mkdir(parents=True)
     (home / "dagster.yaml").symlink_to(HERE / "dagster.yaml")
     (home / "celery.yaml").write_text(f"execution:\n  config:\n    broker: {broker}\n    backend: {broker}\n")
-    env = dict(os.environ, DAGSTER_HOME=str(home), PERF_PIPELINE_DATABASE_URL=platform,
-               PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-               PERF_PIPELINE_REDIS_URL=urls.redis_url,
-               PERF_PIPELINE_DAGSTER_PG_URL=urlunsplit(urlsplit(storage)._replace(scheme="postgresql+psycopg2")),
-               PERF_PIPELINE_CELERY_BROKER_URL=broker)
+    env = dict(
+        os.environ,
+        DAGSTER_HOME=str(home),
+        PERF_PIPELINE_DATABASE_URL=platform,
+        PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        PERF_PIPELINE_REDIS_URL=urls.redis_url,
+        PERF_PIPELINE_DAGSTER_PG_URL=urlunsplit(urlsplit(storage)._replace(scheme="postgresql+psycopg2")),
+        PERF_PIPELINE_CELERY_BROKER_URL=broker,
+    )
     workspace = str(PROJECT_ROOT / "workspace.yaml")
     procs: dict[str, subprocess.Popen] = {}
     logs = []
@@ -89,18 +93,56 @@ def main() -> int:
             log = open(home / f"{name}.log", "w")  # noqa: SIM115 (closed in finally)
             logs.append(log)
             procs[name] = subprocess.Popen(
-                [str(BIN / "dagster-celery"), "worker", "start", "-A", "dagster_celery.app", "-y",
-                 str(home / "celery.yaml"), "-n", name, "--", "--pool=solo"],
-                env=env, cwd=home, stdout=log, stderr=subprocess.STDOUT)
+                [
+                    str(BIN / "dagster-celery"),
+                    "worker",
+                    "start",
+                    "-A",
+                    "dagster_celery.app",
+                    "-y",
+                    str(home / "celery.yaml"),
+                    "-n",
+                    name,
+                    "--",
+                    "--pool=solo",
+                ],
+                env=env,
+                cwd=home,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
         log = open(home / "daemon.log", "w")  # noqa: SIM115
         logs.append(log)
-        procs["daemon"] = subprocess.Popen([str(BIN / "dagster-daemon"), "run", "-w", workspace],
-                                           env=env, cwd=home, stdout=log, stderr=subprocess.STDOUT)
+        procs["daemon"] = subprocess.Popen(
+            [str(BIN / "dagster-daemon"), "run", "-w", workspace],
+            env=env,
+            cwd=home,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         time.sleep(8)
         started = time.monotonic()
-        subprocess.run([str(BIN / "dagster"), "job", "backfill", "-w", workspace, "-l", "perf_pipeline",
-                        "-j", "usage_daily_metrics_job", "--from", first.isoformat(), "--to", last.isoformat(),
-                        "--noprompt"], env=env, cwd=home, check=True)
+        subprocess.run(
+            [
+                str(BIN / "dagster"),
+                "job",
+                "backfill",
+                "-w",
+                workspace,
+                "-l",
+                "perf_pipeline",
+                "-j",
+                "usage_daily_metrics_job",
+                "--from",
+                first.isoformat(),
+                "--to",
+                last.isoformat(),
+                "--noprompt",
+            ],
+            env=env,
+            cwd=home,
+            check=True,
+        )
         print(f"backfill of {args.days} days submitted ({first} … {last}); waiting for the runs", flush=True)
 
         os.environ.update(env)
@@ -116,24 +158,32 @@ def main() -> int:
             elapsed = time.monotonic() - started
             # which worker ran each run: the run's RUN_START event carries the pid of the run worker,
             # a child of one of the two celery worker processes
-            children = {name: {c.pid for c in psutil.Process(p.pid).children(recursive=True)}
-                        for name, p in procs.items() if name.startswith("worker")}
+            children = {
+                name: {c.pid for c in psutil.Process(p.pid).children(recursive=True)}
+                for name, p in procs.items()
+                if name.startswith("worker")
+            }
             per_worker: collections.Counter[str] = collections.Counter()
             statuses = collections.Counter(r.status.value for r in runs)
             for run in runs:
                 records = instance.get_records_for_run(
-                    run.run_id, of_type=dg.DagsterEventType.RUN_START).records
+                    run.run_id, of_type=dg.DagsterEventType.RUN_START
+                ).records
                 pid = records[0].event_log_entry.dagster_event.pid if records else None
                 owner = next((n for n, pids in children.items() if pid in pids), "unknown")
                 per_worker[owner] += 1
         with psycopg.connect(platform) as conn:
-            rolled, = conn.execute("SELECT count(*) FROM usage_daily_metrics WHERE day BETWEEN %s AND %s",
-                                   (first, last)).fetchone()
+            (rolled,) = conn.execute(
+                "SELECT count(*) FROM usage_daily_metrics WHERE day BETWEEN %s AND %s", (first, last)
+            ).fetchone()
         print(f"runs: {len(runs)} ({dict(statuses)}), wall time {elapsed:.1f} s")
         print(f"runs per worker: {dict(per_worker)}")
         print(f"usage_daily_metrics rows for the {args.days} days: {rolled}")
-        ok = (statuses.get("SUCCESS", 0) == args.days and rolled == args.days
-              and all(per_worker[w] > 0 for w in ("worker1", "worker2")))
+        ok = (
+            statuses.get("SUCCESS", 0) == args.days
+            and rolled == args.days
+            and all(per_worker[w] > 0 for w in ("worker1", "worker2"))
+        )
         print("OK: the backfill spread across both workers" if ok else "FAILED: see logs in " + str(home))
         return 0 if ok else 1
     finally:

@@ -125,11 +125,15 @@ def _any_matches(token: bytes, candidates: tuple[bytes, ...]) -> bool:
     return found
 
 
-async def require_admin(request: Request,
-                        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> None:
+async def require_admin(
+    request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+) -> None:
     # async on purpose: no I/O here, and a sync dependency would cost a thread-pool hop per request
-    unauthorized = HTTPException(status.HTTP_401_UNAUTHORIZED, "a valid bearer token is required",
-                                 headers={"WWW-Authenticate": "Bearer"})
+    unauthorized = HTTPException(
+        status.HTTP_401_UNAUTHORIZED,
+        "a valid bearer token is required",
+        headers={"WWW-Authenticate": "Bearer"},
+    )
     if credentials is None:
         raise unauthorized
     token = credentials.credentials.encode()
@@ -170,9 +174,16 @@ class HotReadsMiddleware:
         if scope["type"] == "http" and scope["method"] == "GET":
             body = self._cached_body(scope)
             if body is not None:
-                await send({"type": "http.response.start", "status": 200,
-                            "headers": [(b"content-type", b"application/json"),
-                                        (b"content-length", str(len(body)).encode())]})
+                await send(
+                    {
+                        "type": "http.response.start",
+                        "status": 200,
+                        "headers": [
+                            (b"content-type", b"application/json"),
+                            (b"content-length", str(len(body)).encode()),
+                        ],
+                    }
+                )
                 await send({"type": "http.response.body", "body": body})
                 return
         await self.app(scope, receive, send)
@@ -191,7 +202,11 @@ class HotReadsMiddleware:
             return None
         scheme, _, credentials = auth[0].partition(b" ")
         credentials = credentials.strip()
-        if scheme.lower() != b"bearer" or not credentials or not _any_matches(credentials, app.state.admin_tokens):
+        if (
+            scheme.lower() != b"bearer"
+            or not credentials
+            or not _any_matches(credentials, app.state.admin_tokens)
+        ):
             return None
         if path == KPIS_PATH:
             return cache.peek_local(KPIS_KEY)
@@ -204,8 +219,9 @@ class HotReadsMiddleware:
         if not (_DATE.match(start) and _DATE.match(end)):
             return None
         try:
-            request = validate_trend_request(dt.date.fromisoformat(start.decode()), dt.date.fromisoformat(end.decode()),
-                                             granularity)
+            request = validate_trend_request(
+                dt.date.fromisoformat(start.decode()), dt.date.fromisoformat(end.decode()), granularity
+            )
         except ValueError:  # TrendRangeError or an impossible date: FastAPI words the 422
             return None
         return cache.peek_local(trends_key(request))
@@ -224,15 +240,27 @@ def _default_cache(settings: Settings) -> tuple[DashboardCache, psycopg_pool.Con
     # a small pool per worker process bounds the SQL fallback's load on PostgreSQL when Redis is down:
     # 1,000 concurrent requests queue for 4 connections instead of opening 1,000
     # check=: an idle connection killed by a PostgreSQL restart is replaced, not handed out (a 503 in the soak)
-    pool = psycopg_pool.ConnectionPool(urls.database_url, min_size=1, max_size=4, timeout=5, open=True,
-                                       check=psycopg_pool.ConnectionPool.check_connection,
-                                       kwargs={"autocommit": True, "application_name": "perf_pipeline.api"},
-                                       name="dashboard")
+    pool = psycopg_pool.ConnectionPool(
+        urls.database_url,
+        min_size=1,
+        max_size=4,
+        timeout=5,
+        open=True,
+        check=psycopg_pool.ConnectionPool.check_connection,
+        kwargs={"autocommit": True, "application_name": "perf_pipeline.api"},
+        name="dashboard",
+    )
     client = serving_client(urls.redis_url, settings.redis_socket_timeout_ms)
     # hit/miss counters are flushed to Redis once a second per worker, not once per request; fresh bodies
     # are kept one second in process memory (an invalidation reaches each worker within a second)
-    return DashboardCache(client, pool.connection, kpi_ttl_s=settings.kpi_ttl_seconds,
-                          trends_ttl_s=settings.trends_ttl_seconds, stats_flush_s=1.0, local_ttl_s=1.0), pool
+    return DashboardCache(
+        client,
+        pool.connection,
+        kpi_ttl_s=settings.kpi_ttl_seconds,
+        trends_ttl_s=settings.trends_ttl_seconds,
+        stats_flush_s=1.0,
+        local_ttl_s=1.0,
+    ), pool
 
 
 def create_app(settings: Settings | None = None, cache: DashboardCache | None = None) -> FastAPI:
@@ -247,8 +275,12 @@ def create_app(settings: Settings | None = None, cache: DashboardCache | None = 
             app.state.cache, pool = _default_cache(settings)
         # the last batch of hit/miss counts reaches Redis within a second even when traffic stops
         stop = threading.Event()
-        flusher = threading.Thread(target=_flush_every_second, args=(app.state.cache, stop), daemon=True,
-                                   name="dashboard-stats-flush")
+        flusher = threading.Thread(
+            target=_flush_every_second,
+            args=(app.state.cache, stop),
+            daemon=True,
+            name="dashboard-stats-flush",
+        )
         flusher.start()
         try:
             yield
@@ -263,7 +295,7 @@ def create_app(settings: Settings | None = None, cache: DashboardCache | None = 
         title="perf_pipeline dashboard API",
         version="1.0",
         description="Admin dashboard KPIs and usage trends, cached in Redis (cache-aside, single-flight "
-                    "refresh, SQL fallback when Redis is unavailable).",
+        "refresh, SQL fallback when Redis is unavailable).",
         lifespan=lifespan,
     )
     app.state.admin_tokens = tuple(t.encode() for t in settings.admin_tokens)
@@ -278,16 +310,24 @@ def create_app(settings: Settings | None = None, cache: DashboardCache | None = 
         log.error("database unavailable: %s", exc)
         return JSONResponse({"detail": "the database is unavailable"}, status_code=503)
 
-    @app.get(KPIS_PATH, response_model=KpisResponse, dependencies=[Depends(require_admin)],
-             summary="Real-time KPIs (cached up to the KPI TTL)")
+    @app.get(
+        KPIS_PATH,
+        response_model=KpisResponse,
+        dependencies=[Depends(require_admin)],
+        summary="Real-time KPIs (cached up to the KPI TTL)",
+    )
     async def kpis(cache: Annotated[DashboardCache, Depends(_cache)]) -> Response:
         # the cached body is sent as stored: no parse, validation or re-serialization on a hit
         body = cache.peek_local(KPIS_KEY) or await run_in_threadpool(cache.kpis_json)
         return Response(body, media_type="application/json")
 
-    @app.get(TRENDS_PATH, response_model=TrendsResponse, dependencies=[Depends(require_admin)],
-             summary="Usage trends per day, ISO week or month, with provider breakdown",
-             responses={422: {"description": "bad dates, inverted or over-long range, unknown granularity"}})
+    @app.get(
+        TRENDS_PATH,
+        response_model=TrendsResponse,
+        dependencies=[Depends(require_admin)],
+        summary="Usage trends per day, ISO week or month, with provider breakdown",
+        responses={422: {"description": "bad dates, inverted or over-long range, unknown granularity"}},
+    )
     async def usage_trends(
         cache: Annotated[DashboardCache, Depends(_cache)],
         start_date: Annotated[dt.date, Query(description="first day (UTC), YYYY-MM-DD")],
@@ -301,12 +341,17 @@ def create_app(settings: Settings | None = None, cache: DashboardCache | None = 
                 status.HTTP_422_UNPROCESSABLE_CONTENT,
                 [{"loc": ["query", "end_date"], "msg": str(exc), "type": "value_error"}],
             ) from None
-        body = (cache.peek_local(trends_key(trend_request))
-                or await run_in_threadpool(cache.usage_trends_json, trend_request))
+        body = cache.peek_local(trends_key(trend_request)) or await run_in_threadpool(
+            cache.usage_trends_json, trend_request
+        )
         return Response(body, media_type="application/json")
 
-    @app.get("/healthz", response_model=HealthResponse, summary="PostgreSQL and Redis status",
-             responses={503: {"description": "PostgreSQL is unavailable"}})
+    @app.get(
+        "/healthz",
+        response_model=HealthResponse,
+        summary="PostgreSQL and Redis status",
+        responses={503: {"description": "PostgreSQL is unavailable"}},
+    )
     def healthz(request: Request) -> JSONResponse:
         cache: DashboardCache = request.app.state.cache
         pg, rd = _probe_postgres(cache), _probe_redis(cache.redis_client)

@@ -33,16 +33,25 @@ class Alert:
     details: Mapping[str, Any]
 
     def payload(self) -> dict[str, Any]:
-        return {"alert_key": self.key, "kind": self.kind, "source": self.source, "message": self.message,
-                "details": dict(self.details)}
+        return {
+            "alert_key": self.key,
+            "kind": self.kind,
+            "source": self.source,
+            "message": self.message,
+            "details": dict(self.details),
+        }
 
 
 def post_webhook(url: str, payload: Mapping[str, Any], *, timeout_s: float = WEBHOOK_TIMEOUT_S) -> None:
     """POST ``payload`` as JSON; raises ``OSError``/``urllib.error.URLError`` on failure or a non-2xx
     answer. Cost: one HTTP request, at most ``timeout_s`` seconds."""
     body = json.dumps(payload, default=str).encode()
-    req = urllib.request.Request(url, data=body, method="POST",
-                                 headers={"Content-Type": "application/json", "User-Agent": "perf_pipeline"})
+    req = urllib.request.Request(
+        url,
+        data=body,
+        method="POST",
+        headers={"Content-Type": "application/json", "User-Agent": "perf_pipeline"},
+    )
     with urllib.request.urlopen(req, timeout=timeout_s) as resp:  # noqa: S310 (URL validated by settings)
         if not 200 <= resp.status < 300:
             raise urllib.error.URLError(f"webhook answered HTTP {resp.status}")
@@ -64,8 +73,14 @@ def raise_alert(conn: psycopg.Connection, alert: Alert, *, webhook_url: str | No
             ON CONFLICT (alert_key) DO NOTHING
             RETURNING id
             """,
-            (alert.key, alert.kind, alert.source[:500], alert.message, Jsonb(dict(alert.details)),
-             "pending" if webhook_url else "disabled"),
+            (
+                alert.key,
+                alert.kind,
+                alert.source[:500],
+                alert.message,
+                Jsonb(dict(alert.details)),
+                "pending" if webhook_url else "disabled",
+            ),
         ).fetchone()
     if row is None:
         return False
@@ -78,6 +93,8 @@ def raise_alert(conn: psycopg.Connection, alert: Alert, *, webhook_url: str | No
             status, error = "failed", str(exc)
             log.error("alert %s: webhook failed: %s", alert.key, exc)
         with conn.transaction():
-            conn.execute("UPDATE alert_event SET webhook_status = %s, webhook_error = %s WHERE id = %s",
-                         (status, error, row[0]))
+            conn.execute(
+                "UPDATE alert_event SET webhook_status = %s, webhook_error = %s WHERE id = %s",
+                (status, error, row[0]),
+            )
     return True

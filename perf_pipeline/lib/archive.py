@@ -522,8 +522,13 @@ def _drop(conn: psycopg.Connection, table: str, month: dt.date, m: ManifestRow, 
     # outlast deadlock_timeout (1 s by default): that is when PostgreSQL cancels an autovacuum blocking a
     # lock request. With the detach's 100 ms timeout, a freshly loaded month being auto-vacuumed kept the
     # drop retrying for 60 s at 10M rows (measured); with 5 s it waits ~1 s.
-    run_with_lock_retry(conn, work, lock_timeout_ms=max(lock_timeout_ms, DROP_LOCK_TIMEOUT_MS), attempts=100,
-                        what=f"drop {name}")
+    run_with_lock_retry(
+        conn,
+        work,
+        lock_timeout_ms=max(lock_timeout_ms, DROP_LOCK_TIMEOUT_MS),
+        attempts=100,
+        what=f"drop {name}",
+    )
 
 
 def archive_partition(
@@ -600,7 +605,9 @@ def archive_partition(
                             f"flagged by the archive files check): fix the cause and run the archive again, or "
                             f"perf-pipeline archive restore {month:%Y-%m} --table {table}"
                         ) from exc
-                    log.warning("%s; exporting again (attempt %d/%d)", exc, verify_failures + 1, VERIFY_ATTEMPTS)
+                    log.warning(
+                        "%s; exporting again (attempt %d/%d)", exc, verify_failures + 1, VERIFY_ATTEMPTS
+                    )
                     continue
                 with conn.transaction():
                     _set_state(conn, table, month, "verified")

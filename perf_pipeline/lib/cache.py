@@ -87,8 +87,13 @@ def serving_client(url: str, socket_timeout_ms: int) -> redis.Redis:
     """A Redis client for the read path: short connect/read timeouts and no retries, so a dead or hung
     Redis costs one timeout, after which the breaker sends reads to SQL."""
     timeout = socket_timeout_ms / 1000
-    return redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout,
-                                retry=Retry(NoBackoff(), 0), health_check_interval=0)
+    return redis.Redis.from_url(
+        url,
+        socket_timeout=timeout,
+        socket_connect_timeout=timeout,
+        retry=Retry(NoBackoff(), 0),
+        health_check_interval=0,
+    )
 
 
 def dump_json(payload: dict[str, Any]) -> bytes:
@@ -105,8 +110,9 @@ class Entry:
     body: bytes  # the payload as JSON, exactly as served
 
     @classmethod
-    def of(cls, gen: int, computed_at: float, expires_at: float, compute_ms: float,
-           payload: dict[str, Any]) -> Entry:
+    def of(
+        cls, gen: int, computed_at: float, expires_at: float, compute_ms: float, payload: dict[str, Any]
+    ) -> Entry:
         return cls(gen, computed_at, expires_at, compute_ms, dump_json(payload))
 
     @property
@@ -114,8 +120,12 @@ class Entry:
         return json.loads(self.body)
 
     def encode(self) -> bytes:
-        head = {"gen": self.gen, "computed_at": self.computed_at, "expires_at": self.expires_at,
-                "compute_ms": self.compute_ms}
+        head = {
+            "gen": self.gen,
+            "computed_at": self.computed_at,
+            "expires_at": self.expires_at,
+            "compute_ms": self.compute_ms,
+        }
         return json.dumps(head, separators=(",", ":")).encode() + b"\n" + self.body
 
     @staticmethod
@@ -127,8 +137,9 @@ class Entry:
             d = json.loads(head)
             if not sep or not body:
                 return None
-            return Entry(int(d["gen"]), float(d["computed_at"]), float(d["expires_at"]), float(d["compute_ms"]),
-                         body)
+            return Entry(
+                int(d["gen"]), float(d["computed_at"]), float(d["expires_at"]), float(d["compute_ms"]), body
+            )
         except (ValueError, KeyError, TypeError):
             return None  # a corrupt entry is a miss, never an error page
 
@@ -173,8 +184,9 @@ class DashboardCache:
 
     def usage_trends_json(self, request: TrendRequest) -> bytes:
         """Usage trends for a validated request as the JSON body served; the rollup SQL on a miss."""
-        return self.get_raw(trends_key(request), self.trends_ttl_s,
-                            lambda conn: compute_usage_trends(conn, request))
+        return self.get_raw(
+            trends_key(request), self.trends_ttl_s, lambda conn: compute_usage_trends(conn, request)
+        )
 
     def kpis(self) -> dict[str, Any]:
         return json.loads(self.kpis_json())
@@ -229,7 +241,9 @@ class DashboardCache:
 
     # ------------------------------------------------------------------ the read path
 
-    def get(self, key: str, ttl_s: int, compute: Callable[[psycopg.Connection], dict[str, Any]]) -> dict[str, Any]:
+    def get(
+        self, key: str, ttl_s: int, compute: Callable[[psycopg.Connection], dict[str, Any]]
+    ) -> dict[str, Any]:
         return json.loads(self.get_raw(key, ttl_s, compute))
 
     def get_raw(self, key: str, ttl_s: int, compute: Callable[[psycopg.Connection], dict[str, Any]]) -> bytes:
@@ -241,7 +255,9 @@ class DashboardCache:
                 with self._lock:
                     self._refreshing.discard(key)
 
-    def _get_raw(self, key: str, ttl_s: int, compute: Callable[[psycopg.Connection], dict[str, Any]]) -> bytes:
+    def _get_raw(
+        self, key: str, ttl_s: int, compute: Callable[[psycopg.Connection], dict[str, Any]]
+    ) -> bytes:
         if not self.redis_available():
             return self._fallback(key, compute)
         try:
@@ -285,8 +301,9 @@ class DashboardCache:
         # the lock holder is slow or died: answer from SQL rather than keep the reader waiting
         return self._recompute(key, ttl_s, gen, compute)
 
-    def _recompute(self, key: str, ttl_s: int, gen: int,
-                   compute: Callable[[psycopg.Connection], dict[str, Any]]) -> bytes:
+    def _recompute(
+        self, key: str, ttl_s: int, gen: int, compute: Callable[[psycopg.Connection], dict[str, Any]]
+    ) -> bytes:
         started = time.perf_counter()
         with self.connection() as conn:
             body = dump_json(compute(conn))
@@ -351,7 +368,9 @@ class DashboardCache:
         # log the start of an outage, not every retry of it (one per retry_after_s per process)
         if not self._in_outage:
             self._in_outage = True
-            log.warning("Redis unavailable (%s): serving from SQL, retrying every %.1f s", exc, self.retry_after_s)
+            log.warning(
+                "Redis unavailable (%s): serving from SQL, retrying every %.1f s", exc, self.retry_after_s
+            )
         self._down_until = time.monotonic() + self.retry_after_s
 
     def _record(self, outcome: str, *, flush: bool = True) -> None:
@@ -393,8 +412,9 @@ class WarmResult:
     duration_ms: float
 
 
-def warm_dashboard_cache(conn: psycopg.Connection, client: redis.Redis, *, today: dt.date,
-                         kpi_ttl_s: int, trends_ttl_s: int) -> WarmResult:
+def warm_dashboard_cache(
+    conn: psycopg.Connection, client: redis.Redis, *, today: dt.date, kpi_ttl_s: int, trends_ttl_s: int
+) -> WarmResult:
     """Compute the KPIs and the standard trend ranges from SQL, then write them to Redis together with a
     new generation in one ``MULTI``/``EXEC`` pipeline: readers see either the old cache or the new one,
     and every other cached range (other dates) becomes stale at the same instant (invalidation).

@@ -29,11 +29,22 @@ MAX_RANGE_DAYS: dict[str, int] = {"daily": 366, "weekly": 731, "monthly": 1096}
 
 # Ranges the dashboard asks for, kept warm by the dashboard_cache asset: (granularity, days back).
 STANDARD_TRENDS: tuple[tuple[Granularity, int], ...] = (
-    ("daily", 7), ("daily", 30), ("daily", 90), ("weekly", 91), ("monthly", 365),
+    ("daily", 7),
+    ("daily", 30),
+    ("daily", 90),
+    ("weekly", 91),
+    ("monthly", 365),
 )
 
-KPI_FIELDS = ("active_transcriptions", "transcriptions_last_hour", "active_users_24h", "failed_last_hour",
-              "error_rate_percent", "daily_revenue_usd", "avg_duration_minutes")
+KPI_FIELDS = (
+    "active_transcriptions",
+    "transcriptions_last_hour",
+    "active_users_24h",
+    "failed_last_hour",
+    "error_rate_percent",
+    "daily_revenue_usd",
+    "avg_duration_minutes",
+)
 
 
 class TrendRangeError(ValueError):
@@ -60,8 +71,10 @@ def validate_trend_request(start: dt.date, end: dt.date, granularity: str) -> Tr
     days = (end - start).days + 1
     limit = MAX_RANGE_DAYS[granularity]
     if days > limit:
-        raise TrendRangeError(f"a {granularity} range may span at most {limit} days; "
-                              f"{start.isoformat()}..{end.isoformat()} spans {days}")
+        raise TrendRangeError(
+            f"a {granularity} range may span at most {limit} days; "
+            f"{start.isoformat()}..{end.isoformat()} spans {days}"
+        )
     return TrendRequest(start, end, granularity)  # type: ignore[arg-type]
 
 
@@ -119,26 +132,38 @@ def compute_usage_trends(conn: psycopg.Connection, request: TrendRequest) -> dic
     trend = []
     for r in rows:
         period = r["period"]
-        trend.append({
-            "period": period.isoformat() if isinstance(period, dt.date) else str(period),
-            "session_count": int(r["session_count"]),
-            "total_minutes": _num(r["total_minutes"]),
-            "total_cost": _num(r["total_cost"]),
-            "active_users": int(r["active_users"]),
-            "avg_duration": _num(r["avg_duration"]),
-            "providers": [
-                {"provider": p["provider"], "session_count": int(p["session_count"]),
-                 "minutes": _num(p["minutes"]), "revenue": _num(p["revenue"])}
-                for p in r.get("providers") or []
-            ],
-        })
+        trend.append(
+            {
+                "period": period.isoformat() if isinstance(period, dt.date) else str(period),
+                "session_count": int(r["session_count"]),
+                "total_minutes": _num(r["total_minutes"]),
+                "total_cost": _num(r["total_cost"]),
+                "active_users": int(r["active_users"]),
+                "avg_duration": _num(r["avg_duration"]),
+                "providers": [
+                    {
+                        "provider": p["provider"],
+                        "session_count": int(p["session_count"]),
+                        "minutes": _num(p["minutes"]),
+                        "revenue": _num(p["revenue"]),
+                    }
+                    for p in r.get("providers") or []
+                ],
+            }
+        )
     return {
-        "period": {"start_date": request.start.isoformat(), "end_date": request.end.isoformat(),
-                   "granularity": request.granularity},
+        "period": {
+            "start_date": request.start.isoformat(),
+            "end_date": request.end.isoformat(),
+            "granularity": request.granularity,
+        },
         "transcription_trend": trend,
         "provider_breakdown": [
-            {"provider": b["provider"], "session_count": int(b["session_count"]),
-             "percentage": _num(b["percentage"])}
+            {
+                "provider": b["provider"],
+                "session_count": int(b["session_count"]),
+                "percentage": _num(b["percentage"]),
+            }
             for b in breakdown
         ],
     }

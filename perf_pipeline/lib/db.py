@@ -29,8 +29,9 @@ MIGRATIONS_DIR = SQL_DIR / "migrations"
 T = TypeVar("T")
 
 
-def connect(url: str, *, autocommit: bool = False, application_name: str = "perf_pipeline",
-            **kwargs: object) -> psycopg.Connection:
+def connect(
+    url: str, *, autocommit: bool = False, application_name: str = "perf_pipeline", **kwargs: object
+) -> psycopg.Connection:
     """Open a psycopg 3 connection (costs one TCP round trip plus auth, ~2 ms on loopback)."""
     return psycopg.connect(url, autocommit=autocommit, application_name=application_name, **kwargs)
 
@@ -48,8 +49,14 @@ def sql_file(path: Path) -> str:
     return path.read_text()
 
 
-def run_with_lock_retry(conn: psycopg.Connection, work: Callable[[psycopg.Connection], T], *,
-                        lock_timeout_ms: int = 200, attempts: int = 30, what: str = "DDL") -> T:
+def run_with_lock_retry(
+    conn: psycopg.Connection,
+    work: Callable[[psycopg.Connection], T],
+    *,
+    lock_timeout_ms: int = 200,
+    attempts: int = 30,
+    what: str = "DDL",
+) -> T:
     """Run ``work(conn)`` in its own transaction with a short lock_timeout, retrying on lock timeouts.
 
     A DDL waiting for an ACCESS EXCLUSIVE lock blocks every statement queued behind it; a short

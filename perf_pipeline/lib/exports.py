@@ -101,24 +101,39 @@ KINDS: dict[str, ExportKind] = {
         table="usage_log",
         query="export_usage_log",
         filter_keys=frozenset({"user_id", "start", "end"}),
-        schema=pa.schema([
-            ("id", pa.int64()), ("user_id", pa.string()), ("session_id", pa.string()),
-            ("created_at", pa.timestamp("us", tz="UTC")), ("duration_minutes", pa.decimal128(10, 2)),
-            ("cost_usd", pa.decimal128(12, 4)), ("is_billable", pa.bool_()), ("stt_provider", pa.string()),
-        ]),
+        schema=pa.schema(
+            [
+                ("id", pa.int64()),
+                ("user_id", pa.string()),
+                ("session_id", pa.string()),
+                ("created_at", pa.timestamp("us", tz="UTC")),
+                ("duration_minutes", pa.decimal128(10, 2)),
+                ("cost_usd", pa.decimal128(12, 4)),
+                ("is_billable", pa.bool_()),
+                ("stt_provider", pa.string()),
+            ]
+        ),
         retention_setting="usage_retention_months",
     ),
     "audit_log": ExportKind(
         table="audit_log",
         query="export_audit_log",
         filter_keys=frozenset({"user_id", "start", "end", "entity_type", "severity"}),
-        schema=pa.schema([
-            ("id", pa.string()), ("timestamp", pa.timestamp("us", tz="UTC")), ("user_id", pa.string()),
-            ("entity_type", pa.string()), ("entity_id", pa.string()), ("event_type", pa.string()),
-            ("operation", pa.string()), ("severity", pa.string()), ("description", pa.string()),
-            ("details", pa.string()),  # jsonb, as PostgreSQL prints it
-            ("ip", pa.string()),  # inet, as PostgreSQL prints it
-        ]),
+        schema=pa.schema(
+            [
+                ("id", pa.string()),
+                ("timestamp", pa.timestamp("us", tz="UTC")),
+                ("user_id", pa.string()),
+                ("entity_type", pa.string()),
+                ("entity_id", pa.string()),
+                ("event_type", pa.string()),
+                ("operation", pa.string()),
+                ("severity", pa.string()),
+                ("description", pa.string()),
+                ("details", pa.string()),  # jsonb, as PostgreSQL prints it
+                ("ip", pa.string()),  # inet, as PostgreSQL prints it
+            ]
+        ),
         retention_setting="audit_retention_months",
     ),
 }
@@ -142,8 +157,13 @@ class ExportPlan:
         return f"export-{self.request_id}-{self.kind}.{self.format}"
 
     def params(self) -> dict[str, Any]:
-        return {"start": self.start, "end": self.end, "user_id": self.user_id, "entity_type": self.entity_type,
-                "severities": list(self.severities) if self.severities is not None else None}
+        return {
+            "start": self.start,
+            "end": self.end,
+            "user_id": self.user_id,
+            "entity_type": self.entity_type,
+            "severities": list(self.severities) if self.severities is not None else None,
+        }
 
 
 @dataclass
@@ -197,8 +217,15 @@ def _date(key: str, value: object) -> dt.date:
         raise ExportRequestError(f"filter {key!r} is not a valid date: {value!r}") from None
 
 
-def validate_request(request_id: int, kind: object, fmt: object, filters: object, *, today: dt.date,
-                     retention_months: Mapping[str, int]) -> ExportPlan:
+def validate_request(
+    request_id: int,
+    kind: object,
+    fmt: object,
+    filters: object,
+    *,
+    today: dt.date,
+    retention_months: Mapping[str, int],
+) -> ExportPlan:
     """Check a request against the fixed vocabulary and return what to export. Pure, costs nothing.
 
     ``filters`` keys: ``user_id`` (UUID string), ``start`` and ``end`` (``YYYY-MM-DD``, UTC days, both
@@ -215,8 +242,10 @@ def validate_request(request_id: int, kind: object, fmt: object, filters: object
     spec = KINDS[kind]
     unknown = sorted(set(filters) - spec.filter_keys)
     if unknown:
-        raise ExportRequestError(f"unknown filter key(s) for {kind}: {', '.join(map(repr, unknown))}; "
-                                 f"allowed: {', '.join(sorted(spec.filter_keys))}")
+        raise ExportRequestError(
+            f"unknown filter key(s) for {kind}: {', '.join(map(repr, unknown))}; "
+            f"allowed: {', '.join(sorted(spec.filter_keys))}"
+        )
 
     user_id = filters.get("user_id")
     if user_id is not None:
@@ -235,28 +264,42 @@ def validate_request(request_id: int, kind: object, fmt: object, filters: object
     if start < floor:
         raise ExportRequestError(
             f"start {start} is beyond the retention of {kind} ({retention_months[kind]} months: rows before "
-            f"{floor} may be archived); request {floor} or later")
+            f"{floor} may be archived); request {floor} or later"
+        )
 
     entity_type = filters.get("entity_type")
     if entity_type is not None and (not isinstance(entity_type, str) or not _ENTITY_TYPE.match(entity_type)):
-        raise ExportRequestError(f"filter 'entity_type' must be a lowercase identifier ([a-z][a-z0-9_]*, "
-                                 f"at most 64 characters), got {entity_type!r}")
+        raise ExportRequestError(
+            f"filter 'entity_type' must be a lowercase identifier ([a-z][a-z0-9_]*, "
+            f"at most 64 characters), got {entity_type!r}"
+        )
 
     severities: tuple[str, ...] | None = None
     raw = filters.get("severity")
     if raw is not None:
         values = [raw] if isinstance(raw, str) else raw
         if not isinstance(values, list) or not values or not all(isinstance(v, str) for v in values):
-            raise ExportRequestError(f"filter 'severity' must be a severity or a non-empty list of them, got {raw!r}")
+            raise ExportRequestError(
+                f"filter 'severity' must be a severity or a non-empty list of them, got {raw!r}"
+            )
         bad = [v for v in values if v not in SEVERITIES]
         if bad:
-            raise ExportRequestError(f"filter 'severity': unknown value(s) {bad!r}; expected {', '.join(SEVERITIES)}")
+            raise ExportRequestError(
+                f"filter 'severity': unknown value(s) {bad!r}; expected {', '.join(SEVERITIES)}"
+            )
         severities = tuple(dict.fromkeys(values))
 
     as_instant = lambda d: dt.datetime(d.year, d.month, d.day, tzinfo=UTC)  # noqa: E731
-    return ExportPlan(request_id=request_id, kind=kind, format=fmt, start=as_instant(start),
-                      end=as_instant(end + dt.timedelta(days=1)), user_id=user_id,
-                      entity_type=entity_type, severities=severities)
+    return ExportPlan(
+        request_id=request_id,
+        kind=kind,
+        format=fmt,
+        start=as_instant(start),
+        end=as_instant(end + dt.timedelta(days=1)),
+        user_id=user_id,
+        entity_type=entity_type,
+        severities=severities,
+    )
 
 
 def export_select(conn: psycopg.Connection, plan: ExportPlan) -> str:
@@ -268,8 +311,13 @@ def export_select(conn: psycopg.Connection, plan: ExportPlan) -> str:
 # ------------------------------------------------------------------------------------- request rows
 
 
-def file_request(conn: psycopg.Connection, requested_by: str, kind: str, fmt: str,
-                 filters: Mapping[str, object] | None = None) -> int:
+def file_request(
+    conn: psycopg.Connection,
+    requested_by: str,
+    kind: str,
+    fmt: str,
+    filters: Mapping[str, object] | None = None,
+) -> int:
     """Insert a pending request and return its id (one indexed INSERT; the caller's transaction)."""
     row = conn.execute(
         "INSERT INTO data_export (requested_by, kind, format, filters) VALUES (%s, %s, %s, %s) RETURNING id",
@@ -285,7 +333,9 @@ def get_request(conn: psycopg.Connection, request_id: int) -> dict[str, Any] | N
         return cur.execute("SELECT * FROM data_export WHERE id = %s", (request_id,)).fetchone()
 
 
-def pending_requests(conn: psycopg.Connection, limit: int = 200) -> list[tuple[int, Any, Any, Any, dt.datetime]]:
+def pending_requests(
+    conn: psycopg.Connection, limit: int = 200
+) -> list[tuple[int, Any, Any, Any, dt.datetime]]:
     """Oldest pending requests (id, kind, format, filters, requested_at), read from the partial pending index."""
     return conn.execute(
         "SELECT id, kind, format, filters, requested_at FROM data_export WHERE status = 'pending' "
@@ -294,8 +344,9 @@ def pending_requests(conn: psycopg.Connection, limit: int = 200) -> list[tuple[i
     ).fetchall()
 
 
-def mark_failed(conn: psycopg.Connection, request_id: int, error: str,
-                statuses: tuple[str, ...] = ("pending", "running")) -> bool:
+def mark_failed(
+    conn: psycopg.Connection, request_id: int, error: str, statuses: tuple[str, ...] = ("pending", "running")
+) -> bool:
     """Set a request ``failed`` with ``error`` if its status is in ``statuses``; True if it changed.
 
     One-row UPDATE by primary key, committed by the caller (autocommit connections commit at once).
@@ -363,7 +414,7 @@ class _HashingSink(io.RawIOBase):
     def flush(self) -> None:
         view = memoryview(self._buffer)
         while view:
-            view = view[os.write(self._fd, view):]
+            view = view[os.write(self._fd, view) :]
         view.release()
         self._buffer.clear()
 
@@ -446,13 +497,19 @@ def _csv_options(spec: ExportKind) -> tuple[pacsv.ReadOptions, pacsv.ParseOption
     read = pacsv.ReadOptions(column_names=spec.schema.names, use_threads=False)
     # PostgreSQL CSV: NULL is an empty unquoted field, '' is "" (quoted); booleans print as t / f
     parse = pacsv.ParseOptions(newlines_in_values=True)
-    convert = pacsv.ConvertOptions(column_types={f.name: f.type for f in spec.schema}, true_values=["t"],
-                                   false_values=["f"], strings_can_be_null=True, quoted_strings_can_be_null=False)
+    convert = pacsv.ConvertOptions(
+        column_types={f.name: f.type for f in spec.schema},
+        true_values=["t"],
+        false_values=["f"],
+        strings_can_be_null=True,
+        quoted_strings_can_be_null=False,
+    )
     return read, parse, convert
 
 
-def _write_csv_gz(messages: Iterator[Any], sink: _HashingSink, progress: Progress,
-                  report: Callable[[], None]) -> None:
+def _write_csv_gz(
+    messages: Iterator[Any], sink: _HashingSink, progress: Progress, report: Callable[[], None]
+) -> None:
     with gzip.GzipFile(fileobj=sink, mode="wb", compresslevel=GZIP_LEVEL, mtime=0) as gz:
         buffer = bytearray()
         for chunk in messages:
@@ -468,8 +525,13 @@ def _write_csv_gz(messages: Iterator[Any], sink: _HashingSink, progress: Progres
         report()
 
 
-def _write_parquet(messages: Iterator[Any], sink: _HashingSink, spec: ExportKind, progress: Progress,
-                   report: Callable[[], None]) -> None:
+def _write_parquet(
+    messages: Iterator[Any],
+    sink: _HashingSink,
+    spec: ExportKind,
+    progress: Progress,
+    report: Callable[[], None],
+) -> None:
     """Parse COPY's CSV in blocks of ~PARQUET_BLOCK_BYTES into Arrow, write row groups as they fill.
 
     Each COPY message is one whole row, so a block cut between messages never splits a row (even one
@@ -487,8 +549,11 @@ def _write_parquet(messages: Iterator[Any], sink: _HashingSink, spec: ExportKind
                 # one pyarrow block for the whole buffer: with newlines_in_values a record longer than the
                 # block size (a multi-MiB audit details value) fails with "straddling object"; the buffer is
                 # in memory already, so a block as large as it costs nothing more
-                block = pacsv.ReadOptions(column_names=read.column_names, use_threads=False,
-                                          block_size=max(read.block_size, len(buffer) + 1))
+                block = pacsv.ReadOptions(
+                    column_names=read.column_names,
+                    use_threads=False,
+                    block_size=max(read.block_size, len(buffer) + 1),
+                )
                 table = pacsv.read_csv(pa.BufferReader(bytes(buffer)), block, parse, convert)
                 progress.csv_bytes += len(buffer)
                 buffer.clear()
@@ -515,15 +580,25 @@ def _write_parquet(messages: Iterator[Any], sink: _HashingSink, spec: ExportKind
 
 
 def _lock(conn: psycopg.Connection, request_id: int) -> bool:
-    row = conn.execute("SELECT pg_try_advisory_lock(%s, %s)",
-                       (ADVISORY_LOCK_CLASS, request_id % 2_147_483_647)).fetchone()
+    row = conn.execute(
+        "SELECT pg_try_advisory_lock(%s, %s)", (ADVISORY_LOCK_CLASS, request_id % 2_147_483_647)
+    ).fetchone()
     return bool(row and row[0])
 
 
-def run_export(url: str, request_id: int, export_dir: Path, *, statement_timeout_s: int,
-               retention_months: Mapping[str, int], run_id: str = "cli", today: dt.date | None = None,
-               progress: ProgressCallback | None = None,
-               progress_every_bytes: int = PROGRESS_EVERY_BYTES, max_mb_per_s: float = 0.0) -> ExportResult:
+def run_export(
+    url: str,
+    request_id: int,
+    export_dir: Path,
+    *,
+    statement_timeout_s: int,
+    retention_months: Mapping[str, int],
+    run_id: str = "cli",
+    today: dt.date | None = None,
+    progress: ProgressCallback | None = None,
+    progress_every_bytes: int = PROGRESS_EVERY_BYTES,
+    max_mb_per_s: float = 0.0,
+) -> ExportResult:
     """Export request ``request_id`` to ``export_dir`` and record the outcome on the request.
 
     Cost: one sequential scan of the partitions in the date range (``COPY … TO STDOUT``, one backend, no
@@ -549,12 +624,26 @@ def run_export(url: str, request_id: int, export_dir: Path, *, statement_timeout
         if req is None:
             raise ExportRequestError(f"no export request with id {request_id}")
         if req["status"] == "succeeded":
-            return ExportResult(request_id, Path(req["file_path"]), req["rows"], req["bytes"],
-                                req["csv_bytes"] or 0, req["sha256"], 0.0, status="succeeded")
+            return ExportResult(
+                request_id,
+                Path(req["file_path"]),
+                req["rows"],
+                req["bytes"],
+                req["csv_bytes"] or 0,
+                req["sha256"],
+                0.0,
+                status="succeeded",
+            )
         sweep_leftovers(export_dir, request_id)
         try:
-            plan = validate_request(request_id, req["kind"], req["format"], req["filters"], today=today,
-                                    retention_months=retention_months)
+            plan = validate_request(
+                request_id,
+                req["kind"],
+                req["format"],
+                req["filters"],
+                today=today,
+                retention_months=retention_months,
+            )
         except ExportRequestError as exc:
             mark_failed(conn, request_id, str(exc), statuses=("pending", "running", "failed"))
             raise
@@ -564,8 +653,9 @@ def run_export(url: str, request_id: int, export_dir: Path, *, statement_timeout
             (run_id[:64], request_id),
         )
         try:
-            result = _stream(conn, plan, export_dir, statement_timeout_s, progress, progress_every_bytes,
-                             max_mb_per_s)
+            result = _stream(
+                conn, plan, export_dir, statement_timeout_s, progress, progress_every_bytes, max_mb_per_s
+            )
         except BaseException as exc:  # also KeyboardInterrupt / Dagster's interrupt: record why, re-raise
             message = f"{type(exc).__name__}: {exc}".strip().rstrip(":")
             with contextlib.suppress(Exception):
@@ -581,9 +671,15 @@ def run_export(url: str, request_id: int, export_dir: Path, *, statement_timeout
         return result
 
 
-def _stream(conn: psycopg.Connection, plan: ExportPlan, export_dir: Path, statement_timeout_s: int,
-            progress_cb: ProgressCallback | None, progress_every_bytes: int,
-            max_mb_per_s: float = 0.0) -> ExportResult:
+def _stream(
+    conn: psycopg.Connection,
+    plan: ExportPlan,
+    export_dir: Path,
+    statement_timeout_s: int,
+    progress_cb: ProgressCallback | None,
+    progress_every_bytes: int,
+    max_mb_per_s: float = 0.0,
+) -> ExportResult:
     spec = KINDS[plan.kind]
     final = export_dir / plan.filename
     progress = Progress()
@@ -601,7 +697,8 @@ def _stream(conn: psycopg.Connection, plan: ExportPlan, export_dir: Path, statem
 
     header = sql.SQL("true" if plan.format == "csv.gz" else "false")
     statement = sql.SQL("COPY ({}) TO STDOUT (FORMAT csv, HEADER {})").format(
-        sql.SQL(export_select(conn, plan)), header)  # type: ignore[arg-type]
+        sql.SQL(export_select(conn, plan)), header
+    )  # type: ignore[arg-type]
     target = _AtomicFile(final, plan.request_id)
     sink = _HashingSink(target.fd)
     try:
@@ -631,8 +728,15 @@ def _stream(conn: psycopg.Connection, plan: ExportPlan, export_dir: Path, statem
     if progress_cb is not None:
         progress.rows = rows
         progress_cb(progress)
-    log.info("export %d: %d rows, %d CSV bytes → %s (%d bytes) in %.2f s", plan.request_id, rows,
-             progress.csv_bytes, final, size, progress.seconds)
+    log.info(
+        "export %d: %d rows, %d CSV bytes → %s (%d bytes) in %.2f s",
+        plan.request_id,
+        rows,
+        progress.csv_bytes,
+        final,
+        size,
+        progress.seconds,
+    )
     return ExportResult(plan.request_id, final, rows, size, progress.csv_bytes, digest, progress.seconds)
 
 

@@ -104,8 +104,13 @@ class MaintenanceResult:
         return sum(not v.ok for v in self.vacuumed) + sum(not r.ok for r in self.reindexed)
 
 
-def maintenance_targets(conn: psycopg.Connection, *, recent_months: int = 2, today: dt.date | None = None,
-                        hot_tables: Sequence[str] = HOT_TABLES) -> list[str]:
+def maintenance_targets(
+    conn: psycopg.Connection,
+    *,
+    recent_months: int = 2,
+    today: dt.date | None = None,
+    hot_tables: Sequence[str] = HOT_TABLES,
+) -> list[str]:
     """Relations the nightly maintenance vacuums: the hot plain tables that exist, and for each
     partitioned table its DEFAULT partition and the partitions of the last ``recent_months`` months
     (this month included). Older months are not written any more: autovacuum froze them once, and a
@@ -124,8 +129,9 @@ def maintenance_targets(conn: psycopg.Connection, *, recent_months: int = 2, tod
     return out
 
 
-def _set_timeouts(conn: psycopg.Connection, statement_timeout_ms: int, lock_timeout_ms: int,
-                  vacuum_cost_delay_ms: float) -> None:
+def _set_timeouts(
+    conn: psycopg.Connection, statement_timeout_ms: int, lock_timeout_ms: int, vacuum_cost_delay_ms: float
+) -> None:
     # session-level (autocommit: SET LOCAL would not outlive the statement)
     conn.execute(sql.SQL("SET statement_timeout = {}").format(sql.Literal(int(statement_timeout_ms))))
     conn.execute(sql.SQL("SET lock_timeout = {}").format(sql.Literal(int(lock_timeout_ms))))
@@ -181,8 +187,9 @@ def _drop_leftover_concurrent_builds(conn: psycopg.Connection, table: str) -> No
         conn.execute(sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(sql.Identifier(name)))
 
 
-def reindex_bloated(conn: psycopg.Connection, tables: Sequence[str], *, bloat_threshold: float,
-                    min_index_bytes: int) -> tuple[list[ReindexResult], int]:
+def reindex_bloated(
+    conn: psycopg.Connection, tables: Sequence[str], *, bloat_threshold: float, min_index_bytes: int
+) -> tuple[list[ReindexResult], int]:
     """``REINDEX INDEX CONCURRENTLY`` every B-tree index of ``tables`` whose estimated bloat ratio is at
     least ``bloat_threshold`` and whose size is at least ``min_index_bytes``. Returns (results, indexes
     checked).
@@ -203,22 +210,50 @@ def reindex_bloated(conn: psycopg.Connection, tables: Sequence[str], *, bloat_th
         try:
             _drop_leftover_concurrent_builds(conn, row["table_name"])
             conn.execute(sql.SQL("REINDEX INDEX CONCURRENTLY {}").format(sql.Identifier(row["index_name"])))
-            after = conn.execute("SELECT pg_relation_size(%s::regclass)",
-                                 (sql.Identifier(row["index_name"]).as_string(conn),)).fetchone()[0]
-            results.append(ReindexResult(row["index_name"], row["table_name"], ratio, row["bytes"], after,
-                                         (time.perf_counter() - started) * 1000, True))
+            after = conn.execute(
+                "SELECT pg_relation_size(%s::regclass)", (sql.Identifier(row["index_name"]).as_string(conn),)
+            ).fetchone()[0]
+            results.append(
+                ReindexResult(
+                    row["index_name"],
+                    row["table_name"],
+                    ratio,
+                    row["bytes"],
+                    after,
+                    (time.perf_counter() - started) * 1000,
+                    True,
+                )
+            )
         except (errors.QueryCanceled, errors.LockNotAvailable, errors.DeadlockDetected) as exc:
             log.warning("REINDEX INDEX CONCURRENTLY %s failed: %s", row["index_name"], exc)
             _drop_leftover_concurrent_builds(conn, row["table_name"])
-            results.append(ReindexResult(row["index_name"], row["table_name"], ratio, row["bytes"], None,
-                                         (time.perf_counter() - started) * 1000, False, str(exc).strip()))
+            results.append(
+                ReindexResult(
+                    row["index_name"],
+                    row["table_name"],
+                    ratio,
+                    row["bytes"],
+                    None,
+                    (time.perf_counter() - started) * 1000,
+                    False,
+                    str(exc).strip(),
+                )
+            )
     return results, len(candidates)
 
 
-def run_maintenance(url: str, *, recent_months: int = 2, tables: Sequence[str] | None = None,
-                    bloat_threshold: float = 0.35, min_index_bytes: int = 8 * 1024 * 1024,
-                    statement_timeout_ms: int = 30 * 60 * 1000, lock_timeout_ms: int = 5000,
-                    vacuum_cost_delay_ms: float = 2.0, today: dt.date | None = None) -> MaintenanceResult:
+def run_maintenance(
+    url: str,
+    *,
+    recent_months: int = 2,
+    tables: Sequence[str] | None = None,
+    bloat_threshold: float = 0.35,
+    min_index_bytes: int = 8 * 1024 * 1024,
+    statement_timeout_ms: int = 30 * 60 * 1000,
+    lock_timeout_ms: int = 5000,
+    vacuum_cost_delay_ms: float = 2.0,
+    today: dt.date | None = None,
+) -> MaintenanceResult:
     """Nightly maintenance: ``VACUUM (ANALYZE)`` of :func:`maintenance_targets` (or ``tables``), then
     ``REINDEX INDEX CONCURRENTLY`` of their indexes past ``bloat_threshold`` (estimated, just after ANALYZE
     refreshed the statistics the estimate needs).
@@ -231,11 +266,15 @@ def run_maintenance(url: str, *, recent_months: int = 2, tables: Sequence[str] |
     result = MaintenanceResult()
     with connect(url, autocommit=True, application_name="perf_pipeline.maintenance") as conn:
         _set_timeouts(conn, statement_timeout_ms, lock_timeout_ms, vacuum_cost_delay_ms)
-        targets = list(tables) if tables is not None else maintenance_targets(conn, recent_months=recent_months,
-                                                                              today=today)
+        targets = (
+            list(tables)
+            if tables is not None
+            else maintenance_targets(conn, recent_months=recent_months, today=today)
+        )
         result.vacuumed = vacuum_analyze(conn, targets)
         result.reindexed, result.bloat_checked = reindex_bloated(
-            conn, targets, bloat_threshold=bloat_threshold, min_index_bytes=min_index_bytes)
+            conn, targets, bloat_threshold=bloat_threshold, min_index_bytes=min_index_bytes
+        )
     result.duration_ms = (time.perf_counter() - started) * 1000
     return result
 
@@ -273,14 +312,18 @@ def slow_statements(conn: psycopg.Connection, limit: int = 10) -> SlowStatements
     """
     version = conn.execute("SHOW server_version_num").fetchone()[0]
     if int(version) < 130000:  # the project supports PostgreSQL >= 15; say so rather than mis-read columns
-        return SlowStatements("unsupported", f"pg_stat_statements: PostgreSQL {version} < 13 is not supported")
+        return SlowStatements(
+            "unsupported", f"pg_stat_statements: PostgreSQL {version} < 13 is not supported"
+        )
     installed = conn.execute(
-        "SELECT extversion FROM pg_extension WHERE extname = 'pg_stat_statements'").fetchone()
+        "SELECT extversion FROM pg_extension WHERE extname = 'pg_stat_statements'"
+    ).fetchone()
     if installed is None:
         return SlowStatements(
             "not installed",
             "pg_stat_statements is not installed in this database: no slow-statement report "
-            "(CREATE EXTENSION pg_stat_statements; it also needs shared_preload_libraries).")
+            "(CREATE EXTENSION pg_stat_statements; it also needs shared_preload_libraries).",
+        )
     try:
         with conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
             rows = cur.execute(load_query("health_slow_statements"), {"limit": limit}).fetchall()
@@ -288,24 +331,33 @@ def slow_statements(conn: psycopg.Connection, limit: int = 10) -> SlowStatements
         return SlowStatements(
             "not loaded",
             "pg_stat_statements is installed but not loaded: add it to shared_preload_libraries and "
-            "restart PostgreSQL to get the slow-statement report.")
+            "restart PostgreSQL to get the slow-statement report.",
+        )
     except errors.InsufficientPrivilege:
-        return SlowStatements("no privilege", "pg_stat_statements: this role may not read it (grant pg_read_all_stats).")
-    return SlowStatements("ok", f"pg_stat_statements {installed[0]}: top {len(rows)} statements by mean time", rows)
+        return SlowStatements(
+            "no privilege", "pg_stat_statements: this role may not read it (grant pg_read_all_stats)."
+        )
+    return SlowStatements(
+        "ok", f"pg_stat_statements {installed[0]}: top {len(rows)} statements by mean time", rows
+    )
 
 
 #: a writer that has not published for this long is shown as stale (it publishes every ~15 s)
 AUDIT_WRITER_STALE = dt.timedelta(minutes=2)
 
 
-def audit_writers(conn: psycopg.Connection, *, within: dt.timedelta = dt.timedelta(days=1)) -> list[dict[str, Any]]:
+def audit_writers(
+    conn: psycopg.Connection, *, within: dt.timedelta = dt.timedelta(days=1)
+) -> list[dict[str, Any]]:
     """The platform's AuditWriter counters published in ``audit_writer_metrics`` (migration 0060) over
     ``within``, newest first, each with ``stale`` set when it stopped publishing. Empty without the table."""
     if not _exists(conn, "audit_writer_metrics"):
         return []
     rows = conn.execute(
         "SELECT writer, updated_at, metrics, now() - updated_at > %s FROM audit_writer_metrics "
-        "WHERE updated_at > now() - %s ORDER BY updated_at DESC", (AUDIT_WRITER_STALE, within)).fetchall()
+        "WHERE updated_at > now() - %s ORDER BY updated_at DESC",
+        (AUDIT_WRITER_STALE, within),
+    ).fetchall()
     return [{"writer": w, "updated_at": at, "stale": stale, **m} for w, at, m, stale in rows]
 
 
@@ -321,8 +373,15 @@ def health_report(conn: psycopg.Connection, *, top_statements: int = 10, dead_ro
         total = t["live_tuples"] + t["dead_tuples"]
         t["dead_ratio"] = t["dead_tuples"] / total if total else 0.0
     version = int(conn.execute("SHOW server_version_num").fetchone()[0])
-    return HealthReport(tables, dead, indexes, slow_statements(conn, top_statements), dict(database), version,
-                        audit_writers(conn))
+    return HealthReport(
+        tables,
+        dead,
+        indexes,
+        slow_statements(conn, top_statements),
+        dict(database),
+        version,
+        audit_writers(conn),
+    )
 
 
 def report_markdown(report: HealthReport) -> str:
@@ -332,46 +391,134 @@ def report_markdown(report: HealthReport) -> str:
         "### Tables (partitions grouped under their parent)",
         markdown_table(
             ["table", "partitions", "table", "indexes", "total", "rows (est.)", "dead tuples", "dead ratio"],
-            [(t["table_name"], t["partitions"] if t["partitioned"] else "", human_bytes(t["table_bytes"]),
-              human_bytes(t["index_bytes"]), human_bytes(t["total_bytes"]), t["est_rows"], t["dead_tuples"],
-              f"{t['dead_ratio']:.1%}") for t in report.tables]),
+            [
+                (
+                    t["table_name"],
+                    t["partitions"] if t["partitioned"] else "",
+                    human_bytes(t["table_bytes"]),
+                    human_bytes(t["index_bytes"]),
+                    human_bytes(t["total_bytes"]),
+                    t["est_rows"],
+                    t["dead_tuples"],
+                    f"{t['dead_ratio']:.1%}",
+                )
+                for t in report.tables
+            ],
+        ),
         "### Dead tuples (leaf tables, most first)",
         markdown_table(
             ["table", "parent", "live", "dead", "dead ratio", "last vacuum", "last analyze"],
-            [(d["table_name"], d["parent"], d["live_tuples"], d["dead_tuples"], f"{d['dead_ratio']:.1%}",
-              d["last_vacuum"], d["last_analyze"]) for d in report.dead_tuples]),
+            [
+                (
+                    d["table_name"],
+                    d["parent"],
+                    d["live_tuples"],
+                    d["dead_tuples"],
+                    f"{d['dead_ratio']:.1%}",
+                    d["last_vacuum"],
+                    d["last_analyze"],
+                )
+                for d in report.dead_tuples
+            ],
+        ),
         f"### Index usage ({len(report.unused_indexes)} unused; primary keys and constraint indexes are "
         "never flagged)",
         markdown_table(
             ["index", "table", "partitions", "scans", "size", "enforces constraint", "unused"],
-            [(i["index_name"], i["table_name"], i["leaf_indexes"], i["scans"], human_bytes(i["bytes"]),
-              "yes" if i["enforces_constraint"] else "", "**UNUSED**" if i["unused"] else "")
-             for i in report.indexes]),
+            [
+                (
+                    i["index_name"],
+                    i["table_name"],
+                    i["leaf_indexes"],
+                    i["scans"],
+                    human_bytes(i["bytes"]),
+                    "yes" if i["enforces_constraint"] else "",
+                    "**UNUSED**" if i["unused"] else "",
+                )
+                for i in report.indexes
+            ],
+        ),
         "### Slow statements (pg_stat_statements)",
         report.slow.message,
     ]
     if report.slow.rows:
-        parts.append(markdown_table(
-            ["calls", "mean ms", "max ms", "total ms", "rows", "query"],
-            [(s["calls"], s["mean_ms"], s["max_ms"], s["total_ms"], s["rows"], f"`{s['query']}`")
-             for s in report.slow.rows]))
+        parts.append(
+            markdown_table(
+                ["calls", "mean ms", "max ms", "total ms", "rows", "query"],
+                [
+                    (s["calls"], s["mean_ms"], s["max_ms"], s["total_ms"], s["rows"], f"`{s['query']}`")
+                    for s in report.slow.rows
+                ],
+            )
+        )
     parts += [
         "### Connections and transactions",
         markdown_table(
-            ["connections (db)", "active", "idle in tx", "waiting on locks", "server connections",
-             "max_connections", "commits", "rollbacks", "rollback ratio", "cache hit ratio", "deadlocks"],
-            [(db.get("connections"), db.get("active"), db.get("idle_in_transaction"), db.get("waiting_on_locks"),
-              db.get("server_connections"), db.get("max_connections"), db.get("commits"), db.get("rollbacks"),
-              f"{db.get('rollback_ratio', 0):.2%}", f"{db.get('cache_hit_ratio', 0):.2%}", db.get("deadlocks"))]),
+            [
+                "connections (db)",
+                "active",
+                "idle in tx",
+                "waiting on locks",
+                "server connections",
+                "max_connections",
+                "commits",
+                "rollbacks",
+                "rollback ratio",
+                "cache hit ratio",
+                "deadlocks",
+            ],
+            [
+                (
+                    db.get("connections"),
+                    db.get("active"),
+                    db.get("idle_in_transaction"),
+                    db.get("waiting_on_locks"),
+                    db.get("server_connections"),
+                    db.get("max_connections"),
+                    db.get("commits"),
+                    db.get("rollbacks"),
+                    f"{db.get('rollback_ratio', 0):.2%}",
+                    f"{db.get('cache_hit_ratio', 0):.2%}",
+                    db.get("deadlocks"),
+                )
+            ],
+        ),
     ]
     parts.append("### Audit writers (platform processes, from audit_writer_metrics)")
     if report.audit_writers:
-        parts.append(markdown_table(
-            ["writer", "updated", "stale", "queued", "written", "spooled", "dropped", "rejected", "flush p99 ms",
-             "database reachable", "last error"],
-            [(w["writer"], w["updated_at"], "**STALE**" if w["stale"] else "", w.get("queued"), w.get("written"),
-              w.get("spooled"), w.get("dropped"), w.get("rejected"), w.get("flush_p99_ms"), w.get("db_reachable"),
-              w.get("last_error") or "") for w in report.audit_writers]))
+        parts.append(
+            markdown_table(
+                [
+                    "writer",
+                    "updated",
+                    "stale",
+                    "queued",
+                    "written",
+                    "spooled",
+                    "dropped",
+                    "rejected",
+                    "flush p99 ms",
+                    "database reachable",
+                    "last error",
+                ],
+                [
+                    (
+                        w["writer"],
+                        w["updated_at"],
+                        "**STALE**" if w["stale"] else "",
+                        w.get("queued"),
+                        w.get("written"),
+                        w.get("spooled"),
+                        w.get("dropped"),
+                        w.get("rejected"),
+                        w.get("flush_p99_ms"),
+                        w.get("db_reachable"),
+                        w.get("last_error") or "",
+                    )
+                    for w in report.audit_writers
+                ],
+            )
+        )
     else:
         parts.append("_no audit writer published metrics in the last day_")
     return "\n\n".join(parts)
@@ -500,8 +647,9 @@ def probe_params(conn: psycopg.Connection) -> dict[str, Any]:
     }
 
 
-def run_probe(conn: psycopg.Connection, probe: Probe, params: Mapping[str, Any], *, runs: int = 5,
-              warmup: int = 1) -> ProbeResult:
+def run_probe(
+    conn: psycopg.Connection, probe: Probe, params: Mapping[str, Any], *, runs: int = 5, warmup: int = 1
+) -> ProbeResult:
     """Run ``EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON)`` of the probe ``warmup + runs`` times; the timed
     samples are PostgreSQL's planning + execution time (no network, no client). Keeps the indexes the
     plan used and, for the report, the last plan as text. Cost: ``runs + warmup + 1`` executions of
@@ -531,7 +679,9 @@ def run_probe(conn: psycopg.Connection, probe: Probe, params: Mapping[str, Any],
     return result
 
 
-def run_probes(conn: psycopg.Connection, *, runs: int = 5, probes: Sequence[Probe] = PROBES) -> list[ProbeResult]:
+def run_probes(
+    conn: psycopg.Connection, *, runs: int = 5, probes: Sequence[Probe] = PROBES
+) -> list[ProbeResult]:
     """Every probe against the live data (see :func:`run_probe`). Rolls back whatever it read in."""
     params = probe_params(conn)
     out = [run_probe(conn, p, params, runs=runs) for p in probes]
@@ -587,8 +737,9 @@ class ResourceSnapshot:
         return self.connections / self.max_connections if self.max_connections else 0.0
 
 
-def system_resources(conn: psycopg.Connection, *, previous: CpuSample | None = None,
-                     disk_path: str = "/") -> ResourceSnapshot:
+def system_resources(
+    conn: psycopg.Connection, *, previous: CpuSample | None = None, disk_path: str = "/"
+) -> ResourceSnapshot:
     """CPU, memory, disk and database connections, without blocking.
 
     CPU is the average utilisation since ``previous`` (e.g. the sample stored with the last
@@ -612,9 +763,15 @@ def system_resources(conn: psycopg.Connection, *, previous: CpuSample | None = N
     cpu = cpu_percent_between(base, now)
     cores = psutil.cpu_count() or 1
     return ResourceSnapshot(
-        cpu_percent=cpu, cpu_window_s=(now.total_s - base.total_s) / cores, cpu=now,
-        memory_percent=mem.percent, memory_available_bytes=mem.available,
-        disk_percent=disk.percent, disk_free_bytes=disk.free,
+        cpu_percent=cpu,
+        cpu_window_s=(now.total_s - base.total_s) / cores,
+        cpu=now,
+        memory_percent=mem.percent,
+        memory_available_bytes=mem.available,
+        disk_percent=disk.percent,
+        disk_free_bytes=disk.free,
         load_1m_per_core=psutil.getloadavg()[0] / cores,
-        connections=row[0], active_connections=row[1], max_connections=row[2],
+        connections=row[0],
+        active_connections=row[1],
+        max_connections=row[2],
     )

@@ -85,7 +85,8 @@ def apply_migrations(url: str, directory: Path = MIGRATIONS_DIR) -> list[str]:
                     if applied[mig.name] != mig.checksum:
                         raise MigrationError(
                             f"{mig.name} was edited after it was applied (checksum {applied[mig.name][:12]}… "
-                            f"recorded, {mig.checksum[:12]}… on disk); add a new migration instead")
+                            f"recorded, {mig.checksum[:12]}… on disk); add a new migration instead"
+                        )
                     continue
                 log.info("applying %s", mig.name)
                 started = time.perf_counter()

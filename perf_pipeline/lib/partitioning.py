@@ -224,8 +224,11 @@ def ensure_partitions(
     created = []
     for month in sorted({month_start(m) for m in months}):
         if month not in have and month in archived:
-            log.warning("%s: not created, the month is %s", partition_name(table, month),
-                        _archive_reason(archived[month]))
+            log.warning(
+                "%s: not created, the month is %s",
+                partition_name(table, month),
+                _archive_reason(archived[month]),
+            )
             continue
         if month not in have and ensure_partition(conn, table, month, **kwargs):
             created.append(partition_name(table, month))
@@ -321,7 +324,8 @@ def archive_states(conn: psycopg.Connection, table: str) -> dict[dt.date, str]:
         return {}
     return dict(
         conn.execute(
-            "SELECT month, state FROM archive_manifest WHERE table_name = %s AND state <> 'restored'", (table,)
+            "SELECT month, state FROM archive_manifest WHERE table_name = %s AND state <> 'restored'",
+            (table,),
         ).fetchall()
     )
 
@@ -333,7 +337,9 @@ def _archive_reason(state: str) -> str:
 def _try_month_lock(conn: psycopg.Connection, table: str, month: dt.date) -> bool:
     """Session advisory lock of the month's archive, without waiting (an archive holds it for minutes)."""
     return bool(
-        conn.execute(sql.SQL("SELECT pg_try_advisory_lock({})").format(archive_lock_key(table, month))).fetchone()[0]
+        conn.execute(
+            sql.SQL("SELECT pg_try_advisory_lock({})").format(archive_lock_key(table, month))
+        ).fetchone()[0]
     )
 
 
@@ -369,7 +375,13 @@ def unattached_partitions(conn: psycopg.Connection, table: str) -> list[str]:
 
 
 def _attach_interrupted_moves(
-    conn: psycopg.Connection, table: str, result: MoveResult, lock_timeout_ms: int, attempts: int, *, final: bool
+    conn: psycopg.Connection,
+    table: str,
+    result: MoveResult,
+    lock_timeout_ms: int,
+    attempts: int,
+    *,
+    final: bool,
 ) -> None:
     """Attach every :func:`unattached_partitions` table (an earlier run moved rows into it, then its attach
     failed or the process died). Under the month's advisory lock, re-checked there. If DEFAULT holds rows of
@@ -387,7 +399,9 @@ def _attach_interrupted_moves(
                 continue
             try:
                 if ensure_partition(conn, table, month, lock_timeout_ms=lock_timeout_ms, attempts=attempts):
-                    log.warning("%s: attached (moved rows were left in it unattached by an earlier run)", name)
+                    log.warning(
+                        "%s: attached (moved rows were left in it unattached by an earlier run)", name
+                    )
                     result.partitions_created.append(name)
             except (psycopg.errors.CheckViolation, psycopg.errors.LockNotAvailable) as exc:
                 if final:
@@ -473,7 +487,9 @@ def move_default_rows(
                     continue
                 _move_month(conn, table, month, move, default, key, batch_size, result)
                 try:
-                    if ensure_partition(conn, table, month, lock_timeout_ms=lock_timeout_ms, attempts=attempts):
+                    if ensure_partition(
+                        conn, table, month, lock_timeout_ms=lock_timeout_ms, attempts=attempts
+                    ):
                         result.partitions_created.append(partition_name(table, month))
                 except psycopg.errors.CheckViolation:
                     log.info(

@@ -136,8 +136,15 @@ def reconcile(conn: psycopg.Connection, start: dt.date, end: dt.date) -> list[Mi
     return [Mismatch(**r) for r in rows]
 
 
-def rollup_days(conn: psycopg.Connection, start: dt.date, end: dt.date, *, work_mem: str = "256MB",
-                check: bool = True, rollback_on_mismatch: bool = True) -> RollupResult:
+def rollup_days(
+    conn: psycopg.Connection,
+    start: dt.date,
+    end: dt.date,
+    *,
+    work_mem: str = "256MB",
+    check: bool = True,
+    rollback_on_mismatch: bool = True,
+) -> RollupResult:
     """Recompute the rollup of the UTC days ``[start, end)`` and, with ``check``, reconcile it.
 
     Steps: take the rollup advisory lock (session level; serializes rollups), clear the window's
@@ -193,7 +200,9 @@ def rollup_days(conn: psycopg.Connection, start: dt.date, end: dt.date, *, work_
 # ------------------------------------------------------------------------------------------- late data
 
 
-def stale_rolled_up_days(conn: psycopg.Connection, first: dt.date, last: dt.date) -> list[tuple[dt.date, dt.datetime]]:
+def stale_rolled_up_days(
+    conn: psycopg.Connection, first: dt.date, last: dt.date
+) -> list[tuple[dt.date, dt.datetime]]:
     """Marked days in ``[first, last]`` that are already rolled up, with their mark time, oldest first.
 
     Days marked but never rolled up are left alone: their first rollup will read the late rows anyway.
@@ -253,10 +262,14 @@ def _unit(granularity: str) -> str:
     try:
         return TREND_UNITS[granularity]
     except KeyError:
-        raise RollupError(f"granularity must be one of {', '.join(TREND_UNITS)}; got {granularity!r}") from None
+        raise RollupError(
+            f"granularity must be one of {', '.join(TREND_UNITS)}; got {granularity!r}"
+        ) from None
 
 
-def usage_trends(conn: psycopg.Connection, start: dt.date, end: dt.date, granularity: str) -> list[dict[str, Any]]:
+def usage_trends(
+    conn: psycopg.Connection, start: dt.date, end: dt.date, granularity: str
+) -> list[dict[str, Any]]:
     """Usage per period over the days ``[start, end]`` (inclusive), from the rollup tables only.
 
     ``granularity``: ``daily``, ``weekly`` (ISO weeks, Monday first) or ``monthly``. Every period
@@ -276,10 +289,14 @@ def usage_trends(conn: psycopg.Connection, start: dt.date, end: dt.date, granula
         providers = cur.execute(load_query("rollup_trends_providers"), params).fetchall()
     by_period: dict[dt.date, list[dict[str, Any]]] = {}
     for p in providers:
-        by_period.setdefault(p["period"], []).append({
-            "provider": p["provider"], "session_count": int(p["session_count"]),
-            "minutes": float(p["minutes"]), "revenue": float(p["revenue"]),
-        })
+        by_period.setdefault(p["period"], []).append(
+            {
+                "provider": p["provider"],
+                "session_count": int(p["session_count"]),
+                "minutes": float(p["minutes"]),
+                "revenue": float(p["revenue"]),
+            }
+        )
     return [
         {
             "period": r["period"].isoformat(),
@@ -299,5 +316,11 @@ def provider_breakdown(conn: psycopg.Connection, start: dt.date, end: dt.date) -
     most sessions first; every provider present. Cost: a few rollup rows per day, no ``usage_log``."""
     with conn.cursor(row_factory=dict_row) as cur:
         rows = cur.execute(load_query("rollup_provider_breakdown"), {"start": start, "end": end}).fetchall()
-    return [{"provider": r["provider"], "session_count": int(r["session_count"]),
-             "percentage": float(r["percentage"])} for r in rows]
+    return [
+        {
+            "provider": r["provider"],
+            "session_count": int(r["session_count"]),
+            "percentage": float(r["percentage"]),
+        }
+        for r in rows
+    ]

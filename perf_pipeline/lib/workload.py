@@ -57,10 +57,29 @@ OPERATIONS = np.array(["create", "read", "update", "delete", "export", "login"])
 OPERATION_SHARES = np.array([0.3, 0.35, 0.2, 0.05, 0.05, 0.05])
 DAY = 86_400_000_000  # microseconds
 
-USAGE_COLUMNS = ("user_id", "session_id", "created_at", "duration_minutes", "cost_usd", "is_billable", "stt_provider")
+USAGE_COLUMNS = (
+    "user_id",
+    "session_id",
+    "created_at",
+    "duration_minutes",
+    "cost_usd",
+    "is_billable",
+    "stt_provider",
+)
 SESSION_COLUMNS = ("id", "user_id", "title", "status", "stt_provider", "duration", "created_at", "updated_at")
-AUDIT_COLUMNS = ("id", "timestamp", "user_id", "entity_type", "entity_id", "event_type", "operation", "severity",
-                 "description", "details", "ip")
+AUDIT_COLUMNS = (
+    "id",
+    "timestamp",
+    "user_id",
+    "entity_type",
+    "entity_id",
+    "event_type",
+    "operation",
+    "severity",
+    "description",
+    "details",
+    "ip",
+)
 
 CHUNK_ROWS = 250_000
 T = TypeVar("T")
@@ -135,7 +154,17 @@ def _uuid_strings(raw: np.ndarray) -> pa.Array:
     n = raw.shape[0]
     hexed = np.frombuffer(raw.tobytes().hex().encode(), dtype="S1").reshape(n, 32)
     dash = np.full((n, 1), b"-", dtype="S1")
-    parts = [hexed[:, 0:8], dash, hexed[:, 8:12], dash, hexed[:, 12:16], dash, hexed[:, 16:20], dash, hexed[:, 20:32]]
+    parts = [
+        hexed[:, 0:8],
+        dash,
+        hexed[:, 8:12],
+        dash,
+        hexed[:, 12:16],
+        dash,
+        hexed[:, 16:20],
+        dash,
+        hexed[:, 20:32],
+    ]
     joined = np.ascontiguousarray(np.concatenate(parts, axis=1)).view("S36").ravel()
     return pa.array(joined, type=pa.binary(36)).cast(pa.string())
 
@@ -198,27 +227,48 @@ class _Generator:
         minutes = np.clip(np.round(rng.lognormal(mean=2.1, sigma=0.8, size=n), 2), 0.05, 240.0)
         cost = np.round(minutes * PROVIDER_RATE_PER_MIN[prov_idx], 4)
         billable = rng.random(n) < 0.8
-        usage = pa.table({
-            "user_id": users, "session_id": session_ids, "created_at": _ts_array(ts),
-            "duration_minutes": minutes, "cost_usd": cost, "is_billable": billable,
-            "stt_provider": _pick(PROVIDERS, prov_idx),
-        })
+        usage = pa.table(
+            {
+                "user_id": users,
+                "session_id": session_ids,
+                "created_at": _ts_array(ts),
+                "duration_minutes": minutes,
+                "cost_usd": cost,
+                "is_billable": billable,
+                "stt_provider": _pick(PROVIDERS, prov_idx),
+            }
+        )
         age_us = self.end_us - ts
         recent = age_us < 2 * 3_600_000_000
         roll = rng.random(n)
-        status = np.where(recent, np.select([roll < 0.10, roll < 0.70, roll < 0.95], ["created", "processing", "completed"],
-                                            "failed"),
-                          np.where(roll < 0.95, "completed", "failed"))
+        status = np.where(
+            recent,
+            np.select(
+                [roll < 0.10, roll < 0.70, roll < 0.95], ["created", "processing", "completed"], "failed"
+            ),
+            np.where(roll < 0.95, "completed", "failed"),
+        )
         seconds = np.round(minutes * 60).astype(np.int64)
-        processing_us = np.where(status == "failed", rng.integers(1, 600, size=n) * 1_000_000,
-                                 np.where(np.isin(status, ["created", "processing"]), 0, seconds * 300_000))
+        processing_us = np.where(
+            status == "failed",
+            rng.integers(1, 600, size=n) * 1_000_000,
+            np.where(np.isin(status, ["created", "processing"]), 0, seconds * 300_000),
+        )
         updated = np.minimum(ts + processing_us, np.maximum(ts, self.end_us))
-        sessions = pa.table({
-            "id": session_ids, "user_id": users,
-            "title": pc.binary_join_element_wise("Session ", pc.cast(pa.array(ts % 1_000_000), pa.string()), ""),
-            "status": pa.array(status), "stt_provider": _pick(PROVIDERS, prov_idx), "duration": seconds,
-            "created_at": _ts_array(ts), "updated_at": _ts_array(updated),
-        })
+        sessions = pa.table(
+            {
+                "id": session_ids,
+                "user_id": users,
+                "title": pc.binary_join_element_wise(
+                    "Session ", pc.cast(pa.array(ts % 1_000_000), pa.string()), ""
+                ),
+                "status": pa.array(status),
+                "stt_provider": _pick(PROVIDERS, prov_idx),
+                "duration": seconds,
+                "created_at": _ts_array(ts),
+                "updated_at": _ts_array(updated),
+            }
+        )
         return usage, sessions
 
     def audit(self, day: int) -> pa.Table:
@@ -228,27 +278,46 @@ class _Generator:
         n = len(ts)
         ids = _uuid_strings(_uuid7(rng, ts))
         user_idx = rng.choice(self.spec.users, size=n, p=self.user_probs)
-        users = pc.if_else(pa.array(rng.random(n) < 0.95), pc.take(self.user_ids, pa.array(user_idx)),
-                           pa.nulls(n, pa.string()))
+        users = pc.if_else(
+            pa.array(rng.random(n) < 0.95),
+            pc.take(self.user_ids, pa.array(user_idx)),
+            pa.nulls(n, pa.string()),
+        )
         etype_idx = rng.choice(len(ENTITY_TYPES), size=n, p=ENTITY_SHARES)
         pool = max(1000, n * self.spec.days // 20)
         entity_no = rng.integers(0, pool, size=n)
-        entity_ids = pc.binary_join_element_wise(_pick(ENTITY_TYPES, etype_idx),
-                                                 pc.cast(pa.array(entity_no), pa.string()), "-")
+        entity_ids = pc.binary_join_element_wise(
+            _pick(ENTITY_TYPES, etype_idx), pc.cast(pa.array(entity_no), pa.string()), "-"
+        )
         op_idx = rng.choice(len(OPERATIONS), size=n, p=OPERATION_SHARES)
-        event_types = pc.binary_join_element_wise(_pick(ENTITY_TYPES, etype_idx), _pick(OPERATIONS, op_idx), ".")
+        event_types = pc.binary_join_element_wise(
+            _pick(ENTITY_TYPES, etype_idx), _pick(OPERATIONS, op_idx), "."
+        )
         severity = _pick(SEVERITIES, rng.choice(len(SEVERITIES), size=n, p=SEVERITY_SHARES))
-        description = pc.binary_join_element_wise(_pick(OPERATIONS, op_idx), _pick(ENTITY_TYPES, etype_idx),
-                                                  entity_ids, " ")
+        description = pc.binary_join_element_wise(
+            _pick(OPERATIONS, op_idx), _pick(ENTITY_TYPES, etype_idx), entity_ids, " "
+        )
         request = pc.cast(pa.array(rng.integers(0, 2**40, size=n)), pa.string())
         details = pc.binary_join_element_wise('{"request_id": "', request, '", "source": "api"}', "")
         ip = rng.integers(0, 256, size=(n, 3))
-        ips = pc.binary_join_element_wise("10", *(pc.cast(pa.array(ip[:, k]), pa.string()) for k in range(3)), ".")
-        table = pa.table({
-            "id": ids, "timestamp": _ts_array(ts), "user_id": users, "entity_type": _pick(ENTITY_TYPES, etype_idx),
-            "entity_id": entity_ids, "event_type": event_types, "operation": _pick(OPERATIONS, op_idx),
-            "severity": severity, "description": description, "details": details, "ip": ips,
-        })
+        ips = pc.binary_join_element_wise(
+            "10", *(pc.cast(pa.array(ip[:, k]), pa.string()) for k in range(3)), "."
+        )
+        table = pa.table(
+            {
+                "id": ids,
+                "timestamp": _ts_array(ts),
+                "user_id": users,
+                "entity_type": _pick(ENTITY_TYPES, etype_idx),
+                "entity_id": entity_ids,
+                "event_type": event_types,
+                "operation": _pick(OPERATIONS, op_idx),
+                "severity": severity,
+                "description": description,
+                "details": details,
+                "ip": ips,
+            }
+        )
         return table
 
 
@@ -265,10 +334,11 @@ def render_csv(table: pa.Table) -> memoryview:
 def copy_csv(conn: psycopg.Connection, target: str, columns: tuple[str, ...], data: memoryview) -> None:
     """Stream CSV bytes into ``target`` with COPY, in 1 MiB writes. Caller commits."""
     stmt = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT csv)").format(
-        sql.Identifier(target), sql.SQL(", ").join(map(sql.Identifier, columns)))
+        sql.Identifier(target), sql.SQL(", ").join(map(sql.Identifier, columns))
+    )
     with conn.cursor() as cur, cur.copy(stmt) as copy:
         for off in range(0, len(data), 1 << 20):
-            copy.write(data[off:off + (1 << 20)])
+            copy.write(data[off : off + (1 << 20)])
 
 
 def copy_table(conn: psycopg.Connection, target: str, columns: tuple[str, ...], table: pa.Table) -> int:
@@ -360,8 +430,13 @@ def _pieces(tables: Iterator[list[tuple[str | None, tuple[str, ...], pa.Table]]]
                 yield target, columns, part.num_rows, render_csv(part)
 
 
-def _load_month(conn: psycopg.Connection, table: str, month: dt.date, pieces: Iterator[Piece],
-                on_rows: Callable[[int], None]) -> None:
+def _load_month(
+    conn: psycopg.Connection,
+    table: str,
+    month: dt.date,
+    pieces: Iterator[Piece],
+    on_rows: Callable[[int], None],
+) -> None:
     """COPY a month of rows. A month with no partition yet is bulk-loaded: COPY into a fresh standalone
     table, then ATTACH, which builds the parent's indexes by sorting (3-4x cheaper than maintaining them
     row by row), all in the caller's transaction, so a failure leaves nothing behind."""
@@ -370,15 +445,21 @@ def _load_month(conn: psycopg.Connection, table: str, month: dt.date, pieces: It
     # loaded under its final name: the caller's transaction hides it until commit, and drops it on failure
     main = name if fresh else table
     if fresh:
-        conn.execute(sql.SQL("CREATE TABLE {} (LIKE {} INCLUDING DEFAULTS INCLUDING CONSTRAINTS)").format(
-            sql.Identifier(name), sql.Identifier(table)))
+        conn.execute(
+            sql.SQL("CREATE TABLE {} (LIKE {} INCLUDING DEFAULTS INCLUDING CONSTRAINTS)").format(
+                sql.Identifier(name), sql.Identifier(table)
+            )
+        )
     for target, columns, rows, data in _prefetch(pieces):
         copy_csv(conn, target or main, columns, data)
         on_rows(rows)
     if fresh:
         lo, hi = month_bounds(month)
-        conn.execute(sql.SQL("ALTER TABLE {} ATTACH PARTITION {} FOR VALUES FROM ({}) TO ({})").format(
-            sql.Identifier(table), sql.Identifier(name), sql.Literal(lo), sql.Literal(hi)))
+        conn.execute(
+            sql.SQL("ALTER TABLE {} ATTACH PARTITION {} FOR VALUES FROM ({}) TO ({})").format(
+                sql.Identifier(table), sql.Identifier(name), sql.Literal(lo), sql.Literal(hi)
+            )
+        )
 
 
 def load_workload(url: str, spec: WorkloadSpec, *, workers: int = 2, progress: bool = False) -> LoadResult:
@@ -408,6 +489,7 @@ def load_workload(url: str, spec: WorkloadSpec, *, workers: int = 2, progress: b
             for day in days:
                 usage, sessions = gen.usage_and_sessions(day)
                 yield [("session", SESSION_COLUMNS, sessions), (None, USAGE_COLUMNS, usage)]
+
         return lambda conn: _load_month(conn, "usage_log", by_month_of[days[0]], _pieces(tables()), done)
 
     def audit_job(days: list[int]) -> Callable[[psycopg.Connection], None]:

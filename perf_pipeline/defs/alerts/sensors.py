@@ -27,7 +27,10 @@ def alert_on_run_failure(context: dg.RunFailureSensorContext, postgres: Postgres
     run = context.dagster_run
     message = context.failure_event.message or "run failed"
     alert = Alert(
-        key=f"run_failure:{run.run_id}", kind="run_failure", source=run.job_name, message=message,
+        key=f"run_failure:{run.run_id}",
+        kind="run_failure",
+        source=run.job_name,
+        message=message,
         details={"run_id": run.run_id, "job_name": run.job_name, "tags": dict(run.tags)},
     )
     with postgres.connection() as conn:
@@ -47,17 +50,19 @@ def _cursor(raw: str | None) -> int:
 @dg.sensor(
     name="alert_on_check_failure",
     description="Records an alert (alert_event row, log, optional webhook) for every failed asset check "
-                "evaluation (both severities), reading new evaluations from the instance's event log.",
+    "evaluation (both severities), reading new evaluations from the instance's event log.",
     minimum_interval_seconds=30,
     default_status=dg.DefaultSensorStatus.RUNNING,
 )
-def alert_on_check_failure(context: dg.SensorEvaluationContext,
-                           postgres: PostgresResource) -> dg.SkipReason:
+def alert_on_check_failure(context: dg.SensorEvaluationContext, postgres: PostgresResource) -> dg.SkipReason:
     after = _cursor(context.cursor)
     records = context.instance.event_log_storage.get_event_records(
-        dg.EventRecordsFilter(event_type=dg.DagsterEventType.ASSET_CHECK_EVALUATION,
-                              after_cursor=after or None),
-        limit=CHECK_BATCH, ascending=True)
+        dg.EventRecordsFilter(
+            event_type=dg.DagsterEventType.ASSET_CHECK_EVALUATION, after_cursor=after or None
+        ),
+        limit=CHECK_BATCH,
+        ascending=True,
+    )
     recorded = 0
     webhook = get_settings().alert_webhook_url
     with postgres.connection() as conn:
@@ -66,13 +71,23 @@ def alert_on_check_failure(context: dg.SensorEvaluationContext,
             if evaluation is None or evaluation.passed:
                 continue
             source = f"{evaluation.asset_key.to_user_string()}:{evaluation.check_name}"
-            metadata = {k: v.value for k, v in evaluation.metadata.items()
-                        if isinstance(v.value, int | float | str | bool)}
+            metadata = {
+                k: v.value
+                for k, v in evaluation.metadata.items()
+                if isinstance(v.value, int | float | str | bool)
+            }
             alert = Alert(
-                key=f"check_failure:{record.storage_id}", kind="check_failure", source=source,
-                message=evaluation.description or f"asset check {source} failed ({evaluation.severity.value})",
-                details={"run_id": record.run_id, "severity": evaluation.severity.value,
-                         "partition": evaluation.partition, "metadata": metadata},
+                key=f"check_failure:{record.storage_id}",
+                kind="check_failure",
+                source=source,
+                message=evaluation.description
+                or f"asset check {source} failed ({evaluation.severity.value})",
+                details={
+                    "run_id": record.run_id,
+                    "severity": evaluation.severity.value,
+                    "partition": evaluation.partition,
+                    "metadata": metadata,
+                },
             )
             recorded += raise_alert(conn, alert, webhook_url=webhook)
     if records:

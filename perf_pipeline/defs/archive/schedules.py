@@ -51,7 +51,9 @@ def _requests(
         else:  # not a key of ARCHIVE_PARTITIONS: only `perf-pipeline archive run` can finish it
             context.log.warning(
                 "archive of %s stopped half-way but is outside the schedule's partitions: run "
-                "`perf-pipeline archive run %s` (or restore it)", month, f"{month:%Y-%m}"
+                "`perf-pipeline archive run %s` (or restore it)",
+                month,
+                f"{month:%Y-%m}",
             )
     for month in sorted(m for m in months if m >= FIRST_MONTH):
         # the tick's day is in the run_key: Dagster skips a request whose run_key this schedule used before,

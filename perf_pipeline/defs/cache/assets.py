@@ -21,27 +21,40 @@ from perf_pipeline.settings import get_settings
         "them cache-aside (perf_pipeline.lib.cache)."
     ),
 )
-def dashboard_cache(context: dg.AssetExecutionContext, postgres: PostgresResource,
-                    redis: RedisResource) -> dg.MaterializeResult:
+def dashboard_cache(
+    context: dg.AssetExecutionContext, postgres: PostgresResource, redis: RedisResource
+) -> dg.MaterializeResult:
     settings = get_settings()
     today = dt.datetime.now(dt.UTC).date()
     client = redis.client()
     try:
         with postgres.connection(autocommit=True) as conn:
-            result = warm_dashboard_cache(conn, client, today=today, kpi_ttl_s=settings.kpi_ttl_seconds,
-                                          trends_ttl_s=settings.trends_ttl_seconds)
+            result = warm_dashboard_cache(
+                conn,
+                client,
+                today=today,
+                kpi_ttl_s=settings.kpi_ttl_seconds,
+                trends_ttl_s=settings.trends_ttl_seconds,
+            )
     finally:
         client.close()
-    context.log.info("cache generation %d: %d keys, %d bytes", result.generation, len(result.keys), result.bytes)
+    context.log.info(
+        "cache generation %d: %d keys, %d bytes", result.generation, len(result.keys), result.bytes
+    )
     table = "\n".join(
         ["| key | compute ms | TTL s |", "|---|---:|---:|"]
-        + [f"| `{key}` | {e.compute_ms:.1f} | {e.expires_at - e.computed_at:.0f} |" for key, e in result.keys.items()]
+        + [
+            f"| `{key}` | {e.compute_ms:.1f} | {e.expires_at - e.computed_at:.0f} |"
+            for key, e in result.keys.items()
+        ]
     )
-    return dg.MaterializeResult(metadata={
-        "keys": len(result.keys),
-        "bytes": result.bytes,
-        "duration_ms": result.duration_ms,
-        "generation": result.generation,
-        "compute_ms": sum(e.compute_ms for e in result.keys.values()),
-        "entries": dg.MetadataValue.md(table),
-    })
+    return dg.MaterializeResult(
+        metadata={
+            "keys": len(result.keys),
+            "bytes": result.bytes,
+            "duration_ms": result.duration_ms,
+            "generation": result.generation,
+            "compute_ms": sum(e.compute_ms for e in result.keys.values()),
+            "entries": dg.MetadataValue.md(table),
+        }
+    )

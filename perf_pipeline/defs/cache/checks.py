@@ -22,8 +22,11 @@ def _standard_keys(today: dt.date) -> dict[str, object]:
     return keys
 
 
-@dg.asset_check(asset=dashboard_cache, blocking=False,
-                description="Every warmed key is in Redis, of the current generation, and younger than its TTL.")
+@dg.asset_check(
+    asset=dashboard_cache,
+    blocking=False,
+    description="Every warmed key is in Redis, of the current generation, and younger than its TTL.",
+)
 def dashboard_cache_keys_fresh(redis: RedisResource) -> dg.AssetCheckResult:
     settings = get_settings()
     keys = list(_standard_keys(dt.datetime.now(dt.UTC).date()))
@@ -48,16 +51,24 @@ def dashboard_cache_keys_fresh(redis: RedisResource) -> dg.AssetCheckResult:
             "max_age_s": max(ages.values(), default=math.nan),
             "kpi_ttl_s": settings.kpi_ttl_seconds,
             "trends_ttl_s": settings.trends_ttl_seconds,
-            "problems": dg.MetadataValue.md("\n".join(
-                [f"- missing `{k}`" for k in missing] + [f"- older generation `{k}`" for k in old_generation]
-                + [f"- `{k}` is {ages[k]:.0f} s old (TTL {ttl[k]} s)" for k in too_old]) or "none"),
+            "problems": dg.MetadataValue.md(
+                "\n".join(
+                    [f"- missing `{k}`" for k in missing]
+                    + [f"- older generation `{k}`" for k in old_generation]
+                    + [f"- `{k}` is {ages[k]:.0f} s old (TTL {ttl[k]} s)" for k in too_old]
+                )
+                or "none"
+            ),
         },
     )
 
 
-@dg.asset_check(asset=dashboard_cache, blocking=False,
-                description="Cached values equal a fresh SQL computation (KPIs recomputed at the cached instant; "
-                            "the live active_transcriptions gauge is reported, not compared).")
+@dg.asset_check(
+    asset=dashboard_cache,
+    blocking=False,
+    description="Cached values equal a fresh SQL computation (KPIs recomputed at the cached instant; "
+    "the live active_transcriptions gauge is reported, not compared).",
+)
 def dashboard_cache_matches_sql(postgres: PostgresResource, redis: RedisResource) -> dg.AssetCheckResult:
     wanted = _standard_keys(dt.datetime.now(dt.UTC).date())
     client = redis.client()
@@ -96,9 +107,12 @@ def dashboard_cache_matches_sql(postgres: PostgresResource, redis: RedisResource
     )
 
 
-@dg.asset_check(asset=dashboard_cache, blocking=False,
-                description=f"Share of dashboard reads served from Redis over the last {HIT_RATE_WINDOW_MINUTES} "
-                            f"minutes is at least {HIT_RATE_THRESHOLD:.0%} (no reads: passes, rate NaN).")
+@dg.asset_check(
+    asset=dashboard_cache,
+    blocking=False,
+    description=f"Share of dashboard reads served from Redis over the last {HIT_RATE_WINDOW_MINUTES} "
+    f"minutes is at least {HIT_RATE_THRESHOLD:.0%} (no reads: passes, rate NaN).",
+)
 def dashboard_cache_hit_rate(redis: RedisResource) -> dg.AssetCheckResult:
     client = redis.client()
     try:

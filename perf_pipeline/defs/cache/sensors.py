@@ -21,7 +21,9 @@ ROLLUP_KEY = dg.AssetKey("usage_daily_metrics")
         "serves new rollup numbers within a minute instead of at the next 15-minute warm."
     ),
 )
-def refresh_dashboard_cache_after_rollup(context: dg.SensorEvaluationContext) -> dg.SensorResult | dg.SkipReason:
+def refresh_dashboard_cache_after_rollup(
+    context: dg.SensorEvaluationContext,
+) -> dg.SensorResult | dg.SkipReason:
     seen = json.loads(context.cursor)["last_storage_id"] if context.cursor else 0
     # newest materialization only: one indexed query however many partitions were rolled up
     records = context.instance.fetch_materializations(ROLLUP_KEY, limit=1).records

@@ -41,9 +41,11 @@ def export_run_request(request_id: int, kind: str) -> dg.RunRequest:
     minimum_interval_seconds=15,
     default_status=dg.DefaultSensorStatus.RUNNING,
     description="Every 15 s: one export_job run per new pending data_export request (run_key = request id); "
-                "invalid requests are marked failed without a run.",
+    "invalid requests are marked failed without a run.",
 )
-def pending_exports_sensor(context: dg.SensorEvaluationContext, postgres: PostgresResource) -> dg.SensorResult:
+def pending_exports_sensor(
+    context: dg.SensorEvaluationContext, postgres: PostgresResource
+) -> dg.SensorResult:
     cursor = json.loads(context.cursor) if context.cursor else {}
     launched: set[int] = set(cursor.get("launched", []))
     settings = get_settings()
@@ -82,7 +84,7 @@ def _request_id(run: dg.DagsterRun) -> int | None:
     monitored_jobs=[export_job],
     default_status=dg.DefaultSensorStatus.RUNNING,
     description="When an export run fails (including a killed process noticed by run monitoring), mark its "
-                "request failed so it does not stay 'running'.",
+    "request failed so it does not stay 'running'.",
 )
 def export_run_failure_sensor(context: dg.RunFailureSensorContext, postgres: PostgresResource) -> None:
     request_id = _request_id(context.dagster_run)
@@ -90,8 +92,12 @@ def export_run_failure_sensor(context: dg.RunFailureSensorContext, postgres: Pos
         return
     message = context.failure_event.message or "run failed"
     with postgres.connection(autocommit=True) as conn:
-        mark_run_ended(conn, request_id, context.dagster_run.run_id,
-                       f"Dagster run {context.dagster_run.run_id} failed: {message}")
+        mark_run_ended(
+            conn,
+            request_id,
+            context.dagster_run.run_id,
+            f"Dagster run {context.dagster_run.run_id} failed: {message}",
+        )
 
 
 @dg.run_status_sensor(
@@ -99,12 +105,16 @@ def export_run_failure_sensor(context: dg.RunFailureSensorContext, postgres: Pos
     monitored_jobs=[export_job],
     default_status=dg.DefaultSensorStatus.RUNNING,
     description="When an export run is canceled (even while queued), mark its request failed: its run_key "
-                "is spent, so the pending sensor would never launch it again.",
+    "is spent, so the pending sensor would never launch it again.",
 )
 def export_run_canceled_sensor(context: dg.RunStatusSensorContext, postgres: PostgresResource) -> None:
     request_id = _request_id(context.dagster_run)
     if request_id is None:
         return
     with postgres.connection(autocommit=True) as conn:
-        mark_run_ended(conn, request_id, context.dagster_run.run_id,
-                       f"Dagster run {context.dagster_run.run_id} was canceled")
+        mark_run_ended(
+            conn,
+            request_id,
+            context.dagster_run.run_id,
+            f"Dagster run {context.dagster_run.run_id} was canceled",
+        )

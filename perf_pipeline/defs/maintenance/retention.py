@@ -22,7 +22,8 @@ def prune_runs(instance: dg.DagsterInstance, cutoff: dt.datetime, *, keep_run_id
     deleted = 0
     while True:
         records = instance.get_run_records(
-            filters=dg.RunsFilter(created_before=cutoff, statuses=FINISHED), limit=BATCH)
+            filters=dg.RunsFilter(created_before=cutoff, statuses=FINISHED), limit=BATCH
+        )
         ids = [r.dagster_run.run_id for r in records if r.dagster_run.run_id != keep_run_id]
         if not ids:
             return deleted
@@ -55,5 +56,5 @@ prune_run_history_daily_0400 = dg.ScheduleDefinition(
     cron_schedule="0 4 * * *",
     execution_timezone="UTC",
     description="Daily at 04:00 UTC, after the 03:00 maintenance: Dagster's run and event-log tables "
-                "would otherwise grow without bound.",
+    "would otherwise grow without bound.",
 )

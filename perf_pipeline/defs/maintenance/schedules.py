@@ -10,12 +10,16 @@ from perf_pipeline.defs.maintenance.assets import (
 )
 
 db_maintenance_job = dg.define_asset_job(
-    "db_maintenance_job", selection=[db_maintenance],
-    description="VACUUM (ANALYZE) of hot tables and recent partitions, REINDEX CONCURRENTLY of bloated indexes.")
+    "db_maintenance_job",
+    selection=[db_maintenance],
+    description="VACUUM (ANALYZE) of hot tables and recent partitions, REINDEX CONCURRENTLY of bloated indexes.",
+)
 
 db_health_job = dg.define_asset_job(
-    "db_health_job", selection=[db_health_report, query_latency_budgets],
-    description="Health report and query latency budgets.")
+    "db_health_job",
+    selection=[db_health_report, query_latency_budgets],
+    description="Health report and query latency budgets.",
+)
 
 system_resources_job = dg.define_asset_job("system_resources_job", selection=[system_resources])
 
@@ -33,7 +37,7 @@ db_health_hourly = dg.ScheduleDefinition(
     cron_schedule="10 * * * *",
     execution_timezone="UTC",
     description="Hourly at :10: sizes and ratios plot hour by hour, and a latency regression (a dropped "
-                "index, a bad plan) fails a check within the hour. Off the hour, away from the rollups.",
+    "index, a bad plan) fails a check within the hour. Off the hour, away from the rollups.",
 )
 
 system_resources_every_5_min = dg.ScheduleDefinition(

@@ -47,21 +47,37 @@ MAX_LISTED = 20  # days listed in check metadata; the counts are always complete
         "dashboard_daily_metrics reads it."
     ),
     check_specs=[
-        dg.AssetCheckSpec(CHECK_RECONCILED, asset=ASSET_KEY, blocking=True,
-                          description="Sessions, minutes and billable revenue per day and per provider "
-                                      "exactly equal usage_log's, on the rollup's own snapshot."),
-        dg.AssetCheckSpec(CHECK_NON_NEGATIVE, asset=ASSET_KEY, blocking=True,
-                          description="No negative number in the rolled-up days."),
-        dg.AssetCheckSpec(CHECK_NO_MISSING_DAYS, asset=ASSET_KEY, blocking=False,
-                          description="Every day of the last 90 (before today) has a rollup row; "
-                                      "a gap means a backfill is due."),
+        dg.AssetCheckSpec(
+            CHECK_RECONCILED,
+            asset=ASSET_KEY,
+            blocking=True,
+            description="Sessions, minutes and billable revenue per day and per provider "
+            "exactly equal usage_log's, on the rollup's own snapshot.",
+        ),
+        dg.AssetCheckSpec(
+            CHECK_NON_NEGATIVE,
+            asset=ASSET_KEY,
+            blocking=True,
+            description="No negative number in the rolled-up days.",
+        ),
+        dg.AssetCheckSpec(
+            CHECK_NO_MISSING_DAYS,
+            asset=ASSET_KEY,
+            blocking=False,
+            description="Every day of the last 90 (before today) has a rollup row; "
+            "a gap means a backfill is due.",
+        ),
     ],
 )
-def usage_daily_metrics(context: dg.AssetExecutionContext, postgres: PostgresResource) -> dg.MaterializeResult:
+def usage_daily_metrics(
+    context: dg.AssetExecutionContext, postgres: PostgresResource
+) -> dg.MaterializeResult:
     window = context.partition_time_window
     start, end = window.start.date(), window.end.date()
     keys = context.partition_keys
-    context.log.info("rolling up %d day(s): %s", len(keys), keys[0] if len(keys) == 1 else f"{keys[0]}...{keys[-1]}")
+    context.log.info(
+        "rolling up %d day(s): %s", len(keys), keys[0] if len(keys) == 1 else f"{keys[0]}...{keys[-1]}"
+    )
     with postgres.connection(autocommit=True) as conn:
         result = rollup_days(conn, start, end)
         negatives = negative_days(conn, start, end)
@@ -69,15 +85,22 @@ def usage_daily_metrics(context: dg.AssetExecutionContext, postgres: PostgresRes
         first = max(first_rollup_day(), today - dt.timedelta(days=LOOKBACK_DAYS))
         missing = missing_days(conn, first, today - dt.timedelta(days=1)) if first < today else []
     if not result.committed:
-        context.log.error("reconciliation failed on %d day(s); the rollup was rolled back, the tables keep "
-                          "their previous numbers", len({m.day for m in result.mismatches}))
+        context.log.error(
+            "reconciliation failed on %d day(s); the rollup was rolled back, the tables keep "
+            "their previous numbers",
+            len({m.day for m in result.mismatches}),
+        )
     if result.stale_days_cleared:
-        context.log.info("late-data marks cleared: %s", ", ".join(d.isoformat() for d in result.stale_days_cleared))
+        context.log.info(
+            "late-data marks cleared: %s", ", ".join(d.isoformat() for d in result.stale_days_cleared)
+        )
 
     mismatch_days = sorted({m.day for m in result.mismatches})
     checks = [
         dg.AssetCheckResult(
-            check_name=CHECK_RECONCILED, passed=result.reconciled, severity=dg.AssetCheckSeverity.ERROR,
+            check_name=CHECK_RECONCILED,
+            passed=result.reconciled,
+            severity=dg.AssetCheckSeverity.ERROR,
             metadata={
                 "mismatching_days": len(mismatch_days),
                 "mismatches": dg.MetadataValue.md(_mismatch_table(result)) if result.mismatches else "none",
@@ -87,15 +110,25 @@ def usage_daily_metrics(context: dg.AssetExecutionContext, postgres: PostgresRes
             },
         ),
         dg.AssetCheckResult(
-            check_name=CHECK_NON_NEGATIVE, passed=not negatives, severity=dg.AssetCheckSeverity.ERROR,
-            metadata={"negative_days": len(negatives),
-                      "days": ", ".join(d.isoformat() for d in negatives[:MAX_LISTED]) or "none"},
+            check_name=CHECK_NON_NEGATIVE,
+            passed=not negatives,
+            severity=dg.AssetCheckSeverity.ERROR,
+            metadata={
+                "negative_days": len(negatives),
+                "days": ", ".join(d.isoformat() for d in negatives[:MAX_LISTED]) or "none",
+            },
         ),
         dg.AssetCheckResult(
-            check_name=CHECK_NO_MISSING_DAYS, passed=not missing, severity=dg.AssetCheckSeverity.WARN,
-            metadata={"missing_days": len(missing), "threshold": 0,
-                      "from": first.isoformat(), "to": (today - dt.timedelta(days=1)).isoformat(),
-                      "days": ", ".join(d.isoformat() for d in missing[:MAX_LISTED]) or "none"},
+            check_name=CHECK_NO_MISSING_DAYS,
+            passed=not missing,
+            severity=dg.AssetCheckSeverity.WARN,
+            metadata={
+                "missing_days": len(missing),
+                "threshold": 0,
+                "from": first.isoformat(),
+                "to": (today - dt.timedelta(days=1)).isoformat(),
+                "days": ", ".join(d.isoformat() for d in missing[:MAX_LISTED]) or "none",
+            },
         ),
     ]
     return dg.MaterializeResult(
@@ -117,10 +150,15 @@ def usage_daily_metrics(context: dg.AssetExecutionContext, postgres: PostgresRes
 
 
 def _mismatch_table(result: RollupResult) -> str:
-    lines = ["| day | provider | sessions (usage_log / rollup) | minutes | revenue |", "|---|---|---|---|---|"]
+    lines = [
+        "| day | provider | sessions (usage_log / rollup) | minutes | revenue |",
+        "|---|---|---|---|---|",
+    ]
     for m in result.mismatches[:MAX_LISTED]:
-        lines.append(f"| {m.day} | {m.provider} | {m.expected_sessions} / {m.rolled_sessions} | "
-                     f"{m.expected_minutes} / {m.rolled_minutes} | {m.expected_revenue} / {m.rolled_revenue} |")
+        lines.append(
+            f"| {m.day} | {m.provider} | {m.expected_sessions} / {m.rolled_sessions} | "
+            f"{m.expected_minutes} / {m.rolled_minutes} | {m.expected_revenue} / {m.rolled_revenue} |"
+        )
     return "\n".join(lines)
 
 

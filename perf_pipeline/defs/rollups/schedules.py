@@ -18,7 +18,7 @@ def _day_of(context: dg.ScheduleEvaluationContext) -> dt.date:
     execution_timezone="UTC",
     job=usage_daily_metrics_job,
     description="Every 30 minutes: recompute today's (UTC) partial day of usage_daily_metrics. "
-                "Costs one day of usage_log, whatever the history.",
+    "Costs one day of usage_log, whatever the history.",
 )
 def refresh_today_metrics_every_30_min(context: dg.ScheduleEvaluationContext) -> dg.RunRequest:
     day = _day_of(context)
@@ -32,7 +32,7 @@ def refresh_today_metrics_every_30_min(context: dg.ScheduleEvaluationContext) ->
     execution_timezone="UTC",
     job=usage_daily_metrics_job,
     description="At 02:00 UTC: recompute yesterday's day in full, now that it is over (the 30-minute "
-                "refresh last ran before midnight).",
+    "refresh last ran before midnight).",
 )
 def close_yesterday_metrics_daily_0200(context: dg.ScheduleEvaluationContext) -> dg.RunRequest:
     day = _day_of(context) - dt.timedelta(days=1)

@@ -41,10 +41,11 @@ def _consecutive(days: list[dt.date]) -> list[list[dt.date]]:
     minimum_interval_seconds=60,
     default_status=dg.DefaultSensorStatus.RUNNING,
     description="Every minute: re-run usage_daily_metrics for exactly the rolled-up days whose usage_log "
-                "rows were inserted, changed or deleted since (marked by a trigger). One indexed read.",
+    "rows were inserted, changed or deleted since (marked by a trigger). One indexed read.",
 )
-def usage_daily_metrics_late_data_sensor(context: dg.SensorEvaluationContext,
-                                         postgres: PostgresResource) -> dg.SensorResult:
+def usage_daily_metrics_late_data_sensor(
+    context: dg.SensorEvaluationContext, postgres: PostgresResource
+) -> dg.SensorResult:
     requested: dict[str, str] = json.loads(context.cursor) if context.cursor else {}
     with postgres.connection(autocommit=True) as conn:
         marks = stale_rolled_up_days(conn, first_rollup_day(), utc_today())
@@ -58,8 +59,12 @@ def usage_daily_metrics_late_data_sensor(context: dg.SensorEvaluationContext,
         if len(group) == 1:
             runs.append(dg.RunRequest(run_key=run_key, partition_key=first, tags=tags))
         else:
-            runs.append(dg.RunRequest(run_key=run_key, tags={**tags, RANGE_START_TAG: first, RANGE_END_TAG: last}))
+            runs.append(
+                dg.RunRequest(run_key=run_key, tags={**tags, RANGE_START_TAG: first, RANGE_END_TAG: last})
+            )
     if new:
-        context.log.info("late data in %d rolled-up day(s): %s", len(new), ", ".join(d.isoformat() for d in new))
+        context.log.info(
+            "late data in %d rolled-up day(s): %s", len(new), ", ".join(d.isoformat() for d in new)
+        )
     # keep only marks that still exist: a cleared mark can never be requested again under the same time
     return dg.SensorResult(run_requests=runs, cursor=json.dumps(current, sort_keys=True))

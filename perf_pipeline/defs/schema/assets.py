@@ -21,7 +21,9 @@ def platform_schema(context: dg.AssetExecutionContext, postgres: PostgresResourc
         metadata={
             "applied": len(applied),
             "migrations": len(discover()),
-            "applied_files": dg.MetadataValue.md("\n".join(f"- `{name}`" for name in applied) or "_up to date_"),
+            "applied_files": dg.MetadataValue.md(
+                "\n".join(f"- `{name}`" for name in applied) or "_up to date_"
+            ),
             "duration_ms": (time.perf_counter() - started) * 1000,
         }
     )
