@@ -16,25 +16,19 @@ Targets (issue 6): seed < 5 min, export ≤ 10 s, peak RSS ≤ 200 MB, p95 durin
 from __future__ import annotations
 
 import os
-import random
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
-from bench.harness import BenchContext, Stats, scenario
+from bench.audit_client import AuditClient, lookup_args
+from bench.harness import BenchContext, scenario
 from perf_pipeline.lib import exports
-from perf_pipeline.lib.db import connect, load_query
+from perf_pipeline.lib.db import connect
 from perf_pipeline.lib.workload import WorkloadSpec, load_workload
 from perf_pipeline.settings import PROJECT_ROOT
 
-AUDIT_QUERIES = (
-    "health_probe_audit_user_latest",
-    "health_probe_audit_entity_history",
-    "health_probe_audit_critical_24h",
-)
 AUDIT_CSV_BYTES_PER_ROW = 247  # measured on the generator's rows
 
 
@@ -43,52 +37,6 @@ def _scale() -> tuple[int, float]:
     if os.environ.get("BENCH_SCALE") == "small":
         return 10_000_000, 3.0
     return 100_000_000, 8.0
-
-
-def _lookup_args(url: str, n: int = 50) -> list[dict[str, object]]:
-    """Recent users and entities, as an admin UI would look them up."""
-    with connect(url) as conn:
-        users = [
-            r[0]
-            for r in conn.execute(
-                'SELECT user_id FROM audit_log WHERE user_id IS NOT NULL ORDER BY "timestamp" DESC LIMIT %s',
-                (n * 20,),
-            ).fetchall()
-        ]
-        entities = conn.execute(
-            "SELECT entity_type, entity_id FROM audit_log WHERE entity_type IS NOT NULL "
-            'ORDER BY "timestamp" DESC LIMIT %s',
-            (n * 20,),
-        ).fetchall()
-    rng = random.Random(6)
-    return [
-        {"user_id": rng.choice(users), "entity_type": e[0], "entity_id": e[1]}
-        for e in rng.sample(entities, min(n, len(entities)))
-    ]
-
-
-class AuditClient(threading.Thread):
-    """The three audit lookups back to back on one connection, timed client-side."""
-
-    def __init__(self, url: str, args: list[dict[str, object]]) -> None:
-        super().__init__(daemon=True)
-        self.url, self.args = url, args
-        self.samples: list[tuple[float, float]] = []  # (wall-clock start, ms)
-        self.stop = threading.Event()
-
-    def run(self) -> None:
-        queries = [load_query(q) for q in AUDIT_QUERIES]
-        with connect(self.url, autocommit=True, application_name="bench.audit_client") as conn:
-            i = 0
-            while not self.stop.is_set():
-                for query in queries:
-                    started, t0 = time.time(), time.perf_counter()
-                    conn.execute(query, self.args[i % len(self.args)]).fetchall()
-                    self.samples.append((started, (time.perf_counter() - t0) * 1000))
-                i += 1
-
-    def window(self, start: float, end: float) -> Stats:
-        return Stats([ms for t, ms in self.samples if start <= t < end])
 
 
 #: the child: `perf-pipeline export run ID`, then its peak RSS. VmHWM is the high-water mark of the
@@ -138,7 +86,7 @@ def run(ctx: BenchContext) -> None:
     with ctx.database("bench_exports") as url, tempfile.TemporaryDirectory(prefix="bench_exports_") as tmp:
         loaded = load_workload(url, WorkloadSpec(days=days, usage_per_day=0, audit_per_day=per_day, seed=6))
         ctx.row(step="seed audit_log", rows=loaded.audit_rows, seconds=loaded.seconds, target="< 300 s")
-        client = AuditClient(url, _lookup_args(url))
+        client = AuditClient(url, lookup_args(url))
         client.start()
         time.sleep(1.0)  # warm the client's connection and caches; not measured
         try:

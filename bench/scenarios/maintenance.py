@@ -14,16 +14,13 @@ hot data a little (5 % of sessions updated, as status changes do), then:
 from __future__ import annotations
 
 import os
-import random
-import threading
 import time
 
+from bench.audit_client import AuditClient, lookup_args
 from bench.harness import BenchContext, Stats, scenario
 from perf_pipeline.lib import health
-from perf_pipeline.lib.db import connect, load_query
+from perf_pipeline.lib.db import connect
 from perf_pipeline.lib.workload import WorkloadSpec, load_workload
-
-AUDIT_PROBES = [p for p in health.PROBES if p.group == health.AUDIT]
 
 
 def _spec() -> tuple[WorkloadSpec, float]:
@@ -31,53 +28,6 @@ def _spec() -> tuple[WorkloadSpec, float]:
     if os.environ.get("BENCH_SCALE") == "small":
         return WorkloadSpec(days=30, usage_per_day=3_334, audit_per_day=5_000, seed=11), 5.0
     return WorkloadSpec(days=90, usage_per_day=55_556, audit_per_day=55_556, seed=11), 15.0
-
-
-def _lookup_args(url: str, n: int = 50) -> list[dict[str, object]]:
-    """Arguments for the audit lookups: recent users and entities, as an admin UI would ask for."""
-    with connect(url) as conn:
-        users = [
-            r[0]
-            for r in conn.execute(
-                'SELECT user_id FROM audit_log WHERE user_id IS NOT NULL ORDER BY "timestamp" DESC LIMIT %s',
-                (n * 20,),
-            ).fetchall()
-        ]
-        entities = conn.execute(
-            "SELECT entity_type, entity_id FROM audit_log WHERE entity_type IS NOT NULL "
-            'ORDER BY "timestamp" DESC LIMIT %s',
-            (n * 20,),
-        ).fetchall()
-    rng = random.Random(3)
-    return [
-        {"user_id": rng.choice(users), "entity_type": e[0], "entity_id": e[1]}
-        for e in rng.sample(entities, min(n, len(entities)))
-    ]
-
-
-class Client(threading.Thread):
-    """The platform's audit view: the three audit lookups back to back, timed client-side."""
-
-    def __init__(self, url: str, args: list[dict[str, object]]) -> None:
-        super().__init__(daemon=True)
-        self.url, self.args = url, args
-        self.samples: list[tuple[float, str, float]] = []  # (start time, probe, ms)
-        self.stop = threading.Event()
-
-    def run(self) -> None:
-        queries = [(p.name, load_query(p.query)) for p in AUDIT_PROBES]
-        with connect(self.url, autocommit=True, application_name="bench.audit_client") as conn:
-            i = 0
-            while not self.stop.is_set():
-                params = self.args[i % len(self.args)]
-                for name, query in queries:
-                    t0 = time.perf_counter()
-                    conn.execute(query, params).fetchall()
-                    self.samples.append((t0, name, (time.perf_counter() - t0) * 1000))
-                i += 1
-
-    def window(self, start: float, end: float) -> list[float]:
-        return [ms for t, _, ms in self.samples if start <= t < end]
 
 
 @scenario(
@@ -99,21 +49,21 @@ def run(ctx: BenchContext) -> None:
             ctx.row(step="dirty 5% of sessions", rows=updated, seconds=time.perf_counter() - t0)
             conn.execute("CHECKPOINT")
 
-        client = Client(url, _lookup_args(url))
+        client = AuditClient(url, lookup_args(url, seed=3))
         client.start()
         time.sleep(1.0)  # warm the client's connection and caches; not measured
-        before_start = time.perf_counter()
+        before_start = time.time()
         time.sleep(baseline_s)
-        before_end = maint_start = time.perf_counter()
+        before_end = maint_start = time.time()
         result = health.run_maintenance(url)
-        maint_end = time.perf_counter()
+        maint_end = time.time()
         if maint_end - maint_start < 2.0:  # too short to measure "during": keep the client running a bit
             time.sleep(0.5)
         client.stop.set()
         client.join()
 
-        before = Stats(client.window(before_start, before_end))
-        during = Stats(client.window(maint_start, maint_end))
+        before = client.window(before_start, before_end)
+        during = client.window(maint_start, maint_end)
         ctx.row(
             step="db_maintenance",
             duration_ms=result.duration_ms,

@@ -35,6 +35,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 from psycopg import sql
 
+from perf_pipeline.audit import COLUMNS as AUDIT_WRITER_COLUMNS
 from perf_pipeline.lib.db import connect
 from perf_pipeline.lib.partitioning import (
     ensure_partitions,
@@ -67,19 +68,7 @@ USAGE_COLUMNS = (
     "stt_provider",
 )
 SESSION_COLUMNS = ("id", "user_id", "title", "status", "stt_provider", "duration", "created_at", "updated_at")
-AUDIT_COLUMNS = (
-    "id",
-    "timestamp",
-    "user_id",
-    "entity_type",
-    "entity_id",
-    "event_type",
-    "operation",
-    "severity",
-    "description",
-    "details",
-    "ip",
-)
+AUDIT_COLUMNS = AUDIT_WRITER_COLUMNS  # the same COPY column order as the platform's audit writer
 
 CHUNK_ROWS = 250_000
 T = TypeVar("T")
