@@ -41,7 +41,8 @@ from perf_pipeline.defs.rollups.sensors import (
     usage_daily_metrics_late_data_sensor,
 )
 from perf_pipeline.lib import rollups
-from perf_pipeline.lib.partitioning import ensure_partitions
+from perf_pipeline.lib.migrations import MIGRATIONS_DIR
+from perf_pipeline.lib.partitioning import add_months, ensure_partitions
 
 UTC = dt.UTC
 TODAY = dt.datetime.now(UTC).date()
@@ -609,3 +610,126 @@ def test_bad_window_is_refused(conn: psycopg.Connection) -> None:
         rollups.rollup_days(conn, DAYS[1], DAYS[1])
     with psycopg.connect(conn.info.dsn) as not_autocommit, pytest.raises(rollups.RollupError):
         rollups.rollup_days(not_autocommit, DAYS[1], DAYS[2])
+
+
+def _period_of(day: dt.date, unit: str) -> dt.date:
+    return day - dt.timedelta(days=day.weekday()) if unit == "week" else day.replace(day=1)
+
+
+def _period_end(period: dt.date, unit: str) -> dt.date:
+    if unit == "week":
+        return period + dt.timedelta(days=6)
+    return add_months(period, 1) - dt.timedelta(days=1)
+
+
+def _users_by_day(conn: psycopg.Connection) -> dict[dt.date, set[uuid.UUID]]:
+    """Distinct users per UTC day straight from usage_log (independent of every rollup table)."""
+    by_day: dict[dt.date, set[uuid.UUID]] = defaultdict(set)
+    for day, user in conn.execute(
+        "SELECT (created_at AT TIME ZONE 'UTC')::date, user_id FROM usage_log WHERE user_id IS NOT NULL"
+    ):
+        by_day[day].add(user)
+    return by_day
+
+
+def _assert_trend_users_exact(
+    conn: psycopg.Connection, by_day: dict[dt.date, set[uuid.UUID]], first: dt.date, last: dt.date
+) -> None:
+    for granularity, unit in (("weekly", "week"), ("monthly", "month")):
+        got = {t["period"]: t["active_users"] for t in rollups.usage_trends(conn, first, last, granularity)}
+        want: dict[str, set[uuid.UUID]] = defaultdict(set)
+        for i in range((last - first).days + 1):
+            day = first + dt.timedelta(days=i)
+            want[_period_of(day, unit).isoformat()] |= by_day.get(day, set())
+        assert got == {p: len(users) for p, users in want.items()}, (granularity, first, last)
+
+
+def test_period_user_sets_keep_weekly_monthly_users_exact_for_any_range(conn: psycopg.Connection) -> None:
+    """usage_period_user_sets (0070): written for the closed days of the window's weeks and months only,
+    equal to the union of their days' users, used by ranges starting on a period's first day, and
+    every range, aligned or not, still counts exactly the distinct users of its days."""
+    start, end = _window()
+    first = min(start - dt.timedelta(days=3), _period_of(start, "month"))
+    rollups.rollup_days(conn, first, TODAY + dt.timedelta(days=1))  # every day queried below is rolled up
+    again = rollups.rollup_days(conn, first, TODAY + dt.timedelta(days=1))
+    assert again.period_sets_written == 0  # nothing changed, last_day unchanged: nothing rewritten
+    today_only = rollups.rollup_days(conn, TODAY, TODAY + dt.timedelta(days=1))
+    assert today_only.period_sets_written == 0  # the 30-minute refresh never touches period sets
+
+    by_day = _users_by_day(conn)
+    stored = conn.execute(
+        "SELECT unit, period, last_day, user_ids, active_users FROM usage_period_user_sets"
+    ).fetchall()
+    expected_keys = {
+        (unit, _period_of(first + dt.timedelta(days=i), unit))
+        for unit in ("week", "month")
+        for i in range((TODAY - first).days)  # closed days only
+    }
+    assert {(u, p) for u, p, *_ in stored} == expected_keys
+    for unit, period, last_day, user_ids, active_users in stored:
+        assert last_day == min(_period_end(period, unit), TODAY - dt.timedelta(days=1))
+        want = set().union(
+            *(by_day.get(period + dt.timedelta(days=i), set()) for i in range((last_day - period).days + 1))
+        )
+        assert user_ids == sorted(want) and active_users == len(want), (unit, period)
+
+    # every range of the last ~2 weeks, plus ranges starting on each period's first day
+    starts = {first + dt.timedelta(days=i) for i in range((TODAY - first).days + 1)}
+    starts |= {_period_of(d, unit) for d in list(starts) for unit in ("week", "month")}
+    for s in sorted(starts):
+        for e in sorted({s, DAYS[2], DAYS[-1], TODAY - dt.timedelta(days=1), TODAY}):
+            if s <= e:
+                _assert_trend_users_exact(conn, by_day, s, e)
+
+    # aligned ranges read the period rows, not the closed days' sets: without those sets, same answer
+    aligned_month = rollups.usage_trends(conn, _period_of(first, "month"), TODAY, "monthly")
+    aligned_week = rollups.usage_trends(conn, _period_of(DAYS[0], "week"), TODAY, "weekly")
+    with conn.transaction(force_rollback=True):
+        gone = conn.execute(
+            "DELETE FROM usage_daily_user_sets WHERE day < %s", (TODAY - dt.timedelta(days=1),)
+        ).rowcount
+        assert gone >= len(DAYS)
+        assert rollups.usage_trends(conn, _period_of(first, "month"), TODAY, "monthly") == aligned_month
+        assert rollups.usage_trends(conn, _period_of(DAYS[0], "week"), TODAY, "weekly") == aligned_week
+
+    # a late row of a new user on a closed day: its week and month are recomputed, the counts follow
+    newcomer = uuid.UUID(int=_RND.getrandbits(128))
+    late = Row(
+        newcomer,
+        dt.datetime.combine(DAYS[2], dt.time(9), UTC),
+        Decimal("1.00"),
+        Decimal("0.1"),
+        True,
+        "google",
+    )
+    _insert(conn, [late])
+    try:
+        rerun = rollups.rollup_days(conn, DAYS[2], DAYS[2] + dt.timedelta(days=1))
+        assert rerun.period_sets_written == 2  # its ISO week and its month
+        by_day = _users_by_day(conn)
+        assert newcomer in by_day[DAYS[2]]
+        _assert_trend_users_exact(conn, by_day, _period_of(DAYS[2], "month"), TODAY)
+        _assert_trend_users_exact(conn, by_day, _period_of(DAYS[2], "week"), TODAY)
+    finally:
+        conn.execute("DELETE FROM usage_log WHERE user_id = %s", (newcomer,))
+        rollups.rollup_days(conn, DAYS[2], DAYS[2] + dt.timedelta(days=1))
+    _assert_trend_users_exact(conn, _users_by_day(conn), _period_of(first, "month"), TODAY)
+
+
+def test_migration_0070_backfills_period_sets_of_existing_history(conn: psycopg.Connection) -> None:
+    """An upgraded database gets its period rows from the day sets already there (the migration's
+    INSERT), and reads from them are exact."""
+    start, end = _window()
+    rollups.rollup_days(conn, start, end)
+    backfill = (MIGRATIONS_DIR / "0070_usage_period_user_sets.sql").read_text()
+    backfill = backfill[backfill.index("INSERT INTO usage_period_user_sets") :]
+    with conn.transaction(force_rollback=True):
+        conn.execute("DELETE FROM usage_period_user_sets")
+        conn.execute(backfill)
+        rows = conn.execute(
+            "SELECT count(*), min(last_day), max(last_day) FROM usage_period_user_sets"
+        ).fetchone()
+        assert rows[0] >= 2 and rows[2] < TODAY
+        _assert_trend_users_exact(
+            conn, _users_by_day(conn), _period_of(start, "month"), end - dt.timedelta(days=1)
+        )

@@ -19,6 +19,7 @@ import psycopg
 from psycopg.rows import dict_row
 
 from perf_pipeline.lib.db import load_query
+from perf_pipeline.lib.partitioning import add_months
 
 Granularity = Literal["daily", "weekly", "monthly"]
 GRANULARITIES: tuple[Granularity, ...] = ("daily", "weekly", "monthly")
@@ -27,13 +28,17 @@ GRANULARITIES: tuple[Granularity, ...] = ("daily", "weekly", "monthly")
 # three years of months. Past that, the answer is a different report (and an expensive one).
 MAX_RANGE_DAYS: dict[str, int] = {"daily": 366, "weekly": 731, "monthly": 1096}
 
-# Ranges the dashboard asks for, kept warm by the dashboard_cache asset: (granularity, days back).
+# Ranges the dashboard asks for, kept warm by the dashboard_cache asset: (granularity, periods back,
+# today's period included). Daily: the last 7/30/90 days. Weekly and monthly ranges start on a period's
+# first day (13 whole ISO weeks, 12 whole months, the current one to date): a chart of "the last 12
+# months" whose first bar held only the last few days of a month would read as a drop in usage, and an
+# aligned range reads each closed period's distinct users from one usage_period_user_sets row.
 STANDARD_TRENDS: tuple[tuple[Granularity, int], ...] = (
     ("daily", 7),
     ("daily", 30),
     ("daily", 90),
-    ("weekly", 91),
-    ("monthly", 365),
+    ("weekly", 13),
+    ("monthly", 12),
 )
 
 KPI_FIELDS = (
@@ -78,10 +83,28 @@ def validate_trend_request(start: dt.date, end: dt.date, granularity: str) -> Tr
     return TrendRequest(start, end, granularity)  # type: ignore[arg-type]
 
 
+def period_start(day: dt.date, granularity: str) -> dt.date:
+    """First day of ``day``'s period: the day itself, its ISO week's Monday or its month's 1st."""
+    if granularity == "weekly":
+        return day - dt.timedelta(days=day.weekday())
+    if granularity == "monthly":
+        return day.replace(day=1)
+    return day
+
+
 def standard_trend_requests(today: dt.date) -> list[TrendRequest]:
-    """The ranges the dashboard opens with (last 7/30/90 days daily, ~13 weeks weekly, a year monthly),
-    ending ``today`` (UTC)."""
-    return [TrendRequest(today - dt.timedelta(days=days - 1), today, gran) for gran, days in STANDARD_TRENDS]
+    """The ranges the dashboard opens with, ending ``today`` (UTC): the last 7/30/90 days daily, the
+    last 13 ISO weeks weekly and the last 12 months monthly (whole periods, the current one to date)."""
+    requests = []
+    for granularity, periods in STANDARD_TRENDS:
+        if granularity == "daily":
+            start = today - dt.timedelta(days=periods - 1)
+        elif granularity == "weekly":
+            start = period_start(today, "weekly") - dt.timedelta(weeks=periods - 1)
+        else:
+            start = add_months(period_start(today, "monthly"), -(periods - 1))
+        requests.append(TrendRequest(start, today, granularity))
+    return requests
 
 
 def compute_kpis(conn: psycopg.Connection, as_of: dt.datetime | None = None) -> dict[str, Any]:

@@ -27,6 +27,7 @@ import psycopg
 from psycopg import errors, sql
 from psycopg.rows import dict_row
 
+from perf_pipeline.lib.dashboard import standard_trend_requests
 from perf_pipeline.lib.db import connect, load_query
 from perf_pipeline.lib.partitioning import PARTITIONED_TABLES, add_months, list_partitions, month_start
 from perf_pipeline.lib.stats import percentile
@@ -660,8 +661,9 @@ def run_probe(
         return result
     query = load_query(probe.query)
     today = dt.datetime.now(dt.UTC).date()
-    # dashboard_kpis at now(); rollup_trends: the widest trend the API serves by default, 90 days by week
-    args = {"as_of": None, "start": today - dt.timedelta(days=89), "end": today, "unit": "week", **params}
+    # dashboard_kpis at now(); rollup_trends: the dashboard's standard weekly range (13 ISO weeks)
+    weekly = next(r for r in standard_trend_requests(today) if r.granularity == "weekly")
+    args = {"as_of": None, "start": weekly.start, "end": weekly.end, "unit": "week", **params}
     if probe.name == "usage_by_user":
         args["user_id"] = params["usage_user_id"]
     explain = sql.SQL("EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) ") + sql.SQL(query)  # type: ignore[arg-type]

@@ -1,10 +1,13 @@
 """Incremental daily usage rollups: compute a window of UTC days, read trends, find late data.
 
-The rollup tables (``sql/migrations/0020_usage_daily_metrics.sql``, ``0022_usage_daily_user_sets.sql``)
-hold one row per UTC day, one per (day, provider) present and one sorted array of distinct users per day. :func:`rollup_days` recomputes any window of days with
-one set-based statement (``sql/queries/rollup_upsert.sql``), so one day costs one day of ``usage_log``
-and a 90-day backfill is one scan, not 90 round trips. Reads (:func:`usage_trends`,
-:func:`provider_breakdown`) touch the rollup tables only.
+The rollup tables (``sql/migrations/0020_usage_daily_metrics.sql``, ``0022_usage_daily_user_sets.sql``,
+``0070_usage_period_user_sets.sql``) hold one row per UTC day, one per (day, provider) present, one
+sorted array of distinct users per day, and one per ISO week and month with the distinct users of its
+closed days. :func:`rollup_days` recomputes any window of days with one set-based statement
+(``sql/queries/rollup_upsert.sql``), so one day costs one day of ``usage_log`` and a 90-day backfill is
+one scan, not 90 round trips; then, in the same transaction, the weeks and months whose closed days
+changed (``sql/queries/rollup_period_user_sets.sql``; never for a refresh of today alone). Reads
+(:func:`usage_trends`, :func:`provider_breakdown`) touch the rollup tables only.
 
 Late data (``0021_usage_rollup_stale_days.sql``): writes to ``usage_log`` for past days mark their day in
 ``usage_rollup_stale_days``; :func:`stale_rolled_up_days` lists the marked days that are already rolled
@@ -84,6 +87,7 @@ class RollupResult:
     provider_rows_written: int = 0
     provider_rows_deleted: int = 0
     user_sets_written: int = 0
+    period_sets_written: int = 0
     stale_days_cleared: list[dt.date] = field(default_factory=list)
     mismatches: list[Mismatch] = field(default_factory=list)
     committed: bool = False
@@ -149,7 +153,8 @@ def rollup_days(
 
     Steps: take the rollup advisory lock (session level; serializes rollups), clear the window's
     late-data marks (own short transaction), then one REPEATABLE READ transaction running the
-    set-based upsert and, on the same snapshot, the reconciliation against ``usage_log``. If the
+    set-based upsert, the recomputation of the weeks and months whose closed days changed, and, on the
+    same snapshot, the reconciliation against ``usage_log``. If the
     reconciliation finds a difference, the transaction is rolled back (``rollback_on_mismatch``): bad
     numbers never reach the rollup tables, hence neither the view nor the dashboard cache; the
     differences are returned in ``mismatches`` (``committed`` is False) for the blocking asset check.
@@ -175,10 +180,17 @@ def rollup_days(
                 t0 = time.perf_counter()
                 with conn.cursor(row_factory=dict_row) as cur:
                     row = cur.execute(load_query("rollup_upsert"), params).fetchone()
-                result.upsert_ms = (time.perf_counter() - t0) * 1000
                 assert row is not None
+                changed_days = row.pop("changed_days")
                 for key, value in row.items():
                     setattr(result, key, value)
+                # the weeks and months of the window's closed days (0070), on the same snapshot
+                period_row = conn.execute(
+                    load_query("rollup_period_user_sets"), {**params, "changed_days": changed_days}
+                ).fetchone()
+                assert period_row is not None
+                result.period_sets_written = period_row[0]
+                result.upsert_ms = (time.perf_counter() - t0) * 1000
                 if check:
                     t0 = time.perf_counter()
                     result.mismatches = reconcile(conn, start, end)
@@ -278,8 +290,10 @@ def usage_trends(
     ``session_count``, ``total_minutes``, ``total_cost`` (billable revenue), ``active_users`` (exact
     distinct users of the period), ``avg_duration`` (minutes per session, 0.0 without sessions) and
     ``providers`` (``provider``, ``session_count``, ``minutes``, ``revenue``, most sessions first).
-    Cost: two index range scans of the rollup tables (plus ``usage_daily_user_sets`` for weeks/months:
-    one array element per user and day), no ``usage_log`` access.
+    Cost: two index range scans of the rollup tables, no ``usage_log`` access. Weekly/monthly active
+    users: one ``usage_period_user_sets`` row per period starting inside the range, plus the day sets
+    of its days not yet in that row (today, yesterday before its closing run); a period cut by the
+    range's start unions its days' sets (one array element per user and day).
     """
     if end < start:
         raise RollupError(f"end {end.isoformat()} is before start {start.isoformat()}")

@@ -9,7 +9,8 @@
 -- totals derive. Money and minutes are summed as numeric: exact. Writes:
 --   usage_daily_metrics           one row per day of the window (zeros for a day without usage), upserted;
 --   usage_daily_provider_metrics  one row per (day, provider) present; providers gone from a day deleted;
---   usage_daily_user_sets         one sorted uuid[] of distinct users per day, rewritten only if changed.
+--   usage_daily_user_sets         one sorted uuid[] of distinct users per day, rewritten only if changed
+--                                 (the rewritten days are returned: rollup_period_user_sets reads them).
 -- Inserted/updated and deleted row sets are disjoint: the data-modifying CTEs never touch a row twice.
 -- Locks: ROW EXCLUSIVE on the three rollup tables (row locks on the rows it rewrites); usage_log is
 -- only read.
@@ -82,7 +83,7 @@ upsert_user_sets AS (
     SELECT d.day, coalesce(us.user_ids, '{}') FROM days d LEFT JOIN user_sets us USING (day)
     ON CONFLICT (day) DO UPDATE SET user_ids = EXCLUDED.user_ids
     WHERE t.user_ids IS DISTINCT FROM EXCLUDED.user_ids
-    RETURNING 1
+    RETURNING t.day
 )
 SELECT (SELECT count(*) FROM upsert_days)                      AS days,
        (SELECT coalesce(sum(rows_scanned), 0)::bigint FROM upsert_days) AS rows_scanned,
@@ -90,4 +91,5 @@ SELECT (SELECT count(*) FROM upsert_days)                      AS days,
        (SELECT coalesce(sum(revenue), 0) FROM upsert_days)      AS revenue,
        (SELECT count(*) FROM upsert_providers)                  AS provider_rows_written,
        (SELECT count(*) FROM drop_providers)                    AS provider_rows_deleted,
-       (SELECT count(*) FROM upsert_user_sets)                  AS user_sets_written;
+       (SELECT count(*) FROM upsert_user_sets)                  AS user_sets_written,
+       (SELECT coalesce(array_agg(day), '{}') FROM upsert_user_sets) AS changed_days;
