@@ -510,8 +510,71 @@ def test_late_failure_notice_does_not_fail_a_newer_attempt(db: psycopg.Connectio
     request_id = _request(db, "audit_log", "csv.gz", {})
     db.execute("UPDATE data_export SET status = 'running', run_id = 'new-run' WHERE id = %s", (request_id,))
     assert not ex.mark_run_ended(db, request_id, "old-run", "old run failed")
-    assert ex.mark_run_ended(db, request_id, "new-run", "new run failed")
-    assert ex.get_request(db, request_id)["error"] == "new run failed"  # type: ignore[index]
+    assert not ex.mark_run_ended(db, request_id, ["retry-of-old-run", "old-run"], "old lineage failed")
+    assert ex.mark_run_ended(db, request_id, ["retry-of-new-run", "new-run"], "retry of new run failed")
+    assert ex.get_request(db, request_id)["error"] == "retry of new run failed"  # type: ignore[index]
+
+
+def test_a_retry_waits_for_the_earlier_attempt_and_takes_its_result(
+    loaded: str, db: psycopg.Connection, scratch_dir: Path
+) -> None:
+    """An attempt still running when its retry starts: the retry waits for the request's lock instead of
+    failing "busy", then returns what the first attempt recorded: one export, one file, attempts 1."""
+    request_id = _request(db, "usage_log", "csv.gz", {"start": "2026-02-20"})
+    first: dict[str, Any] = {}
+
+    def first_attempt() -> None:
+        try:
+            first["result"] = _run(loaded, request_id, scratch_dir, max_mb_per_s=0.5)  # ~1.3 MB: ~2.6 s
+        except BaseException as exc:
+            first["error"] = exc
+
+    thread = threading.Thread(target=first_attempt)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while ex.get_request(db, request_id)["status"] != "running":  # type: ignore[index]
+            assert time.monotonic() < deadline, "the first attempt did not start"
+            time.sleep(0.02)
+        waited: list[float] = []
+        started = time.monotonic()
+        retry = _run(
+            loaded,
+            request_id,
+            scratch_dir,
+            lock_wait_s=60,
+            on_lock_wait=lambda: waited.append(time.monotonic()),
+        )
+        waited_s = time.monotonic() - started
+    finally:
+        thread.join(timeout=120)
+    assert "error" not in first, first.get("error")
+    assert waited and waited_s > 1.0  # it did wait for the first attempt
+    req = ex.get_request(db, request_id)
+    assert req is not None and req["status"] == "succeeded" and req["attempts"] == 1
+    assert (retry.rows, retry.sha256, retry.path) == (
+        first["result"].rows,
+        req["sha256"],
+        first["result"].path,
+    )
+    assert retry.seconds == 0.0  # returned as recorded, not exported again
+    assert _visible(scratch_dir) == [first["result"].path.name]
+
+
+def test_a_request_still_held_after_the_wait_is_busy(
+    loaded: str, db: psycopg.Connection, scratch_dir: Path
+) -> None:
+    request_id = _request(db, "usage_log", "csv.gz", {"start": "2026-02-28"})
+    with psycopg.connect(loaded, autocommit=True) as holder:
+        holder.execute("SELECT pg_advisory_lock(%s, %s)", (ex.ADVISORY_LOCK_CLASS, request_id))
+        started = time.monotonic()
+        with pytest.raises(ex.ExportBusyError):
+            _run(loaded, request_id, scratch_dir, lock_wait_s=0.5)
+        assert 0.5 <= time.monotonic() - started < 5
+    assert ex.get_request(db, request_id)["status"] == "pending"  # type: ignore[index]  # untouched
+    assert (
+        _run(loaded, request_id, scratch_dir, lock_wait_s=0.5).status == "succeeded"
+    )  # lock gone with holder
 
 
 # ------------------------------------------------------------------------------------------ Dagster layer
@@ -619,6 +682,137 @@ def test_run_failure_sensor_fails_the_request_of_a_dead_run(loaded: str, db: psy
     assert (
         req is not None and req["status"] == "failed" and f"Dagster run {run.run_id} failed" in req["error"]
     )
+
+
+def _retrying_instance() -> Any:
+    """A Dagster instance with this repo's dagster.yaml run_retries settings (storage: a temp folder)."""
+    import yaml
+
+    settings = yaml.safe_load((PROJECT_ROOT / "dagster.yaml").read_text())
+    assert settings["run_retries"]["enabled"] is True
+    return dg.instance_for_test(overrides={"run_retries": settings["run_retries"]})
+
+
+def _failure_sensor_on(instance: Any, run: dg.DagsterRun, postgres: PostgresResource) -> None:
+    (failure,) = instance.all_logs(run.run_id, of_type=dg.DagsterEventType.RUN_FAILURE)
+    ctx = dg.build_run_status_sensor_context(
+        sensor_name="export_run_failure_sensor",
+        dagster_event=failure.dagster_event,
+        dagster_instance=instance,
+        dagster_run=instance.get_run_by_id(run.run_id),
+        resources={"postgres": postgres},
+    ).for_run_failure()
+    export_run_failure_sensor(ctx)
+
+
+def test_a_dead_run_worker_is_retried_and_its_request_left_to_the_retry(
+    loaded: str, db: psycopg.Connection
+) -> None:
+    """Dagster's own decision, on an instance with this repo's run_retries: a run marked failed from outside
+    (what the code server reports when the run worker dies) will be retried, so the failure sensor leaves
+    its request to the retry; when the retry dies too (no retry left), the request is failed even though
+    it is still claimed by the first run."""
+    postgres = PostgresResource(url=loaded)
+    request_id = _request(db, "audit_log", "csv.gz", {"start": "2026-02-28"})
+    config = {"ops": {"run_data_export": {"config": {"request_id": request_id}}}}
+    tags = {**export_job.tags, REQUEST_TAG: str(request_id)}
+    with _retrying_instance() as instance:
+        run = instance.create_run_for_job(export_job, run_config=config, tags=tags)
+        db.execute(
+            "UPDATE data_export SET status = 'running', run_id = %s WHERE id = %s", (run.run_id, request_id)
+        )
+        instance.report_run_failed(run)  # as DagsterApiServer does for a run worker killed by a signal
+        failed = instance.get_run_by_id(run.run_id)
+        assert failed is not None and failed.tags.get("dagster/will_retry") == "true"
+        assert "dagster/failure_reason" not in failed.tags  # not a step failure
+        _failure_sensor_on(instance, run, postgres)
+        assert ex.get_request(db, request_id)["status"] == "running"  # type: ignore[index]
+
+        lineage = {"dagster/parent_run_id": run.run_id, "dagster/root_run_id": run.run_id}
+        retry = instance.create_run_for_job(
+            export_job,
+            run_config=config,
+            tags={**tags, **lineage, "dagster/retry_number": "1"},
+            parent_run_id=run.run_id,
+            root_run_id=run.run_id,
+        )
+        instance.report_run_failed(retry)  # the retry's worker died before its op claimed the request
+        assert instance.get_run_by_id(retry.run_id).tags.get("dagster/will_retry") == "false"  # type: ignore[union-attr]
+        _failure_sensor_on(instance, retry, postgres)
+    req = ex.get_request(db, request_id)
+    assert (
+        req is not None and req["status"] == "failed" and f"Dagster run {retry.run_id} failed" in req["error"]
+    )
+
+
+def test_a_bad_request_fails_its_run_without_a_retry(loaded: str, db: psycopg.Connection) -> None:
+    """An op that fails for a recorded reason is a step failure: with retry_on_asset_or_op_failure false
+    Dagster marks the run will_retry=false, and the failure sensor fails the request."""
+    postgres = PostgresResource(url=loaded)
+    request_id = _request(db, "audit_log", "csv.gz", {"start": "1999-01-01"})
+    with _retrying_instance() as instance:
+        result = export_job.execute_in_process(
+            run_config={"ops": {"run_data_export": {"config": {"request_id": request_id}}}},
+            resources={"postgres": postgres},
+            instance=instance,
+            raise_on_error=False,
+            tags={REQUEST_TAG: str(request_id)},
+        )
+        assert not result.success
+        run = instance.get_run_by_id(result.run_id)
+        assert run is not None and run.tags["dagster/max_retries"] == "1"
+        assert run.tags.get("dagster/failure_reason") == "STEP_FAILURE"
+        assert run.tags.get("dagster/will_retry") == "false"
+        _failure_sensor_on(instance, run, postgres)
+    req = ex.get_request(db, request_id)
+    assert req is not None and req["status"] == "failed" and "retention" in req["error"]
+
+
+def test_a_lost_connection_retries_the_step_in_the_same_run(
+    loaded: str, db: psycopg.Connection, scratch_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The export's backend terminated mid-COPY (as by a PostgreSQL restart): the op asks Dagster to retry
+    the step, the second attempt claims the same request and finishes it."""
+    import perf_pipeline.defs.exports.jobs as jobs
+
+    monkeypatch.setattr(jobs, "TRANSIENT_RETRY_WAIT_S", 0.2)
+    monkeypatch.setenv("PERF_PIPELINE_EXPORT_DIR", str(scratch_dir))
+    monkeypatch.setenv("PERF_PIPELINE_EXPORT_MAX_MB_S", "1")  # ~5 MB of CSV: ~5 s per attempt
+    monkeypatch.setenv("PERF_PIPELINE_AUDIT_RETENTION_MONTHS", "600")  # the job uses the real today
+    request_id = _request(db, "audit_log", "parquet", {"start": "2026-02-20"})
+    terminated: list[int] = []
+
+    def terminate_once() -> None:
+        deadline = time.monotonic() + 60
+        with psycopg.connect(loaded, autocommit=True) as conn:
+            while not terminated and time.monotonic() < deadline:
+                row = conn.execute(
+                    "SELECT pid FROM pg_stat_activity WHERE application_name = 'perf_pipeline.export' "
+                    "AND query LIKE 'COPY%%' AND state = 'active' AND datname = current_database()"
+                ).fetchone()
+                if row:
+                    time.sleep(0.5)  # mid-stream
+                    conn.execute("SELECT pg_terminate_backend(%s)", (row[0],))
+                    terminated.append(row[0])
+                time.sleep(0.05)
+
+    killer = threading.Thread(target=terminate_once)
+    killer.start()
+    result = export_job.execute_in_process(
+        run_config={"ops": {"run_data_export": {"config": {"request_id": request_id}}}},
+        resources={"postgres": PostgresResource(url=loaded)},
+        instance=dg.DagsterInstance.ephemeral(),
+        raise_on_error=False,
+    )
+    killer.join(timeout=60)
+    assert terminated, "no export backend was terminated"
+    assert result.success
+    retries = [e for e in result.all_events if e.event_type_value == "STEP_UP_FOR_RETRY"]
+    assert len(retries) == 1
+    req = ex.get_request(db, request_id)
+    assert req is not None and req["status"] == "succeeded" and req["attempts"] == 2
+    expected = db.execute("SELECT count(*) FROM audit_log WHERE timestamp >= '2026-02-20'").fetchone()
+    assert (req["rows"],) == expected and _visible(scratch_dir) == [Path(req["file_path"]).name]
 
 
 def test_cli_request_status_run(

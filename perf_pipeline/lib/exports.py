@@ -18,7 +18,9 @@ turns it into a file under the export folder:
   and the folder fsynced. A killed process leaves no visible file; a failed run removes its temp file; a
   retry sweeps leftovers of earlier attempts of the same request.
 * **One process per request.** A session advisory lock keyed by the request id serializes attempts; it
-  dies with the connection, so a killed run never blocks its retry.
+  dies with the connection, so a killed run never blocks its retry (the session asks for TCP keepalives
+  so that PostgreSQL also notices a client that vanished without closing its socket). A retry may wait
+  for the lock (``lock_wait_s``): if the earlier attempt then finished, its recorded result is returned.
 
 Status goes ``pending → running → succeeded | failed``; a ``failed`` or stuck ``running`` request can be
 run again (a succeeded one is returned as is).
@@ -39,7 +41,7 @@ import re
 import secrets
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -75,6 +77,10 @@ PARQUET_BLOCK_BYTES = 2 << 20
 #: rows per Parquet row group (batches are gathered up to this before a write)
 PARQUET_ROW_GROUP_ROWS = 64 * 1024
 LOCK_TIMEOUT_MS = 2000
+#: TCP keepalives of an export's session (idle s, interval s, probes): PostgreSQL ends the session of a
+#: client that vanished without closing its socket (host crash, network cut) within ~25 s, releasing
+#: the request's advisory lock for a retry; a killed process closes its socket and needs none of this
+TCP_KEEPALIVES = (10, 5, 3)
 
 
 class ExportRequestError(ValueError):
@@ -359,16 +365,21 @@ def mark_failed(
     return cur.rowcount == 1
 
 
-def mark_run_ended(conn: psycopg.Connection, request_id: int, run_id: str, error: str) -> bool:
+def mark_run_ended(
+    conn: psycopg.Connection, request_id: int, run_id: str | Sequence[str], error: str
+) -> bool:
     """Mark a request ``failed`` because its run ``run_id`` failed or was canceled.
 
-    Only while the request is still ``pending``/``running`` and not claimed by a newer run (a late
-    notice about an old run must not fail a retry in progress). One-row UPDATE; True if it changed.
+    ``run_id`` may be several ids: the run and the runs it re-executes (an automatic retry that died
+    before its op started leaves the request claimed by its parent run). Only while the request is still
+    ``pending``/``running`` and not claimed by another run (a late notice about an old run must not fail
+    a retry in progress). One-row UPDATE; True if it changed.
     """
+    run_ids = [run_id] if isinstance(run_id, str) else [r for r in run_id if r]
     cur = conn.execute(
         "UPDATE data_export SET status = 'failed', error = %s, finished_at = now() "
-        "WHERE id = %s AND status IN ('pending', 'running') AND (run_id IS NULL OR run_id = %s)",
-        (error[:2000], request_id, run_id),
+        "WHERE id = %s AND status IN ('pending', 'running') AND (run_id IS NULL OR run_id = ANY(%s))",
+        (error[:2000], request_id, [r[:64] for r in run_ids]),
     )
     return cur.rowcount == 1
 
@@ -579,11 +590,31 @@ def _write_parquet(
         write_group()  # an empty result still gets a valid file: schema, no row groups
 
 
-def _lock(conn: psycopg.Connection, request_id: int) -> bool:
-    row = conn.execute(
-        "SELECT pg_try_advisory_lock(%s, %s)", (ADVISORY_LOCK_CLASS, request_id % 2_147_483_647)
+def _lock(
+    conn: psycopg.Connection,
+    request_id: int,
+    wait_s: float = 0.0,
+    on_wait: Callable[[], None] | None = None,
+) -> bool:
+    """Take the request's session advisory lock; True if held. With ``wait_s`` > 0, wait that long for it
+    (a server-side wait bounded by ``lock_timeout``, no polling), calling ``on_wait`` first."""
+    key = (ADVISORY_LOCK_CLASS, request_id % 2_147_483_647)
+    row = conn.execute("SELECT pg_try_advisory_lock(%s, %s)", key).fetchone()
+    if (row and row[0]) or wait_s <= 0:
+        return bool(row and row[0])
+    if on_wait is not None:
+        on_wait()
+    previous = conn.execute(
+        "SELECT current_setting('lock_timeout'), set_config('lock_timeout', %s, false)",
+        (str(max(1, int(wait_s * 1000))),),
     ).fetchone()
-    return bool(row and row[0])
+    try:
+        conn.execute("SELECT pg_advisory_lock(%s, %s)", key)
+        return True
+    except psycopg.errors.LockNotAvailable:
+        return False
+    finally:
+        conn.execute("SELECT set_config('lock_timeout', %s, false)", (previous[0] if previous else "0",))
 
 
 def run_export(
@@ -598,6 +629,8 @@ def run_export(
     progress: ProgressCallback | None = None,
     progress_every_bytes: int = PROGRESS_EVERY_BYTES,
     max_mb_per_s: float = 0.0,
+    lock_wait_s: float = 0.0,
+    on_lock_wait: Callable[[], None] | None = None,
 ) -> ExportResult:
     """Export request ``request_id`` to ``export_dir`` and record the outcome on the request.
 
@@ -611,14 +644,22 @@ def run_export(
     the server's COPY waits on its socket, so an export takes at most about half a core on a 2-core server
     instead of a whole one; the COPY lasts longer (``statement_timeout_s`` must allow size / rate).
 
-    A succeeded request is returned as recorded (not exported again). Raises :class:`ExportRequestError`
-    (request marked ``failed``), :class:`ExportBusyError` (another process holds the request), or the
-    error that interrupted the export (request marked ``failed``, temp file removed).
+    A succeeded request is returned as recorded (not exported again). Another process holding the
+    request (an earlier attempt still ending) is waited for up to ``lock_wait_s`` seconds (0: not at all;
+    ``on_lock_wait`` is called when the wait starts). Raises :class:`ExportRequestError` (request marked
+    ``failed``), :class:`ExportBusyError` (another process still holds the request), or the error that
+    interrupted the export (request marked ``failed``, temp file removed).
     """
     today = today or dt.datetime.now(UTC).date()
     export_dir.mkdir(parents=True, exist_ok=True)
     with connect(url, autocommit=True, application_name="perf_pipeline.export") as conn:
-        if not _lock(conn, request_id):
+        idle, interval, count = TCP_KEEPALIVES
+        conn.execute(
+            "SELECT set_config('tcp_keepalives_idle', %s, false), "
+            "set_config('tcp_keepalives_interval', %s, false), set_config('tcp_keepalives_count', %s, false)",
+            (str(idle), str(interval), str(count)),
+        )
+        if not _lock(conn, request_id, lock_wait_s, on_lock_wait):
             raise ExportBusyError(f"export request {request_id} is being run by another process")
         req = get_request(conn, request_id)
         if req is None:

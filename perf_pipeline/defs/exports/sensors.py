@@ -5,6 +5,11 @@ validates each (cheap, no I/O): an invalid request is marked `failed` with the r
 valid one gets one `export_job` run with `run_key` = request id, so Dagster itself never launches a
 request twice. The cursor also remembers the ids launched and still pending (runs queued behind the
 `exports` pool), so a tick does not yield them again. One bad row never fails the tick.
+
+`export_run_failure_sensor` leaves alone a failed run that Dagster's run-retry daemon will re-execute
+(tag ``dagster/will_retry`` = true, set when the failure is stored: a killed run worker): the request stays
+``running`` and the retry claims it. When a run that will not be retried fails or is canceled, the request
+is marked ``failed`` if it is still claimed by that run or by a run it re-executes.
 """
 
 import datetime as dt
@@ -75,29 +80,45 @@ def pending_exports_sensor(
     return dg.SensorResult(run_requests=runs, cursor=new_cursor, skip_reason=skip)
 
 
+#: set by Dagster on a failed run when run retries are enabled: "true" if the run-retry daemon will
+#: re-execute it (dagster._core.storage.tags.WILL_RETRY_TAG)
+WILL_RETRY_TAG = "dagster/will_retry"
+
+
 def _request_id(run: dg.DagsterRun) -> int | None:
     raw = run.tags.get(REQUEST_TAG)
     return int(raw) if raw and raw.isdigit() else None
 
 
+def _lineage(run: dg.DagsterRun) -> list[str]:
+    """The run and the runs it re-executes (an automatic retry's parent and root)."""
+    return list(dict.fromkeys(r for r in (run.run_id, run.parent_run_id, run.root_run_id) if r))
+
+
+def will_be_retried(instance: dg.DagsterInstance, run: dg.DagsterRun) -> bool:
+    """True when the run-retry daemon will re-execute this failed run (read from the stored run, whose tag
+    is written right after the failure event)."""
+    stored = instance.get_run_by_id(run.run_id) or run
+    return stored.tags.get(WILL_RETRY_TAG, "").lower() == "true"
+
+
 @dg.run_failure_sensor(
     monitored_jobs=[export_job],
     default_status=dg.DefaultSensorStatus.RUNNING,
-    description="When an export run fails (including a killed process noticed by run monitoring), mark its "
-    "request failed so it does not stay 'running'.",
+    description="When an export run fails and will not be retried automatically, mark its request failed so "
+    "it does not stay 'running' (a killed run worker's run is retried: its request is left to the retry).",
 )
 def export_run_failure_sensor(context: dg.RunFailureSensorContext, postgres: PostgresResource) -> None:
-    request_id = _request_id(context.dagster_run)
+    run = context.dagster_run
+    request_id = _request_id(run)
     if request_id is None:
+        return
+    if will_be_retried(context.instance, run):
+        context.log.info(f"run {run.run_id} will be retried automatically; request {request_id} left to it")
         return
     message = context.failure_event.message or "run failed"
     with postgres.connection(autocommit=True) as conn:
-        mark_run_ended(
-            conn,
-            request_id,
-            context.dagster_run.run_id,
-            f"Dagster run {context.dagster_run.run_id} failed: {message}",
-        )
+        mark_run_ended(conn, request_id, _lineage(run), f"Dagster run {run.run_id} failed: {message}")
 
 
 @dg.run_status_sensor(
@@ -115,6 +136,6 @@ def export_run_canceled_sensor(context: dg.RunStatusSensorContext, postgres: Pos
         mark_run_ended(
             conn,
             request_id,
-            context.dagster_run.run_id,
+            _lineage(context.dagster_run),
             f"Dagster run {context.dagster_run.run_id} was canceled",
         )

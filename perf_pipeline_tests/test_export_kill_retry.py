@@ -1,0 +1,212 @@
+"""Issue 9 end to end: SIGKILL an export run's worker mid-export under a real dagster-daemon.
+
+A private Dagster instance (this repo's dagster.yaml, storage in a fresh database on the test PostgreSQL
+server) and `dagster-daemon run` on this repo's workspace: the exports sensor launches the request's run,
+the test kills the run worker while its COPY streams, and then only watches. Dagster must mark the run
+failed, its run-retry daemon must launch a re-execution by itself, and that retry must finish the same
+request: status ``succeeded`` after 2 attempts, never ``failed`` on the way, one file with every row, no
+third run. About 30–50 s (daemon and code server start-up, two run starts, two paced exports).
+
+The instance differs from dagster.yaml in polling intervals only (queued-run dequeue 1 s, event-log
+consumer 1 s): the retry decisions are Dagster's, with the repo's run_retries and run_monitoring settings.
+Exports are paced at 2 MB/s so that the kill lands mid-stream.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import psycopg
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from perf_pipeline.lib import exports as ex
+from perf_pipeline.lib.workload import WorkloadSpec, load_workload
+from perf_pipeline.settings import PROJECT_ROOT
+from perf_pipeline_tests.conftest import create_database, drop_database
+
+BIN = Path(sys.executable).parent
+REQUESTER = "00000000-0000-4000-8000-000000000009"
+START = (dt.datetime.now(dt.UTC) - dt.timedelta(days=6)).date()
+PID = re.compile(r"(?:Executing steps in process|parent process|Started process for run) \(pid: (\d+)\)")
+
+
+def _wait(check, timeout: float, what: str, step: float = 0.1):  # noqa: ANN001, ANN202
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(step)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+@pytest.fixture(scope="module")
+def platform_url(db_url: str) -> str:
+    # ~7 MB of audit CSV: paced at 2 MB/s, an attempt streams for ~3.5 s
+    load_workload(db_url, WorkloadSpec(days=7, usage_per_day=10, audit_per_day=4000))
+    return db_url
+
+
+@pytest.fixture
+def daemon(
+    platform_url: str, pg_server_url: str, redis_url: str, tmp_path: Path
+) -> Iterator[tuple[object, dict[str, str]]]:
+    """(instance, env): a DagsterInstance on a private DAGSTER_HOME, with dagster-daemon running on it."""
+    dagster_db = create_database(pg_server_url, prefix="ppt_dagster")
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    config = yaml.safe_load((PROJECT_ROOT / "dagster.yaml").read_text())
+    config["run_coordinator"].setdefault("config", {})["dequeue_interval_seconds"] = 1
+    (home / "dagster.yaml").write_text(yaml.safe_dump(config))
+    env = {
+        "DAGSTER_HOME": str(home),
+        "PERF_PIPELINE_DATABASE_URL": platform_url,
+        "PERF_PIPELINE_REDIS_URL": redis_url,
+        "PERF_PIPELINE_DAGSTER_DATABASE_URL": dagster_db,
+        "PERF_PIPELINE_DAGSTER_PG_URL": urlunsplit(
+            urlsplit(dagster_db)._replace(scheme="postgresql+psycopg2")
+        ),
+        "PERF_PIPELINE_DAGSTER_ARTIFACTS_DIR": str(tmp_path / "storage"),
+        "PERF_PIPELINE_DAGSTER_COMPUTE_LOGS_DIR": str(tmp_path / "compute_logs"),
+        "PERF_PIPELINE_EXPORT_DIR": str(tmp_path / "exports"),
+        "PERF_PIPELINE_EXPORT_MAX_MB_S": "2",
+        "DAGSTER_EVENT_LOG_CONSUMER_DAEMON_INTERVAL_SECONDS": "1",
+    }
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    proc: subprocess.Popen[bytes] | None = None
+    try:
+        import dagster as dg
+
+        from perf_pipeline.cli import apply_pool_limits
+
+        apply_pool_limits(env)  # also creates Dagster's schema before two processes race to
+        proc = subprocess.Popen(
+            [str(BIN / "dagster-daemon"), "run", "-w", str(PROJECT_ROOT / "workspace.yaml")],
+            env={**os.environ, **env},
+            cwd=home,
+            stdout=(tmp_path / "daemon.log").open("wb"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group: stopped as one below
+        )
+        with dg.DagsterInstance.get() as instance:
+            yield instance, env
+    finally:
+        if proc is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:  # its threads finish their iteration first: no need to wait
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(10)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        drop_database(pg_server_url, dagster_db)
+
+
+def _pid(instance, run_id: str) -> int | None:  # noqa: ANN001
+    for event in instance.all_logs(run_id):
+        text = (
+            f"{event.user_message or ''} {(event.dagster_event.message or '') if event.dagster_event else ''}"
+        )
+        m = PID.search(text)
+        if m:
+            return int(m.group(1))
+    return None
+
+
+def test_a_killed_export_run_worker_is_retried_and_finishes_the_request(
+    daemon: tuple[object, dict[str, str]], platform_url: str
+) -> None:
+    import dagster as dg
+
+    instance, env = daemon
+    with psycopg.connect(platform_url, autocommit=True) as conn:
+        request_id = ex.file_request(conn, REQUESTER, "audit_log", "parquet", {"start": str(START)})
+    t0 = time.monotonic()
+
+    def runs() -> list[dg.DagsterRun]:
+        return list(instance.get_runs(dg.RunsFilter(tags={"perf_pipeline/export_request": str(request_id)})))  # type: ignore[attr-defined]
+
+    def request() -> dict:
+        with psycopg.connect(platform_url, autocommit=True) as conn:
+            req = ex.get_request(conn, request_id)
+        assert req is not None
+        return req
+
+    # the sensor's run, mid-COPY: the request is claimed by it (set just before the COPY starts)
+    first = _wait(lambda: next(iter(runs()), None), 90, "the exports sensor to launch a run")
+    _wait(
+        lambda: request()["status"] == "running" and request()["run_id"] == first.run_id,
+        90,
+        "the run's export to start",
+        0.05,
+    )
+    pid = _pid(instance, first.run_id)
+    assert pid is not None and pid != os.getpid()
+    time.sleep(0.5)  # well inside the ~3.5 s stream
+    assert request()["status"] == "running"
+    os.kill(pid, signal.SIGKILL)
+    killed_at = time.monotonic()
+    launched_s = time.monotonic() - t0
+
+    statuses_seen: set[str] = set()
+
+    def retried_ok() -> dg.DagsterRun | None:
+        statuses_seen.add(request()["status"])
+        for run in runs():
+            if run.parent_run_id == first.run_id and run.status == dg.DagsterRunStatus.SUCCESS:
+                return run
+        return None
+
+    retry = _wait(retried_ok, 120, "an automatic retry of the killed run to succeed", 0.25)
+    retry_ok_s = time.monotonic() - killed_at
+
+    killed = instance.get_run_by_id(first.run_id)  # type: ignore[attr-defined]
+    assert killed.status == dg.DagsterRunStatus.FAILURE
+    assert killed.tags.get("dagster/will_retry") == "true"
+    assert killed.tags.get("dagster/auto_retry_run_id") == retry.run_id
+    assert "dagster/failure_reason" not in killed.tags  # marked failed from outside: not a step failure
+    step_events = {
+        e.dagster_event.event_type_value
+        for e in instance.all_logs(first.run_id)  # type: ignore[attr-defined]
+        if e.dagster_event is not None and e.dagster_event.is_step_event
+    }
+    assert "STEP_SUCCESS" not in step_events and "STEP_FAILURE" not in step_events  # the step died with it
+    assert retry.tags.get("dagster/retry_number") == "1" and retry.root_run_id == first.run_id
+
+    req = request()
+    assert req["status"] == "succeeded" and req["attempts"] == 2 and req["run_id"] == retry.run_id
+    assert "failed" not in statuses_seen  # the request was left to the retry, never failed on the way
+    with psycopg.connect(platform_url) as conn:
+        (rows,) = conn.execute(
+            "SELECT count(*) FROM audit_log WHERE timestamp >= %s",
+            (dt.datetime.combine(START, dt.time(), dt.UTC),),
+        ).fetchone()
+    export_dir = Path(env["PERF_PIPELINE_EXPORT_DIR"])
+    assert sorted(os.listdir(export_dir)) == [
+        f"export-{request_id}-audit_log.parquet"
+    ]  # one file, no leftovers
+    assert req["rows"] == rows == pq.read_metadata(export_dir / os.listdir(export_dir)[0]).num_rows > 20_000
+    assert len(runs()) == 2  # the killed run and its retry: the sensor never launched the request again
+    print(
+        f"\nrun started + export claimed {launched_s:.1f} s after filing; killed pid {pid}; "
+        f"retry run {retry.run_id[:8]} succeeded {retry_ok_s:.1f} s after the kill"
+    )
