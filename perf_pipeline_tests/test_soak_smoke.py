@@ -13,7 +13,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from bench.soak import AuditLoad, UsageWriter, parse_duration, wait_all, windows
+from bench.soak import AuditLoad, RunInfo, UsageWriter, judge_failed_runs, parse_duration, wait_all, windows
 from perf_pipeline.audit import AuditWriter
 
 
@@ -77,3 +77,38 @@ def test_writers_account_for_every_row(db_url: str, scratch_dir: Path) -> None:
         ).fetchone()
     assert sorted(ids) == sorted(audit.ids)
     assert usage_rows == sessions == len(set(usage.acked)) == len(usage.acked)
+
+
+def test_failed_runs_are_judged_by_what_really_recovered_them() -> None:
+    """A killed export run retried to success is recovered by its automatic retry (with the latency); a
+    failed export whose request never succeeded is not recovered by a later export of another request
+    (the old rule counted that); a scheduled job's failure is recovered by a later run of the job."""
+    req = "perf_pipeline/export_request"
+    runs = [
+        RunInfo("killed01", "export_job", "FAILURE", {req: "7", "dagster/will_retry": "true"}, 100.0, 101.0),
+        RunInfo(
+            "retry001",
+            "export_job",
+            "SUCCESS",
+            {
+                req: "7",
+                "dagster/root_run_id": "killed01",
+                "dagster/parent_run_id": "killed01",
+                "dagster/retry_number": "1",
+            },
+            105.0,
+            131.0,
+        ),
+        RunInfo("failed02", "export_job", "FAILURE", {req: "8", "dagster/will_retry": "false"}, 200.0, 201.0),
+        RunInfo("other003", "export_job", "SUCCESS", {req: "9"}, 300.0, 310.0),
+        RunInfo("sched004", "db_health_job", "FAILURE", {}, 400.0, 402.0),
+        RunInfo("sched005", "db_health_job", "SUCCESS", {}, 4000.0, 4010.0),
+    ]
+    rows, unrecovered = judge_failed_runs(runs, [("kill run worker", 99.0)], "killed01", 0.0)
+    by_run = {r["run"]: r for r in rows}
+    assert set(by_run) == {"killed01", "failed02", "sched004"} and unrecovered == 1
+    assert by_run["killed01"]["recovered_by"] == "automatic retry retry001"
+    assert by_run["killed01"]["recovered_after_s"] == 30.0 and by_run["killed01"]["killed"] is True
+    assert by_run["killed01"]["near_fault"] == "kill run worker"
+    assert by_run["failed02"]["recovered_by"] is None  # other003 exported request 9, not 8
+    assert by_run["sched004"]["recovered_by"] == "later run of its job sched005"
