@@ -22,7 +22,10 @@ Disk: before loading it checks ``df`` against an estimate (bytes per row measure
 a conservative constant before that) and refuses with a message if the large size does not fit.
 
 Environment: ``SCALE_AUDIT_ROWS`` (default 100M), ``SCALE_USAGE_ROWS`` (20M), ``SCALE_MONTHS`` (24),
-``SCALE_SMALL_AUDIT_ROWS`` (1M); arguments override them. ``BENCH_KEEP_DB=1`` keeps the databases.
+``SCALE_SMALL_AUDIT_ROWS`` (1M); arguments override them. ``--keep`` keeps the large database and
+prints its name; ``--reuse-large NAME`` measures that kept database again instead of loading a new one
+(the small size is always loaded afresh, so both sizes are measured in the same run; the archive then
+takes the oldest month still attached).
 """
 
 from __future__ import annotations
@@ -55,7 +58,7 @@ from perf_pipeline.lib.archive import archive_partition
 from perf_pipeline.lib.cache import KPIS_KEY, DashboardCache, serving_client, trends_key
 from perf_pipeline.lib.dashboard import TrendRequest, standard_trend_requests
 from perf_pipeline.lib.db import connect, load_query
-from perf_pipeline.lib.partitioning import add_months, month_start
+from perf_pipeline.lib.partitioning import add_months, list_partitions, month_start
 from perf_pipeline.lib.rollups import rollup_days
 from perf_pipeline.lib.workload import WorkloadSpec, load_workload
 
@@ -90,6 +93,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--months", type=int, default=_env_int("SCALE_MONTHS", 24))
     p.add_argument("--small-audit-rows", type=int, default=_env_int("SCALE_SMALL_AUDIT_ROWS", 1_000_000))
     p.add_argument("--repeat", type=int, default=60, help="timed runs per query figure (default 60)")
+    p.add_argument("--keep", action="store_true", help="keep the large database (its name is printed)")
+    p.add_argument("--reuse-large", metavar="NAME", help="measure this kept large database, do not load")
     args = p.parse_args(argv)
     if args.audit_rows < args.small_audit_rows or args.months < 3:
         p.error("need --audit-rows ≥ --small-audit-rows and --months ≥ 3")
@@ -135,10 +140,33 @@ def refuse_if_no_room(
 
 
 @contextlib.contextmanager
-def fresh_database(server_url: str, prefix: str) -> Iterator[str]:
+def fresh_database(server_url: str, prefix: str, keep: bool = False) -> Iterator[str]:
     ctx = BenchContext("scale", server_url, "")
-    with ctx.database(prefix) as url:
-        yield url
+    saved = os.environ.get("BENCH_KEEP_DB")
+    if keep:
+        os.environ["BENCH_KEEP_DB"] = "1"
+    try:
+        with ctx.database(prefix) as url:
+            if keep:
+                print(f"  keeping database {urlsplit(url).path.lstrip('/')} (--reuse-large NAME)", flush=True)
+            yield url
+    finally:
+        if saved is None:
+            os.environ.pop("BENCH_KEEP_DB", None)
+
+
+@contextlib.contextmanager
+def existing_database(server_url: str, name: str) -> Iterator[str]:
+    """A kept database, brought up to date with the migrations (a new rollup table is filled by its own
+    migration and the rollup below)."""
+    from perf_pipeline.lib.migrations import apply_migrations
+
+    url = urlunsplit(urlsplit(server_url)._replace(path=f"/{name}"))
+    with psycopg.connect(server_url, autocommit=True) as conn:
+        if not conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone():
+            sys.exit(f"--reuse-large: no database {name!r} on the server")
+    apply_migrations(url)
+    yield url
 
 
 @contextlib.contextmanager
@@ -199,7 +227,14 @@ def rollup_everything(conn: psycopg.Connection, first: dt.date, last: dt.date) -
 
 
 def run_size(
-    server_url: str, label: str, audit_rows: int, usage_rows: int, months: int, repeat: int
+    server_url: str,
+    label: str,
+    audit_rows: int,
+    usage_rows: int,
+    months: int,
+    repeat: int,
+    keep: bool = False,
+    reuse: str | None = None,
 ) -> SizeResult:
     res = SizeResult(label, audit_rows, usage_rows)
     now = dt.datetime.now(dt.UTC).replace(second=0, microsecond=0)
@@ -219,10 +254,22 @@ def run_size(
         f"usage rows over {days} days ({first} … {today})",
         flush=True,
     )
-    with fresh_database(server_url, f"bench_scale_{label}") as url, private_redis() as redis_url:
-        loaded = load_workload(url, spec, progress=sys.stderr.isatty())
-        res.audit_rows, res.usage_rows, res.load_s = loaded.audit_rows, loaded.usage_rows, loaded.seconds
-        print(f"  loaded in {loaded.seconds:,.0f} s ({loaded.rows_per_s:,.0f} rows/s)", flush=True)
+    database = (
+        existing_database(server_url, reuse)
+        if reuse
+        else fresh_database(server_url, f"bench_scale_{label}", keep)
+    )
+    with database as url, private_redis() as redis_url:
+        if reuse:
+            with connect(url, autocommit=True) as conn:
+                res.audit_rows = conn.execute("SELECT count(*) FROM audit_log").fetchone()[0]
+                res.usage_rows = conn.execute("SELECT count(*) FROM usage_log").fetchone()[0]
+            res.load_s = float("nan")
+            print(f"  reusing {reuse}: {res.audit_rows:,} audit + {res.usage_rows:,} usage rows", flush=True)
+        else:
+            loaded = load_workload(url, spec, progress=sys.stderr.isatty())
+            res.audit_rows, res.usage_rows, res.load_s = loaded.audit_rows, loaded.usage_rows, loaded.seconds
+            print(f"  loaded in {loaded.seconds:,.0f} s ({loaded.rows_per_s:,.0f} rows/s)", flush=True)
         with connect(url, autocommit=True, application_name="bench.scale") as conn:
             rollup_s = rollup_everything(conn, first, today)
             print(f"  rolled {days} days up in {rollup_s:,.1f} s", flush=True)
@@ -281,15 +328,16 @@ def run_size(
             day = measure(lambda: rollup_days(conn, yesterday, today), repeat=5, warmup=1)
             res.figures["rollup one day median"] = day.median
 
-            # one month's archive: the oldest full month of audit_log
+            # one month's archive: the oldest full month of audit_log still attached
+            oldest = min(p.month for p in list_partitions(conn, "audit_log") if p.month is not None)
             archive_dir = Path(tempfile.mkdtemp(prefix="scale_archive_"))
             try:
                 t0 = time.perf_counter()
-                a = archive_partition(conn, "audit_log", first, archive_dir)
+                a = archive_partition(conn, "audit_log", oldest, archive_dir)
                 res.figures["archive one month"] = (time.perf_counter() - t0) * 1000
                 res.figures["archive month rows"] = float(a.rows)
                 print(
-                    f"  archived {first:%Y-%m}: {a.rows:,} rows, {a.bytes / 1e6:,.1f} MB, state {a.state}",
+                    f"  archived {oldest:%Y-%m}: {a.rows:,} rows, {a.bytes / 1e6:,.1f} MB, state {a.state}",
                     flush=True,
                 )
             finally:
@@ -344,7 +392,8 @@ def main(argv: list[str] | None = None) -> int:
     server = urlunsplit(urlsplit(urls.database_url)._replace(path="/postgres"))
     ratio = args.usage_rows / args.audit_rows
     # a first check with conservative constants, before spending time on the small run
-    refuse_if_no_room(server, args.audit_rows, args.usage_rows, AUDIT_BYTES_PER_ROW, USAGE_BYTES_PER_ROW)
+    if not args.reuse_large:
+        refuse_if_no_room(server, args.audit_rows, args.usage_rows, AUDIT_BYTES_PER_ROW, USAGE_BYTES_PER_ROW)
     started = time.perf_counter()
     small = run_size(
         server, "small", args.small_audit_rows, round(args.small_audit_rows * ratio), args.months, args.repeat
@@ -354,8 +403,18 @@ def main(argv: list[str] | None = None) -> int:
     usage_bpr = (small.sizes.get("usage_log", 0) + small.sizes.get("session", 0)) / max(
         small.usage_rows, 1
     ) or USAGE_BYTES_PER_ROW
-    refuse_if_no_room(server, args.audit_rows, args.usage_rows, audit_bpr, usage_bpr)
-    large = run_size(server, "large", args.audit_rows, args.usage_rows, args.months, args.repeat)
+    if not args.reuse_large:
+        refuse_if_no_room(server, args.audit_rows, args.usage_rows, audit_bpr, usage_bpr)
+    large = run_size(
+        server,
+        "large",
+        args.audit_rows,
+        args.usage_rows,
+        args.months,
+        args.repeat,
+        args.keep,
+        args.reuse_large,
+    )
     rows = report(small, large, server)
     print(
         f"\n--- scale ({time.perf_counter() - started:,.0f} s; {os.cpu_count()} cores, "
