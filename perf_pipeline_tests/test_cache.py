@@ -235,8 +235,10 @@ def test_stale_entry_is_recomputed_by_one_reader_while_others_serve_it(
 def test_cold_key_stampede_waits_for_single_flight(redis_url: str, db_url: str) -> None:
     compute = CountingCompute(delay=0.3)
     readers = 50
-    # each reader thread has its own DashboardCache (like separate API processes), sharing only Redis
-    caches = [_cache(redis_url, db_url) for _ in range(readers)]
+    # each reader thread has its own DashboardCache (like separate API processes), sharing only Redis;
+    # a wait long enough for 50 threads on a loaded 2-core machine: this tests the single flight, not
+    # the wait_s fallback (test_reader_stops_waiting_for_a_slow_holder_after_wait_s covers that)
+    caches = [_cache(redis_url, db_url, wait_s=30.0) for _ in range(readers)]
     barrier = threading.Barrier(readers)
     results: list[object] = []
 
@@ -255,6 +257,35 @@ def test_cold_key_stampede_waits_for_single_flight(redis_url: str, db_url: str) 
     )
     waited = sum(c.counts["waited"] for c in caches)
     assert waited == readers - 1
+
+
+def test_reader_stops_waiting_for_a_slow_holder_after_wait_s(redis_url: str, db_url: str) -> None:
+    """A lock holder slower than ``wait_s`` (a stuck query, a dead process until the lock expires) does
+    not keep the other readers waiting: after ``wait_s`` each answers from SQL itself."""
+    slow, fast = CountingCompute(delay=3.0), CountingCompute(delay=0.0)
+    holder, reader = _cache(redis_url, db_url), _cache(redis_url, db_url, wait_s=0.3)
+    started = threading.Event()
+
+    def hold() -> None:
+        started.set()
+        holder.get("dash:test:slow-holder", 60, slow)
+
+    t = threading.Thread(target=hold)
+    t.start()
+    started.wait()
+    deadline = time.monotonic() + 5
+    while (
+        not holder.redis_client.exists(cache_lib.LOCK_PREFIX + "dash:test:slow-holder")
+        and time.monotonic() < deadline
+    ):
+        time.sleep(0.01)
+    t0 = time.monotonic()
+    assert reader.get("dash:test:slow-holder", 60, fast) == {"value": 1}
+    elapsed = time.monotonic() - t0
+    t.join()
+    assert fast.calls == 1 and slow.calls == 1
+    assert 0.3 <= elapsed < 2.5, elapsed  # waited wait_s, then SQL; not the holder's 3 s
+    assert reader.counts["waited"] == 0 and reader.counts["miss"] == 1
 
 
 def test_without_the_lock_every_reader_recomputes(redis_url: str, db_url: str) -> None:
