@@ -276,15 +276,27 @@ def run_size(
             conn.execute("VACUUM (ANALYZE)")
             res.sizes = table_sizes(conn)
 
-            # the seed's audit lookups, client-side, arguments rotating over recent events
+            # the seed's audit lookups, client-side, arguments rotating over recent events. Right after
+            # the load and VACUUM, a large database's pages are mostly not in memory: the first pass over
+            # the arguments (every lookup once) is reported on its own, as "cold", not judged; the judged
+            # p95 comes after it, as on a running system whose admins look these up repeatedly.
             args = lookup_args(conn) or [health.probe_params(conn)]
             for probe in AUDIT_PROBES:
                 query, counter = load_query(probe.query), itertools.count()
+                returned: list[int] = []
 
-                def one(query: str = query, i: Iterator[int] = counter) -> None:
-                    conn.execute(query, args[next(i) % len(args)]).fetchall()
+                def one(
+                    query: str = query, i: Iterator[int] = counter, returned: list[int] = returned
+                ) -> None:
+                    returned.append(len(conn.execute(query, args[next(i) % len(args)]).fetchall()))
 
+                res.figures[f"{probe.name} cold first pass p95 (not judged)"] = measure(
+                    one, repeat=len(args), warmup=0
+                ).p95
                 res.figures[f"{probe.name} p95"] = measure(one, repeat=repeat, warmup=5).p95
+                res.figures[f"{probe.name} rows returned median"] = float(
+                    sorted(returned)[len(returned) // 2]
+                )
 
             # KPIs and trends through the cache's read path (the API's code, without HTTP)
             @contextlib.contextmanager
@@ -355,9 +367,9 @@ def report(small: SizeResult, large: SizeResult, server_url: str) -> list[dict[s
     ]
     for name in small.figures:
         s, lg = small.figures[name], large.figures.get(name, float("nan"))
-        is_query = name.endswith("p95")
+        is_query = name.endswith(" p95")  # "... p95 (not judged)" and medians are shown, not judged
         ratio = lg / s if s else float("inf")
-        unit = "" if name == "archive month rows" else "ms"
+        unit = "" if name.endswith(("rows", "rows returned median")) else "ms"
         rows.append(
             {
                 "figure": f"{name} {unit}".strip(),
