@@ -6,7 +6,9 @@ Lists every asset, check, schedule and sensor the code location defines, launche
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -93,6 +95,7 @@ def webserver(
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
+            start_new_session=True,  # its code server child is stopped with it (see finally)
         )
     try:
         deadline = time.monotonic() + 180
@@ -109,8 +112,14 @@ def webserver(
             time.sleep(0.5)
         yield DagsterGraphQLClient("127.0.0.1", port_number=port)
     finally:
-        proc.terminate()
-        proc.wait(30)
+        # the whole process group: terminating the webserver alone left its code server running
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(30)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)  # whatever of the group is still there
         drop_database(pg_server_url, storage_url)
 
 
