@@ -93,8 +93,9 @@ class BenchContext:
         return value
 
     @contextmanager
-    def database(self, prefix: str = "bench") -> Iterator[str]:
-        """A fresh database with migrations applied, dropped afterwards."""
+    def database(self, prefix: str = "bench", keep: bool = False) -> Iterator[str]:
+        """A fresh database with migrations applied, dropped afterwards (kept with ``keep`` or
+        ``BENCH_KEEP_DB``)."""
         from perf_pipeline.lib.migrations import apply_migrations
 
         name = f"{prefix}_{secrets.token_hex(4)}"
@@ -105,7 +106,7 @@ class BenchContext:
             apply_migrations(url)
             yield url
         finally:
-            if not os.environ.get("BENCH_KEEP_DB"):
+            if not (keep or os.environ.get("BENCH_KEEP_DB")):
                 with psycopg.connect(self.server_url, autocommit=True) as conn:
                     conn.execute(
                         sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))

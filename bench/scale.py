@@ -60,6 +60,7 @@ from perf_pipeline.lib.dashboard import TrendRequest, standard_trend_requests
 from perf_pipeline.lib.db import connect, load_query
 from perf_pipeline.lib.partitioning import add_months, list_partitions, month_start
 from perf_pipeline.lib.rollups import rollup_days
+from perf_pipeline.lib.stats import percentile
 from perf_pipeline.lib.workload import WorkloadSpec, load_workload
 
 # Before anything is measured: audit ~360 B/row with its four indexes, usage ~650 B/row including its
@@ -141,18 +142,10 @@ def refuse_if_no_room(
 
 @contextlib.contextmanager
 def fresh_database(server_url: str, prefix: str, keep: bool = False) -> Iterator[str]:
-    ctx = BenchContext("scale", server_url, "")
-    saved = os.environ.get("BENCH_KEEP_DB")
-    if keep:
-        os.environ["BENCH_KEEP_DB"] = "1"
-    try:
-        with ctx.database(prefix) as url:
-            if keep:
-                print(f"  keeping database {urlsplit(url).path.lstrip('/')} (--reuse-large NAME)", flush=True)
-            yield url
-    finally:
-        if saved is None:
-            os.environ.pop("BENCH_KEEP_DB", None)
+    with BenchContext("scale", server_url, "").database(prefix, keep=keep) as url:
+        if keep:
+            print(f"  keeping database {urlsplit(url).path.lstrip('/')} (--reuse-large NAME)", flush=True)
+        yield url
 
 
 @contextlib.contextmanager
@@ -294,9 +287,7 @@ def run_size(
                     one, repeat=len(args), warmup=0
                 ).p95
                 res.figures[f"{probe.name} p95"] = measure(one, repeat=repeat, warmup=5).p95
-                res.figures[f"{probe.name} rows returned median"] = float(
-                    sorted(returned)[len(returned) // 2]
-                )
+                res.figures[f"{probe.name} rows returned median"] = percentile(returned, 50)
 
             # KPIs and trends through the cache's read path (the API's code, without HTTP)
             @contextlib.contextmanager

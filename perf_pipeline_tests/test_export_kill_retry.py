@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -31,6 +30,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from bench.soak import run_pid
 from perf_pipeline.lib import exports as ex
 from perf_pipeline.lib.workload import WorkloadSpec, load_workload
 from perf_pipeline.settings import PROJECT_ROOT
@@ -39,7 +39,6 @@ from perf_pipeline_tests.conftest import create_database, drop_database
 BIN = Path(sys.executable).parent
 REQUESTER = "00000000-0000-4000-8000-000000000009"
 START = (dt.datetime.now(dt.UTC) - dt.timedelta(days=6)).date()
-PID = re.compile(r"(?:Executing steps in process|parent process|Started process for run) \(pid: (\d+)\)")
 
 
 def _wait(check, timeout: float, what: str, step: float = 0.1):  # noqa: ANN001, ANN202
@@ -121,17 +120,6 @@ def daemon(
         drop_database(pg_server_url, dagster_db)
 
 
-def _pid(instance, run_id: str) -> int | None:  # noqa: ANN001
-    for event in instance.all_logs(run_id):
-        text = (
-            f"{event.user_message or ''} {(event.dagster_event.message or '') if event.dagster_event else ''}"
-        )
-        m = PID.search(text)
-        if m:
-            return int(m.group(1))
-    return None
-
-
 def test_a_killed_export_run_worker_is_retried_and_finishes_the_request(
     daemon: tuple[object, dict[str, str]], platform_url: str
 ) -> None:
@@ -159,7 +147,7 @@ def test_a_killed_export_run_worker_is_retried_and_finishes_the_request(
         "the run's export to start",
         0.05,
     )
-    pid = _pid(instance, first.run_id)
+    pid = run_pid(instance, first.run_id)
     assert pid is not None and pid != os.getpid()
     time.sleep(0.5)  # well inside the ~3.5 s stream
     assert request()["status"] == "running"

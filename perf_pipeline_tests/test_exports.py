@@ -100,6 +100,18 @@ def _request(conn: psycopg.Connection, kind: object, fmt: object, filters: objec
     return int(row[0])
 
 
+def _execute_job(
+    request_id: int, url: str, instance: dg.DagsterInstance, **kwargs: Any
+) -> dg.ExecuteInProcessResult:
+    """export_job for one request, in process (``kwargs``: ``raise_on_error``, ``tags``)."""
+    return export_job.execute_in_process(
+        run_config={"ops": {"run_data_export": {"config": {"request_id": request_id}}}},
+        resources={"postgres": PostgresResource(url=url)},
+        instance=instance,
+        **kwargs,
+    )
+
+
 def _run(url: str, request_id: int, folder: Path, **kwargs: Any) -> ex.ExportResult:
     return ex.run_export(
         url, request_id, folder, statement_timeout_s=60, retention_months=RETENTION, today=TODAY, **kwargs
@@ -626,14 +638,9 @@ def test_export_job_run_records_file_and_metadata(
     (op,) = export_job.graph.node_defs
     assert op.pool == "exports"  # the pool whose limit caps concurrent exports
     instance = dg.DagsterInstance.ephemeral()
-    resources = {"postgres": PostgresResource(url=loaded)}
     monkeypatch.setenv("PERF_PIPELINE_USAGE_RETENTION_MONTHS", "600")  # the job uses the real today
     good = _request(db, "usage_log", "csv.gz", {"start": "2026-02-20"})
-    result = export_job.execute_in_process(
-        run_config={"ops": {"run_data_export": {"config": {"request_id": good}}}},
-        resources=resources,
-        instance=instance,
-    )
+    result = _execute_job(good, loaded, instance)
     assert result.success
     (mat,) = result.asset_materializations_for_node("run_data_export")
     req = ex.get_request(db, good)
@@ -642,12 +649,7 @@ def test_export_job_run_records_file_and_metadata(
     assert Path(req["file_path"]).parent == scratch_dir
 
     bad = _request(db, "audit_log", "csv.gz", {"start": "1999-01-01"})
-    failed = export_job.execute_in_process(
-        run_config={"ops": {"run_data_export": {"config": {"request_id": bad}}}},
-        resources=resources,
-        instance=instance,
-        raise_on_error=False,
-    )
+    failed = _execute_job(bad, loaded, instance, raise_on_error=False)
     assert not failed.success
     req = ex.get_request(db, bad)
     assert req is not None and req["status"] == "failed" and "retention" in req["error"]
@@ -657,12 +659,8 @@ def test_run_failure_sensor_fails_the_request_of_a_dead_run(loaded: str, db: psy
     instance = dg.DagsterInstance.ephemeral()
     postgres = PostgresResource(url=loaded)
     request_id = _request(db, "audit_log", "csv.gz", {"start": "1999-01-01"})
-    run = export_job.execute_in_process(
-        run_config={"ops": {"run_data_export": {"config": {"request_id": request_id}}}},
-        resources={"postgres": postgres},
-        instance=instance,
-        raise_on_error=False,
-        tags={REQUEST_TAG: str(request_id)},
+    run = _execute_job(
+        request_id, loaded, instance, raise_on_error=False, tags={REQUEST_TAG: str(request_id)}
     )
     assert not run.success
     # as if the run's process had died mid-export: the request still says running, claimed by that run
@@ -751,12 +749,8 @@ def test_a_bad_request_fails_its_run_without_a_retry(loaded: str, db: psycopg.Co
     postgres = PostgresResource(url=loaded)
     request_id = _request(db, "audit_log", "csv.gz", {"start": "1999-01-01"})
     with _retrying_instance() as instance:
-        result = export_job.execute_in_process(
-            run_config={"ops": {"run_data_export": {"config": {"request_id": request_id}}}},
-            resources={"postgres": postgres},
-            instance=instance,
-            raise_on_error=False,
-            tags={REQUEST_TAG: str(request_id)},
+        result = _execute_job(
+            request_id, loaded, instance, raise_on_error=False, tags={REQUEST_TAG: str(request_id)}
         )
         assert not result.success
         run = instance.get_run_by_id(result.run_id)
@@ -798,12 +792,7 @@ def test_a_lost_connection_retries_the_step_in_the_same_run(
 
     killer = threading.Thread(target=terminate_once)
     killer.start()
-    result = export_job.execute_in_process(
-        run_config={"ops": {"run_data_export": {"config": {"request_id": request_id}}}},
-        resources={"postgres": PostgresResource(url=loaded)},
-        instance=dg.DagsterInstance.ephemeral(),
-        raise_on_error=False,
-    )
+    result = _execute_job(request_id, loaded, dg.DagsterInstance.ephemeral(), raise_on_error=False)
     killer.join(timeout=60)
     assert terminated, "no export backend was terminated"
     assert result.success

@@ -19,7 +19,7 @@ import psycopg
 from psycopg.rows import dict_row
 
 from perf_pipeline.lib.db import load_query
-from perf_pipeline.lib.partitioning import add_months
+from perf_pipeline.lib.partitioning import add_months, month_start
 
 Granularity = Literal["daily", "weekly", "monthly"]
 GRANULARITIES: tuple[Granularity, ...] = ("daily", "weekly", "monthly")
@@ -83,15 +83,6 @@ def validate_trend_request(start: dt.date, end: dt.date, granularity: str) -> Tr
     return TrendRequest(start, end, granularity)  # type: ignore[arg-type]
 
 
-def period_start(day: dt.date, granularity: str) -> dt.date:
-    """First day of ``day``'s period: the day itself, its ISO week's Monday or its month's 1st."""
-    if granularity == "weekly":
-        return day - dt.timedelta(days=day.weekday())
-    if granularity == "monthly":
-        return day.replace(day=1)
-    return day
-
-
 def standard_trend_requests(today: dt.date) -> list[TrendRequest]:
     """The ranges the dashboard opens with, ending ``today`` (UTC): the last 7/30/90 days daily, the
     last 13 ISO weeks weekly and the last 12 months monthly (whole periods, the current one to date)."""
@@ -100,9 +91,9 @@ def standard_trend_requests(today: dt.date) -> list[TrendRequest]:
         if granularity == "daily":
             start = today - dt.timedelta(days=periods - 1)
         elif granularity == "weekly":
-            start = period_start(today, "weekly") - dt.timedelta(weeks=periods - 1)
+            start = today - dt.timedelta(days=today.weekday(), weeks=periods - 1)  # a Monday
         else:
-            start = add_months(period_start(today, "monthly"), -(periods - 1))
+            start = add_months(month_start(today), -(periods - 1))
         requests.append(TrendRequest(start, today, granularity))
     return requests
 

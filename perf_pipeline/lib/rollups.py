@@ -180,6 +180,7 @@ def rollup_days(
                 t0 = time.perf_counter()
                 with conn.cursor(row_factory=dict_row) as cur:
                     row = cur.execute(load_query("rollup_upsert"), params).fetchone()
+                result.upsert_ms = (time.perf_counter() - t0) * 1000
                 assert row is not None
                 changed_days = row.pop("changed_days")
                 for key, value in row.items():
@@ -190,7 +191,6 @@ def rollup_days(
                 ).fetchone()
                 assert period_row is not None
                 result.period_sets_written = period_row[0]
-                result.upsert_ms = (time.perf_counter() - t0) * 1000
                 if check:
                     t0 = time.perf_counter()
                     result.mismatches = reconcile(conn, start, end)
