@@ -172,7 +172,7 @@ class DashboardCache:
     _down_until: float = 0.0
     _in_outage: bool = False
     _pending: Counter[str] = field(default_factory=Counter)
-    _last_flush: float = 0.0
+    _last_flush: float = float("-inf")  # monotonic clock: 0.0 is recent on a machine booted < 1 h ago
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     # ------------------------------------------------------------------ public reads
