@@ -1,8 +1,8 @@
 """The dashboard's numbers, computed from SQL: real-time KPIs and usage trends.
 
 These are the source of truth the cache (:mod:`perf_pipeline.lib.cache`) stores and the asset checks
-compare against. KPIs read ``usage_log`` and ``session`` directly (``sql/queries/dashboard_kpis.sql``);
-trends read the daily rollups through :mod:`perf_pipeline.lib.rollups` (issue 4), so a 90-day trend
+compare against. KPIs read ``usage_kpi_buckets``, ``usage_log`` and ``session``
+(``sql/queries/dashboard_kpis.sql``); trends read the daily rollups through :mod:`perf_pipeline.lib.rollups` (issue 4), so a 90-day trend
 costs 90 rollup rows, not 90 days of ``usage_log``.
 
 Payloads are plain JSON-able dicts (dates as ISO strings, numbers as int/float) so that what the API
@@ -101,9 +101,10 @@ def standard_trend_requests(today: dt.date) -> list[TrendRequest]:
 def compute_kpis(conn: psycopg.Connection, as_of: dt.datetime | None = None) -> dict[str, Any]:
     """Real-time KPIs at ``as_of`` (default: the database's ``now()``).
 
-    Cost: one statement (see ``sql/queries/dashboard_kpis.sql``), a scan of the last 24 h of usage_log
-    plus two tiny partial-index scans on session; ~5-50 ms for 10k-1M rows a day. Takes ACCESS SHARE
-    locks only. The same ``as_of`` gives the same numbers (except the live ``active_transcriptions``).
+    Cost: one statement (see ``sql/queries/dashboard_kpis.sql``): the window's sealed 5-minute buckets
+    from ``usage_kpi_buckets`` (:mod:`perf_pipeline.lib.kpi_buckets`), minutes of usage_log rows (the
+    partial buckets at the window's ends and where the last hour starts, the buckets not sealed yet)
+    and two tiny partial-index scans on session; without sealed buckets, the whole 24 h of usage_log. Takes ACCESS SHARE locks only. The same ``as_of`` gives the same numbers (except the live ``active_transcriptions``).
     """
     with conn.cursor(row_factory=dict_row) as cur:
         row = cur.execute(load_query("dashboard_kpis"), {"as_of": as_of}).fetchone()

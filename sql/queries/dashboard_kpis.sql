@@ -12,23 +12,91 @@
 --    same as_of always gives the same numbers: the asset check recomputes a cached snapshot exactly.
 --  * the instant comes from the database clock (now()), not the application's naive utcnow().
 --
--- Cost: one range scan of the last 24 h of usage_log (idx_usage_log_created_brin / partition
--- pruning) plus two scans of tiny partial indexes on session (idx_session_processing,
--- idx_session_failed_updated). No locks beyond ACCESS SHARE.
+-- Cost (0080): the 24-hour aggregates read the window's sealed 5-minute buckets from usage_kpi_buckets
+-- (288 rows a day; distinct users as the OR of one bitmap per bucket) and only the rest from usage_log:
+-- the partial buckets at both ends of the window, the bucket the last hour starts in (so that the last
+-- hour's count is whole buckets plus raw rows), and any bucket without a trusted row (the newest, not
+-- sealed yet, or one a late row marked; see 0080). So a miss reads minutes of usage_log rows, whatever
+-- the rows per day; without buckets (a fresh database, an as_of older than the horizon) it reads the
+-- 24 hours, and gives the same numbers. usage_log is read through idx_usage_log_created_brin and
+-- partition pruning, one range scan per range; session through two tiny partial indexes
+-- (idx_session_processing, idx_session_failed_updated). No locks beyond ACCESS SHARE.
 WITH t AS (
     SELECT coalesce(%(as_of)s::timestamptz, now()) AS as_of
 ),
-usage_24h AS (
-    SELECT
-        count(*) FILTER (WHERE u.created_at >= t.as_of - interval '1 hour')   AS transcriptions_last_hour,
-        count(DISTINCT u.user_id)                                             AS active_users_24h,
-        coalesce(sum(u.cost_usd) FILTER (WHERE u.is_billable), 0)            AS daily_revenue_usd,
-        coalesce(avg(u.duration_minutes), 0)                                  AS avg_duration_minutes
-    FROM usage_log u, t
-    WHERE u.created_at >= t.as_of - interval '24 hours'
-      AND u.created_at < t.as_of
+w AS (
+    SELECT t.as_of,
+           t.as_of - interval '24 hours' AS lo,
+           t.as_of - interval '1 hour'   AS hour_ago,
+           -- sealed buckets are trusted from the first bucket wholly inside the window, and not before
+           -- the horizon (less one bucket of margin, see 0080) ...
+           greatest(usage_kpi_bucket_of(t.as_of - interval '24 hours' - interval '1 microsecond')
+                        + usage_kpi_bucket_width(),
+                    usage_kpi_bucket_of(now()) - usage_kpi_bucket_horizon() + usage_kpi_bucket_width())
+                                         AS first_bucket,
+           -- ... to the last one ending by as_of ...
+           usage_kpi_bucket_of(t.as_of)  AS end_bucket,
+           -- ... except the one the last hour starts inside (NULL when it starts on a boundary)
+           nullif(usage_kpi_bucket_of(t.as_of - interval '1 hour'), t.as_of - interval '1 hour')
+                                         AS straddle_bucket
+    FROM t
 ),
-sessions AS (
+sealed AS MATERIALIZED (
+    SELECT k.bucket, k.transcriptions, k.billable_cost_usd, k.duration_minutes_sum, k.duration_minutes_count,
+           k.user_bits, k.bucket >= w.hour_ago AS in_last_hour
+    FROM w
+    JOIN usage_kpi_buckets k ON k.bucket >= w.first_bucket AND k.bucket < w.end_bucket
+    WHERE k.bucket IS DISTINCT FROM w.straddle_bucket
+      AND NOT EXISTS (SELECT 1 FROM usage_kpi_stale_buckets s WHERE s.bucket = k.bucket)
+),
+raw_ranges AS (
+    -- [lo, as_of) minus the sealed buckets
+    SELECT r.range_lo AS lo, r.range_hi AS hi
+    FROM w,
+         usage_kpi_raw_ranges(w.lo, w.as_of,
+                              (SELECT range_agg(tstzrange(s.bucket, s.bucket + usage_kpi_bucket_width()))
+                               FROM sealed s)) AS r
+),
+raw AS MATERIALIZED (
+    SELECT u.user_id, u.cost_usd, u.is_billable, u.duration_minutes, u.created_at >= w.hour_ago AS in_last_hour
+    FROM w, raw_ranges r
+    JOIN LATERAL (
+        SELECT l.user_id, l.cost_usd, l.is_billable, l.duration_minutes, l.created_at
+        FROM usage_log l
+        WHERE l.created_at >= r.lo
+          AND l.created_at < r.hi
+        OFFSET 0  -- not flattened: one range scan per range, whatever the table's size
+    ) AS u ON true
+),
+bits AS (
+    -- the OR of the sealed buckets' bitmaps, shorter ones padded with zeros (0080)
+    SELECT coalesce(bit_or(b.user_bits || repeat('0', b.width - length(b.user_bits))::varbit), ''::varbit)
+               AS user_bits
+    FROM (SELECT s.user_bits, max(length(s.user_bits)) OVER () AS width FROM sealed s) AS b
+),
+usage_24h AS MATERIALIZED (
+    SELECT
+        coalesce((SELECT sum(s.transcriptions) FROM sealed s WHERE s.in_last_hour), 0)
+          + (SELECT count(*) FROM raw r WHERE r.in_last_hour)                    AS transcriptions_last_hour,
+        bit_count(bits.user_bits)
+          + (SELECT count(*)
+               FROM (SELECT DISTINCT r.user_id FROM raw r) AS ru
+               LEFT JOIN usage_user_ordinals o ON o.user_id = ru.user_id
+              WHERE o.ordinal IS NULL
+                 OR o.ordinal >= length(bits.user_bits)
+                 OR get_bit(bits.user_bits, o.ordinal) = 0)                      AS active_users_24h,
+        coalesce((SELECT sum(s.billable_cost_usd) FROM sealed s), 0)
+          + coalesce((SELECT sum(r.cost_usd) FILTER (WHERE r.is_billable) FROM raw r), 0)
+                                                                                 AS daily_revenue_usd,
+        coalesce(
+            (coalesce((SELECT sum(s.duration_minutes_sum) FROM sealed s), 0)
+               + coalesce((SELECT sum(r.duration_minutes) FROM raw r), 0))
+            / nullif(coalesce((SELECT sum(s.duration_minutes_count) FROM sealed s), 0)
+                       + (SELECT count(r.duration_minutes) FROM raw r), 0),
+            0)                                                                   AS avg_duration_minutes
+    FROM bits
+),
+sessions AS MATERIALIZED (
     SELECT
         (SELECT count(*) FROM session s WHERE s.status = 'processing')        AS active_transcriptions,
         (SELECT count(*) FROM session s, t

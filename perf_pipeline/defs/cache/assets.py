@@ -12,7 +12,7 @@ from perf_pipeline.settings import get_settings
 
 @dg.asset(
     group_name="cache",
-    deps=["usage_daily_metrics"],
+    deps=["usage_daily_metrics", "usage_kpi_buckets"],
     kinds={"redis", "postgres"},
     description=(
         "Real-time KPIs and usage trends (daily 7/30/90 days, weekly, monthly, with provider breakdown) "

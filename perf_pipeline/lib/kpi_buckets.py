@@ -1,0 +1,260 @@
+"""KPI buckets: seal closed 5-minute buckets of ``usage_log`` so a KPI cache miss stays cheap at any size.
+
+``sql/migrations/0080_usage_kpi_buckets.sql`` holds one row per closed UTC bucket of the last
+``usage_kpi_bucket_horizon()`` (48 h): transcriptions, billable revenue, duration sum and count, and a
+bitmap of the bucket's users (bit = the user's ordinal in ``usage_user_ordinals``). ``dashboard_kpis.sql``
+reads the buckets it can trust from there and the rest from ``usage_log``, so the KPIs are always
+``usage_log``'s numbers; :func:`seal_buckets` only makes them cheaper, and a missing, failed or killed
+sealing only makes them slower.
+
+Sealing (:func:`seal_buckets`, run by the ``usage_kpi_buckets`` asset every 5 minutes):
+
+1. take the sealing advisory lock (one sealing at a time);
+2. list the closed buckets of the horizon that are at least ``grace`` old and have no row, or carry a
+   late-data mark (a row written into the bucket after it ended: 0080's triggers);
+3. claim them in a transaction of its own, before the snapshot, as the daily rollup does (0021): delete
+   their marks, so that a late row is then either in the snapshot or marked again, and delete the old
+   rows of the marked ones, so that a bucket whose mark is gone never keeps numbers it no longer
+   matches, even if the sealing dies before it commits (the bucket is then simply due again, and read
+   from usage_log meanwhile);
+4. wait for every transaction that had written anything at that moment to finish: an ``INSERT`` whose
+   statement began before the bucket ended fires no trigger, so its rows must be committed (or gone)
+   before the bucket is read; with ``grace`` this covers every writer but a single statement that ran
+   longer than ``grace`` before writing its first row. If they do not finish within ``wait_s``, nothing
+   is sealed this time (the claimed buckets stay due);
+5. one REPEATABLE READ transaction: number new users, upsert the buckets, and reconcile them against
+   ``usage_log`` on the same snapshot (``kpi_buckets_reconcile.sql``); any difference rolls it back;
+6. drop buckets and marks older than the first bucket readers trust.
+
+Buckets are UTC-aligned and half-open: bucket ``10:05`` is ``[10:05, 10:10)``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg
+from psycopg.rows import dict_row
+
+from perf_pipeline.lib.db import load_query
+
+#: must equal usage_kpi_bucket_width() (0080)
+BUCKET = dt.timedelta(minutes=5)
+
+#: session-level advisory lock serializing sealings
+SEAL_LOCK_KEY = 0x6B706962  # "kpib"
+
+#: a bucket is sealed once it has been over this long (writers' last statements of it are done)
+DEFAULT_GRACE = dt.timedelta(minutes=2)
+
+#: how long a sealing waits for transactions that had written when it looked
+DEFAULT_WAIT_S = 30.0
+
+# the bucket bounds, in SQL: the first bucket readers trust, and the end of the last one that is due
+_FIRST_TRUSTED = "usage_kpi_bucket_of(now()) - usage_kpi_bucket_horizon() + usage_kpi_bucket_width()"
+_DUE_END = "usage_kpi_bucket_of(now() - %(grace)s::interval)"
+
+
+class KpiBucketError(ValueError):
+    """Bad input to the sealing (a naive or unaligned bucket, a negative grace...)."""
+
+
+@dataclass
+class BucketMismatch:
+    """A bucket that is not exactly ``usage_log``'s numbers (``kpi_buckets_reconcile.sql``)."""
+
+    bucket: dt.datetime
+    expected_transcriptions: int
+    bucket_transcriptions: int | None
+    expected_billable_cost_usd: Any
+    bucket_billable_cost_usd: Any
+    expected_active_users: int
+    bucket_active_users: int | None
+
+
+@dataclass
+class SealResult:
+    buckets: list[dt.datetime] = field(default_factory=list)  # recomputed (sealed if committed)
+    stale_buckets_cleared: list[dt.datetime] = field(default_factory=list)
+    rows_read: int = 0
+    new_users: int = 0
+    mismatches: list[BucketMismatch] = field(default_factory=list)
+    committed: bool = False
+    waited_s: float = 0.0
+    skipped: str = ""  # why nothing was sealed although buckets were due, else ""
+    pruned_buckets: int = 0
+    pruned_marks: int = 0
+    duration_ms: float = 0.0
+
+    @property
+    def reconciled(self) -> bool:
+        return not self.mismatches
+
+
+def _require_autocommit(conn: psycopg.Connection) -> None:
+    if not conn.autocommit:
+        raise KpiBucketError("seal_buckets needs an autocommit connection: it runs its own transactions")
+
+
+def buckets_due(conn: psycopg.Connection, grace: dt.timedelta = DEFAULT_GRACE) -> list[dt.datetime]:
+    """Closed buckets readers may trust, over for at least ``grace``, with no row or with a late mark."""
+    rows = conn.execute(
+        f"""
+        SELECT g.bucket
+        FROM generate_series({_FIRST_TRUSTED}, {_DUE_END} - usage_kpi_bucket_width(),
+                             usage_kpi_bucket_width()) AS g(bucket)
+        WHERE NOT EXISTS (SELECT 1 FROM usage_kpi_buckets k WHERE k.bucket = g.bucket)
+           OR EXISTS (SELECT 1 FROM usage_kpi_stale_buckets s WHERE s.bucket = g.bucket)
+        ORDER BY g.bucket
+        """,
+        {"grace": grace},
+    ).fetchall()
+    return [r[0] for r in rows]
+
+
+def _claim(conn: psycopg.Connection, buckets: list[dt.datetime]) -> list[dt.datetime]:
+    """Delete the marks of ``buckets`` and the rows of the marked ones, in one committed transaction;
+    returns the marked buckets."""
+    with conn.transaction():
+        marked = [
+            r[0]
+            for r in conn.execute(
+                "DELETE FROM usage_kpi_stale_buckets WHERE bucket = ANY(%s::timestamptz[]) RETURNING bucket",
+                (buckets,),
+            ).fetchall()
+        ]
+        if marked:
+            conn.execute("DELETE FROM usage_kpi_buckets WHERE bucket = ANY(%s::timestamptz[])", (marked,))
+    return sorted(marked)
+
+
+def wait_for_writers(conn: psycopg.Connection, wait_s: float) -> tuple[bool, float]:
+    """Wait until every transaction with an xid at this moment has ended; (all ended, seconds waited).
+
+    Uses the current snapshot's in-progress list (``pg_current_snapshot()``) and ``pg_xact_status``:
+    needs no privilege on other sessions, unlike ``pg_stat_activity``.
+    """
+    started = time.monotonic()
+    row = conn.execute("SELECT array(SELECT pg_snapshot_xip(pg_current_snapshot()))::text[]").fetchone()
+    xids: list[str] = row[0] if row else []
+    while xids:
+        row = conn.execute(
+            "SELECT array(SELECT x FROM unnest(%s::text[]) AS x "
+            "WHERE pg_xact_status(x::xid8) = 'in progress')::text[]",
+            (xids,),
+        ).fetchone()
+        xids = row[0] if row else []
+        if not xids:
+            break
+        if time.monotonic() - started >= wait_s:
+            return False, time.monotonic() - started
+        time.sleep(0.05)
+    return True, time.monotonic() - started
+
+
+def seal_buckets(
+    conn: psycopg.Connection,
+    *,
+    grace: dt.timedelta = DEFAULT_GRACE,
+    wait_s: float = DEFAULT_WAIT_S,
+    buckets: list[dt.datetime] | None = None,
+    check: bool = True,
+) -> SealResult:
+    """Compute the buckets due (or ``buckets``, which must be closed, trusted by readers, and at least
+    ``grace`` old), reconcile them, prune what the horizon left behind. Idempotent, and safe to kill at
+    any point: what is not committed stays due, and is read from ``usage_log`` until a later run seals
+    it. Needs an autocommit connection.
+
+    Cost: two reads of the due buckets' ``usage_log`` rows (one range scan each: buckets, reconciliation)
+    plus one pass over the user ordinals per bucket. Locks: ROW EXCLUSIVE on the bucket tables;
+    ``usage_log`` is only read.
+    """
+    _require_autocommit(conn)
+    if grace < dt.timedelta(0):
+        raise KpiBucketError(f"grace must not be negative, got {grace}")
+    if wait_s < 0:
+        raise KpiBucketError(f"wait_s must not be negative, got {wait_s}")
+    result = SealResult()
+    started = time.perf_counter()
+    conn.execute("SELECT pg_advisory_lock(%s)", (SEAL_LOCK_KEY,))
+    try:
+        due = buckets_due(conn, grace)
+        if buckets is not None:
+            _check_requested(conn, buckets, grace)
+            due = sorted(set(buckets))
+        result.buckets = due
+        if due:
+            result.stale_buckets_cleared = _claim(conn, due)
+            ended, result.waited_s = wait_for_writers(conn, wait_s)
+            if ended:
+                _seal(conn, due, result, check)
+            else:
+                result.skipped = (
+                    f"transactions that had written were still running after {wait_s:g} s; "
+                    "the buckets stay read from usage_log until the next sealing"
+                )
+        result.pruned_buckets, result.pruned_marks = _prune(conn)
+    finally:
+        conn.execute("SELECT pg_advisory_unlock(%s)", (SEAL_LOCK_KEY,))
+    result.duration_ms = (time.perf_counter() - started) * 1000
+    return result
+
+
+def _check_requested(conn: psycopg.Connection, buckets: list[dt.datetime], grace: dt.timedelta) -> None:
+    for b in buckets:
+        if b.tzinfo is None:
+            raise KpiBucketError(f"bucket {b} is naive; give a timezone-aware UTC instant")
+    row = conn.execute(f"SELECT {_FIRST_TRUSTED}, {_DUE_END}", {"grace": grace}).fetchone()
+    assert row is not None
+    first, end = row
+    for b in buckets:
+        aligned = b.timestamp() % BUCKET.total_seconds() == 0
+        if not aligned or not first <= b < end:
+            raise KpiBucketError(
+                f"bucket {b.isoformat()} is not a whole {BUCKET} bucket in "
+                f"[{first.isoformat()}, {end.isoformat()}): only closed buckets readers trust, over for "
+                "the grace period, can be sealed"
+            )
+
+
+def _seal(conn: psycopg.Connection, buckets: list[dt.datetime], result: SealResult, check: bool) -> None:
+    # the span of the buckets: one range scan, pruned and estimated with the values at plan time
+    params = {"buckets": buckets, "lo": min(buckets), "hi": max(buckets) + BUCKET}
+    with conn.transaction():
+        conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        cur = conn.execute(load_query("kpi_buckets_ordinals"), params)
+        result.new_users = cur.rowcount
+        row = conn.execute(load_query("kpi_buckets_seal"), params).fetchone()
+        assert row is not None
+        result.rows_read = int(row[1])
+        if check:
+            with conn.cursor(row_factory=dict_row) as c:
+                result.mismatches = [
+                    BucketMismatch(**r) for r in c.execute(load_query("kpi_buckets_reconcile"), params)
+                ]
+            if result.mismatches:
+                raise psycopg.Rollback()
+        result.committed = True
+
+
+def _prune(conn: psycopg.Connection) -> tuple[int, int]:
+    """Drop buckets and marks readers no longer trust (before the first trusted bucket)."""
+    with conn.transaction():
+        buckets = conn.execute(f"DELETE FROM usage_kpi_buckets WHERE bucket < {_FIRST_TRUSTED}").rowcount
+        marks = conn.execute(f"DELETE FROM usage_kpi_stale_buckets WHERE bucket < {_FIRST_TRUSTED}").rowcount
+    return buckets, marks
+
+
+def sealed_buckets(conn: psycopg.Connection) -> list[dt.datetime]:
+    """The buckets that have a row, oldest first."""
+    return [r[0] for r in conn.execute("SELECT bucket FROM usage_kpi_buckets ORDER BY bucket").fetchall()]
+
+
+def stale_buckets(conn: psycopg.Connection) -> list[dt.datetime]:
+    """The buckets carrying a late-data mark, oldest first."""
+    return [
+        r[0] for r in conn.execute("SELECT bucket FROM usage_kpi_stale_buckets ORDER BY bucket").fetchall()
+    ]
