@@ -58,6 +58,7 @@ from perf_pipeline.lib.archive import archive_partition
 from perf_pipeline.lib.cache import KPIS_KEY, DashboardCache, serving_client, trends_key
 from perf_pipeline.lib.dashboard import TrendRequest, standard_trend_requests
 from perf_pipeline.lib.db import connect, load_query
+from perf_pipeline.lib.kpi_buckets import seal_buckets
 from perf_pipeline.lib.partitioning import add_months, list_partitions, month_start
 from perf_pipeline.lib.rollups import rollup_days
 from perf_pipeline.lib.stats import percentile
@@ -205,6 +206,17 @@ def lookup_args(conn: psycopg.Connection, n: int = 40) -> list[dict[str, Any]]:
     return [{"user_id": u, "entity_type": t, "entity_id": e} for u, t, e in picked]
 
 
+def critical_window_s(conn: psycopg.Connection) -> float | None:
+    """Seconds back from now that hold exactly the critical-events lookup's LIMIT (500) of events, with
+    a minute's margin (events keep arriving only in the soak, not here); None if there are fewer."""
+    row = conn.execute(
+        """SELECT extract(epoch FROM now() - "timestamp")::float8 + 60 FROM audit_log
+           WHERE severity IN ('high', 'critical') AND "timestamp" < now()
+           ORDER BY "timestamp" DESC OFFSET 499 LIMIT 1"""
+    ).fetchone()
+    return row[0] if row else None
+
+
 def rollup_everything(conn: psycopg.Connection, first: dt.date, last: dt.date) -> float:
     """Roll every day of the data up, a month at a time (bounded memory); seconds."""
     t0 = time.perf_counter()
@@ -266,6 +278,9 @@ def run_size(
         with connect(url, autocommit=True, application_name="bench.scale") as conn:
             rollup_s = rollup_everything(conn, first, today)
             print(f"  rolled {days} days up in {rollup_s:,.1f} s", flush=True)
+            # the KPI buckets, as the seal_kpi_buckets_every_5_min schedule keeps them (0080)
+            sealed = seal_buckets(conn)
+            print(f"  sealed {len(sealed.buckets)} KPI buckets in {sealed.duration_ms:,.0f} ms", flush=True)
             conn.execute("VACUUM (ANALYZE)")
             res.sizes = table_sizes(conn)
 
@@ -288,6 +303,19 @@ def run_size(
                 ).p95
                 res.figures[f"{probe.name} p95"] = measure(one, repeat=repeat, warmup=5).p95
                 res.figures[f"{probe.name} rows returned median"] = percentile(returned, 50)
+
+            # the critical-events lookup returns up to its LIMIT, whose size grows with the events per
+            # day: the same statement over the window that holds exactly LIMIT events at this size
+            # compares equal answers, so its ratio shows what the table's size alone costs
+            window_s = critical_window_s(conn)
+            if window_s is not None:
+                equal = load_query("health_probe_audit_critical_24h").replace(
+                    "now() - interval '24 hours'", "now() - make_interval(secs => %(window_s)s)"
+                )
+                res.figures["audit_critical_500_rows p95"] = measure(
+                    lambda: conn.execute(equal, {"window_s": window_s}).fetchall(), repeat=repeat, warmup=5
+                ).p95
+                res.figures["audit_critical_500_rows window (not judged) h"] = window_s / 3600
 
             # KPIs and trends through the cache's read path (the API's code, without HTTP)
             @contextlib.contextmanager
@@ -360,7 +388,7 @@ def report(small: SizeResult, large: SizeResult, server_url: str) -> list[dict[s
         s, lg = small.figures[name], large.figures.get(name, float("nan"))
         is_query = name.endswith(" p95")  # "... p95 (not judged)" and medians are shown, not judged
         ratio = lg / s if s else float("inf")
-        unit = "" if name.endswith(("rows", "rows returned median")) else "ms"
+        unit = "" if name.endswith(("rows", "rows returned median", " h")) else "ms"
         rows.append(
             {
                 "figure": f"{name} {unit}".strip(),
