@@ -151,6 +151,13 @@ def _buckets(conn: psycopg.Connection) -> dict[dt.datetime, tuple]:
     }
 
 
+def _users_of_sealed_span(conn: psycopg.Connection) -> int:
+    return conn.execute(
+        "SELECT count(DISTINCT user_id) FROM usage_log WHERE created_at >= (SELECT min(bucket) FROM "
+        "usage_kpi_buckets) AND created_at < (SELECT max(bucket) + interval '5 minutes' FROM usage_kpi_buckets)"
+    ).fetchone()[0]
+
+
 def _a_row_between(conn: psycopg.Connection, lo: dt.datetime, hi: dt.datetime) -> dt.datetime:
     row = conn.execute(
         "SELECT created_at FROM usage_log WHERE created_at >= %s AND created_at < %s ORDER BY created_at LIMIT 1",
@@ -236,11 +243,7 @@ def test_rerun_seals_nothing_new_and_ordinals_have_no_gaps(conn: psycopg.Connect
     assert again.buckets == [] and again.committed is False and again.new_users == 0
     assert _buckets(conn) == before
     n, top = conn.execute("SELECT count(*), max(ordinal) FROM usage_user_ordinals").fetchone()
-    sealed_users = conn.execute(
-        "SELECT count(DISTINCT user_id) FROM usage_log WHERE created_at >= (SELECT min(bucket) FROM "
-        "usage_kpi_buckets) AND created_at < (SELECT max(bucket) + interval '5 minutes' FROM usage_kpi_buckets)"
-    ).fetchone()[0]
-    assert n == sealed_users and top == n - 1  # dense: one ordinal per user, none burnt by re-runs
+    assert n == _users_of_sealed_span(conn) and top == n - 1  # dense: one per user, none burnt by re-runs
 
 
 def test_bitmaps_of_different_widths_are_padded(conn: psycopg.Connection) -> None:
@@ -400,6 +403,31 @@ def test_a_sealing_killed_mid_way_leaves_no_stale_bucket_and_reruns(
     # the advisory lock died with the session: a re-run seals the bucket
     result = kb.seal_buckets(conn, grace=NOW_GRACE)
     assert result.committed and bucket in result.buckets
+    _assert_exact(conn)
+
+
+def test_sparse_bitmaps_are_renumbered_and_resealed(conn: psycopg.Connection) -> None:
+    """Users who left keep their ordinals: after much churn the sealing renumbers the users densely and
+    reseals every bucket in the same run; the KPIs stay exact throughout."""
+    kb.seal_buckets(conn, grace=NOW_GRACE)
+    users = conn.execute("SELECT count(*) FROM usage_user_ordinals").fetchone()[0]
+    assert kb.seal_buckets(conn, grace=NOW_GRACE).compacted_from_bits == 0  # dense: nothing to do
+    # 10,000 numbers burnt by users no longer active: the next sealing numbers newcomers after them
+    conn.execute(
+        "SELECT setval(pg_get_serial_sequence('usage_user_ordinals', 'ordinal'), 10000 + %s)", (users,)
+    )
+    top = _top(_db_now(conn))
+    _insert(conn, [_usage(random.Random(9), uuid.uuid4(), top - 30 * B + dt.timedelta(minutes=1))])
+    widened = kb.seal_buckets(conn, grace=NOW_GRACE)
+    assert widened.compacted_from_bits == 0 and widened.committed  # not yet: one wide bucket
+    assert max(b[3] for b in _buckets(conn).values()) > 10000
+    _assert_exact(conn)
+    result = kb.seal_buckets(conn, grace=NOW_GRACE)
+    assert result.compacted_from_bits > 10000 and result.committed
+    assert len(result.buckets) == ALL_TRUSTED  # every bucket resealed by the same run
+    n, top_ordinal = conn.execute("SELECT count(*), max(ordinal) FROM usage_user_ordinals").fetchone()
+    assert n == _users_of_sealed_span(conn) and top_ordinal == n - 1  # dense again
+    assert max(b[3] for b in _buckets(conn).values()) == n
     _assert_exact(conn)
 
 

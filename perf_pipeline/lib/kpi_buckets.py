@@ -26,6 +26,10 @@ Sealing (:func:`seal_buckets`, run by the ``usage_kpi_buckets`` asset every 5 mi
    ``usage_log`` on the same snapshot (``kpi_buckets_reconcile.sql``); any difference rolls it back;
 6. drop buckets and marks older than the first bucket readers trust.
 
+Before step 2, if the bitmaps have grown much wider than the users they hold (ordinals are never
+reused), every bucket and ordinal is dropped and the numbering restarts, so that every bucket is due
+and resealed densely by the same run (:func:`_compact_if_sparse`).
+
 Buckets are UTC-aligned and half-open: bucket ``10:05`` is ``[10:05, 10:10)``.
 """
 
@@ -52,6 +56,11 @@ DEFAULT_GRACE = dt.timedelta(minutes=2)
 
 #: how long a sealing waits for transactions that had written when it looked
 DEFAULT_WAIT_S = 30.0
+
+#: renumber the users when the bitmaps are this many times wider than the users they hold (plus slack):
+#: ordinals are never reused, so users who stopped using the platform would widen every bitmap for good
+COMPACT_RATIO = 4
+COMPACT_SLACK_BITS = 4096
 
 # the bucket bounds, in SQL: the first bucket readers trust, and the end of the last one that is due
 _FIRST_TRUSTED = "usage_kpi_bucket_of(now()) - usage_kpi_bucket_horizon() + usage_kpi_bucket_width()"
@@ -87,6 +96,7 @@ class SealResult:
     skipped: str = ""  # why nothing was sealed although buckets were due, else ""
     pruned_buckets: int = 0
     pruned_marks: int = 0
+    compacted_from_bits: int = 0  # the bitmap width before the users were renumbered, else 0
     duration_ms: float = 0.0
 
     @property
@@ -181,6 +191,7 @@ def seal_buckets(
     started = time.perf_counter()
     conn.execute("SELECT pg_advisory_lock(%s)", (SEAL_LOCK_KEY,))
     try:
+        result.compacted_from_bits = _compact_if_sparse(conn)
         due = buckets_due(conn, grace)
         if buckets is not None:
             _check_requested(conn, buckets, grace)
@@ -238,6 +249,32 @@ def _seal(conn: psycopg.Connection, buckets: list[dt.datetime], result: SealResu
             if result.mismatches:
                 raise psycopg.Rollback()
         result.committed = True
+
+
+def _compact_if_sparse(conn: psycopg.Connection) -> int:
+    """Renumber the users when the bitmaps have grown much wider than the users of the last 48 h; returns
+    the width before (0 if nothing was done).
+
+    Drops every bucket and ordinal in one transaction and restarts the numbering: every bucket is then
+    due, the next steps of the same sealing recompute them with dense ordinals, and meanwhile (or if the
+    sealing dies) readers read ``usage_log``. Cost: one pass over the buckets' bitmaps to count the users.
+    """
+    row = conn.execute(
+        """
+        SELECT (SELECT coalesce(max(ordinal) + 1, 0) FROM usage_user_ordinals) AS width,
+               (SELECT coalesce(bit_count(bit_or(k.user_bits || repeat('0', k.n - length(k.user_bits))::varbit)), 0)
+                FROM (SELECT user_bits, max(length(user_bits)) OVER () AS n FROM usage_kpi_buckets) AS k) AS users
+        """
+    ).fetchone()
+    assert row is not None
+    width, users = int(row[0]), int(row[1])
+    if width <= COMPACT_RATIO * users + COMPACT_SLACK_BITS:
+        return 0
+    with conn.transaction():
+        conn.execute("DELETE FROM usage_kpi_buckets")
+        conn.execute("DELETE FROM usage_user_ordinals")
+        conn.execute("SELECT setval(pg_get_serial_sequence('usage_user_ordinals', 'ordinal'), 0, false)")
+    return width
 
 
 def _prune(conn: psycopg.Connection) -> tuple[int, int]:

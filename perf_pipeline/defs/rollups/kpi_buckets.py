@@ -39,6 +39,11 @@ MAX_LISTED = 20
 def usage_kpi_buckets(context: dg.AssetExecutionContext, postgres: PostgresResource) -> dg.MaterializeResult:
     with postgres.connection(autocommit=True) as conn:
         result = seal_buckets(conn)
+    if result.compacted_from_bits:
+        context.log.info(
+            "bitmaps were %d bits wide for far fewer users: renumbered the users, resealing every bucket",
+            result.compacted_from_bits,
+        )
     if result.skipped:
         context.log.warning("nothing sealed: %s", result.skipped)
     elif result.buckets:
@@ -66,6 +71,7 @@ def usage_kpi_buckets(context: dg.AssetExecutionContext, postgres: PostgresResou
             "waited_for_writers_s": round(result.waited_s, 3),
             "skipped": result.skipped or "no",
             "pruned_buckets": result.pruned_buckets,
+            "renumbered_users_from_bits": result.compacted_from_bits,
             "duration_ms": result.duration_ms,
             "committed": result.committed,
         },
