@@ -780,9 +780,12 @@ def test_a_lost_connection_retries_the_step_in_the_same_run(
         deadline = time.monotonic() + 60
         with psycopg.connect(loaded, autocommit=True) as conn:
             while not terminated and time.monotonic() < deadline:
+                # the COPY is 'active' while the server still produces, then 'idle in transaction' while
+                # the paced client drains the socket buffers (several MB on a fast machine): both are mid-stream
                 row = conn.execute(
                     "SELECT pid FROM pg_stat_activity WHERE application_name = 'perf_pipeline.export' "
-                    "AND query LIKE 'COPY%%' AND state = 'active' AND datname = current_database()"
+                    "AND query LIKE 'COPY%%' AND state IN ('active', 'idle in transaction') "
+                    "AND datname = current_database()"
                 ).fetchone()
                 if row:
                     time.sleep(0.5)  # mid-stream
