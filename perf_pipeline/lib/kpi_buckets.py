@@ -9,21 +9,24 @@ sealing only makes them slower.
 
 Sealing (:func:`seal_buckets`, run by the ``usage_kpi_buckets`` asset every 5 minutes):
 
-1. take the sealing advisory lock (one sealing at a time);
+1. take the sealing advisory lock, or return at once if another sealing holds it;
 2. list the closed buckets of the horizon that are at least ``grace`` old and have no row, or carry a
    late-data mark (a row written into the bucket after it ended: 0080's triggers);
 3. claim them in a transaction of its own, before the snapshot, as the daily rollup does (0021): delete
    their marks, so that a late row is then either in the snapshot or marked again, and delete the old
    rows of the marked ones, so that a bucket whose mark is gone never keeps numbers it no longer
    matches, even if the sealing dies before it commits (the bucket is then simply due again, and read
-   from usage_log meanwhile);
-4. wait for every transaction that had written anything at that moment to finish: an ``INSERT`` whose
-   statement began before the bucket ended fires no trigger, so its rows must be committed (or gone)
-   before the bucket is read; with ``grace`` this covers every writer but a single statement that ran
-   longer than ``grace`` before writing its first row. If they do not finish within ``wait_s``, nothing
-   is sealed this time (the claimed buckets stay due);
-5. one REPEATABLE READ transaction: number new users, upsert the buckets, and reconcile them against
-   ``usage_log`` on the same snapshot (``kpi_buckets_reconcile.sql``); any difference rolls it back;
+   from usage_log meanwhile). If a late writer holds a mark for more than 5 s (``lock_timeout``), the
+   run gives up for this time instead of queueing behind it;
+4. wait for every transaction that held an xid at that moment to finish: a row written before its
+   bucket ended fires no trigger (0080's triggers read the clock when the row is written), and its
+   transaction had an xid from then on, so once those transactions are over the snapshot holds every
+   such row. The wait is cluster-wide and all-or-nothing: if they do not finish within ``wait_s`` (a
+   long transaction holding an xid), nothing is sealed this time (the claimed buckets stay due, read
+   from usage_log, and the asset's ``buckets_trusted_last_24h`` check says so);
+5. one REPEATABLE READ transaction: for each run of consecutive buckets, number new users, upsert the
+   buckets and reconcile them against ``usage_log`` on the same snapshot (``kpi_buckets_reconcile.sql``);
+   any difference rolls it all back;
 6. drop buckets and marks older than the first bucket readers trust.
 
 Before step 2, if the bitmaps have grown much wider than the users they hold (ordinals are never
@@ -56,6 +59,9 @@ DEFAULT_GRACE = dt.timedelta(minutes=2)
 
 #: how long a sealing waits for transactions that had written when it looked
 DEFAULT_WAIT_S = 30.0
+
+#: how long the claim waits for a late writer holding a mark before the sealing gives up for this time
+CLAIM_LOCK_TIMEOUT = "5s"
 
 #: renumber the users when the bitmaps are this many times wider than the users they hold (plus slack):
 #: ordinals are never reused, so users who stopped using the platform would widen every bitmap for good
@@ -129,6 +135,7 @@ def _claim(conn: psycopg.Connection, buckets: list[dt.datetime]) -> list[dt.date
     """Delete the marks of ``buckets`` and the rows of the marked ones, in one committed transaction;
     returns the marked buckets."""
     with conn.transaction():
+        conn.execute(f"SET LOCAL lock_timeout = '{CLAIM_LOCK_TIMEOUT}'")
         marked = [
             r[0]
             for r in conn.execute(
@@ -189,7 +196,11 @@ def seal_buckets(
         raise KpiBucketError(f"wait_s must not be negative, got {wait_s}")
     result = SealResult()
     started = time.perf_counter()
-    conn.execute("SELECT pg_advisory_lock(%s)", (SEAL_LOCK_KEY,))
+    row = conn.execute("SELECT pg_try_advisory_lock(%s)", (SEAL_LOCK_KEY,)).fetchone()
+    if not (row and row[0]):
+        result.skipped = "another sealing is running"
+        result.duration_ms = (time.perf_counter() - started) * 1000
+        return result
     try:
         result.compacted_from_bits = _compact_if_sparse(conn)
         due = buckets_due(conn, grace)
@@ -198,7 +209,16 @@ def seal_buckets(
             due = sorted(set(buckets))
         result.buckets = due
         if due:
-            result.stale_buckets_cleared = _claim(conn, due)
+            try:
+                result.stale_buckets_cleared = _claim(conn, due)
+            except psycopg.errors.LockNotAvailable:
+                # a late writer holds a mark (FOR KEY SHARE) and has not committed: claim next time
+                result.skipped = (
+                    f"a writer held a late-data mark for over {CLAIM_LOCK_TIMEOUT}; "
+                    "the buckets stay read from usage_log until the next sealing"
+                )
+                due = []
+        if due:
             ended, result.waited_s = wait_for_writers(conn, wait_s)
             if ended:
                 _seal(conn, due, result, check)
@@ -231,24 +251,57 @@ def _check_requested(conn: psycopg.Connection, buckets: list[dt.datetime], grace
             )
 
 
+def contiguous_runs(buckets: list[dt.datetime]) -> list[list[dt.datetime]]:
+    """``buckets`` (sorted) split into runs of consecutive buckets."""
+    runs: list[list[dt.datetime]] = []
+    for b in buckets:
+        if runs and b - runs[-1][-1] == BUCKET:
+            runs[-1].append(b)
+        else:
+            runs.append([b])
+    return runs
+
+
 def _seal(conn: psycopg.Connection, buckets: list[dt.datetime], result: SealResult, check: bool) -> None:
-    # the span of the buckets: one range scan, pruned and estimated with the values at plan time
-    params = {"buckets": buckets, "lo": min(buckets), "hi": max(buckets) + BUCKET}
     with conn.transaction():
         conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
-        cur = conn.execute(load_query("kpi_buckets_ordinals"), params)
-        result.new_users = cur.rowcount
-        row = conn.execute(load_query("kpi_buckets_seal"), params).fetchone()
-        assert row is not None
-        result.rows_read = int(row[1])
-        if check:
-            with conn.cursor(row_factory=dict_row) as c:
-                result.mismatches = [
-                    BucketMismatch(**r) for r in c.execute(load_query("kpi_buckets_reconcile"), params)
-                ]
-            if result.mismatches:
-                raise psycopg.Rollback()
+        # one range scan per run of consecutive buckets (a late row 47 h back adds its own bucket, not
+        # the 47 h between), its bounds known at plan time: pruned and estimated with the values
+        for run in contiguous_runs(buckets):
+            params = {"buckets": run, "lo": run[0], "hi": run[-1] + BUCKET}
+            result.new_users += conn.execute(load_query("kpi_buckets_ordinals"), params).rowcount
+            row = conn.execute(load_query("kpi_buckets_seal"), params).fetchone()
+            assert row is not None
+            result.rows_read += int(row[1])
+            if check:
+                with conn.cursor(row_factory=dict_row) as c:
+                    result.mismatches += [
+                        BucketMismatch(**r) for r in c.execute(load_query("kpi_buckets_reconcile"), params)
+                    ]
+        if result.mismatches:
+            raise psycopg.Rollback()
         result.committed = True
+
+
+def untrusted_buckets(
+    conn: psycopg.Connection,
+    grace: dt.timedelta = DEFAULT_GRACE,
+    within: dt.timedelta = dt.timedelta(hours=24),
+) -> list[dt.datetime]:
+    """Closed buckets of the last ``within`` (over for ``grace``) that KPI readers cannot trust: no row, or
+    a late-data mark. Empty on a healthy system right after a sealing."""
+    rows = conn.execute(
+        f"""
+        SELECT g.bucket
+        FROM generate_series(greatest({_FIRST_TRUSTED}, usage_kpi_bucket_of(now() - %(within)s::interval)),
+                             {_DUE_END} - usage_kpi_bucket_width(), usage_kpi_bucket_width()) AS g(bucket)
+        WHERE NOT EXISTS (SELECT 1 FROM usage_kpi_buckets k WHERE k.bucket = g.bucket)
+           OR EXISTS (SELECT 1 FROM usage_kpi_stale_buckets s WHERE s.bucket = g.bucket)
+        ORDER BY g.bucket
+        """,
+        {"grace": grace, "within": within},
+    ).fetchall()
+    return [r[0] for r in rows]
 
 
 def _compact_if_sparse(conn: psycopg.Connection) -> int:

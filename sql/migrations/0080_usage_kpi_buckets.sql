@@ -16,9 +16,11 @@
 -- transaction (triggers below, the protocol of 0021), so a reader's snapshot sees either the old bucket
 -- and its mark, or the recomputed bucket. A bucket without a trusted row is read from usage_log, so
 -- the KPIs are always usage_log's numbers; the buckets only make them cheaper.
--- A row whose INSERT statement began inside its own bucket fires no trigger; the sealing
--- (perf_pipeline.lib.kpi_buckets.seal_buckets) therefore waits until a bucket has been over for a grace
--- period and until every transaction that had written anything when it looked has finished.
+-- The triggers compare with the clock at the moment each row is written (clock_timestamp(), not the
+-- statement's or transaction's start), so a row written after its bucket ended always marks it. A row
+-- written before its bucket ended belongs to a transaction that had an xid by then; the sealing
+-- (perf_pipeline.lib.kpi_buckets.seal_buckets) looks only after the bucket has been over for a grace
+-- period, and waits until every transaction that held an xid when it looked has finished.
 --
 -- Distinct users: usage_user_ordinals gives each user a small number; a bucket's user_bits has bit n
 -- (leftmost = 0) set when the user of ordinal n has a row in the bucket. Its length is one more than the
@@ -101,11 +103,11 @@ BEGIN
 END;
 $$;
 
--- the bucket of ts if it lies in [current bucket - horizon, current bucket) of this statement, else NULL
+-- the bucket of ts if it lies in [current bucket - horizon, current bucket) at this very moment, else NULL
 CREATE FUNCTION usage_kpi_closed_bucket(ts timestamptz) RETURNS timestamptz
-LANGUAGE sql STABLE PARALLEL SAFE AS $$
-    SELECT CASE WHEN ts <  usage_kpi_bucket_of(statement_timestamp())
-                 AND ts >= usage_kpi_bucket_of(statement_timestamp()) - usage_kpi_bucket_horizon()
+LANGUAGE sql VOLATILE PARALLEL SAFE AS $$
+    SELECT CASE WHEN ts <  usage_kpi_bucket_of(clock_timestamp())
+                 AND ts >= usage_kpi_bucket_of(clock_timestamp()) - usage_kpi_bucket_horizon()
                 THEN usage_kpi_bucket_of(ts) END
 $$;
 
@@ -134,28 +136,29 @@ $$;
 
 -- The WHEN clauses keep the normal write path free: a row stamped in the current bucket (or older than
 -- the horizon) never calls the function. They spell the width and horizon out (5 minutes, 48 hours, as
--- usage_kpi_bucket_width() and usage_kpi_bucket_horizon()) so that no function is called per row.
+-- usage_kpi_bucket_width() and usage_kpi_bucket_horizon()) so that no function is called per row; the
+-- clock is read once per row (a vDSO call).
 CREATE TRIGGER usage_log_late_insert_kpi_bucket
     AFTER INSERT ON usage_log FOR EACH ROW
-    WHEN (NEW.created_at < date_bin('5 minutes', statement_timestamp(), '2000-01-01 00:00:00+00'::timestamptz)
-          AND NEW.created_at >= date_bin('5 minutes', statement_timestamp(), '2000-01-01 00:00:00+00'::timestamptz)
+    WHEN (NEW.created_at < date_bin('5 minutes', clock_timestamp(), '2000-01-01 00:00:00+00'::timestamptz)
+          AND NEW.created_at >= date_bin('5 minutes', clock_timestamp(), '2000-01-01 00:00:00+00'::timestamptz)
                                 - interval '48 hours')
     EXECUTE FUNCTION usage_log_mark_stale_kpi_buckets();
 
 CREATE TRIGGER usage_log_late_update_kpi_bucket
     AFTER UPDATE ON usage_log FOR EACH ROW
-    WHEN ((OLD.created_at < date_bin('5 minutes', statement_timestamp(), '2000-01-01 00:00:00+00'::timestamptz)
-           AND OLD.created_at >= date_bin('5 minutes', statement_timestamp(), '2000-01-01 00:00:00+00'::timestamptz)
+    WHEN ((OLD.created_at < date_bin('5 minutes', clock_timestamp(), '2000-01-01 00:00:00+00'::timestamptz)
+           AND OLD.created_at >= date_bin('5 minutes', clock_timestamp(), '2000-01-01 00:00:00+00'::timestamptz)
                                  - interval '48 hours')
-          OR (NEW.created_at < date_bin('5 minutes', statement_timestamp(), '2000-01-01 00:00:00+00'::timestamptz)
-              AND NEW.created_at >= date_bin('5 minutes', statement_timestamp(), '2000-01-01 00:00:00+00'::timestamptz)
+          OR (NEW.created_at < date_bin('5 minutes', clock_timestamp(), '2000-01-01 00:00:00+00'::timestamptz)
+              AND NEW.created_at >= date_bin('5 minutes', clock_timestamp(), '2000-01-01 00:00:00+00'::timestamptz)
                                     - interval '48 hours'))
     EXECUTE FUNCTION usage_log_mark_stale_kpi_buckets();
 
 CREATE TRIGGER usage_log_late_delete_kpi_bucket
     AFTER DELETE ON usage_log FOR EACH ROW
-    WHEN (OLD.created_at < date_bin('5 minutes', statement_timestamp(), '2000-01-01 00:00:00+00'::timestamptz)
-          AND OLD.created_at >= date_bin('5 minutes', statement_timestamp(), '2000-01-01 00:00:00+00'::timestamptz)
+    WHEN (OLD.created_at < date_bin('5 minutes', clock_timestamp(), '2000-01-01 00:00:00+00'::timestamptz)
+          AND OLD.created_at >= date_bin('5 minutes', clock_timestamp(), '2000-01-01 00:00:00+00'::timestamptz)
                                 - interval '48 hours')
     EXECUTE FUNCTION usage_log_mark_stale_kpi_buckets();
 

@@ -29,10 +29,11 @@ w AS (
            t.as_of - interval '24 hours' AS lo,
            t.as_of - interval '1 hour'   AS hour_ago,
            -- sealed buckets are trusted from the first bucket wholly inside the window, and not before
-           -- the horizon (less one bucket of margin, see 0080) ...
+           -- the horizon (less one bucket of margin, see 0080), counted from this statement's start
+           -- (which follows every write this snapshot sees; now() may be older in a long transaction) ...
            greatest(usage_kpi_bucket_of(t.as_of - interval '24 hours' - interval '1 microsecond')
                         + usage_kpi_bucket_width(),
-                    usage_kpi_bucket_of(now()) - usage_kpi_bucket_horizon() + usage_kpi_bucket_width())
+                    usage_kpi_bucket_of(statement_timestamp()) - usage_kpi_bucket_horizon() + usage_kpi_bucket_width())
                                          AS first_bucket,
            -- ... to the last one ending by as_of ...
            usage_kpi_bucket_of(t.as_of)  AS end_bucket,

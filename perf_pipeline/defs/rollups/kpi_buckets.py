@@ -9,10 +9,11 @@ wrong. The check is computed by the asset itself, on the sealing's own snapshot 
 import dagster as dg
 
 from perf_pipeline.defs.resources import PostgresResource
-from perf_pipeline.lib.kpi_buckets import DEFAULT_GRACE, SealResult, seal_buckets
+from perf_pipeline.lib.kpi_buckets import DEFAULT_GRACE, SealResult, seal_buckets, untrusted_buckets
 
 ASSET_KEY = dg.AssetKey("usage_kpi_buckets")
 CHECK_RECONCILED = "buckets_reconciled_with_usage_log"
+CHECK_TRUSTED = "buckets_trusted_last_24h"
 MAX_LISTED = 20
 
 
@@ -33,12 +34,21 @@ MAX_LISTED = 20
             blocking=True,
             description="Every sealed bucket's numbers and user set exactly equal usage_log's, on the "
             "sealing's own snapshot; otherwise nothing is written.",
-        )
+        ),
+        dg.AssetCheckSpec(
+            CHECK_TRUSTED,
+            asset=ASSET_KEY,
+            blocking=False,
+            description="Every closed bucket of the last 24 h (over for the grace period) has a trusted row "
+            "after the run: none missing, none marked by a late row. Failing means KPI misses read "
+            "usage_log for those buckets (still exact, slower): a sealing skipped or failed.",
+        ),
     ],
 )
 def usage_kpi_buckets(context: dg.AssetExecutionContext, postgres: PostgresResource) -> dg.MaterializeResult:
     with postgres.connection(autocommit=True) as conn:
         result = seal_buckets(conn)
+        untrusted = untrusted_buckets(conn)
     if result.compacted_from_bits:
         context.log.info(
             "bitmaps were %d bits wide for far fewer users: renumbered the users, resealing every bucket",
@@ -87,7 +97,18 @@ def usage_kpi_buckets(context: dg.AssetExecutionContext, postgres: PostgresResou
                     else "none",
                     "buckets_checked": len(result.buckets) if not result.skipped else 0,
                 },
-            )
+            ),
+            dg.AssetCheckResult(
+                check_name=CHECK_TRUSTED,
+                passed=not untrusted,
+                severity=dg.AssetCheckSeverity.WARN,
+                metadata={
+                    "untrusted_buckets": len(untrusted),
+                    "threshold": 0,
+                    "oldest": untrusted[0].isoformat() if untrusted else "none",
+                    "skipped": result.skipped or "no",
+                },
+            ),
         ],
     )
 
