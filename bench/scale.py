@@ -309,9 +309,12 @@ def run_size(
             # compares equal answers, so its ratio shows what the table's size alone costs
             window_s = critical_window_s(conn)
             if window_s is not None:
-                equal = load_query("health_probe_audit_critical_24h").replace(
-                    "now() - interval '24 hours'", "now() - make_interval(secs => %(window_s)s)"
+                probe_sql, fixed_window = (
+                    load_query("health_probe_audit_critical_24h"),
+                    "now() - interval '24 hours'",
                 )
+                assert fixed_window in probe_sql, "the critical-events probe no longer has its 24-hour window"
+                equal = probe_sql.replace(fixed_window, "now() - make_interval(secs => %(window_s)s)")
                 res.figures["audit_critical_500_rows p95"] = measure(
                     lambda: conn.execute(equal, {"window_s": window_s}).fetchall(), repeat=repeat, warmup=5
                 ).p95

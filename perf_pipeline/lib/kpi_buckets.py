@@ -116,19 +116,9 @@ def _require_autocommit(conn: psycopg.Connection) -> None:
 
 
 def buckets_due(conn: psycopg.Connection, grace: dt.timedelta = DEFAULT_GRACE) -> list[dt.datetime]:
-    """Closed buckets readers may trust, over for at least ``grace``, with no row or with a late mark."""
-    rows = conn.execute(
-        f"""
-        SELECT g.bucket
-        FROM generate_series({_FIRST_TRUSTED}, {_DUE_END} - usage_kpi_bucket_width(),
-                             usage_kpi_bucket_width()) AS g(bucket)
-        WHERE NOT EXISTS (SELECT 1 FROM usage_kpi_buckets k WHERE k.bucket = g.bucket)
-           OR EXISTS (SELECT 1 FROM usage_kpi_stale_buckets s WHERE s.bucket = g.bucket)
-        ORDER BY g.bucket
-        """,
-        {"grace": grace},
-    ).fetchall()
-    return [r[0] for r in rows]
+    """Closed buckets readers may trust, over for at least ``grace``, with no row or with a late mark:
+    the untrusted buckets of the whole horizon."""
+    return untrusted_buckets(conn, grace, within=None)
 
 
 def _claim(conn: psycopg.Connection, buckets: list[dt.datetime]) -> list[dt.datetime]:
@@ -286,14 +276,15 @@ def _seal(conn: psycopg.Connection, buckets: list[dt.datetime], result: SealResu
 def untrusted_buckets(
     conn: psycopg.Connection,
     grace: dt.timedelta = DEFAULT_GRACE,
-    within: dt.timedelta = dt.timedelta(hours=24),
+    within: dt.timedelta | None = dt.timedelta(hours=24),
 ) -> list[dt.datetime]:
-    """Closed buckets of the last ``within`` (over for ``grace``) that KPI readers cannot trust: no row, or
-    a late-data mark. Empty on a healthy system right after a sealing."""
+    """Closed buckets of the last ``within`` (None: the whole horizon), over for ``grace``, that KPI
+    readers cannot trust: no row, or a late-data mark. Empty on a healthy system right after a sealing."""
     rows = conn.execute(
         f"""
         SELECT g.bucket
-        FROM generate_series(greatest({_FIRST_TRUSTED}, usage_kpi_bucket_of(now() - %(within)s::interval)),
+        FROM generate_series(greatest({_FIRST_TRUSTED},
+                                      usage_kpi_bucket_of(now() - %(within)s::interval)),
                              {_DUE_END} - usage_kpi_bucket_width(), usage_kpi_bucket_width()) AS g(bucket)
         WHERE NOT EXISTS (SELECT 1 FROM usage_kpi_buckets k WHERE k.bucket = g.bucket)
            OR EXISTS (SELECT 1 FROM usage_kpi_stale_buckets s WHERE s.bucket = g.bucket)

@@ -75,10 +75,23 @@ bits AS (
                AS user_bits
     FROM (SELECT s.user_bits, max(length(s.user_bits)) OVER () AS width FROM sealed s) AS b
 ),
+sealed_totals AS (
+    SELECT coalesce(sum(s.transcriptions) FILTER (WHERE s.in_last_hour), 0) AS last_hour,
+           coalesce(sum(s.billable_cost_usd), 0)                          AS revenue,
+           coalesce(sum(s.duration_minutes_sum), 0)                       AS minutes,
+           coalesce(sum(s.duration_minutes_count), 0)                     AS minutes_n
+    FROM sealed s
+),
+raw_totals AS (
+    SELECT count(*) FILTER (WHERE r.in_last_hour)                         AS last_hour,
+           coalesce(sum(r.cost_usd) FILTER (WHERE r.is_billable), 0)      AS revenue,
+           coalesce(sum(r.duration_minutes), 0)                           AS minutes,
+           count(r.duration_minutes)                                      AS minutes_n
+    FROM raw r
+),
 usage_24h AS MATERIALIZED (
     SELECT
-        coalesce((SELECT sum(s.transcriptions) FROM sealed s WHERE s.in_last_hour), 0)
-          + (SELECT count(*) FROM raw r WHERE r.in_last_hour)                    AS transcriptions_last_hour,
+        st.last_hour + rt.last_hour                                              AS transcriptions_last_hour,
         bit_count(bits.user_bits)
           + (SELECT count(*)
                FROM (SELECT DISTINCT r.user_id FROM raw r) AS ru
@@ -86,16 +99,10 @@ usage_24h AS MATERIALIZED (
               WHERE o.ordinal IS NULL
                  OR o.ordinal >= length(bits.user_bits)
                  OR get_bit(bits.user_bits, o.ordinal) = 0)                      AS active_users_24h,
-        coalesce((SELECT sum(s.billable_cost_usd) FROM sealed s), 0)
-          + coalesce((SELECT sum(r.cost_usd) FILTER (WHERE r.is_billable) FROM raw r), 0)
-                                                                                 AS daily_revenue_usd,
-        coalesce(
-            (coalesce((SELECT sum(s.duration_minutes_sum) FROM sealed s), 0)
-               + coalesce((SELECT sum(r.duration_minutes) FROM raw r), 0))
-            / nullif(coalesce((SELECT sum(s.duration_minutes_count) FROM sealed s), 0)
-                       + (SELECT count(r.duration_minutes) FROM raw r), 0),
-            0)                                                                   AS avg_duration_minutes
-    FROM bits
+        st.revenue + rt.revenue                                                  AS daily_revenue_usd,
+        coalesce((st.minutes + rt.minutes) / nullif(st.minutes_n + rt.minutes_n, 0), 0)
+                                                                                 AS avg_duration_minutes
+    FROM bits, sealed_totals st, raw_totals rt
 ),
 sessions AS MATERIALIZED (
     SELECT
