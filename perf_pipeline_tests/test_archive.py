@@ -169,7 +169,10 @@ def test_crash_after_each_step_is_finished_by_a_rerun(seeded: str, archive_dir: 
         assert state == {"detach": "detached", "export": "exported", "verify": "verified"}[step]
         result = a.archive_partition(conn, "audit_log", month, archive_dir)
         remaining = ["detach", "export", "verify", "drop"]
-        assert result.steps_run == remaining[remaining.index(step) + 1 :]
+        # a run resuming at `verified` reads the file back again before it drops (it relies only on a file
+        # it proved itself)
+        expected = remaining[remaining.index(step) + 1 :] if step != "verify" else ["verify", "drop"]
+        assert result.steps_run == expected
         assert result.state == "dropped" and result.rows == len(before)
         a.restore_partition(conn, "audit_log", month)
         assert _rows(conn, "audit_log", month) == before
@@ -213,6 +216,52 @@ def test_sigkill_after_each_step_is_finished_by_a_rerun(seeded: str, archive_dir
         )
         result = a.archive_partition(conn, "usage_log", month, archive_dir)  # the killed run's lock is gone
         assert result.state == "dropped" and result.rows == len(before) > 0
+        a.restore_partition(conn, "usage_log", month)
+        assert _rows(conn, "usage_log", month) == before
+
+
+@pytest.mark.parametrize("damage", ["truncated", "deleted", "replaced"])
+def test_a_resumed_drop_proves_the_file_again_after_a_sigkill(
+    seeded: str, archive_dir: Path, damage: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Killed right after `verify` committed, the file then damaged, lost (a host without the folder) or
+    replaced by another valid Parquet file: the resumed run (the CLI, as an operator or the monthly
+    schedule would) must not drop the table on the strength of the old verification. It exports again,
+    verifies, and only then drops; the month restores row for row."""
+    month = {
+        "truncated": dt.date(2022, 4, 1),
+        "deleted": dt.date(2022, 5, 1),
+        "replaced": dt.date(2022, 6, 1),
+    }[damage]
+    folder = tmp_path / "archive"
+    with psycopg.connect(seeded, autocommit=True) as conn:
+        _fresh_usage_month(conn, month, 300)
+        before = _rows(conn, "usage_log", month)
+    proc = subprocess.run(
+        [sys.executable, "-c", _KILL_AFTER, seeded, month.isoformat(), str(folder), "verify"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    path = a.archive_path(folder, "usage_log", month)
+    with psycopg.connect(seeded, autocommit=True) as conn:
+        assert a.manifest_row(conn, "usage_log", month).state == "verified"
+        if damage == "truncated":
+            path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+        elif damage == "deleted":
+            path.unlink()
+        else:  # a valid Parquet file of the right name, but not the verified one (one row short)
+            table = pq.read_table(path)
+            pq.write_table(table.slice(1), path, compression="zstd")
+    monkeypatch.setenv("PERF_PIPELINE_DATABASE_URL", seeded)
+    monkeypatch.setenv("PERF_PIPELINE_ARCHIVE_DIR", str(folder))
+    assert cli.main(["archive", "run", month.strftime("%Y-%m"), "--table", "usage_log"]) == 0
+    with psycopg.connect(seeded, autocommit=True) as conn:
+        m = a.manifest_row(conn, "usage_log", month)
+        assert m.state == "dropped" and m.rows == len(before)
+        assert a.file_sha256(path) == m.sha256 and pq.ParquetFile(path).metadata.num_rows == len(before)
         a.restore_partition(conn, "usage_log", month)
         assert _rows(conn, "usage_log", month) == before
 
@@ -487,6 +536,17 @@ def _fresh_month(conn: psycopg.Connection, month: dt.date, n: int) -> None:
     )
 
 
+def _fresh_usage_month(conn: psycopg.Connection, month: dt.date, n: int) -> None:
+    """``n`` usage rows spread over ``month`` (its partition created first)."""
+    ensure_partition(conn, "usage_log", month)
+    conn.execute(
+        "INSERT INTO usage_log (user_id, created_at, duration_minutes, cost_usd, stt_provider) "
+        "SELECT md5('u' || g %% 7)::uuid, %s::timestamptz + g * interval '2 hours', g %% 30 + 0.5, 0.01 * g, "
+        "'whisper' FROM generate_series(0, %s) g",
+        (dt.datetime(month.year, month.month, 1, tzinfo=UTC), n - 1),
+    )
+
+
 def _late_row(conn: psycopg.Connection, ts: str, description: str) -> None:
     conn.execute(
         "INSERT INTO audit_log (timestamp, event_type, operation, description) VALUES (%s, 'x.y', 'update', %s)",
@@ -553,11 +613,26 @@ def test_drop_refuses_a_reattached_or_changed_table(seeded: str, archive_dir: Pa
         conn.execute(
             "INSERT INTO audit_log_y2023m09 (timestamp, event_type, operation) VALUES ('2023-09-09Z', 'x.y', 'read')"
         )
-        with pytest.raises(a.ArchiveError, match="41 rows, the manifest says 40"):
-            a.archive_partition(conn, "audit_log", month, archive_dir)
-        assert conn.execute("SELECT count(*) FROM audit_log_y2023m09").fetchone()[0] == 41
+        # the resumed run proves the file again: it no longer matches the table, so the month is exported
+        # again with the new row before anything is dropped
+        result = a.archive_partition(conn, "audit_log", month, archive_dir)
+        assert result.steps_run == ["export", "verify", "drop"] and result.rows == 41
         a.restore_partition(conn, "audit_log", month)
-        assert a.archive_partition(conn, "audit_log", month, archive_dir).rows == 41
+        assert conn.execute("SELECT count(*) FROM audit_log_y2023m09").fetchone()[0] == 41
+
+        # 3. a row written into the detached table between this run's verification and its drop
+        def write_after_verify(done: str) -> None:
+            if done == "verify":
+                conn.execute(
+                    "INSERT INTO audit_log_y2023m09 (timestamp, event_type, operation) "
+                    "VALUES ('2023-09-10Z', 'x.y', 'read')"
+                )
+
+        with pytest.raises(a.ArchiveError, match="42 rows, the manifest says 41"):
+            a.archive_partition(conn, "audit_log", month, archive_dir, hook=write_after_verify)
+        assert conn.execute("SELECT count(*) FROM audit_log_y2023m09").fetchone()[0] == 42
+        a.restore_partition(conn, "audit_log", month)
+        assert a.archive_partition(conn, "audit_log", month, archive_dir).rows == 42
 
 
 def test_a_verify_that_keeps_failing_stops_after_a_few_exports(seeded: str, archive_dir: Path) -> None:

@@ -18,6 +18,9 @@ finished by calling :func:`archive_partition` again for the same month:
 4. **drop** the table (standalone by now, so no lock on the parent), only if it is still standalone and
    holds exactly the exported row count (checked under its ACCESS EXCLUSIVE lock, taken with a
    ``lock_timeout``). Export, verify and drop also refuse a table that was attached again meanwhile.
+   The drop relies on a file only if the same run read it back and matched it (size, sha256, rows,
+   min/max) against the manifest and the table: a run that resumes at ``verified`` verifies again
+   first, and a file found missing or damaged sends the month back to export, never to the drop.
 
 A month whose manifest says ``dropped`` is never archived twice; ``restored`` starts over.
 Concurrent runs of the same month are serialized by an advisory lock.
@@ -420,8 +423,11 @@ def _export(conn: psycopg.Connection, table: str, month: dt.date, path: Path, ba
     return FileFacts(rows, path.stat().st_size, file_sha256(path), lo, hi)
 
 
-def read_file_facts(path: Path, key: str) -> FileFacts:
-    """Row count, size, sha256 and min/max of ``key`` of an archive file, reading it in row groups."""
+def read_file_facts(path: Path, key: str, *, sha256: str | None = None) -> FileFacts:
+    """Row count, size, sha256 and min/max of ``key`` of an archive file, reading it in row groups.
+
+    ``sha256``: the digest already computed over this file by the caller (not read a second time).
+    """
     parquet = pq.ParquetFile(path)
     lo = hi = None
     for batch in parquet.iter_batches(columns=[key], batch_size=1 << 20):
@@ -429,19 +435,30 @@ def read_file_facts(path: Path, key: str) -> FileFacts:
             mm = pc.min_max(batch.column(0))
             lo = mm["min"].as_py() if lo is None else min(lo, mm["min"].as_py())
             hi = mm["max"].as_py() if hi is None else max(hi, mm["max"].as_py())
-    return FileFacts(parquet.metadata.num_rows, path.stat().st_size, file_sha256(path), lo, hi)
+    return FileFacts(parquet.metadata.num_rows, path.stat().st_size, sha256 or file_sha256(path), lo, hi)
 
 
 def _verify(conn: psycopg.Connection, table: str, month: dt.date, m: ManifestRow) -> None:
-    """Compare file ↔ manifest ↔ detached table; raise ArchiveError naming the first mismatch."""
+    """Compare file ↔ manifest ↔ detached table; raise ArchiveError naming the first mismatch.
+
+    Everything is read back from the file as it is now: size, sha256 (one sequential read), then the
+    Parquet footer and the key column (rows, min/max). Cost: about two reads of the file and one
+    count/min/max of the table.
+    """
     path = Path(m.file_path or "")
     if not path.is_file():
         raise ArchiveError(f"{m.partition_name}: archive file {path} is missing")
     key = partition_key_column(table)
-    if file_sha256(path) != m.sha256:  # cheap and decisive: a damaged file never reaches the Parquet reader
+    size = path.stat().st_size
+    if m.bytes is not None and size != m.bytes:
+        raise ArchiveError(
+            f"{m.partition_name}: archive file {path} is {size} bytes, the manifest says {m.bytes}"
+        )
+    sha = file_sha256(path)
+    if sha != m.sha256:  # cheap and decisive: a damaged file never reaches the Parquet reader
         raise ArchiveError(f"{m.partition_name}: archive file {path} does not match its sha256")
     try:
-        facts = read_file_facts(path, key)
+        facts = read_file_facts(path, key, sha256=sha)
     except (OSError, pa.ArrowException) as exc:
         raise ArchiveError(f"{m.partition_name}: archive file {path} is unreadable: {exc}") from exc
     db_rows, db_min, db_max = conn.execute(
@@ -553,6 +570,10 @@ def archive_partition(
     name = partition_name(table, month)
     result = ArchiveResult(table, month, "absent")
     verify_failures = 0
+    # the drop relies on the file only if this very run read it back and matched it against the manifest
+    # and the table: a run resuming at `verified` (after a crash, on another host, with the folder not
+    # mounted or the file damaged since) proves it again first, and exports again if it does not hold
+    proven_in_this_run = False
     conn.execute(sql.SQL("SELECT pg_advisory_lock({})").format(_lock_key(table, month)))
     try:
         while True:
@@ -587,14 +608,14 @@ def archive_partition(
                         min_ts=facts.min_ts,
                         max_ts=facts.max_ts,
                     )
-            elif state == "exported":
+            elif state == "exported" or (state == "verified" and not proven_in_this_run):
                 step = "verify"
                 assert m is not None
                 try:
                     _verify(conn, table, month, m)
                 except ArchiveError as exc:
-                    # the table is still there: export again rather than trust a damaged file, but not
-                    # forever (a disk that keeps damaging files, data pyarrow cannot round-trip)
+                    # the table is still there: export again rather than trust a damaged or missing file,
+                    # but not forever (a disk that keeps damaging files, data pyarrow cannot round-trip)
                     verify_failures += 1
                     with conn.transaction():
                         _set_state(conn, table, month, "detached")
@@ -609,8 +630,12 @@ def archive_partition(
                         "%s; exporting again (attempt %d/%d)", exc, verify_failures + 1, VERIFY_ATTEMPTS
                     )
                     continue
-                with conn.transaction():
-                    _set_state(conn, table, month, "verified")
+                proven_in_this_run = True
+                if state == "exported":
+                    with conn.transaction():
+                        _set_state(conn, table, month, "verified")
+                else:
+                    log.info("%s: resumed at verified; the file was read back and still matches", name)
             elif state == "verified":
                 step = "drop"
                 assert m is not None
