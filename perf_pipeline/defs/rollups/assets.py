@@ -19,7 +19,9 @@ from perf_pipeline.defs.resources import PostgresResource
 from perf_pipeline.defs.rollups.partitions import daily_partitions, first_rollup_day
 from perf_pipeline.lib.rollups import (
     LOOKBACK_DAYS,
+    LateRows,
     RollupResult,
+    late_rows_in_archived_months,
     missing_days,
     negative_days,
     rollup_days,
@@ -30,6 +32,9 @@ ASSET_KEY = dg.AssetKey("usage_daily_metrics")
 CHECK_RECONCILED = "reconciled_with_usage_log"
 CHECK_NON_NEGATIVE = "no_negative_values"
 CHECK_NO_MISSING_DAYS = "no_missing_days_last_90"
+CHECK_NO_LATE_ROWS_ARCHIVED = "no_late_rows_in_archived_months"
+#: evaluated by its own daily job (defs/rollups/reconciliation.py), not by every rollup run
+CHECK_RECONCILE_90 = "rolled_up_days_match_usage_log_last_90"
 MAX_LISTED = 20  # days listed in check metadata; the counts are always complete
 
 
@@ -67,6 +72,15 @@ MAX_LISTED = 20  # days listed in check metadata; the counts are always complete
             description="Every day of the last 90 (before today) has a rollup row; "
             "a gap means a backfill is due.",
         ),
+        dg.AssetCheckSpec(
+            CHECK_NO_LATE_ROWS_ARCHIVED,
+            asset=ASSET_KEY,
+            blocking=False,
+            description="No usage_log row exists for a month that usage retention archived. Such late rows "
+            "sit in usage_log_default and are not counted: the rollup keeps the archived month's numbers "
+            "rather than recompute its days from the few rows left. Fix: restore the month (perf-pipeline "
+            "archive restore YYYY-MM --table usage_log), which moves them in; its days are then re-rolled.",
+        ),
     ],
 )
 def usage_daily_metrics(
@@ -84,6 +98,16 @@ def usage_daily_metrics(
         today = utc_today()
         first = max(first_rollup_day(), today - dt.timedelta(days=LOOKBACK_DAYS))
         missing = missing_days(conn, first, today - dt.timedelta(days=1)) if first < today else []
+        late_rows = late_rows_in_archived_months(conn)
+    for month, why in sorted(result.unavailable_months.items()):
+        context.log.warning(
+            "%s: days kept as they are, not recomputed: the month is %s", month.strftime("%Y-%m"), why
+        )
+    if result.rearmed_days:
+        context.log.warning(
+            "re-armed the late-data marks of a rollup that died after claiming them: %s",
+            ", ".join(d.isoformat() for d in result.rearmed_days),
+        )
     if not result.committed:
         context.log.error(
             "reconciliation failed on %d day(s); the rollup was rolled back, the tables keep "
@@ -131,6 +155,7 @@ def usage_daily_metrics(
             },
         ),
     ]
+    checks.append(_late_rows_check(late_rows))
     return dg.MaterializeResult(
         metadata={
             "rows": result.rows_scanned,
@@ -143,9 +168,34 @@ def usage_daily_metrics(
             "first_day": start.isoformat(),
             "last_day": (end - dt.timedelta(days=1)).isoformat(),
             "late_days_cleared": len(result.stale_days_cleared),
+            "days_kept_archived": len(result.skipped_days),
             "committed": result.committed,
         },
         check_results=checks,
+    )
+
+
+def _late_rows_check(late: list[LateRows]) -> dg.AssetCheckResult:
+    where = "; ".join(
+        f"{r.rows} row(s) of {r.month:%Y-%m} (archive state {r.state}) in {r.relation}, days "
+        + ", ".join(d.isoformat() for d in r.days[:MAX_LISTED])
+        for r in late
+    )
+    return dg.AssetCheckResult(
+        check_name=CHECK_NO_LATE_ROWS_ARCHIVED,
+        passed=not late,
+        severity=dg.AssetCheckSeverity.ERROR,
+        description=(
+            f"late rows for archived months, not counted: {where}. Restore each month "
+            f"(perf-pipeline archive restore YYYY-MM --table usage_log) to count them"
+            if late
+            else "no usage_log row for an archived month"
+        ),
+        metadata={
+            "late_rows": sum(r.rows for r in late),
+            "months": ", ".join(f"{r.month:%Y-%m}" for r in late) or "none",
+            "threshold": 0,
+        },
     )
 
 
@@ -164,7 +214,8 @@ def _mismatch_table(result: RollupResult) -> str:
 
 usage_daily_metrics_job = dg.define_asset_job(
     "usage_daily_metrics_job",
-    selection=[ASSET_KEY],
+    selection=dg.AssetSelection.assets(ASSET_KEY)
+    - dg.AssetSelection.checks(dg.AssetCheckKey(ASSET_KEY, CHECK_RECONCILE_90)),
     partitions_def=daily_partitions,
     description="Roll up usage for the given day(s); a partition range runs as one run, one statement.",
 )

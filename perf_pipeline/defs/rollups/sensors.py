@@ -4,7 +4,9 @@ they were rolled up.
 The database marks those days (trigger of migration 0021, table ``usage_rollup_stale_days``); this sensor
 reads the marks of days already rolled up and requests one run per run of consecutive marked days
 (a single day: ``partition_key``; several: a partition range, one run, one statement), so the day keys
-are the run's partition tags. The run clears the marks it covers before reading. The cursor remembers
+are the run's partition tags. The run claims the marks it covers before reading and deletes its claims
+with the numbers it commits; claims left by a run that died are turned back into marks here each tick
+(when no rollup runs), so a killed rollup is re-run within about a minute. The cursor remembers
 which (day, mark time) pairs were requested, so a mark is requested once even if its run is still
 queued at the next tick; a mark made after the run cleared the old one has a new time and is
 requested again.
@@ -18,7 +20,7 @@ import dagster as dg
 from perf_pipeline.defs.resources import PostgresResource
 from perf_pipeline.defs.rollups.assets import usage_daily_metrics_job
 from perf_pipeline.defs.rollups.partitions import first_rollup_day
-from perf_pipeline.lib.rollups import stale_rolled_up_days, utc_today
+from perf_pipeline.lib.rollups import rearm_orphaned_claims, stale_rolled_up_days, utc_today
 
 # Dagster's run tags for a partition range (dagster._core.storage.tags, not re-exported publicly)
 RANGE_START_TAG = "dagster/asset_partition_range_start"
@@ -48,7 +50,14 @@ def usage_daily_metrics_late_data_sensor(
 ) -> dg.SensorResult:
     requested: dict[str, str] = json.loads(context.cursor) if context.cursor else {}
     with postgres.connection(autocommit=True) as conn:
+        # claims of a rollup that died after taking them become marks again (with a new time) right here
+        rearmed = rearm_orphaned_claims(conn)
         marks = stale_rolled_up_days(conn, first_rollup_day(), utc_today())
+    if rearmed:
+        context.log.warning(
+            "re-armed the late-data marks of a rollup that died: %s",
+            ", ".join(d.isoformat() for d in rearmed),
+        )
     current = {day.isoformat(): marked_at.isoformat() for day, marked_at in marks}
     new = [dt.date.fromisoformat(d) for d, at in current.items() if requested.get(d) != at]
     runs = []

@@ -1,0 +1,322 @@
+"""Rollups under faults, on real PostgreSQL with real processes: a rollup killed after it claimed the
+late-data marks (SIGKILL, pg_terminate_backend), the daily reconciliation that re-marks a day whose mark
+was lost, and days whose usage month was archived and dropped by usage retention (never recomputed from
+the rows left, late rows reported).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+import psycopg
+import pytest
+from psycopg import sql
+
+from perf_pipeline.defs.resources import PostgresResource
+from perf_pipeline.defs.rollups.assets import CHECK_NO_LATE_ROWS_ARCHIVED, usage_daily_metrics
+from perf_pipeline.defs.rollups.reconciliation import rolled_up_days_match_usage_log_last_90
+from perf_pipeline.defs.rollups.sensors import usage_daily_metrics_late_data_sensor
+from perf_pipeline.lib import archive, rollups
+from perf_pipeline.lib.partitioning import add_months, archive_lock_key, ensure_partitions, months_between
+
+UTC = dt.UTC
+TODAY = dt.datetime.now(UTC).date()
+VICTIM = "ppt_rollup_victim"
+
+# one rollup of one day in a child process, so that it can be killed for real
+_ROLLUP = """
+import datetime as dt, sys
+import psycopg
+from perf_pipeline.lib.rollups import rollup_days
+day = dt.date.fromisoformat(sys.argv[2])
+with psycopg.connect(sys.argv[1], autocommit=True, application_name=sys.argv[3]) as conn:
+    rollup_days(conn, day, day + dt.timedelta(days=1))
+"""
+
+
+def _resources(url: str) -> dict[str, Any]:
+    return {"postgres": PostgresResource(url=url)}
+
+
+def _add_rows(conn: psycopg.Connection, day: dt.date, n: int, tag: str) -> None:
+    """``n`` usage rows spread over the UTC ``day``; one committed statement."""
+    conn.execute(
+        "INSERT INTO usage_log (user_id, created_at, duration_minutes, cost_usd, is_billable, stt_provider) "
+        "SELECT md5(%(tag)s || (g %% 50))::uuid, %(start)s::timestamptz + (g::bigint * 86399 / %(n)s) * interval '1 second', "
+        "1.5, 0.0100, g %% 4 <> 0, (ARRAY['google', 'assemblyai', 'whisper'])[1 + g %% 3] "
+        "FROM generate_series(0, %(n)s - 1) g",
+        {"tag": tag, "start": dt.datetime.combine(day, dt.time(), UTC), "n": n},
+    )
+
+
+def _sessions(conn: psycopg.Connection, day: dt.date) -> tuple[int | None, int]:
+    """(rolled-up sessions, usage_log rows) of a day."""
+    rolled = conn.execute("SELECT sessions FROM usage_daily_metrics WHERE day = %s", (day,)).fetchone()
+    truth = conn.execute(
+        "SELECT count(*) FROM usage_log WHERE created_at >= %s AND created_at < %s",
+        (
+            dt.datetime.combine(day, dt.time(), UTC),
+            dt.datetime.combine(day + dt.timedelta(days=1), dt.time(), UTC),
+        ),
+    ).fetchone()[0]
+    return (rolled[0] if rolled else None), truth
+
+
+def _pending(conn: psycopg.Connection, day: dt.date) -> bool:
+    """A mark or a claim exists for ``day``: something will still recompute it."""
+    marked = conn.execute("SELECT 1 FROM usage_rollup_stale_days WHERE day = %s", (day,)).fetchone()
+    claimed = None
+    if conn.execute("SELECT to_regclass('usage_rollup_claims') IS NOT NULL").fetchone()[0]:
+        claimed = conn.execute("SELECT 1 FROM usage_rollup_claims WHERE day = %s", (day,)).fetchone()
+    return bool(marked or claimed)
+
+
+def _tick(url: str, instance: dg.DagsterInstance, cursor: str | None = None) -> dg.SensorResult:
+    ctx = dg.build_sensor_context(instance=instance, cursor=cursor, resources=_resources(url))
+    return usage_daily_metrics_late_data_sensor(ctx)
+
+
+def _requested_days(result: dg.SensorResult) -> set[str]:
+    days = set()
+    for r in result.run_requests:
+        if r.partition_key:
+            days.add(r.partition_key)
+            continue
+        first = dt.date.fromisoformat(r.tags["dagster/asset_partition_range_start"])
+        last = dt.date.fromisoformat(r.tags["dagster/asset_partition_range_end"])
+        days |= {(first + dt.timedelta(days=i)).isoformat() for i in range((last - first).days + 1)}
+    return days
+
+
+def _start_victim(url: str, day: dt.date) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-c", _ROLLUP, url, day.isoformat(), VICTIM],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _wait_for_lock_wait(conn: psycopg.Connection, proc: subprocess.Popen) -> int:
+    """The victim's backend pid, once it waits on a lock (its claim is committed by then)."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        row = conn.execute(
+            "SELECT pid FROM pg_stat_activity WHERE application_name = %s AND wait_event_type = 'Lock'",
+            (VICTIM,),
+        ).fetchone()
+        if row:
+            return row[0]
+        assert proc.poll() is None, (
+            f"the rollup ended before blocking: {proc.stderr.read() if proc.stderr else ''}"
+        )
+        time.sleep(0.02)
+    raise AssertionError("the rollup never blocked on the locked rollup table")
+
+
+@pytest.fixture(scope="module")
+def url(db_url: str) -> str:
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        ensure_partitions(conn, "usage_log", months_between(TODAY - dt.timedelta(days=40), TODAY))
+    return db_url
+
+
+@pytest.fixture
+def conn(url: str) -> Iterator[psycopg.Connection]:
+    with psycopg.connect(url, autocommit=True) as c:
+        yield c
+
+
+@pytest.mark.parametrize("kill", ["sigkill", "pg_terminate_backend"])
+def test_a_rollup_killed_after_claiming_leaves_the_day_marked(
+    url: str, conn: psycopg.Connection, kill: str
+) -> None:
+    """The issue's repro: 2,000 rows rolled up, 100 late rows, the re-run blocked on a lock held by another
+    session and killed there. The day must stay marked (as a claim), be re-armed by the late-data sensor
+    and end at 2,100 — it used to end at 2,000 with no mark, forever."""
+    day = TODAY - dt.timedelta(days=5 if kill == "sigkill" else 6)
+    _add_rows(conn, day, 2000, f"base-{kill}")
+    rollups.rollup_days(conn, day, day + dt.timedelta(days=1))
+    _add_rows(conn, day, 100, f"late-{kill}")
+    assert _sessions(conn, day) == (2000, 2100) and _pending(conn, day)
+
+    with psycopg.connect(url) as blocker:  # another session holding the rollup table
+        blocker.execute("LOCK TABLE usage_daily_metrics IN EXCLUSIVE MODE")
+        proc = _start_victim(url, day)
+        try:
+            pid = _wait_for_lock_wait(conn, proc)
+            if kill == "sigkill":
+                proc.send_signal(signal.SIGKILL)
+            else:
+                conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
+            proc.wait(30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        blocker.rollback()
+    deadline = time.monotonic() + 30  # the server notices the killed client's closed socket
+    while conn.execute("SELECT 1 FROM pg_stat_activity WHERE application_name = %s", (VICTIM,)).fetchone():
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+    assert _sessions(conn, day) == (2000, 2100)
+    assert _pending(conn, day), "the killed rollup took the day's late-data mark with it"
+    instance = dg.DagsterInstance.ephemeral()
+    tick = _tick(url, instance)
+    assert day.isoformat() in _requested_days(tick)  # re-armed and requested, nobody involved
+    run = dg.materialize(
+        [usage_daily_metrics], partition_key=day.isoformat(), resources=_resources(url), instance=instance
+    )
+    assert run.success
+    assert _sessions(conn, day) == (2100, 2100)
+    view = conn.execute(
+        "SELECT total_sessions FROM dashboard_daily_metrics WHERE day = %s", (day,)
+    ).fetchone()
+    assert view == (2100,)
+    assert not _pending(conn, day)
+
+
+def test_rollups_killed_at_random_moments_never_lose_a_day(url: str, conn: psycopg.Connection) -> None:
+    """Natural timing: late rows, a rollup in a child process, SIGKILL after a random delay. After every kill
+    the day is either right or still pending (marked or claimed); the sensor and a re-run then make it right."""
+    day = TODAY - dt.timedelta(days=8)
+    _add_rows(conn, day, 200_000, "loop-base")  # a rollup of ~0.5 s: kills land inside it often
+    rollups.rollup_days(conn, day, day + dt.timedelta(days=1))
+    rnd = random.Random(11)
+    instance = dg.DagsterInstance.ephemeral()
+    outcomes = {"right": 0, "pending": 0}
+    for round_ in range(10):
+        _add_rows(conn, day, 50, f"loop-{round_}")
+        proc = _start_victim(url, day)
+        time.sleep(rnd.uniform(0.3, 1.5))  # import and connect take a few hundred ms: kills land all over
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+        deadline = time.monotonic() + 30
+        while conn.execute(
+            "SELECT 1 FROM pg_stat_activity WHERE application_name = %s", (VICTIM,)
+        ).fetchone():
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        rolled, truth = _sessions(conn, day)
+        if rolled == truth:
+            outcomes["right"] += 1
+        else:
+            assert _pending(conn, day), f"round {round_}: {rolled} rolled up, {truth} in usage_log, no mark"
+            outcomes["pending"] += 1
+            _tick(url, instance)  # re-arms a dead rollup's claims
+            rollups.rollup_days(conn, day, day + dt.timedelta(days=1))
+            assert _sessions(conn, day) == (truth, truth)
+    assert sum(outcomes.values()) == 10
+
+
+def test_daily_reconciliation_remarks_a_day_whose_mark_was_lost(url: str, conn: psycopg.Connection) -> None:
+    day, marked_day = TODAY - dt.timedelta(days=12), TODAY - dt.timedelta(days=13)
+    for d in (day, marked_day):
+        _add_rows(conn, d, 300, f"recon-{d}")
+    rollups.rollup_days(conn, marked_day, day + dt.timedelta(days=1))
+    check = rolled_up_days_match_usage_log_last_90(**_resources(url))
+    assert check.passed
+    # a write the triggers did not see (a session with triggers disabled): nothing marks the day
+    with conn.transaction():
+        conn.execute("SET LOCAL session_replication_role = replica")
+        _add_rows(conn, day, 7, "unseen")
+    _add_rows(conn, marked_day, 5, "seen")  # marked by the trigger: the sensor's business, not reported
+    assert not _pending(conn, day)
+    check = rolled_up_days_match_usage_log_last_90(**_resources(url))
+    assert not check.passed and check.metadata["disagreeing_days"].value == 1
+    assert str(day) in check.metadata["days"].value
+    assert _pending(conn, day)  # marked again: the late-data sensor re-runs it
+    tick = _tick(url, dg.DagsterInstance.ephemeral())
+    assert {day.isoformat(), marked_day.isoformat()} <= _requested_days(tick)
+    rollups.rollup_days(conn, marked_day, day + dt.timedelta(days=1))
+    assert rolled_up_days_match_usage_log_last_90(**_resources(url)).passed
+
+
+def test_days_of_an_archived_month_keep_their_history(
+    url: str, conn: psycopg.Connection, tmp_path: Path
+) -> None:
+    """Usage retention archived and dropped a month; one late row for one of its days then landed in DEFAULT.
+    Re-running that day (the late-data sensor, or by hand) used to rewrite it from that one row (1000 → 1
+    session, reconcile passing); it must keep the archived numbers, report the late row and where it is,
+    and count it once the month is restored."""
+    month = dt.date(2024, 5, 1)
+    ensure_partitions(conn, "usage_log", [month])
+    for n in range(3):
+        _add_rows(conn, month + dt.timedelta(days=19 + n), 1000, f"archived-{n}")
+    late_day, other_day = month + dt.timedelta(days=19), month + dt.timedelta(days=20)
+    rollups.rollup_days(conn, month, add_months(month, 1))
+    history = conn.execute(
+        "SELECT day, sessions, total_minutes, revenue, active_users FROM usage_daily_metrics "
+        "WHERE day >= %s AND day < %s ORDER BY day",
+        (month, add_months(month, 1)),
+    ).fetchall()
+    assert archive.archive_partition(conn, "usage_log", month, tmp_path).state == "dropped"
+
+    conn.execute(
+        "INSERT INTO usage_log (user_id, created_at, duration_minutes, cost_usd, stt_provider) "
+        "VALUES (gen_random_uuid(), %s, 1.00, 1.0000, 'google')",
+        (dt.datetime.combine(late_day, dt.time(12), UTC),),
+    )
+    assert conn.execute("SELECT count(*) FROM usage_log_default").fetchone()[0] == 1
+    instance = dg.DagsterInstance.ephemeral()
+    tick = _tick(url, instance)
+    assert late_day.isoformat() in _requested_days(tick)
+    for key in (late_day, other_day):  # the sensor's run, then a manual run of a neighbouring day
+        run = dg.materialize(
+            [usage_daily_metrics], partition_key=key.isoformat(), resources=_resources(url), instance=instance
+        )
+        assert run.success
+        checks = {e.check_name: e for e in run.get_asset_check_evaluations()}
+        late = checks[CHECK_NO_LATE_ROWS_ARCHIVED]
+        assert not late.passed
+        assert "1 row(s) of 2024-05" in (late.description or "") and "usage_log_default" in late.description
+        assert late_day.isoformat() in late.description
+    after = conn.execute(
+        "SELECT day, sessions, total_minutes, revenue, active_users FROM usage_daily_metrics "
+        "WHERE day >= %s AND day < %s ORDER BY day",
+        (month, add_months(month, 1)),
+    ).fetchall()
+    assert after == history  # nothing recomputed from the rows left
+    assert _pending(conn, late_day)  # the mark stays until the rows are all back
+    assert _tick(url, instance, tick.cursor).run_requests == []  # requested once, not every minute
+    assert rolled_up_days_match_usage_log_last_90(**_resources(url)).passed  # archived days are not compared
+
+    archive.restore_partition(conn, "usage_log", month)  # moves the late row in
+    rollups.rollup_days(conn, late_day, late_day + dt.timedelta(days=1))
+    assert _sessions(conn, late_day) == (1001, 1001)
+    assert not _pending(conn, late_day)
+    run = dg.materialize(
+        [usage_daily_metrics],
+        partition_key=late_day.isoformat(),
+        resources=_resources(url),
+        instance=instance,
+    )
+    assert {e.check_name: e.passed for e in run.get_asset_check_evaluations()}[CHECK_NO_LATE_ROWS_ARCHIVED]
+
+
+def test_a_running_archive_keeps_its_month_out_of_a_rollup(url: str, conn: psycopg.Connection) -> None:
+    """While archive, restore or move_default_rows hold a month, a rollup leaves that month's days as they are
+    (reported), and the archive cannot start while a rollup reads the month."""
+    month = dt.date(2024, 7, 1)
+    ensure_partitions(conn, "usage_log", [month])
+    _add_rows(conn, month + dt.timedelta(days=3), 100, "held")
+    day = month + dt.timedelta(days=3)
+    key = archive_lock_key("usage_log", month)
+    with psycopg.connect(url, autocommit=True) as holder:
+        holder.execute(sql.SQL("SELECT pg_advisory_lock({})").format(key))
+        result = rollups.rollup_days(conn, day, day + dt.timedelta(days=1))
+        assert result.skipped_days == [day] and "right now" in result.unavailable_months[month]
+        assert (
+            conn.execute("SELECT count(*) FROM usage_daily_metrics WHERE day = %s", (day,)).fetchone()[0] == 0
+        )
+    result = rollups.rollup_days(conn, day, day + dt.timedelta(days=1))
+    assert result.skipped_days == [] and _sessions(conn, day) == (100, 100)
