@@ -11,6 +11,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -320,3 +321,51 @@ def test_a_running_archive_keeps_its_month_out_of_a_rollup(url: str, conn: psyco
         )
     result = rollups.rollup_days(conn, day, day + dt.timedelta(days=1))
     assert result.skipped_days == [] and _sessions(conn, day) == (100, 100)
+
+
+def test_a_day_is_never_rolled_up_from_a_half_moved_month(url: str, conn: psycopg.Connection) -> None:
+    """30,000 rows of one day sit in usage_log_default (the month had no partition) and the day is rolled
+    up. A reader's open transaction keeps move_default_rows from switching: it gives up, and the late-data
+    sensor's re-run of the day must still count 30,000 (it used to roll up 0 from the half-moved month and
+    clear the mark). Rollups running during a successful move only ever commit 30,000, and the move leaves
+    the day marked until its rows are in the new partition."""
+    from perf_pipeline.lib.partitioning import PartitionError, move_default_rows
+
+    month = dt.date(2024, 2, 1)
+    day = dt.date(2024, 2, 20)
+    _add_rows(conn, day, 30_000, "half-moved")
+    assert conn.execute("SELECT count(*) FROM usage_log_default").fetchone()[0] == 30_000
+    rollups.rollup_days(conn, day, day + dt.timedelta(days=1))
+    assert _sessions(conn, day) == (30_000, 30_000)
+
+    with psycopg.connect(url) as reader:  # an open transaction that read the table: its lock stays
+        reader.execute("SELECT count(*) FROM usage_log WHERE created_at >= '2024-02-01'")
+        with pytest.raises(PartitionError, match="nothing changed"):
+            move_default_rows(conn, "usage_log", lock_timeout_ms=50, attempts=3)
+        assert _sessions(conn, day) == (30_000, 30_000)  # all rows still visible in DEFAULT
+        rollups.mark_days(conn, [day])  # e.g. a late row: the sensor re-runs the day meanwhile
+        rollups.rollup_days(conn, day, day + dt.timedelta(days=1))
+        assert _sessions(conn, day) == (30_000, 30_000)
+        reader.rollback()
+
+    committed: list[int] = []
+    stop = threading.Event()
+
+    def rolling() -> None:
+        with psycopg.connect(url, autocommit=True) as c:
+            while not stop.is_set():
+                r = rollups.rollup_days(c, day, day + dt.timedelta(days=1))
+                if day not in r.skipped_days:
+                    committed.append(_sessions(c, day)[0] or 0)
+
+    thread = threading.Thread(target=rolling, daemon=True)
+    thread.start()
+    time.sleep(0.2)
+    result = move_default_rows(conn, "usage_log", batch_size=5000)
+    stop.set()
+    thread.join()
+    assert result.partitions_created == [f"usage_log_y{month:%Y}m{month:%m}"]
+    assert committed and set(committed) == {30_000}, set(committed)
+    assert _pending(conn, day)  # the switch's DELETE marked the day: the sensor re-runs it once visible
+    rollups.rollup_days(conn, day, day + dt.timedelta(days=1))
+    assert _sessions(conn, day) == (30_000, 30_000) and not _pending(conn, day)

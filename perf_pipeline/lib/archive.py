@@ -53,6 +53,7 @@ from perf_pipeline.lib.partitioning import (
     archive_lock_key,
     attach_partition,
     default_name,
+    drop_bound_constraint,
     month_bounds,
     month_start,
     partition_key_column,
@@ -778,6 +779,7 @@ def restore_partition(
             if has_default:
                 late = c.execute(move, {"start": start, "end": end, "batch": 2**62}).fetchone()[0]
             attach_partition(c, table, month)
+            drop_bound_constraint(c, table, month)  # the partition bound says the same; siblings have none
             c.execute(
                 "UPDATE archive_manifest SET state = 'restored', restored_at = now(), updated_at = now() "
                 "WHERE table_name = %s AND month = %s",

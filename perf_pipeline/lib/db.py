@@ -7,11 +7,12 @@ sets a short ``lock_timeout`` so a waiting DDL never queues the platform's write
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
@@ -76,3 +77,21 @@ def run_with_lock_retry(
             time.sleep(delay + random.uniform(0, delay))
             delay = min(delay * 2, 2.0)
     raise AssertionError("unreachable")
+
+
+@contextlib.contextmanager
+def lock_timeout(conn: psycopg.Connection, ms: int) -> Iterator[None]:
+    """``lock_timeout`` of the session set to ``ms`` for the block, then put back as it was.
+
+    For autocommit connections whose statements each wait for a lock (an advisory lock, a LOCK TABLE, a
+    DETACH): every wait inside the block gives up after ``ms`` with ``LockNotAvailable``. Costs two
+    round trips. A connection that broke meanwhile is left alone.
+    """
+    previous = conn.execute(
+        "SELECT current_setting('lock_timeout'), set_config('lock_timeout', %s, false)", (f"{int(ms)}ms",)
+    ).fetchone()[0]
+    try:
+        yield
+    finally:
+        if not conn.broken and conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE:
+            conn.execute("SELECT set_config('lock_timeout', %s, false)", (previous,))

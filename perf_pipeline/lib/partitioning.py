@@ -16,12 +16,13 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import re
+import time
 from dataclasses import dataclass, field
 
 import psycopg
 from psycopg import sql
 
-from perf_pipeline.lib.db import load_query, run_with_lock_retry
+from perf_pipeline.lib.db import load_query, lock_timeout, run_with_lock_retry
 
 log = logging.getLogger(__name__)
 
@@ -273,30 +274,36 @@ def default_partition_summary(conn: psycopg.Connection, table: str) -> DefaultSu
     return DefaultSummary(sum(months.values()), months)
 
 
-def prepare_partition_table(conn: psycopg.Connection, table: str, month: dt.date) -> str:
+def prepare_partition_table(
+    conn: psycopg.Connection, table: str, month: dt.date, *, relation: str | None = None
+) -> str:
     """Create ``month``'s partition as a standalone table (if missing), ready to load and attach.
 
-    It gets every index of the parent and a CHECK constraint equal to the month's bounds, so a later
-    ATTACH does not have to scan it under lock. Locks only the new table. Caller's transaction.
+    It gets every index of the parent and a CHECK constraint ``<partition>_bound`` equal to the month's
+    bounds, so a later ATTACH does not have to scan it under lock (drop it after the attach:
+    :func:`drop_bound_constraint`). ``relation``: another name for the table (a move's working copy,
+    renamed at the switch). Locks only the new table. Caller's transaction. Returns the table's name.
     """
     name = partition_name(table, month)
+    relation = relation or name
     key = partition_key_column(table)
     start, end = month_bounds(month)
     conn.execute(
         sql.SQL(
             "CREATE TABLE IF NOT EXISTS {} (LIKE {} INCLUDING DEFAULTS INCLUDING CONSTRAINTS INCLUDING STORAGE "
             "INCLUDING COMMENTS INCLUDING INDEXES)"
-        ).format(sql.Identifier(name), sql.Identifier(table))
+        ).format(sql.Identifier(relation), sql.Identifier(table))
     )
     has_bound = conn.execute(
-        "SELECT 1 FROM pg_constraint WHERE conrelid = %s::regclass AND conname = %s", (name, f"{name}_bound")
+        "SELECT 1 FROM pg_constraint WHERE conrelid = %s::regclass AND conname = %s",
+        (sql.Identifier(relation).as_string(conn), f"{name}_bound"),
     ).fetchone()
     if not has_bound:
         conn.execute(
             sql.SQL(
                 "ALTER TABLE {} ADD CONSTRAINT {} CHECK ({} IS NOT NULL AND {} >= {} AND {} < {})"
             ).format(
-                sql.Identifier(name),
+                sql.Identifier(relation),
                 sql.Identifier(f"{name}_bound"),
                 sql.Identifier(key),
                 sql.Identifier(key),
@@ -305,12 +312,25 @@ def prepare_partition_table(conn: psycopg.Connection, table: str, month: dt.date
                 sql.Literal(end),
             )
         )
-    return name
+    return relation
+
+
+def drop_bound_constraint(conn: psycopg.Connection, table: str, month: dt.date) -> None:
+    """Drop the ``<partition>_bound`` CHECK of :func:`prepare_partition_table` once the table is attached:
+    its partition bound says the same, and its siblings have no such constraint. Catalog only (ACCESS
+    EXCLUSIVE on the partition, which the caller's attach already holds). Caller's transaction."""
+    name = partition_name(table, month)
+    conn.execute(
+        sql.SQL("ALTER TABLE {} DROP CONSTRAINT IF EXISTS {}").format(
+            sql.Identifier(name), sql.Identifier(f"{name}_bound")
+        )
+    )
 
 
 def archive_lock_key(table: str, month: dt.date) -> sql.Composed:
     """The per-month advisory lock key of the archive (:mod:`perf_pipeline.lib.archive` takes it for a whole
-    archive or restore); :func:`move_default_rows` takes the same one, so neither sees the other half-done."""
+    archive or restore); :func:`move_default_rows` takes the same one, so neither sees the other half-done,
+    and a rollup takes it shared while it reads the month."""
     return sql.SQL("hashtextextended({}, 0)").format(
         sql.Literal(f"perf_pipeline.archive:{table}:{month_start(month)}")
     )
@@ -319,9 +339,7 @@ def archive_lock_key(table: str, month: dt.date) -> sql.Composed:
 def archive_states(conn: psycopg.Connection, table: str) -> dict[dt.date, str]:
     """Months of ``table`` with an archive in any state but ``restored`` (archive_manifest, migration 0010):
     ``detached`` / ``exported`` / ``verified`` (archive in progress or interrupted: the detached table is
-    about to be dropped) or ``dropped``. One small catalog + manifest read."""
-    if conn.execute("SELECT to_regclass('archive_manifest') IS NULL").fetchone()[0]:
-        return {}
+    about to be dropped) or ``dropped``. One small manifest read."""
     return dict(
         conn.execute(
             "SELECT month, state FROM archive_manifest WHERE table_name = %s AND state <> 'restored'",
@@ -334,39 +352,49 @@ def _archive_reason(state: str) -> str:
     return "archived" if state == "dropped" else f"archive stopped at {state}"
 
 
-def _try_month_lock(conn: psycopg.Connection, table: str, month: dt.date) -> bool:
-    """Session advisory lock of the month's archive, without waiting (an archive holds it for minutes)."""
-    return bool(
-        conn.execute(
-            sql.SQL("SELECT pg_try_advisory_lock({})").format(archive_lock_key(table, month))
-        ).fetchone()[0]
-    )
+def _lock_month(conn: psycopg.Connection, table: str, month: dt.date, wait_ms: int) -> bool:
+    """The month's advisory lock (exclusive, session level), waiting up to ``wait_ms`` for a rollup (which
+    holds it shared for seconds) or an archive/restore (minutes: then False)."""
+    try:
+        with lock_timeout(conn, max(1, wait_ms)):
+            conn.execute(sql.SQL("SELECT pg_advisory_lock({})").format(archive_lock_key(table, month)))
+        return True
+    except psycopg.errors.LockNotAvailable:
+        return False
 
 
 def _unlock_month(conn: psycopg.Connection, table: str, month: dt.date) -> None:
     conn.execute(sql.SQL("SELECT pg_advisory_unlock({})").format(archive_lock_key(table, month)))
 
 
-def unattached_partitions(conn: psycopg.Connection, table: str) -> list[str]:
-    """Standalone ``{table}_yYYYYmMM`` tables left by an interrupted :func:`move_default_rows`: they carry the
-    bound CHECK of :func:`prepare_partition_table`, are attached to nothing, and their month has no archive
-    in progress or done (a detached table being archived, or a half-restored one, is the archive's).
+def _standalone_tables(conn: psycopg.Connection, table: str, pattern: str) -> list[str]:
+    """Standalone tables of this schema whose name matches ``pattern`` (LIKE) and that carry a
+    ``*_bound`` CHECK of :func:`prepare_partition_table`. Catalog read only."""
+    return [
+        r[0]
+        for r in conn.execute(
+            """
+            SELECT c.relname FROM pg_class c
+            WHERE c.relnamespace = current_schema()::regnamespace AND c.relkind = 'r' AND NOT c.relispartition
+              AND c.relname LIKE %s
+              AND EXISTS (SELECT 1 FROM pg_constraint k
+                          WHERE k.conrelid = c.oid AND k.contype = 'c' AND k.conname LIKE '%%\\_bound')
+            ORDER BY c.relname
+            """,
+            (pattern,),
+        ).fetchall()
+    ]
 
-    Their rows are invisible to queries on ``table`` while DEFAULT may already be empty. Catalog read only.
-    """
+
+def unattached_partitions(conn: psycopg.Connection, table: str) -> list[str]:
+    """Standalone ``{table}_yYYYYmMM`` tables left by an interrupted ``move_default_rows`` of an earlier
+    version, which moved rows out of DEFAULT batch by batch and attached last: their rows are invisible to
+    queries. Months with an archive in progress or done are the archive's, not listed. The next
+    :func:`move_default_rows` puts their rows back into DEFAULT first. Catalog read only."""
     archived = archive_states(conn, table)
-    rows = conn.execute(
-        """
-        SELECT c.relname FROM pg_class c
-        JOIN pg_constraint k ON k.conrelid = c.oid AND k.contype = 'c' AND k.conname = c.relname || '_bound'
-        WHERE c.relnamespace = current_schema()::regnamespace AND c.relkind = 'r' AND NOT c.relispartition
-          AND c.relname LIKE %s
-        ORDER BY c.relname
-        """,
-        (_check_table(table).replace("_", "\\_") + "\\_y%",),
-    ).fetchall()
+    like = _check_table(table).replace("_", "\\_") + "\\_y%"
     out = []
-    for (name,) in rows:
+    for name in _standalone_tables(conn, table, like):
         match = _PARTITION.match(name)
         month = month_of_partition(name)
         if match and match["table"] == table and month is not None and month not in archived:
@@ -374,53 +402,40 @@ def unattached_partitions(conn: psycopg.Connection, table: str) -> list[str]:
     return out
 
 
-def _attach_interrupted_moves(
-    conn: psycopg.Connection,
-    table: str,
-    result: MoveResult,
-    lock_timeout_ms: int,
-    attempts: int,
-    *,
-    final: bool,
-) -> None:
-    """Attach every :func:`unattached_partitions` table (an earlier run moved rows into it, then its attach
-    failed or the process died). Under the month's advisory lock, re-checked there. If DEFAULT holds rows of
-    the month, ATTACH fails its check: the caller's move loop takes the month (it reuses the table). With
-    ``final`` (the end of a run) a table that still cannot be attached raises :class:`PartitionError`.
-    """
-    for name in unattached_partitions(conn, table):
-        month = month_of_partition(name)
-        assert month is not None
-        if not _try_month_lock(conn, table, month):
-            log.info("%s: its month is locked by another run; leaving it to that run", name)
-            continue
-        try:
-            if name not in unattached_partitions(conn, table):
-                continue
-            try:
-                if ensure_partition(conn, table, month, lock_timeout_ms=lock_timeout_ms, attempts=attempts):
-                    log.warning(
-                        "%s: attached (moved rows were left in it unattached by an earlier run)", name
-                    )
-                    result.partitions_created.append(name)
-            except (psycopg.errors.CheckViolation, psycopg.errors.LockNotAvailable) as exc:
-                if final:
-                    raise PartitionError(
-                        f"{table}: {name} holds moved rows but is not attached ({type(exc).__name__}: "
-                        f"{str(exc).strip()}); its rows are invisible to queries until move_default_rows is "
-                        f"run again"
-                    ) from exc
-                log.warning("%s: attach failed (%s); the move below retries", name, type(exc).__name__)
-        finally:
-            _unlock_month(conn, table, month)
+def move_copies(conn: psycopg.Connection, table: str) -> list[str]:
+    """Working copies ``{table}_yYYYYmMM_moving`` of a move in progress or interrupted: duplicates of rows
+    that are still in DEFAULT (visible there), reused and finished by the next run. Catalog read only."""
+    like = _check_table(table).replace("_", "\\_") + "\\_y%\\_moving"
+    return _standalone_tables(conn, table, like)
+
+
+def _primary_key(conn: psycopg.Connection, table: str) -> list[str]:
+    return [
+        r[0]
+        for r in conn.execute(
+            """
+            SELECT a.attname FROM pg_index i
+            JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey)
+            WHERE i.indrelid = %s::regclass AND i.indisprimary
+            ORDER BY array_position(i.indkey, a.attnum)
+            """,
+            (table,),
+        ).fetchall()
+    ]
 
 
 @dataclass
 class MoveResult:
     rows_moved: int = 0
-    batches: int = 0
+    batches: int = 0  # pre-copy batches
     months: list[dt.date] = field(default_factory=list)
     partitions_created: list[str] = field(default_factory=list)
+    #: longest switch transaction: writers of the table wait this long at most (plus a lock wait)
+    switch_ms: float = 0.0
+    #: longest part of it with the table locked exclusively: readers of the table wait this long at most
+    exclusive_ms: float = 0.0
+    #: rows an interrupted older move had parked in a standalone table, put back into DEFAULT first
+    rows_returned: int = 0
 
 
 def move_default_rows(
@@ -430,20 +445,39 @@ def move_default_rows(
     batch_size: int = 10_000,
     lock_timeout_ms: int = 200,
     attempts: int = 50,
-    max_rounds: int = 20,
+    month_lock_wait_ms: int = 10_000,
 ) -> MoveResult:
     """Move every row of ``table``'s DEFAULT partition into its month's partition, creating it.
 
-    ``conn`` must be in autocommit mode. Per month: the partition is prepared as a standalone table
-    (:func:`prepare_partition_table`), rows move in batches of ``batch_size`` (each batch is one
-    ``DELETE … RETURNING`` feeding an ``INSERT`` in one transaction: a row is in exactly one place at
-    every commit, so a crash loses or duplicates nothing and a re-run continues), then the table is
-    attached. Rows a writer adds to DEFAULT meanwhile make ATTACH fail its check; they are moved and
-    the attach retried (``max_rounds``). A table whose attach failed (lock timeouts) or was never reached
-    (the process died) is attached at the start of the next run and retried before returning
-    (:func:`unattached_partitions`); if it still cannot be attached, :class:`PartitionError` names it. Locks: the month's archive advisory lock (not waited for: a month
-    being archived is skipped), ROW EXCLUSIVE on DEFAULT per batch; the attach as in :func:`ensure_partition`.
-    Cost: one index-less scan of DEFAULT per batch (DEFAULT is small).
+    ``conn`` must be in autocommit mode. Rows stay visible, exactly once, the whole time, and writers
+    never fail. Per month:
+
+    1. **Pre-copy** (no lock on the table): the rows of the month are *copied* from DEFAULT into a
+       working copy ``{partition}_moving`` (the parent's indexes, a bound CHECK), about ``batch_size``
+       rows per committed batch (:file:`sql/queries/partition_move_precopy.sql`). They stay in DEFAULT, so
+       queries see each row once, and a run that stops here leaves the table as it was: the copy is
+       reused by the next run.
+    2. **Switch**, one short transaction, its locks taken with ``lock_timeout_ms`` and retried
+       (``attempts``). First ``LOCK TABLE ONLY {table} IN SHARE ROW EXCLUSIVE MODE``: writers of the table
+       queue (rather than route a row into DEFAULT with the old partition set, which fails their INSERT
+       with a partition-constraint error after the attach), readers go on, the copy is made exactly
+       DEFAULT's rows of the month (rows changed since the pre-copy) and they are deleted from DEFAULT
+       (the late-data triggers mark their days; readers still see them until the commit). Then ACCESS
+       EXCLUSIVE on the parent and on DEFAULT, for catalog work only: the copy is renamed to the
+       partition and attached (its bound CHECK spares the scan of it) and the bound CHECK dropped. A query sees the month in DEFAULT before the commit and in its partition
+       after it, never neither (a reader planning while only DEFAULT was locked would run on the new
+       snapshot with the old partition set: an empty month). Writers wait for the whole switch
+       (``switch_ms``), readers for its exclusive part (``exclusive_ms``); both grow with the month's rows
+       in DEFAULT (measured by ``python -m bench partitions``).
+    3. If the locks cannot be had within the attempts (a long transaction reading DEFAULT), nothing
+       changed: :class:`PartitionError` says so; run it again.
+
+    Locks: the month's archive advisory lock (waited for up to ``month_lock_wait_ms``: a rollup reading
+    the month holds it shared for seconds; a month being archived or restored is skipped), then as
+    above. A standalone ``{partition}`` table left by an older, interrupted version of this function
+    (rows moved out of DEFAULT, never attached) has its rows put back into DEFAULT first, in one
+    transaction. Cost: one pass over DEFAULT per month for the pre-copy (block ranges), then in the
+    switch one pass over the copy and two over the month's DEFAULT rows, with primary-key probes.
 
     Months with an archive manifest row in any state but ``restored`` are not touched: an interrupted
     archive's detached table (state detached/exported/verified) must not get rows nor be attached back,
@@ -451,84 +485,166 @@ def move_default_rows(
     stay in DEFAULT and :class:`PartitionError` says which months and what to do (restore moves them in).
     """
     result = MoveResult()
-    default = sql.Identifier(default_name(table))
-    key = sql.Identifier(partition_key_column(table))
-    move = sql.SQL(load_query("partition_move_default_batch"))
+    for name in unattached_partitions(conn, table):
+        month = month_of_partition(name)
+        assert month is not None
+        if not _lock_month(conn, table, month, month_lock_wait_ms):
+            continue  # an archive or restore of that month is running: the next run returns them
+        try:
+            result.rows_returned += _return_parked_rows(conn, table, name)
+        finally:
+            _unlock_month(conn, table, month)
     skipped: dict[dt.date, str] = {}  # month → why its rows stay in DEFAULT
-    # rows an interrupted run moved into a table it did not attach: DEFAULT may be empty already
-    _attach_interrupted_moves(conn, table, result, lock_timeout_ms, attempts, final=False)
-    for _ in range(max_rounds):
-        summary = default_partition_summary(conn, table)
-        for month, state in archive_states(conn, table).items():
-            if month in summary.months:
+    summary = default_partition_summary(conn, table)
+    archived = archive_states(conn, table)
+    for month in sorted(summary.months):
+        if month in archived:
+            skipped[month] = _archive_reason(archived[month])
+            continue
+        if not _lock_month(conn, table, month, month_lock_wait_ms):
+            skipped[month] = "being archived or restored right now"
+            continue
+        try:
+            # re-read under the lock: an archive may have started since the summary
+            state = archive_states(conn, table).get(month)
+            if state is not None:
                 skipped[month] = _archive_reason(state)
-        todo = sorted(set(summary.months) - set(skipped))
-        if not todo:
-            # a month whose attach failed below (lock timeouts) gets its retries here, before returning
-            _attach_interrupted_moves(conn, table, result, lock_timeout_ms, attempts, final=True)
-            if skipped:
-                months = ", ".join(f"{m:%Y-%m} ({why})" for m, why in sorted(skipped.items()))
-                raise PartitionError(
-                    f"{table}: DEFAULT holds rows of month(s) left there: {months}. A partition for them "
-                    f"would be dropped by the archive or shadow it: finish an interrupted archive (perf-pipeline "
-                    f"archive run YYYY-MM --table {table}), then restore the month (perf-pipeline archive "
-                    f"restore YYYY-MM --table {table}), which moves these rows in"
-                )
-            return result
-        for month in todo:
-            if not _try_month_lock(conn, table, month):
-                skipped[month] = "being archived or restored right now"
                 continue
-            try:
-                # re-read under the lock: an archive may have started since the summary
-                state = archive_states(conn, table).get(month)
-                if state is not None:
-                    skipped[month] = _archive_reason(state)
-                    continue
-                _move_month(conn, table, month, move, default, key, batch_size, result)
-                try:
-                    if ensure_partition(
-                        conn, table, month, lock_timeout_ms=lock_timeout_ms, attempts=attempts
-                    ):
-                        result.partitions_created.append(partition_name(table, month))
-                except psycopg.errors.CheckViolation:
-                    log.info(
-                        "%s: new rows of %s arrived in DEFAULT during the move; moving them too", table, month
-                    )
-                except psycopg.errors.LockNotAvailable:
-                    # the rows are in the standalone table now: retried before returning, and by the next run
-                    log.warning("%s: could not attach %s yet (lock timeouts); retrying later", table, month)
-            finally:
-                _unlock_month(conn, table, month)
-    raise PartitionError(
-        f"{table}: DEFAULT kept receiving rows after {max_rounds} rounds of move_default_rows"
-    )
+            _move_month(conn, table, month, batch_size, lock_timeout_ms, attempts, result)
+        finally:
+            _unlock_month(conn, table, month)
+    if skipped:
+        months = ", ".join(f"{m:%Y-%m} ({why})" for m, why in sorted(skipped.items()))
+        raise PartitionError(
+            f"{table}: DEFAULT holds rows of month(s) left there: {months}. A partition for them would be "
+            f"dropped by the archive or shadow it: finish an interrupted archive (perf-pipeline archive run "
+            f"YYYY-MM --table {table}), then restore the month (perf-pipeline archive restore YYYY-MM --table "
+            f"{table}), which moves these rows in"
+        )
+    return result
+
+
+def _return_parked_rows(conn: psycopg.Connection, table: str, name: str) -> int:
+    """Put the rows of an older move's unattached ``name`` back into DEFAULT (visible again) and drop it, in
+    one transaction (re-checked under the table's lock)."""
+    with conn.transaction():
+        conn.execute(sql.SQL("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE").format(sql.Identifier(name)))
+        if name not in unattached_partitions(conn, table):
+            return 0
+        rows = conn.execute(
+            sql.SQL("WITH moved AS (DELETE FROM {} RETURNING *) INSERT INTO {} SELECT * FROM moved").format(
+                sql.Identifier(name), sql.Identifier(default_name(table))
+            )
+        ).rowcount
+        conn.execute(sql.SQL("DROP TABLE {}").format(sql.Identifier(name)))
+    log.warning("%s: put %d row(s) an interrupted move had left unattached back into DEFAULT", name, rows)
+    return rows
 
 
 def _move_month(
     conn: psycopg.Connection,
     table: str,
     month: dt.date,
-    move: sql.SQL,
-    default: sql.Identifier,
-    key: sql.Identifier,
     batch_size: int,
+    lock_timeout_ms: int,
+    attempts: int,
     result: MoveResult,
 ) -> None:
-    """Prepare ``month``'s standalone table and move its DEFAULT rows into it, one transaction per batch."""
-    start, end = month_bounds(month)
+    """Pre-copy ``month``'s DEFAULT rows into its working copy, then switch (see :func:`move_default_rows`)."""
     name = partition_name(table, month)
+    copy = f"{name}_moving"
+    start, end = month_bounds(month)
+    default = default_name(table)
+    idents = {
+        "default": sql.Identifier(default),
+        "scratch": sql.Identifier(copy),
+        "key": sql.Identifier(partition_key_column(table)),
+    }
     with conn.transaction():
-        prepare_partition_table(conn, table, month)
-    while True:
+        prepare_partition_table(conn, table, month, relation=copy)
+    blocks, rows = conn.execute(
+        "SELECT greatest(pg_relation_size(%s::regclass) / current_setting('block_size')::int, 1), "
+        "greatest(reltuples::bigint, 1) FROM pg_class WHERE oid = %s::regclass",
+        (default, default),
+    ).fetchone()
+    step = max(1, int(blocks * batch_size / rows))
+    precopy = sql.SQL(load_query("partition_move_precopy")).format(**idents)
+    for first in range(0, blocks, step):
         with conn.transaction():
-            moved = conn.execute(
-                move.format(default=default, target=sql.Identifier(name), key=key),
-                {"start": start, "end": end, "batch": batch_size},
-            ).fetchone()[0]
-        if not moved:
-            break
-        result.rows_moved += moved
+            conn.execute(
+                precopy, {"first_block": first, "end_block": first + step, "start": start, "end": end}
+            )
         result.batches += 1
-    if month not in result.months:
-        result.months.append(month)
+    pk = _primary_key(conn, table)
+    sync = {
+        **idents,
+        "pk_d": sql.SQL(", ").join(sql.Identifier("d", c) for c in pk),
+        "pk_s": sql.SQL(", ").join(sql.Identifier("s", c) for c in pk),
+    }
+    stale = sql.SQL(load_query("partition_move_sync_stale")).format(**sync)
+    missing = sql.SQL(load_query("partition_move_sync_missing")).format(**sync)
+
+    def switch(c: psycopg.Connection) -> int:
+        t0 = time.perf_counter()
+        # phase 1, writers of the table wait, readers go on: the copy becomes exactly DEFAULT's rows, which
+        # are deleted from DEFAULT (uncommitted: every reader still sees them there)
+        c.execute(sql.SQL("LOCK TABLE ONLY {} IN SHARE ROW EXCLUSIVE MODE").format(sql.Identifier(table)))
+        c.execute(stale)
+        c.execute(missing, {"start": start, "end": end})
+        moved = c.execute(
+            sql.SQL("DELETE FROM ONLY {default} WHERE {key} >= %s AND {key} < %s").format(**idents),
+            (start, end),
+        ).rowcount
+        copied = c.execute(sql.SQL("SELECT count(*) FROM {}").format(idents["scratch"])).fetchone()[0]
+        if copied != moved:  # cannot happen with writers locked out; never attach a copy that is not exact
+            raise PartitionError(
+                f"{name}: the copy holds {copied} rows, DEFAULT held {moved}; nothing changed"
+            )
+        # phase 2, readers wait too, for catalog work only: a query that planned with the old partition set
+        # and ran on a snapshot taken after this commit would find the month empty (seen: a count of 0);
+        # holding the parent exclusively makes every query plan after the commit. Queries in flight finish
+        # first (the lock_timeout bounds that wait)
+        t1 = time.perf_counter()
+        c.execute(sql.SQL("LOCK TABLE ONLY {} IN ACCESS EXCLUSIVE MODE").format(sql.Identifier(table)))
+        c.execute(sql.SQL("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE").format(idents["default"]))
+        _rename_with_indexes(c, copy, name)
+        c.execute(
+            sql.SQL("ALTER TABLE {} ATTACH PARTITION {} FOR VALUES FROM ({}) TO ({})").format(
+                sql.Identifier(table), sql.Identifier(name), sql.Literal(start), sql.Literal(end)
+            )
+        )
+        drop_bound_constraint(c, table, month)
+        done = time.perf_counter()
+        result.switch_ms = max(result.switch_ms, (done - t0) * 1000)
+        result.exclusive_ms = max(result.exclusive_ms, (done - t1) * 1000)
+        return moved
+
+    try:
+        moved = run_with_lock_retry(
+            conn, switch, lock_timeout_ms=lock_timeout_ms, attempts=attempts, what=f"switch {name}"
+        )
+    except psycopg.errors.LockNotAvailable as exc:
+        raise PartitionError(
+            f"{table}: could not switch {name} in (its locks were not free in {attempts} attempts of "
+            f"{lock_timeout_ms} ms: a long transaction holds {default} or {table}); nothing changed, the rows "
+            f"are still in {default}, visible. Run move_default_rows again"
+        ) from exc
+    result.rows_moved += moved
+    result.months.append(month)
+    result.partitions_created.append(name)
+    log.info("%s: moved %d row(s) from %s, switch %.0f ms", name, moved, default, result.switch_ms)
+
+
+def _rename_with_indexes(conn: psycopg.Connection, old: str, new: str) -> None:
+    """Rename table ``old`` to ``new`` and its indexes' ``old`` prefix to ``new`` (catalog only)."""
+    conn.execute(sql.SQL("ALTER TABLE {} RENAME TO {}").format(sql.Identifier(old), sql.Identifier(new)))
+    for (index,) in conn.execute(
+        "SELECT c.relname FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid WHERE i.indrelid = %s::regclass",
+        (sql.Identifier(new).as_string(conn),),
+    ).fetchall():
+        if index.startswith(old):
+            conn.execute(
+                sql.SQL("ALTER INDEX {} RENAME TO {}").format(
+                    sql.Identifier(index), sql.Identifier(new + index[len(old) :])
+                )
+            )
