@@ -440,3 +440,45 @@ def test_fast_path_serves_only_what_fastapi_would_serve(
     served = client.get(KPIS, headers=AUTH)
     assert served.content == kpis.content and served.headers["content-type"] == "application/json"
     assert cache.recomputations[cache_lib.KPIS_KEY] == 1
+
+
+# ------------------------------------------------------------------- invalidation through the API
+
+
+def test_invalidation_reaches_the_api_within_local_ttl(usage_db: str, redis_url: str) -> None:
+    """A rollup row changes and the cache generation is bumped: the API (its served configuration,
+    local_ttl_s = 1 s) serves the new number within local_ttl_s plus a margin, measured."""
+    import time
+
+    day = dt.date(2025, 8, 3)
+    params = {"start_date": "2025-08-01", "end_date": "2025-08-07", "granularity": "daily"}
+    settings = Settings(database_url=usage_db, redis_url=redis_url, admin_tokens=(ADMIN,))
+    with TestClient(create_app(settings)) as client, psycopg.connect(usage_db, autocommit=True) as conn:
+        cache: DashboardCache = client.app.state.cache  # type: ignore[attr-defined]
+        assert cache.local_ttl_s == 1.0
+
+        def sessions() -> int:
+            response = client.get(TRENDS, params=params, headers=AUTH)
+            assert response.status_code == 200
+            points = {p["period"]: p["session_count"] for p in response.json()["transcription_trend"]}
+            return points[day.isoformat()]
+
+        before = sessions()
+        hot_until = time.monotonic() + 1.5  # past one local_ttl_s: the copy has been refreshed once
+        while time.monotonic() < hot_until:
+            assert sessions() == before
+            time.sleep(0.02)
+        conn.execute("UPDATE usage_daily_metrics SET sessions = sessions + 1000 WHERE day = %s", (day,))
+        try:
+            cache_lib.invalidate(redis_lib.Redis.from_url(redis_url))
+            invalidated = time.monotonic()
+            while (value := sessions()) != before + 1000:
+                assert value == before
+                assert time.monotonic() - invalidated < 2.5, "the new value did not reach the API in 2.5 s"
+                time.sleep(0.02)
+            delay = time.monotonic() - invalidated
+        finally:
+            conn.execute("UPDATE usage_daily_metrics SET sessions = sessions - 1000 WHERE day = %s", (day,))
+            cache_lib.invalidate(redis_lib.Redis.from_url(redis_url))
+    print(f"invalidation reached the API after {delay:.2f} s")
+    assert delay < 2.0, delay
