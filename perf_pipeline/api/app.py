@@ -4,7 +4,7 @@ down; ``/healthz`` for load balancers.
 Run it with ``perf-pipeline serve`` (uvicorn, several worker processes). The endpoints answer a hot
 key from the process's one-second near cache on the event loop (no I/O); anything else runs the
 synchronous read path (Redis, then PostgreSQL on a miss) in the thread pool, where it blocks only its
-own thread.
+own thread. ``HEAD`` is answered wherever ``GET`` is, with the same status and headers and no body.
 
 Auth: ``Authorization: Bearer <token>``. Tokens come from ``PERF_PIPELINE_ADMIN_TOKENS`` (200) and
 ``PERF_PIPELINE_USER_TOKENS`` (authenticated but not admin: 403); anything else is 401. Tokens are
@@ -22,7 +22,7 @@ import threading
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import parse_qsl
 
 import psycopg
@@ -33,7 +33,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from perf_pipeline.lib.cache import KPIS_KEY, DashboardCache, serving_client, trends_key
 from perf_pipeline.lib.dashboard import TrendRangeError, validate_trend_request
@@ -112,6 +112,32 @@ class HealthResponse(BaseModel):
     cache_outcomes: dict[str, int]
 
 
+class ErrorResponse(BaseModel):
+    detail: str
+
+
+class ValidationIssue(BaseModel):
+    loc: list[str | int]
+    msg: str
+    type: str
+
+
+class ValidationErrorResponse(BaseModel):
+    detail: list[ValidationIssue]
+
+
+# the error answers of the two admin endpoints, as they are sent (OpenAPI documents every one)
+_ADMIN_RESPONSES: dict[int | str, dict[str, Any]] = {
+    401: {
+        "model": ErrorResponse,
+        "description": "No bearer token, or one that is not configured",
+        "headers": {"WWW-Authenticate": {"description": "`Bearer`", "schema": {"type": "string"}}},
+    },
+    403: {"model": ErrorResponse, "description": "A valid token without the admin role"},
+    503: {"model": ErrorResponse, "description": "The database is unavailable and the answer is not cached"},
+}
+
+
 # ------------------------------------------------------------------------------------------- auth
 
 _bearer = HTTPBearer(auto_error=False, description="Admin bearer token (PERF_PIPELINE_ADMIN_TOKENS)")
@@ -153,7 +179,7 @@ async def _cache(request: Request) -> DashboardCache:
 
 # ------------------------------------------------------------------------------------ hot path
 
-_DATE = re.compile(rb"^\d{4}-\d{2}-\d{2}$")
+_DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")  # ASCII digits only (str patterns' \d is Unicode)
 
 
 class HotReadsMiddleware:
@@ -162,9 +188,11 @@ class HotReadsMiddleware:
     times less CPU per request, which is what bounds throughput and tail latency on a busy machine).
 
     It only ever *serves* what FastAPI would answer 200 with the same body: the token must equal an
-    admin token (compared as :func:`require_admin` does), the dates must be plain ``YYYY-MM-DD`` and
-    pass :func:`validate_trend_request`, no parameter may repeat. Anything else (no or bad token, a
-    user token, odd parameters, a miss) goes to FastAPI, which gives the 401/403/422 or reads Redis.
+    admin token (compared as :func:`require_admin` does), the query string is parsed as Starlette
+    parses it, the dates must be plain ``YYYY-MM-DD`` and pass :func:`validate_trend_request`, no
+    parameter may repeat. Anything else (no or bad token, a user token, odd parameters, a miss) goes
+    to FastAPI, which gives the 401/403/422 or reads Redis. A ``HEAD`` reaches it as a ``GET``
+    (:class:`HeadAsGetMiddleware`), so it is answered here exactly when the ``GET`` would be.
     """
 
     def __init__(self, app: ASGIApp) -> None:
@@ -172,7 +200,13 @@ class HotReadsMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] == "GET":
-            body = self._cached_body(scope)
+            try:
+                body = self._cached_body(scope)
+            except Exception:  # a fast path never turns a request into a 500: FastAPI answers it
+                log.exception(
+                    "the near-cache fast path failed on %s; answering through FastAPI", scope["path"]
+                )
+                body = None
             if body is not None:
                 await send(
                     {
@@ -210,24 +244,64 @@ class HotReadsMiddleware:
             return None
         if path == KPIS_PATH:
             return cache.peek_local(KPIS_KEY)
-        params = parse_qsl(scope["query_string"], keep_blank_values=True)
+        # as Starlette reads it (so both see the same parameters): latin-1 text, then percent-decoded as
+        # UTF-8 with replacement; parsing the raw bytes instead raised on any %-escaped non-ASCII byte
+        params = parse_qsl(scope["query_string"].decode("latin-1"), keep_blank_values=True)
         values = dict(params)
-        if len(values) != len(params) or not {b"start_date", b"end_date"} <= values.keys() <= _TREND_PARAMS:
+        if len(values) != len(params) or not {"start_date", "end_date"} <= values.keys() <= _TREND_PARAMS:
             return None
-        start, end = values[b"start_date"], values[b"end_date"]
-        granularity = values.get(b"granularity", b"daily").decode("ascii", "replace")
-        if not (_DATE.match(start) and _DATE.match(end)):
+        start, end = values["start_date"], values["end_date"]
+        if not (_DATE.fullmatch(start) and _DATE.fullmatch(end)):
             return None
         try:
             request = validate_trend_request(
-                dt.date.fromisoformat(start.decode()), dt.date.fromisoformat(end.decode()), granularity
+                dt.date.fromisoformat(start), dt.date.fromisoformat(end), values.get("granularity", "daily")
             )
         except ValueError:  # TrendRangeError or an impossible date: FastAPI words the 422
             return None
         return cache.peek_local(trends_key(request))
 
 
-_TREND_PARAMS = {b"start_date", b"end_date", b"granularity"}
+_TREND_PARAMS = {"start_date", "end_date", "granularity"}
+
+
+class HeadAsGetMiddleware:
+    """``HEAD`` wherever ``GET`` is allowed (RFC 9110): the request goes through the app as a ``GET``
+    (routes, auth, validation and the fast path alike) and only the body is dropped, so the status and
+    headers, ``Content-Length`` included, are the ``GET``'s. A 405 lists ``HEAD`` next to ``GET``.
+    A ``GET`` passes through untouched (no wrapper on the hot path)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] == "GET":
+            await self.app(scope, receive, send)
+        elif scope["method"] == "HEAD":
+
+            async def send_without_body(message: Message) -> None:
+                if message["type"] == "http.response.body":
+                    if message.get("more_body", False):
+                        return
+                    message = {"type": "http.response.body", "body": b"", "more_body": False}
+                await send(message)
+
+            await self.app({**scope, "method": "GET"}, receive, send_without_body)
+        else:
+
+            async def send_allow_head(message: Message) -> None:
+                if message["type"] == "http.response.start" and message["status"] == 405:
+                    message = {**message, "headers": [_allow_head(k, v) for k, v in message["headers"]]}
+                await send(message)
+
+            await self.app(scope, receive, send_allow_head)
+
+
+def _allow_head(name: bytes, value: bytes) -> tuple[bytes, bytes]:
+    methods = {m.strip() for m in value.split(b",")}
+    if name.lower() == b"allow" and b"GET" in methods and b"HEAD" not in methods:
+        return name, value + b", HEAD"
+    return name, value
 
 
 # ------------------------------------------------------------------------------------------- app
@@ -303,6 +377,7 @@ def create_app(settings: Settings | None = None, cache: DashboardCache | None = 
     if cache is not None:
         app.state.cache = cache
     app.add_middleware(HotReadsMiddleware)
+    app.add_middleware(HeadAsGetMiddleware)  # outermost: the fast path sees a HEAD as the GET it is
 
     @app.exception_handler(psycopg.OperationalError)
     @app.exception_handler(psycopg_pool.PoolTimeout)
@@ -315,6 +390,7 @@ def create_app(settings: Settings | None = None, cache: DashboardCache | None = 
         response_model=KpisResponse,
         dependencies=[Depends(require_admin)],
         summary="Real-time KPIs (cached up to the KPI TTL)",
+        responses=_ADMIN_RESPONSES,
     )
     async def kpis(cache: Annotated[DashboardCache, Depends(_cache)]) -> Response:
         # the cached body is sent as stored: no parse, validation or re-serialization on a hit
@@ -326,7 +402,13 @@ def create_app(settings: Settings | None = None, cache: DashboardCache | None = 
         response_model=TrendsResponse,
         dependencies=[Depends(require_admin)],
         summary="Usage trends per day, ISO week or month, with provider breakdown",
-        responses={422: {"description": "bad dates, inverted or over-long range, unknown granularity"}},
+        responses={
+            **_ADMIN_RESPONSES,
+            422: {
+                "model": ValidationErrorResponse,
+                "description": "Bad dates, an inverted or over-long range, an unknown granularity",
+            },
+        },
     )
     async def usage_trends(
         cache: Annotated[DashboardCache, Depends(_cache)],
