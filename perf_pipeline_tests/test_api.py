@@ -626,6 +626,102 @@ def test_schemathesis_finds_no_server_error_and_no_schema_violation(
     assert statuses[200] > 0 and statuses[401] > 0
 
 
+# --------------------------------------------------------------------------------- /healthz timing
+
+
+@contextlib.contextmanager
+def _silent_postgres() -> Iterator[tuple[str, socket.socket]]:
+    """A port that accepts TCP connections and never answers: a hung PostgreSQL, as the client sees it."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(64)
+        yield f"postgresql://postgres:not-a-real-password@127.0.0.1:{s.getsockname()[1]}/postgres", s
+
+
+def _closed_port_url() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"postgresql://postgres:not-a-real-password@127.0.0.1:{port}/postgres"
+
+
+def _timed_healthz(client: TestClient) -> tuple[float, Any]:
+    import time
+
+    t0 = time.perf_counter()
+    response = client.get("/healthz")
+    return time.perf_counter() - t0, response
+
+
+def test_healthz_answers_within_a_second_when_postgres_refuses(redis_url: str) -> None:
+    url = _closed_port_url()
+    app = create_app(Settings(database_url=url, redis_url=redis_url, admin_tokens=(ADMIN,)))
+    with TestClient(app) as client:  # the served configuration: its own pool, near cache, settings
+        elapsed, response = _timed_healthz(client)
+    assert elapsed < 1.5, elapsed
+    body = response.json()
+    assert response.status_code == 503 and body["status"] == "down" and body["failing"] == ["postgres"]
+    assert not body["postgres"]["ok"] and body["postgres"]["error"] and body["redis"]["ok"]
+    assert "not-a-real-password" not in response.text
+
+
+def test_healthz_answers_within_a_second_when_postgres_hangs_without_piling_up_threads(
+    redis_url: str,
+) -> None:
+    import threading
+
+    with _silent_postgres() as (url, listener):
+        app = create_app(Settings(database_url=url, redis_url=redis_url, admin_tokens=(ADMIN,)))
+        with TestClient(app) as client:
+            errors = []
+            for _ in range(4):  # ~3 s: the first probe gives up (connect_timeout) and a second starts
+                elapsed, response = _timed_healthz(client)
+                assert elapsed < 1.5, elapsed
+                body = response.json()
+                assert response.status_code == 503 and body["status"] == "down", body
+                assert body["failing"] == ["postgres"] and body["redis"]["ok"], body
+                errors.append(body["postgres"]["error"])
+                probes = [t for t in threading.enumerate() if t.name == "healthz-postgres"]
+                assert len(probes) <= 1, probes  # a probe still running is waited for, never doubled
+                assert "not-a-real-password" not in response.text
+            assert errors[0].startswith("no answer after"), errors
+            listener.close()  # the app's pool stops waiting for the silent server: a quick shutdown
+
+
+def test_healthz_says_degraded_and_names_redis_when_redis_stops(
+    usage_db: str, private_redis: tuple[str, Path, int]
+) -> None:
+    url, _, _ = private_redis
+    app = create_app(Settings(database_url=usage_db, redis_url=url, admin_tokens=(ADMIN,)))
+    with TestClient(app) as client:
+        elapsed, ok = _timed_healthz(client)
+        assert ok.status_code == 200 and ok.json()["status"] == "ok" and ok.json()["failing"] == []
+        with contextlib.suppress(redis_lib.ConnectionError):
+            redis_lib.Redis.from_url(url).shutdown(nosave=True)
+        elapsed, degraded = _timed_healthz(client)
+    assert elapsed < 1.5, elapsed
+    body = degraded.json()
+    assert degraded.status_code == 200 and body["status"] == "degraded" and body["failing"] == ["redis"]
+    assert body["postgres"]["ok"] and not body["redis"]["ok"] and body["redis"]["error"]
+
+
+def test_health_errors_never_show_a_password() -> None:
+    """/healthz shows the servers' errors: a driver that echoes its connection string must not leak it."""
+    from perf_pipeline.api.app import _redact, _url_secrets
+
+    secrets = _url_secrets("postgresql://app:s%40cr3t@db:5432/x", "redis://:r3dis-pw@cache:6379/0")
+    for message in (
+        'connection to "postgresql://app:s@cr3t@db:5432/x" failed',
+        "invalid connection option: host=db password=s%40cr3t user=app",
+        "password='some other one' rejected",
+        "AUTH r3dis-pw failed",
+    ):
+        shown = _redact(message, secrets)
+        assert not any(secret in shown for secret in ("s@cr3t", "s%40cr3t", "some other one", "r3dis-pw")), (
+            shown
+        )
+
+
 # ------------------------------------------------------------------- invalidation through the API
 
 
