@@ -3,6 +3,7 @@ usage_log, auth, parameter validation, OpenAPI, /healthz, and Redis stopped mid-
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import datetime as dt
 import os
@@ -440,3 +441,324 @@ def test_fast_path_serves_only_what_fastapi_would_serve(
     served = client.get(KPIS, headers=AUTH)
     assert served.content == kpis.content and served.headers["content-type"] == "application/json"
     assert cache.recomputations[cache_lib.KPIS_KEY] == 1
+
+
+# ------------------------------------------------- odd query bytes, HEAD, the documented error answers
+
+
+def _asgi(
+    app: Any, method: str, path: str, query: bytes = b"", auth: str | None = ADMIN
+) -> tuple[int, dict[str, str], bytes]:
+    """One request straight through the ASGI app (no HTTP client in between, so a body sent for a HEAD
+    is seen): status, headers, body."""
+    import anyio
+
+    headers = [(b"authorization", f"Bearer {auth}".encode())] if auth else []
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": method,
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "root_path": "",
+        "query_string": query,
+        "headers": [(b"host", b"testserver"), *headers],
+        "client": ("127.0.0.1", 50000),
+        "server": ("testserver", 80),
+    }
+    messages: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        messages.append(message)
+
+    anyio.run(app, scope, receive, send)
+    start = next(m for m in messages if m["type"] == "http.response.start")
+    body = b"".join(m.get("body", b"") for m in messages if m["type"] == "http.response.body")
+    return start["status"], {k.decode(): v.decode() for k, v in start["headers"]}, body
+
+
+def test_percent_encoded_non_ascii_bytes_are_answered_not_500(
+    redis_url: str, pool: psycopg_pool.ConnectionPool
+) -> None:
+    from perf_pipeline.api.app import HotReadsMiddleware
+
+    cache = DashboardCache(serving_client(redis_url, 200), pool.connection, local_ttl_s=30)
+    app = create_app(SETTINGS, cache)
+    client = TestClient(app, raise_server_exceptions=False)
+    query = "start_date=2025-07-01&end_date=2025-07-14&granularity=weekly"
+    warm = client.get(f"{TRENDS}?{query}", headers=AUTH)
+    assert warm.status_code == 200  # now in the near cache: the fast path parses every request below
+    for extra in ("x=%C3%A9", "x=%FF", "%FF=1", "%C3%A9=%E2%82%AC", "x=%F0%9F%98%80%80"):
+        response = client.get(f"{TRENDS}?{query}&{extra}", headers=AUTH)
+        assert response.status_code == 200, (extra, response.text)  # unknown parameters are ignored
+        assert response.content == warm.content
+        assert HotReadsMiddleware._cached_body(_scope(app, TRENDS, f"{query}&{extra}".encode())) is None
+    for bad in (
+        "start_date=%FF&end_date=2025-07-14",
+        "start_date=2025-07-01&end_date=2025-07-14&granularity=%C3%A9",
+        "start_date=%EF%BC%92%EF%BC%90%EF%BC%92%EF%BC%95-07-01&end_date=2025-07-14",  # full-width digits
+        "start_date=2025-07-01%0A&end_date=2025-07-14",
+    ):
+        response = client.get(f"{TRENDS}?{bad}", headers=AUTH)
+        assert response.status_code == 422, (bad, response.text)
+        assert HotReadsMiddleware._cached_body(_scope(app, TRENDS, bad.encode())) is None
+
+
+def test_head_answers_like_get_without_a_body(redis_url: str, pool: psycopg_pool.ConnectionPool) -> None:
+    cache = DashboardCache(serving_client(redis_url, 200), pool.connection, local_ttl_s=30)
+    app = create_app(SETTINGS, cache)
+    trends = b"start_date=2025-07-01&end_date=2025-07-14&granularity=weekly"
+    cases = [
+        (KPIS, b"", ADMIN),  # a miss (SQL), then the same from the near cache (fast path)
+        (KPIS, b"", ADMIN),
+        (TRENDS, trends, ADMIN),
+        (TRENDS, trends, ADMIN),
+        (KPIS, b"", None),  # 401
+        (TRENDS, trends, USER),  # 403
+        (TRENDS, b"start_date=2025-07-14&end_date=2025-07-01", ADMIN),  # 422
+        ("/healthz", b"", None),
+        ("/openapi.json", b"", None),
+    ]
+    for path, query, token in cases:
+        got = _asgi(app, "GET", path, query, token)
+        head = _asgi(app, "HEAD", path, query, token)
+        assert head[0] == got[0], (path, query, token)
+        if path == "/healthz":  # its body (latencies, counters) differs from one call to the next
+            assert head[1].keys() == got[1].keys(), (head, got)
+        else:
+            assert head[1] == got[1], (path, query, token)  # content-length included
+        assert head[2] == b"" and got[2], (path, query, token)
+    hits = cache.counts["hit"]
+    assert _asgi(app, "HEAD", KPIS)[0] == 200
+    assert cache.counts["hit"] == hits + 1 and cache.recomputations[cache_lib.KPIS_KEY] == 1  # near cache
+    # through HTTP too, and a method that is not allowed lists HEAD with GET
+    client = TestClient(app)
+    assert client.head(KPIS, headers=AUTH).status_code == 200
+    not_allowed = client.post(KPIS, headers=AUTH)
+    assert not_allowed.status_code == 405
+    assert {m.strip() for m in not_allowed.headers["allow"].split(",")} == {"GET", "HEAD"}
+
+
+def test_openapi_declares_the_error_answers_of_authenticated_endpoints(
+    redis_url: str, pool: psycopg_pool.ConnectionPool
+) -> None:
+    client, _ = _client(redis_url, pool)
+    schema = client.get("/openapi.json").json()
+    secured = [
+        (path, method, op)
+        for path, item in schema["paths"].items()
+        for method, op in item.items()
+        if op.get("security")
+    ]
+    assert {(path, method) for path, method, _ in secured} == {(KPIS, "get"), (TRENDS, "get")}
+    for path, method, op in secured:
+        for code in ("401", "403"):
+            answer = op["responses"].get(code)
+            assert answer and answer["description"], (path, method, code)
+            assert answer["content"]["application/json"]["schema"], (path, method, code)
+    assert "WWW-Authenticate" in schema["paths"][KPIS]["get"]["responses"]["401"]["headers"]
+    trends_422 = schema["paths"][TRENDS]["get"]["responses"]["422"]
+    assert trends_422["content"]["application/json"]["schema"]
+
+
+# ------------------------------------------------------------------------ schemathesis over the API
+
+
+def _schemathesis_run(app: Any, token: str | None) -> tuple[collections.Counter[int], list[str]]:
+    """Run schemathesis over the app in process: every phase and check, as ``schemathesis run --checks
+    all`` does, 50 examples per operation, derandomized. Returns the statuses answered and every
+    problem found (failed checks, and exceptions the app raised, which a server answers with a 500)."""
+    import schemathesis
+    from schemathesis.engine import events, from_schema
+    from schemathesis.python import asgi
+
+    config: dict[str, Any] = {
+        "seed": 20250601,
+        "continue-on-failure": True,
+        "generation": {"max-examples": 50, "deterministic": True, "database": "none"},
+        # a range can be inverted or too long for its granularity with both dates valid (documented 422)
+        "operations": [
+            {
+                "include-path": TRENDS,
+                "checks": {"positive_data_acceptance": {"expected-statuses": ["2xx", "401", "403", "422"]}},
+            }
+        ],
+    }
+    if token is not None:
+        config["headers"] = {"Authorization": f"Bearer {token}"}
+    schema = schemathesis.openapi.from_asgi(
+        "/openapi.json", app, config=schemathesis.Config.from_dict(config)
+    )
+    statuses: collections.Counter[int] = collections.Counter()
+    problems: list[str] = []
+    try:
+        for event in from_schema(schema).execute():
+            if isinstance(event, events.ScenarioFinished):
+                for interaction in event.recorder.interactions.values():
+                    if interaction.response is not None:
+                        statuses[interaction.response.status_code] += 1
+                for checks in event.recorder.checks.values():
+                    for check in checks:
+                        if check.failure_info is not None:
+                            problems.append(f"{check.name}: {check.failure_info.code_sample}")
+            elif isinstance(event, (events.NonFatalError, events.FatalError)):
+                problems.append(f"{type(event).__name__}: {getattr(event, 'value', None) or event}")
+    finally:
+        asgi.shutdown_lifespans()
+    return statuses, problems
+
+
+@pytest.mark.parametrize("token", [ADMIN, None], ids=["admin", "no-token"])
+def test_schemathesis_finds_no_server_error_and_no_schema_violation(
+    token: str | None, redis_url: str, pool: psycopg_pool.ConnectionPool
+) -> None:
+    # the API's near cache (1 s), so the fast path answers the repeated requests
+    cache = DashboardCache(serving_client(redis_url, 200), pool.connection, local_ttl_s=1.0)
+    statuses, problems = _schemathesis_run(create_app(SETTINGS, cache), token)
+    assert not [s for s in statuses if s >= 500], statuses
+    assert not problems, "\n".join(sorted(set(problems)))
+    assert statuses.total() >= 100, statuses
+    assert statuses[200] > 0 and statuses[401] > 0
+
+
+# --------------------------------------------------------------------------------- /healthz timing
+
+
+@contextlib.contextmanager
+def _silent_postgres() -> Iterator[tuple[str, socket.socket]]:
+    """A port that accepts TCP connections and never answers: a hung PostgreSQL, as the client sees it."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(64)
+        yield f"postgresql://postgres:not-a-real-password@127.0.0.1:{s.getsockname()[1]}/postgres", s
+
+
+def _closed_port_url() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"postgresql://postgres:not-a-real-password@127.0.0.1:{port}/postgres"
+
+
+def _timed_healthz(client: TestClient) -> tuple[float, Any]:
+    import time
+
+    t0 = time.perf_counter()
+    response = client.get("/healthz")
+    return time.perf_counter() - t0, response
+
+
+def test_healthz_answers_within_a_second_when_postgres_refuses(redis_url: str) -> None:
+    url = _closed_port_url()
+    app = create_app(Settings(database_url=url, redis_url=redis_url, admin_tokens=(ADMIN,)))
+    with TestClient(app) as client:  # the served configuration: its own pool, near cache, settings
+        elapsed, response = _timed_healthz(client)
+    assert elapsed < 1.5, elapsed
+    body = response.json()
+    assert response.status_code == 503 and body["status"] == "down" and body["failing"] == ["postgres"]
+    assert not body["postgres"]["ok"] and body["postgres"]["error"] and body["redis"]["ok"]
+    assert "not-a-real-password" not in response.text
+
+
+def test_healthz_answers_within_a_second_when_postgres_hangs_without_piling_up_threads(
+    redis_url: str,
+) -> None:
+    import threading
+
+    with _silent_postgres() as (url, listener):
+        app = create_app(Settings(database_url=url, redis_url=redis_url, admin_tokens=(ADMIN,)))
+        with TestClient(app) as client:
+            errors = []
+            for _ in range(4):  # ~3 s: the first probe gives up (connect_timeout) and a second starts
+                elapsed, response = _timed_healthz(client)
+                assert elapsed < 1.5, elapsed
+                body = response.json()
+                assert response.status_code == 503 and body["status"] == "down", body
+                assert body["failing"] == ["postgres"] and body["redis"]["ok"], body
+                errors.append(body["postgres"]["error"])
+                probes = [t for t in threading.enumerate() if t.name == "healthz-postgres"]
+                assert len(probes) <= 1, probes  # a probe still running is waited for, never doubled
+                assert "not-a-real-password" not in response.text
+            assert errors[0].startswith("no answer after"), errors
+            listener.close()  # the app's pool stops waiting for the silent server: a quick shutdown
+
+
+def test_healthz_says_degraded_and_names_redis_when_redis_stops(
+    usage_db: str, private_redis: tuple[str, Path, int]
+) -> None:
+    url, _, _ = private_redis
+    app = create_app(Settings(database_url=usage_db, redis_url=url, admin_tokens=(ADMIN,)))
+    with TestClient(app) as client:
+        elapsed, ok = _timed_healthz(client)
+        assert ok.status_code == 200 and ok.json()["status"] == "ok" and ok.json()["failing"] == []
+        with contextlib.suppress(redis_lib.ConnectionError):
+            redis_lib.Redis.from_url(url).shutdown(nosave=True)
+        elapsed, degraded = _timed_healthz(client)
+    assert elapsed < 1.5, elapsed
+    body = degraded.json()
+    assert degraded.status_code == 200 and body["status"] == "degraded" and body["failing"] == ["redis"]
+    assert body["postgres"]["ok"] and not body["redis"]["ok"] and body["redis"]["error"]
+
+
+def test_health_errors_never_show_a_password() -> None:
+    """/healthz shows the servers' errors: a driver that echoes its connection string must not leak it."""
+    from perf_pipeline.api.app import _redact, _url_secrets
+
+    secrets = _url_secrets("postgresql://app:s%40cr3t@db:5432/x", "redis://:r3dis-pw@cache:6379/0")
+    for message in (
+        'connection to "postgresql://app:s@cr3t@db:5432/x" failed',
+        "invalid connection option: host=db password=s%40cr3t user=app",
+        "password='some other one' rejected",
+        "AUTH r3dis-pw failed",
+    ):
+        shown = _redact(message, secrets)
+        assert not any(secret in shown for secret in ("s@cr3t", "s%40cr3t", "some other one", "r3dis-pw")), (
+            shown
+        )
+
+
+# ------------------------------------------------------------------- invalidation through the API
+
+
+def test_invalidation_reaches_the_api_within_local_ttl(usage_db: str, redis_url: str) -> None:
+    """A rollup row changes and the cache generation is bumped: the API (its served configuration,
+    local_ttl_s = 1 s) serves the new number within local_ttl_s plus a margin, measured."""
+    import time
+
+    day = dt.date(2025, 8, 3)
+    params = {"start_date": "2025-08-01", "end_date": "2025-08-07", "granularity": "daily"}
+    settings = Settings(database_url=usage_db, redis_url=redis_url, admin_tokens=(ADMIN,))
+    with TestClient(create_app(settings)) as client, psycopg.connect(usage_db, autocommit=True) as conn:
+        cache: DashboardCache = client.app.state.cache  # type: ignore[attr-defined]
+        assert cache.local_ttl_s == 1.0
+
+        def sessions() -> int:
+            response = client.get(TRENDS, params=params, headers=AUTH)
+            assert response.status_code == 200
+            points = {p["period"]: p["session_count"] for p in response.json()["transcription_trend"]}
+            return points[day.isoformat()]
+
+        before = sessions()
+        hot_until = time.monotonic() + 1.5  # past one local_ttl_s: the copy has been refreshed once
+        while time.monotonic() < hot_until:
+            assert sessions() == before
+            time.sleep(0.02)
+        conn.execute("UPDATE usage_daily_metrics SET sessions = sessions + 1000 WHERE day = %s", (day,))
+        try:
+            cache_lib.invalidate(redis_lib.Redis.from_url(redis_url))
+            invalidated = time.monotonic()
+            while (value := sessions()) != before + 1000:
+                assert value == before
+                assert time.monotonic() - invalidated < 2.5, "the new value did not reach the API in 2.5 s"
+                time.sleep(0.02)
+            delay = time.monotonic() - invalidated
+        finally:
+            conn.execute("UPDATE usage_daily_metrics SET sessions = sessions - 1000 WHERE day = %s", (day,))
+            cache_lib.invalidate(redis_lib.Redis.from_url(redis_url))
+    print(f"invalidation reached the API after {delay:.2f} s")
+    assert delay < 2.0, delay

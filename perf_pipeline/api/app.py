@@ -4,7 +4,9 @@ down; ``/healthz`` for load balancers.
 Run it with ``perf-pipeline serve`` (uvicorn, several worker processes). The endpoints answer a hot
 key from the process's one-second near cache on the event loop (no I/O); anything else runs the
 synchronous read path (Redis, then PostgreSQL on a miss) in the thread pool, where it blocks only its
-own thread.
+own thread. ``HEAD`` is answered wherever ``GET`` is, with the same status and headers and no body.
+``/healthz`` answers within a second whatever the servers do: it probes them itself, one probe per
+server at a time, and reports a probe that has not answered by then as down.
 
 Auth: ``Authorization: Bearer <token>``. Tokens come from ``PERF_PIPELINE_ADMIN_TOKENS`` (200) and
 ``PERF_PIPELINE_USER_TOKENS`` (authenticated but not admin: 403); anything else is 401. Tokens are
@@ -20,20 +22,20 @@ import logging
 import re
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import Annotated, Literal
-from urllib.parse import parse_qsl
+from typing import Annotated, Any, Literal
+from urllib.parse import parse_qsl, urlsplit
 
+import anyio
 import psycopg
 import psycopg_pool
-import redis
 from fastapi import Depends, FastAPI, HTTPException, Query, Request, status
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from perf_pipeline.lib.cache import KPIS_KEY, DashboardCache, serving_client, trends_key
 from perf_pipeline.lib.dashboard import TrendRangeError, validate_trend_request
@@ -102,14 +104,41 @@ class TrendsResponse(BaseModel):
 class ComponentHealth(BaseModel):
     ok: bool
     latency_ms: float | None = None
-    error: str | None = None
+    error: str | None = None  # why it is not ok: the server's error, or that it did not answer in time
 
 
 class HealthResponse(BaseModel):
-    status: Literal["ok", "degraded", "down"]
+    status: Literal["ok", "degraded", "down"]  # degraded: Redis is down, answers come from SQL
+    failing: list[Literal["postgres", "redis"]]  # the parts that are not ok
     postgres: ComponentHealth
     redis: ComponentHealth
     cache_outcomes: dict[str, int]
+
+
+class ErrorResponse(BaseModel):
+    detail: str
+
+
+class ValidationIssue(BaseModel):
+    loc: list[str | int]
+    msg: str
+    type: str
+
+
+class ValidationErrorResponse(BaseModel):
+    detail: list[ValidationIssue]
+
+
+# the error answers of the two admin endpoints, as they are sent (OpenAPI documents every one)
+_ADMIN_RESPONSES: dict[int | str, dict[str, Any]] = {
+    401: {
+        "model": ErrorResponse,
+        "description": "No bearer token, or one that is not configured",
+        "headers": {"WWW-Authenticate": {"description": "`Bearer`", "schema": {"type": "string"}}},
+    },
+    403: {"model": ErrorResponse, "description": "A valid token without the admin role"},
+    503: {"model": ErrorResponse, "description": "The database is unavailable and the answer is not cached"},
+}
 
 
 # ------------------------------------------------------------------------------------------- auth
@@ -153,7 +182,7 @@ async def _cache(request: Request) -> DashboardCache:
 
 # ------------------------------------------------------------------------------------ hot path
 
-_DATE = re.compile(rb"^\d{4}-\d{2}-\d{2}$")
+_DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")  # ASCII digits only (str patterns' \d is Unicode)
 
 
 class HotReadsMiddleware:
@@ -162,9 +191,11 @@ class HotReadsMiddleware:
     times less CPU per request, which is what bounds throughput and tail latency on a busy machine).
 
     It only ever *serves* what FastAPI would answer 200 with the same body: the token must equal an
-    admin token (compared as :func:`require_admin` does), the dates must be plain ``YYYY-MM-DD`` and
-    pass :func:`validate_trend_request`, no parameter may repeat. Anything else (no or bad token, a
-    user token, odd parameters, a miss) goes to FastAPI, which gives the 401/403/422 or reads Redis.
+    admin token (compared as :func:`require_admin` does), the query string is parsed as Starlette
+    parses it, the dates must be plain ``YYYY-MM-DD`` and pass :func:`validate_trend_request`, no
+    parameter may repeat. Anything else (no or bad token, a user token, odd parameters, a miss) goes
+    to FastAPI, which gives the 401/403/422 or reads Redis. A ``HEAD`` reaches it as a ``GET``
+    (:class:`HeadAsGetMiddleware`), so it is answered here exactly when the ``GET`` would be.
     """
 
     def __init__(self, app: ASGIApp) -> None:
@@ -172,7 +203,13 @@ class HotReadsMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] == "GET":
-            body = self._cached_body(scope)
+            try:
+                body = self._cached_body(scope)
+            except Exception:  # a fast path never turns a request into a 500: FastAPI answers it
+                log.exception(
+                    "the near-cache fast path failed on %s; answering through FastAPI", scope["path"]
+                )
+                body = None
             if body is not None:
                 await send(
                     {
@@ -210,30 +247,72 @@ class HotReadsMiddleware:
             return None
         if path == KPIS_PATH:
             return cache.peek_local(KPIS_KEY)
-        params = parse_qsl(scope["query_string"], keep_blank_values=True)
+        # as Starlette reads it (so both see the same parameters): latin-1 text, then percent-decoded as
+        # UTF-8 with replacement; parsing the raw bytes instead raised on any %-escaped non-ASCII byte
+        params = parse_qsl(scope["query_string"].decode("latin-1"), keep_blank_values=True)
         values = dict(params)
-        if len(values) != len(params) or not {b"start_date", b"end_date"} <= values.keys() <= _TREND_PARAMS:
+        if len(values) != len(params) or not {"start_date", "end_date"} <= values.keys() <= _TREND_PARAMS:
             return None
-        start, end = values[b"start_date"], values[b"end_date"]
-        granularity = values.get(b"granularity", b"daily").decode("ascii", "replace")
-        if not (_DATE.match(start) and _DATE.match(end)):
+        start, end = values["start_date"], values["end_date"]
+        if not (_DATE.fullmatch(start) and _DATE.fullmatch(end)):
             return None
         try:
             request = validate_trend_request(
-                dt.date.fromisoformat(start.decode()), dt.date.fromisoformat(end.decode()), granularity
+                dt.date.fromisoformat(start), dt.date.fromisoformat(end), values.get("granularity", "daily")
             )
         except ValueError:  # TrendRangeError or an impossible date: FastAPI words the 422
             return None
         return cache.peek_local(trends_key(request))
 
 
-_TREND_PARAMS = {b"start_date", b"end_date", b"granularity"}
+_TREND_PARAMS = {"start_date", "end_date", "granularity"}
+
+
+class HeadAsGetMiddleware:
+    """``HEAD`` wherever ``GET`` is allowed (RFC 9110): the request goes through the app as a ``GET``
+    (routes, auth, validation and the fast path alike) and only the body is dropped, so the status and
+    headers, ``Content-Length`` included, are the ``GET``'s. A 405 lists ``HEAD`` next to ``GET``.
+    A ``GET`` passes through untouched (no wrapper on the hot path)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] == "GET":
+            await self.app(scope, receive, send)
+        elif scope["method"] == "HEAD":
+
+            async def send_without_body(message: Message) -> None:
+                if message["type"] == "http.response.body":
+                    if message.get("more_body", False):
+                        return
+                    message = {"type": "http.response.body", "body": b"", "more_body": False}
+                await send(message)
+
+            await self.app({**scope, "method": "GET"}, receive, send_without_body)
+        else:
+
+            async def send_allow_head(message: Message) -> None:
+                if message["type"] == "http.response.start" and message["status"] == 405:
+                    message = {**message, "headers": [_allow_head(k, v) for k, v in message["headers"]]}
+                await send(message)
+
+            await self.app(scope, receive, send_allow_head)
+
+
+def _allow_head(name: bytes, value: bytes) -> tuple[bytes, bytes]:
+    methods = {m.strip() for m in value.split(b",")}
+    if name.lower() == b"allow" and b"GET" in methods and b"HEAD" not in methods:
+        return name, value + b", HEAD"
+    return name, value
 
 
 # ------------------------------------------------------------------------------------------- app
 
 
-def _default_cache(settings: Settings) -> tuple[DashboardCache, psycopg_pool.ConnectionPool]:
+def _default_services(settings: Settings) -> tuple[DashboardCache, psycopg_pool.ConnectionPool, HealthProbes]:
+    """What the served app runs on: the cache over its own small pool, and the probes of /healthz.
+    Starts opening the pool in the background; no other I/O."""
     from perf_pipeline.embedded import resolve_urls
 
     urls = resolve_urls(settings, start=False)
@@ -253,26 +332,35 @@ def _default_cache(settings: Settings) -> tuple[DashboardCache, psycopg_pool.Con
     client = serving_client(urls.redis_url, settings.redis_socket_timeout_ms)
     # hit/miss counters are flushed to Redis once a second per worker, not once per request; fresh bodies
     # are kept one second in process memory (an invalidation reaches each worker within a second)
-    return DashboardCache(
+    cache = DashboardCache(
         client,
         pool.connection,
         kpi_ttl_s=settings.kpi_ttl_seconds,
         trends_ttl_s=settings.trends_ttl_seconds,
         stats_flush_s=1.0,
         local_ttl_s=1.0,
-    ), pool
+    )
+    # /healthz opens its own short connection: the pool's 5 s wait is for requests, not for a health check
+    health = HealthProbes(
+        postgres=_connect_and_select_1(urls.database_url),
+        redis=client.ping,
+        secrets=_url_secrets(urls.database_url, urls.redis_url),
+    )
+    return cache, pool, health
 
 
 def create_app(settings: Settings | None = None, cache: DashboardCache | None = None) -> FastAPI:
     """The ASGI app. Without ``cache``, one is built at startup from the settings (URLs of the configured
-    or running embedded servers) with its own connection pool, closed at shutdown."""
+    or running embedded servers) with its own connection pool, closed at shutdown, and ``/healthz``
+    probes PostgreSQL with its own short connection to that URL. With ``cache`` (tests, benchmarks),
+    ``/healthz`` probes through the cache's connection source and Redis client."""
     settings = settings or get_settings()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         pool = None
         if cache is None:
-            app.state.cache, pool = _default_cache(settings)
+            app.state.cache, pool, app.state.health = _default_services(settings)
         # the last batch of hit/miss counts reaches Redis within a second even when traffic stops
         stop = threading.Event()
         flusher = threading.Thread(
@@ -302,7 +390,11 @@ def create_app(settings: Settings | None = None, cache: DashboardCache | None = 
     app.state.user_tokens = tuple(t.encode() for t in settings.user_tokens)
     if cache is not None:
         app.state.cache = cache
+        app.state.health = HealthProbes(
+            postgres=_select_1_through(cache.connection), redis=cache.redis_client.ping
+        )
     app.add_middleware(HotReadsMiddleware)
+    app.add_middleware(HeadAsGetMiddleware)  # outermost: the fast path sees a HEAD as the GET it is
 
     @app.exception_handler(psycopg.OperationalError)
     @app.exception_handler(psycopg_pool.PoolTimeout)
@@ -315,6 +407,7 @@ def create_app(settings: Settings | None = None, cache: DashboardCache | None = 
         response_model=KpisResponse,
         dependencies=[Depends(require_admin)],
         summary="Real-time KPIs (cached up to the KPI TTL)",
+        responses=_ADMIN_RESPONSES,
     )
     async def kpis(cache: Annotated[DashboardCache, Depends(_cache)]) -> Response:
         # the cached body is sent as stored: no parse, validation or re-serialization on a hit
@@ -326,7 +419,13 @@ def create_app(settings: Settings | None = None, cache: DashboardCache | None = 
         response_model=TrendsResponse,
         dependencies=[Depends(require_admin)],
         summary="Usage trends per day, ISO week or month, with provider breakdown",
-        responses={422: {"description": "bad dates, inverted or over-long range, unknown granularity"}},
+        responses={
+            **_ADMIN_RESPONSES,
+            422: {
+                "model": ValidationErrorResponse,
+                "description": "Bad dates, an inverted or over-long range, an unknown granularity",
+            },
+        },
     )
     async def usage_trends(
         cache: Annotated[DashboardCache, Depends(_cache)],
@@ -349,14 +448,23 @@ def create_app(settings: Settings | None = None, cache: DashboardCache | None = 
     @app.get(
         "/healthz",
         response_model=HealthResponse,
-        summary="PostgreSQL and Redis status",
-        responses={503: {"description": "PostgreSQL is unavailable"}},
+        summary="PostgreSQL and Redis status, within a second",
+        responses={
+            503: {"model": HealthResponse, "description": "PostgreSQL is down or did not answer in time"}
+        },
     )
-    def healthz(request: Request) -> JSONResponse:
+    async def healthz(request: Request) -> JSONResponse:
+        # async: the probes run in their own threads, this only waits for them (never a pool thread)
+        probes: HealthProbes = request.app.state.health
+        pg, rd = await probes.check(HEALTH_TIMEOUT_S)
+        failing: list[Literal["postgres", "redis"]] = [
+            name for name, part in (("postgres", pg), ("redis", rd)) if not part.ok
+        ]
+        state = "ok" if not failing else ("degraded" if pg.ok else "down")
         cache: DashboardCache = request.app.state.cache
-        pg, rd = _probe_postgres(cache), _probe_redis(cache.redis_client)
-        state = "ok" if pg.ok and rd.ok else ("degraded" if pg.ok else "down")
-        body = HealthResponse(status=state, postgres=pg, redis=rd, cache_outcomes=dict(cache.counts))
+        body = HealthResponse(
+            status=state, failing=failing, postgres=pg, redis=rd, cache_outcomes=dict(cache.counts)
+        )
         return JSONResponse(body.model_dump(), status_code=200 if pg.ok else 503)
 
     return app
@@ -367,20 +475,125 @@ def _flush_every_second(cache: DashboardCache, stop: threading.Event) -> None:
         cache.flush_stats()
 
 
-def _probe_postgres(cache: DashboardCache) -> ComponentHealth:
-    started = time.perf_counter()
-    try:
-        with cache.connection() as conn:
+# ---------------------------------------------------------------------------------------- health
+
+HEALTH_TIMEOUT_S = 0.8  # /healthz answers within a second; a probe slower than this counts as down
+_PG_CONNECT_TIMEOUT_S = 2  # libpq's smallest; bounds how long a probe thread waits for a silent server
+
+
+class _ProbeRun:
+    """One check of one server: its outcome once ``done`` is set."""
+
+    def __init__(self) -> None:
+        self.started = time.monotonic()
+        self.done = threading.Event()
+        self.result: ComponentHealth | None = None
+
+    def outcome(self) -> ComponentHealth:
+        if not self.done.is_set():
+            return ComponentHealth(ok=False, error=f"no answer after {time.monotonic() - self.started:.1f} s")
+        return self.result or ComponentHealth(ok=False, error="the check failed")
+
+
+class _Probe:
+    """Checks one server in a daemon thread of its own (``healthz-<name>``), at most one at a time: a
+    request that finds the previous check still running waits for that one instead of starting
+    another, so a hung server holds one thread, however often /healthz is asked."""
+
+    def __init__(self, name: str, check: Callable[[], object], secrets: tuple[str, ...]) -> None:
+        self.name = name
+        self._check = check
+        self._secrets = secrets
+        self._lock = threading.Lock()
+        self._run: _ProbeRun | None = None
+
+    def start(self) -> _ProbeRun:
+        with self._lock:
+            run = self._run
+            if run is None or run.done.is_set():
+                run = self._run = _ProbeRun()
+                threading.Thread(
+                    target=self._check_into, args=(run,), name=f"healthz-{self.name}", daemon=True
+                ).start()
+        return run
+
+    def _check_into(self, run: _ProbeRun) -> None:
+        try:
+            self._check()
+        except Exception as exc:
+            message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            run.result = ComponentHealth(ok=False, error=_redact(message, self._secrets))
+        else:
+            run.result = ComponentHealth(ok=True, latency_ms=(time.monotonic() - run.started) * 1000)
+        finally:
+            run.done.set()
+
+
+class HealthProbes:
+    """The checks behind /healthz: ``postgres`` and ``redis`` are callables that raise when their
+    server is not usable (the served app: a new connection and ``SELECT 1``, and ``PING``; the
+    latency reported is the whole check's). Errors are reported by their first line, with ``secrets``
+    (and anything that looks like a URL's password) masked."""
+
+    def __init__(
+        self, *, postgres: Callable[[], object], redis: Callable[[], object], secrets: tuple[str, ...] = ()
+    ) -> None:
+        self.postgres = _Probe("postgres", postgres, secrets)
+        self.redis = _Probe("redis", redis, secrets)
+
+    async def check(self, timeout_s: float) -> tuple[ComponentHealth, ComponentHealth]:
+        """Both servers' health, checked concurrently, in at most ``timeout_s`` (plus a few ms): a
+        check not finished by then is reported as "no answer" and left to finish in its thread.
+
+        Cost: per server, one thread and one check (the served app: a new PostgreSQL connection, a
+        Redis PING), or none while the previous check is still running. No locks in either server.
+        """
+        runs = (self.postgres.start(), self.redis.start())
+        deadline = time.monotonic() + timeout_s
+        # a short poll rather than a wake-up from the probe thread: it needs no event loop reference,
+        # so a check outliving its request (or the loop) has nothing to call back
+        while not all(run.done.is_set() for run in runs) and time.monotonic() < deadline:
+            await anyio.sleep(0.005)
+        return runs[0].outcome(), runs[1].outcome()
+
+
+def _connect_and_select_1(url: str) -> Callable[[], object]:
+    def check() -> None:
+        with psycopg.connect(
+            url,
+            connect_timeout=_PG_CONNECT_TIMEOUT_S,
+            autocommit=True,
+            application_name="perf_pipeline.api.healthz",
+        ) as conn:
             conn.execute("SELECT 1")
-    except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
-        return ComponentHealth(ok=False, error=str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
-    return ComponentHealth(ok=True, latency_ms=(time.perf_counter() - started) * 1000)
+
+    return check
 
 
-def _probe_redis(client: redis.Redis) -> ComponentHealth:
-    started = time.perf_counter()
-    try:
-        client.ping()
-    except redis.RedisError as exc:
-        return ComponentHealth(ok=False, error=str(exc) or type(exc).__name__)
-    return ComponentHealth(ok=True, latency_ms=(time.perf_counter() - started) * 1000)
+def _select_1_through(connection: Callable[[], Any]) -> Callable[[], object]:
+    def check() -> None:
+        with connection() as conn:
+            conn.execute("SELECT 1")
+
+    return check
+
+
+def _url_secrets(*urls: str) -> tuple[str, ...]:
+    from urllib.parse import unquote
+
+    found = []
+    for url in urls:
+        password = urlsplit(url).password
+        if password:
+            found += [password, unquote(password)]
+    return tuple(found)
+
+
+_URL_USERINFO = re.compile(r"(?<=://)[^/\s]*@")  # user:password@, the password may hold an @
+_PASSWORD_SETTING = re.compile(r"(password\s*=\s*)('[^']*'|\S+)", re.IGNORECASE)
+
+
+def _redact(text: str, secrets: tuple[str, ...]) -> str:
+    for secret in secrets:
+        text = text.replace(secret, "***")
+    return _PASSWORD_SETTING.sub(r"\1***", _URL_USERINFO.sub("***@", text))

@@ -17,7 +17,8 @@ Layout (all keys under ``dash:``; nothing is ever found by pattern, so no ``KEYS
   Each process batches its increments and flushes them at most every ``stats_flush_s`` (1 s in the
   API), so a hit costs one Redis round trip (``MGET dash:gen <key>``), not two. The API also keeps fresh
   bodies for one second in process memory (``local_ttl_s``): a hot key costs one Redis read per
-  second per process, whatever the request rate.
+  second per process, whatever the request rate, and an invalidation reaches each process within
+  ``local_ttl_s`` (the first request after it refreshes the copy, the others meanwhile get the local one).
 
 Stampede protection: **single-flight lock + stale-while-revalidate**, chosen over XFetch (probabilistic
 early recomputation) because XFetch only helps while a copy still exists and every reader must run
@@ -202,11 +203,14 @@ class DashboardCache:
         of identical Redis round trips a second into one per key and process. The cost: an invalidation
         (new generation) reaches a process up to ``local_ttl_s`` later.
 
-        When the local copy is past ``local_ttl_s``, the first caller gets ``None`` and refreshes it
-        (through :meth:`get_raw`); callers arriving meanwhile keep getting the local copy (while it is
-        within its Redis TTL and at most ``LOCAL_STALE_S`` past its local one), so the refresh of a hot
-        key is single-flight inside the process too. When Redis is down, SQL answers are kept the same
-        way, which bounds the fallback's load on PostgreSQL to about one query per key, second and process.
+        Past ``local_ttl_s`` it returns ``None`` (the caller reads through :meth:`get_raw`, which
+        refreshes the copy), except while a refresh of the key is already running in this process: then
+        the local copy is served (while within its Redis TTL and at most ``LOCAL_STALE_S`` past its local
+        one), so the refresh of a hot key is single-flight inside the process too. Peeking claims
+        nothing: the claim is taken by the read that refreshes (:meth:`get_raw`) and released when it
+        returns, so a caller may peek any number of times and a peek not followed by a read cannot
+        hold up the refresh. When Redis is down, SQL answers are kept the same way, which bounds the
+        fallback's load on PostgreSQL to about one query per key, second and process.
         """
         if self.local_ttl_s <= 0:
             return None
@@ -218,15 +222,10 @@ class DashboardCache:
         if now < valid_until:
             self._record("hit", flush=False)
             return body
-        if now >= serve_until:
-            return None
-        with self._lock:
-            refreshing = key in self._refreshing
-            self._refreshing.add(key)
-        if not refreshing:
-            return None  # this caller refreshes
-        self._record("stale", flush=False)
-        return body
+        if now < serve_until and key in self._refreshing:
+            self._record("stale", flush=False)
+            return body
+        return None
 
     def _remember(self, key: str, body: bytes, expires_at: float) -> None:
         if self.local_ttl_s <= 0:
@@ -247,13 +246,29 @@ class DashboardCache:
         return json.loads(self.get_raw(key, ttl_s, compute))
 
     def get_raw(self, key: str, ttl_s: int, compute: Callable[[psycopg.Connection], dict[str, Any]]) -> bytes:
-        """The JSON body of ``key``: from Redis if fresh; otherwise single-flight recompute (module doc)."""
+        """The JSON body of ``key``: from Redis if fresh; otherwise single-flight recompute (module doc).
+
+        With the near cache on, the first reader of a key in this process claims its refresh for the
+        duration of the read; a reader arriving meanwhile gets the local copy (no I/O) if one is still
+        servable (see :meth:`peek_local`), else reads Redis as usual.
+        """
+        if self.local_ttl_s <= 0:
+            return self._get_raw(key, ttl_s, compute)
+        with self._lock:
+            claimed = key not in self._refreshing
+            self._refreshing.add(key)
+        if not claimed:  # another thread is refreshing this key
+            item = self._local.get(key)
+            now = time.time()
+            if item is not None and now < item[1]:
+                self._record("hit" if now < item[0] else "stale", flush=False)
+                return item[2]
+            return self._get_raw(key, ttl_s, compute)
         try:
             return self._get_raw(key, ttl_s, compute)
         finally:
-            if self._refreshing:
-                with self._lock:
-                    self._refreshing.discard(key)
+            with self._lock:
+                self._refreshing.discard(key)
 
     def _get_raw(
         self, key: str, ttl_s: int, compute: Callable[[psycopg.Connection], dict[str, Any]]
