@@ -15,7 +15,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from perf_pipeline.settings import PROJECT_ROOT, Settings, SettingsError, get_settings
+from perf_pipeline.settings import PROJECT_ROOT, Settings, SettingsError, get_settings, shown
 
 log = logging.getLogger("perf_pipeline")
 
@@ -88,9 +88,11 @@ def cmd_env(args: argparse.Namespace) -> int:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
+    from perf_pipeline.lib.redact import redact_url
+
     urls = _urls()
-    print(f"PostgreSQL: {urls.database_url}{'  (embedded)' if urls.embedded_postgres else ''}")
-    print(f"Redis:      {urls.redis_url}{'  (embedded)' if urls.embedded_redis else ''}")
+    print(f"PostgreSQL: {redact_url(urls.database_url)}{'  (embedded)' if urls.embedded_postgres else ''}")
+    print(f"Redis:      {redact_url(urls.redis_url)}{'  (embedded)' if urls.embedded_redis else ''}")
     return 0
 
 
@@ -145,7 +147,7 @@ def cmd_settings(args: argparse.Namespace) -> int:
         current = os.environ.get(var)
         print(
             f"{var}\n    {doc}\n    default: {default or '(unset)'}"
-            + (f"\n    current: {current}" if current else "")
+            + (f"\n    current: {shown(var, current)}" if current else "")
         )
     return 0
 
@@ -474,8 +476,45 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2
     except ValueError as exc:  # WorkloadError, PartitionError, …: bad input, named in the message
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {_redacted(exc)}", file=sys.stderr)
         return 2
+    except Exception as exc:  # unreachable servers and the like: one line, never a traceback or a secret
+        message = _unavailable(exc)
+        if message is None:
+            if args.verbose:
+                raise
+            message = f"{type(exc).__name__}: {_redacted(exc)} (run with -v for the traceback)"
+        print(f"error: {message}", file=sys.stderr)
+        return 2 if _unavailable(exc) else 1
+
+
+def _redacted(exc: BaseException) -> str:
+    from perf_pipeline.lib.redact import redact_text, url_secrets
+
+    settings = Settings.from_env()
+    secrets = url_secrets(settings.database_url, settings.redis_url, settings.dagster_database_url)
+    secrets += settings.admin_tokens + settings.user_tokens
+    return redact_text(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__, secrets)
+
+
+def _unavailable(exc: BaseException) -> str | None:
+    """One line for an unreachable server or an embedded server that would not start, else None."""
+    import psycopg
+    import redis
+
+    from perf_pipeline.embedded import EmbeddedError
+    from perf_pipeline.lib.redact import redact_url
+
+    settings = Settings.from_env()
+    if isinstance(exc, psycopg.OperationalError) and not isinstance(exc, psycopg.errors.QueryCanceled):
+        where = redact_url(settings.database_url) if settings.database_url else "the embedded PostgreSQL"
+        return f"cannot use PostgreSQL at {where}: {_redacted(exc)}"
+    if isinstance(exc, redis.RedisError):
+        where = redact_url(settings.redis_url) if settings.redis_url else "the embedded Redis"
+        return f"cannot use Redis at {where}: {_redacted(exc)}"
+    if isinstance(exc, EmbeddedError):
+        return _redacted(exc)
+    return None
 
 
 if __name__ == "__main__":

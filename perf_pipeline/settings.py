@@ -82,8 +82,25 @@ _PG = _url("postgresql", "postgres")
 _REDIS = _url("redis", "rediss", "unix")
 
 
-def _setting(var: str, default: Any, parse: Callable[[str, str], Any], doc: str) -> Any:
-    return field(default=default, metadata={"var": var, "parse": parse, "doc": doc})
+def _setting(
+    var: str, default: Any, parse: Callable[[str, str], Any], doc: str, *, secret: str | None = None
+) -> Any:
+    """``secret``: how the value is shown when printed — ``url`` (password and query values masked) or
+    ``tokens`` (only how many); None: as is."""
+    return field(default=default, metadata={"var": var, "parse": parse, "doc": doc, "secret": secret})
+
+
+def shown(var: str, raw: str) -> str:
+    """The raw value of setting ``var`` as it may be printed or logged: secrets masked."""
+    from perf_pipeline.lib.redact import redact_url
+
+    kind = next((f.metadata["secret"] for f in fields(Settings) if f.metadata["var"] == var), None)
+    if kind == "url":
+        return redact_url(raw) or ""
+    if kind == "tokens":
+        count = len([t for t in raw.split(",") if t.strip()])
+        return f"({count} token{'s' if count != 1 else ''}, not shown)"
+    return raw
 
 
 @dataclass(frozen=True)
@@ -95,18 +112,21 @@ class Settings:
         None,
         _PG,
         "Platform database (postgresql://…). Unset: the embedded PostgreSQL is started and used.",
+        secret="url",
     )
     redis_url: str | None = _setting(
         "PERF_PIPELINE_REDIS_URL",
         None,
         _REDIS,
         "Dashboard cache (redis://…/N). Unset: the embedded Redis is started and used.",
+        secret="url",
     )
     dagster_database_url: str | None = _setting(
         "PERF_PIPELINE_DAGSTER_DATABASE_URL",
         None,
         _PG,
         "Dagster run/event/schedule storage. Unset: database `dagster` on the platform's server.",
+        secret="url",
     )
     state_dir: Path = _setting(
         "PERF_PIPELINE_STATE_DIR",
@@ -170,12 +190,14 @@ class Settings:
         (),
         _tokens,
         "Comma-separated bearer tokens accepted as admins by the dashboard API.",
+        secret="tokens",
     )
     user_tokens: tuple[str, ...] = _setting(
         "PERF_PIPELINE_USER_TOKENS",
         (),
         _tokens,
         "Comma-separated bearer tokens of authenticated non-admin users (answered 403).",
+        secret="tokens",
     )
     export_concurrency: int = _setting(
         "PERF_PIPELINE_EXPORT_CONCURRENCY",
@@ -218,6 +240,7 @@ class Settings:
         None,
         _url("http", "https"),
         "Optional: alerts are also POSTed here as JSON.",
+        secret="url",
     )
 
     @classmethod

@@ -707,16 +707,16 @@ def test_healthz_says_degraded_and_names_redis_when_redis_stops(
 
 def test_health_errors_never_show_a_password() -> None:
     """/healthz shows the servers' errors: a driver that echoes its connection string must not leak it."""
-    from perf_pipeline.api.app import _redact, _url_secrets
+    from perf_pipeline.lib.redact import redact_text, url_secrets
 
-    secrets = _url_secrets("postgresql://app:s%40cr3t@db:5432/x", "redis://:r3dis-pw@cache:6379/0")
+    secrets = url_secrets("postgresql://app:s%40cr3t@db:5432/x", "redis://:r3dis-pw@cache:6379/0")
     for message in (
         'connection to "postgresql://app:s@cr3t@db:5432/x" failed',
         "invalid connection option: host=db password=s%40cr3t user=app",
         "password='some other one' rejected",
         "AUTH r3dis-pw failed",
     ):
-        shown = _redact(message, secrets)
+        shown = redact_text(message, secrets)
         assert not any(secret in shown for secret in ("s@cr3t", "s%40cr3t", "some other one", "r3dis-pw")), (
             shown
         )

@@ -25,7 +25,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Annotated, Any, Literal
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import parse_qsl
 
 import anyio
 import psycopg
@@ -39,6 +39,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from perf_pipeline.lib.cache import KPIS_KEY, DashboardCache, serving_client, trends_key
 from perf_pipeline.lib.dashboard import TrendRangeError, validate_trend_request
+from perf_pipeline.lib.redact import redact_text, url_secrets
 from perf_pipeline.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -344,7 +345,7 @@ def _default_services(settings: Settings) -> tuple[DashboardCache, psycopg_pool.
     health = HealthProbes(
         postgres=_connect_and_select_1(urls.database_url),
         redis=client.ping,
-        secrets=_url_secrets(urls.database_url, urls.redis_url),
+        secrets=url_secrets(urls.database_url, urls.redis_url),
     )
     return cache, pool, health
 
@@ -522,7 +523,7 @@ class _Probe:
             self._check()
         except Exception as exc:
             message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            run.result = ComponentHealth(ok=False, error=_redact(message, self._secrets))
+            run.result = ComponentHealth(ok=False, error=redact_text(message, self._secrets))
         else:
             run.result = ComponentHealth(ok=True, latency_ms=(time.monotonic() - run.started) * 1000)
         finally:
@@ -576,24 +577,3 @@ def _select_1_through(connection: Callable[[], Any]) -> Callable[[], object]:
             conn.execute("SELECT 1")
 
     return check
-
-
-def _url_secrets(*urls: str) -> tuple[str, ...]:
-    from urllib.parse import unquote
-
-    found = []
-    for url in urls:
-        password = urlsplit(url).password
-        if password:
-            found += [password, unquote(password)]
-    return tuple(found)
-
-
-_URL_USERINFO = re.compile(r"(?<=://)[^/\s]*@")  # user:password@, the password may hold an @
-_PASSWORD_SETTING = re.compile(r"(password\s*=\s*)('[^']*'|\S+)", re.IGNORECASE)
-
-
-def _redact(text: str, secrets: tuple[str, ...]) -> str:
-    for secret in secrets:
-        text = text.replace(secret, "***")
-    return _PASSWORD_SETTING.sub(r"\1***", _URL_USERINFO.sub("***@", text))
