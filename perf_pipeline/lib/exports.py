@@ -50,10 +50,10 @@ import psycopg
 import psycopg.rows
 import psycopg.types.json
 import pyarrow as pa
-import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 from psycopg import sql
 
+from perf_pipeline.lib import pgcsv
 from perf_pipeline.lib.db import connect, load_query
 from perf_pipeline.lib.partitioning import add_months, month_start
 
@@ -504,20 +504,6 @@ def sweep_leftovers(export_dir: Path, request_id: int) -> list[Path]:
 # ----------------------------------------------------------------------------------------- streaming
 
 
-def _csv_options(spec: ExportKind) -> tuple[pacsv.ReadOptions, pacsv.ParseOptions, pacsv.ConvertOptions]:
-    read = pacsv.ReadOptions(column_names=spec.schema.names, use_threads=False)
-    # PostgreSQL CSV: NULL is an empty unquoted field, '' is "" (quoted); booleans print as t / f
-    parse = pacsv.ParseOptions(newlines_in_values=True)
-    convert = pacsv.ConvertOptions(
-        column_types={f.name: f.type for f in spec.schema},
-        true_values=["t"],
-        false_values=["f"],
-        strings_can_be_null=True,
-        quoted_strings_can_be_null=False,
-    )
-    return read, parse, convert
-
-
 def _write_csv_gz(
     messages: Iterator[Any], sink: _HashingSink, progress: Progress, report: Callable[[], None]
 ) -> None:
@@ -546,9 +532,10 @@ def _write_parquet(
     """Parse COPY's CSV in blocks of ~PARQUET_BLOCK_BYTES into Arrow, write row groups as they fill.
 
     Each COPY message is one whole row, so a block cut between messages never splits a row (even one
-    with newlines inside a quoted field): every block is a self-contained CSV document.
+    with newlines inside a quoted field): every block is a self-contained CSV document, parsed by the
+    conversion the archive uses too (:func:`perf_pipeline.lib.pgcsv.parse`: only an unquoted empty field is
+    NULL, never text such as ``NA`` or ``null``; timestamps come as naive UTC, see :func:`_stream`).
     """
-    read, parse, convert = _csv_options(spec)
     with pq.ParquetWriter(sink, spec.schema, compression="zstd") as writer:
         tables: list[pa.Table] = []
         rows = 0
@@ -557,15 +544,7 @@ def _write_parquet(
         def parse_block() -> None:
             nonlocal rows
             if buffer:
-                # one pyarrow block for the whole buffer: with newlines_in_values a record longer than the
-                # block size (a multi-MiB audit details value) fails with "straddling object"; the buffer is
-                # in memory already, so a block as large as it costs nothing more
-                block = pacsv.ReadOptions(
-                    column_names=read.column_names,
-                    use_threads=False,
-                    block_size=max(read.block_size, len(buffer) + 1),
-                )
-                table = pacsv.read_csv(pa.BufferReader(bytes(buffer)), block, parse, convert)
+                table = pgcsv.parse(bytes(buffer), spec.schema)
                 progress.csv_bytes += len(buffer)
                 buffer.clear()
                 tables.append(table)
@@ -736,10 +715,13 @@ def _stream(
             next_report[0] = progress.csv_bytes + progress_every_bytes
             progress_cb(progress)
 
-    header = sql.SQL("true" if plan.format == "csv.gz" else "false")
-    statement = sql.SQL("COPY ({}) TO STDOUT (FORMAT csv, HEADER {})").format(
-        sql.SQL(export_select(conn, plan)), header
-    )  # type: ignore[arg-type]
+    select = sql.SQL(export_select(conn, plan))  # type: ignore[arg-type]
+    if plan.format == "csv.gz":  # PostgreSQL's CSV as is, with a header; timestamps with their +00
+        statement = sql.SQL("COPY ({}) TO STDOUT (FORMAT csv, HEADER true)").format(select)
+    else:  # for pgcsv.parse: no header, timestamptz as naive UTC text (the plan is the same: a subquery)
+        statement = sql.SQL("COPY (SELECT {} FROM ({}) AS export) TO STDOUT (FORMAT csv)").format(
+            pgcsv.select_list(spec.schema), select
+        )
     target = _AtomicFile(final, plan.request_id)
     sink = _HashingSink(target.fd)
     try:
