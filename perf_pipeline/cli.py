@@ -209,14 +209,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     """`export request …` files a data_export request (validated first); `export status ID` prints one;
-    `export run ID` runs one in this process (what export_job does, without Dagster)."""
+    `export run ID` runs one in this process (what export_job does, without Dagster).
+
+    A bad request (any field) is an ExportRequestError, a ValueError: main prints it in one line, exit 2.
+    A request held by another process, or an export that failed while running (recorded on the request),
+    is one ``error:`` line and exit 1."""
+    import psycopg
+
     from perf_pipeline.lib import exports
     from perf_pipeline.lib.db import connect
 
     settings = get_settings()
-    url = _urls().database_url
     retention = exports.retention_months_from(settings)
     if args.export_command == "request":
+        requested_by = exports.requester_uuid(args.requested_by)
         filters = {
             k: v
             for k, v in {
@@ -237,11 +243,12 @@ def cmd_export(args: argparse.Namespace) -> int:
             today=dt.datetime.now(dt.UTC).date(),
             retention_months=retention,
         )
-        with connect(url) as conn:
-            request_id = exports.file_request(conn, args.requested_by, args.kind, args.format, filters)
+        with connect(_urls().database_url) as conn:
+            request_id = exports.file_request(conn, requested_by, args.kind, args.format, filters)
             conn.commit()
         print(request_id)
         return 0
+    url = _urls().database_url
     with connect(url, autocommit=True) as conn:
         found = exports.get_request(conn, args.id)
     if found is None:
@@ -250,17 +257,25 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.export_command == "status":
         print(exports.describe(found))
         return 0 if found["status"] != "failed" else 1
-    result = exports.run_export(
-        url,
-        args.id,
-        settings.export_dir,
-        statement_timeout_s=settings.export_statement_timeout_s,
-        retention_months=retention,
-        max_mb_per_s=settings.export_max_mb_s,
-        progress=lambda p: print(
-            f"{p.rows:,} rows, {p.csv_bytes / 1e6:,.1f} MB in {p.seconds:.1f} s", file=sys.stderr
-        ),
-    )
+    try:
+        result = exports.run_export(
+            url,
+            args.id,
+            settings.export_dir,
+            statement_timeout_s=settings.export_statement_timeout_s,
+            retention_months=retention,
+            max_mb_per_s=settings.export_max_mb_s,
+            progress=lambda p: print(
+                f"{p.rows:,} rows, {p.csv_bytes / 1e6:,.1f} MB in {p.seconds:.1f} s", file=sys.stderr
+            ),
+        )
+    except exports.ExportBusyError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except (psycopg.Error, OSError) as exc:  # recorded on the request (unless the database is unreachable)
+        first_line = (str(exc).strip().splitlines() or [""])[0]
+        print(f"error: export request {args.id} failed: {type(exc).__name__}: {first_line}", file=sys.stderr)
+        return 1
     print(
         f"{result.path}: {result.rows:,} rows, {result.bytes:,} bytes ({result.csv_bytes / 1e6:,.1f} MB of CSV) "
         f"in {result.seconds:.2f} s, sha256 {result.sha256}"
@@ -351,6 +366,16 @@ def _date(value: str) -> dt.datetime:
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.UTC)
 
 
+def _request_id(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a request id: {value[:40]!r}") from None
+    if not 1 <= number < 2**63:
+        raise argparse.ArgumentTypeError(f"not a request id: {number}")
+    return number
+
+
 def _positive(value: str) -> int:
     number = int(value)
     if number < 0:
@@ -438,11 +463,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--entity-type", help="audit_log only: this entity type")
     e.add_argument("--severity", action="append", help="audit_log only: this severity (repeatable)")
     e = export_sub.add_parser("status", help="print a request: status, file, rows, bytes, sha256, error")
-    e.add_argument("id", type=int)
+    e.add_argument("id", type=_request_id)
     e = export_sub.add_parser(
         "run", help="run a request now in this process (retry of a failed one included)"
     )
-    e.add_argument("id", type=int)
+    e.add_argument("id", type=_request_id)
     p = add(
         "archive",
         cmd_archive,

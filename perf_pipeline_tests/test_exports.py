@@ -631,6 +631,113 @@ def test_sensor_launches_each_pending_request_once(loaded: str, db: psycopg.Conn
     assert len(keys) == len(set(keys)) == 3
 
 
+DEEP = '{"a":' * 3000 + "1" + "}" * 3000  # valid jsonb, deeper than Python's json loader goes
+#: (kind, format, filters as JSON text, a fragment of the reason): what a client could write into the table
+RAW_BAD_REQUESTS = [
+    ("audit_log", "csv.gz", '{"end": "9999-12-31"}', "dates must be between"),
+    ("usage_log", "parquet", '{"start": "0001-01-01"}', "dates must be between"),
+    ("audit_log", "csv.gz", '{"start": "0001-01-01", "end": "9999-12-31"}', "dates must be between"),
+    ("audit_log", "csv.gz", '{"end": "0001-01-01"}', "dates must be between"),
+    ("audit_log", "csv.gz", '{"start": "9999-12-31"}', "dates must be between"),
+    ("audit_log", "csv.gz", '{"end": "0000-01-01"}', "'end' is not a valid date"),
+    ("audit_log", "csv.gz", '{"start": "\u0662\u0660\u0662\u0666-\u0660\u0662-\u0662\u0660"}', "date string"),
+    ("audit_log", "csv.gz", '{"start": ""}', "'start' must be a date string"),
+    ("audit_log", "csv.gz", '{"start": ["2026-02-01"]}', "'start' must be a date string"),
+    ("audit_log", "csv.gz", '{"end": {"$gt": "2026-01-01"}}', "'end' must be a date string"),
+    ("audit_log", "csv.gz", "null", "filters must be a JSON object, got null"),
+    ("audit_log", "csv.gz", "42", "filters must be a JSON object"),
+    ("audit_log", "csv.gz", '"start=2026-01-01"', "filters must be a JSON object"),
+    ("audit_log", "csv.gz", "true", "filters must be a JSON object"),
+    ("audit_log", "csv.gz", "[]", "filters must be a JSON object"),
+    ("audit_log", "csv.gz", DEEP, "nested too deeply"),
+    ("audit_log", "csv.gz", '{"user_id": "' + "x" * 1_000_000 + '"}', "'user_id' is not a UUID"),
+    ("audit_log", "csv.gz", '{"user_id": {"$ne": null}}', "'user_id' must be a UUID string"),
+    ("audit_log", "csv.gz", '{"user_id": true}', "'user_id' must be a UUID string"),
+    ("audit_log", "csv.gz", '{"severity": [["high"]]}', "'severity' must be a severity"),
+    ("audit_log", "csv.gz", '{"severity": {"a": 1}}', "'severity' must be a severity"),
+    ("audit_log", "csv.gz", '{"severity": 1e400}', "'severity' must be a severity"),
+    ("audit_log", "csv.gz", '{"entity_type": "abc\\n"}', "'entity_type' must be a lowercase identifier"),
+    ("audit_log", "csv.gz", '{"entity_type": "' + "a" * 100_000 + '"}', "'entity_type' must be a lowercase"),
+    ("audit_log", "csv.gz", '{"": 1}', "unknown filter key(s) for audit_log: ''"),
+    ("audit_log", "csv.gz", '{"' + "k" * 100_000 + '": 1}', "unknown filter key(s) for audit_log"),
+    ("x" * 100_000, "csv.gz", "{}", "unknown kind 'xxxx"),
+    ("", "csv.gz", "{}", "unknown kind ''"),
+    ("AUDIT_LOG", "csv.gz", "{}", "unknown kind 'AUDIT_LOG'"),
+    ("audit_log", "y" * 100_000, "{}", "unknown format 'yyyy"),
+    ("audit_log", "CSV.GZ", "{}", "unknown format 'CSV.GZ'"),
+]
+
+
+def _raw_request(conn: psycopg.Connection, kind: str, fmt: str, filters_json: str) -> int:
+    row = conn.execute(
+        "INSERT INTO data_export (requested_by, kind, format, filters) VALUES (%s, %s, %s, %s::jsonb) "
+        "RETURNING id",
+        (REQUESTER, kind, fmt, filters_json),
+    ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def test_bad_rows_are_failed_and_the_sensor_launches_the_good_ones(
+    loaded: str, db: psycopg.Connection
+) -> None:
+    """One tick over a table holding every kind of bad request a client could write directly (absurd dates,
+    filters of any JSON shape, huge strings, wrong types) and good ones: each bad one ends ``failed`` with a
+    short reason, the good ones get their run. Before: OverflowError (9999-12-31) or RecursionError (deep
+    JSON) on every tick, so nothing behind them was ever launched."""
+    db.execute(
+        "UPDATE data_export SET status = 'failed' WHERE status = 'pending'"
+    )  # earlier tests' leftovers
+    today = dt.datetime.now(dt.UTC).date()
+    bad = {_raw_request(db, k, f, flt): m for k, f, flt, m in RAW_BAD_REQUESTS}
+    good = [
+        _request(db, "audit_log", "csv.gz", {"start": str(today - dt.timedelta(days=3))}),
+        _request(db, "usage_log", "parquet", {}),
+        _request(db, "audit_log", "parquet", {"end": str(today), "severity": ["high", "critical"]}),
+    ]
+    ctx = dg.build_sensor_context(
+        instance=dg.DagsterInstance.ephemeral(), resources={"postgres": PostgresResource(url=loaded)}
+    )
+    result = pending_exports_sensor(ctx)
+    assert isinstance(result, dg.SensorResult)
+    assert sorted(int(r.run_key) for r in result.run_requests or []) == good
+    for request_id, fragment in bad.items():
+        req = ex.get_request(db, request_id)
+        assert req is not None and req["status"] == "failed", (fragment, req and req["status"])
+        assert fragment in req["error"] and len(req["error"]) < 600, req["error"][:600]
+        assert req["finished_at"] is not None and req["run_id"] is None
+    floor = ex.retention_floor("audit_log", today, 12)
+    (error,) = db.execute("SELECT error FROM data_export WHERE id = %s", (min(bad),)).fetchone()
+    assert f"between {floor} and {today + dt.timedelta(days=1)}" in error  # the accepted range, stated
+
+
+def test_the_sensor_fails_a_request_it_cannot_check_and_goes_on(
+    loaded: str, db: psycopg.Connection, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An unexpected error while checking one request (a bug, not a bad value) fails that request with the
+    reason; the tick goes on with the others."""
+    import perf_pipeline.defs.exports.sensors as sensors
+
+    db.execute("UPDATE data_export SET status = 'failed' WHERE status = 'pending'")
+    first = _request(db, "usage_log", "csv.gz", {})
+    second = _request(db, "usage_log", "parquet", {})
+    real = sensors.validate_request
+
+    def flaky(request_id: int, *args: Any, **kwargs: Any) -> ex.ExportPlan:
+        if request_id == first:
+            raise ZeroDivisionError("injected")
+        return real(request_id, *args, **kwargs)
+
+    monkeypatch.setattr(sensors, "validate_request", flaky)
+    ctx = dg.build_sensor_context(
+        instance=dg.DagsterInstance.ephemeral(), resources={"postgres": PostgresResource(url=loaded)}
+    )
+    result = pending_exports_sensor(ctx)
+    assert [r.run_key for r in result.run_requests or []] == [str(second)]  # type: ignore[union-attr]
+    req = ex.get_request(db, first)
+    assert req is not None and req["status"] == "failed" and "ZeroDivisionError: injected" in req["error"]
+
+
 def test_export_job_run_records_file_and_metadata(
     loaded: str, db: psycopg.Connection, scratch_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -743,6 +850,79 @@ def test_a_dead_run_worker_is_retried_and_its_request_left_to_the_retry(
     )
 
 
+def _sensor_tick(instance: Any, url: str, cursor: str | None = None) -> dg.SensorResult:
+    ctx = dg.build_sensor_context(
+        instance=instance, cursor=cursor, resources={"postgres": PostgresResource(url=url)}
+    )
+    result = pending_exports_sensor(ctx)
+    assert isinstance(result, dg.SensorResult)
+    return result
+
+
+def test_a_retry_that_never_launches_leaves_the_request_to_the_sweep(
+    loaded: str, db: psycopg.Connection, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run worker died after claiming the request; Dagster tagged the run will_retry=true, so the failure
+    sensor left the request to the retry, but no retry was ever launched. The pending sensor re-queues the
+    request once its worker has been gone for the grace, with a new run key, and a late failure notice of the
+    dead run does not fail the re-queued request. While a retry is queued, the request is left to it."""
+    import perf_pipeline.defs.exports.sensors as sensors
+
+    monkeypatch.setattr(sensors, "ORPHAN_GRACE_S", 0.0, raising=False)
+    db.execute("UPDATE data_export SET status = 'failed' WHERE status IN ('pending', 'running')")
+    postgres = PostgresResource(url=loaded)
+    with _retrying_instance() as instance:
+
+        def killed_after_claim(request_id: int) -> dg.DagsterRun:
+            config = {"ops": {"run_data_export": {"config": {"request_id": request_id}}}}
+            tags = {**export_job.tags, REQUEST_TAG: str(request_id), "perf_pipeline/export_attempts": "0"}
+            run = instance.create_run_for_job(export_job, run_config=config, tags=tags)
+            db.execute(  # what run_export's claim writes; the worker then dies (its lock goes with it)
+                "UPDATE data_export SET status = 'running', attempts = 1, started_at = now(), run_id = %s "
+                "WHERE id = %s",
+                (run.run_id, request_id),
+            )
+            instance.report_run_failed(run)
+            assert instance.get_run_by_id(run.run_id).tags.get("dagster/will_retry") == "true"
+            _failure_sensor_on(instance, run, postgres)  # leaves the request to the retry
+            assert ex.get_request(db, request_id)["status"] == "running"  # type: ignore[index]
+            return run
+
+        # a retry on its way (queued): the request is left to it
+        waiting = _request(db, "audit_log", "csv.gz", {"start": "2026-02-28"})
+        first = killed_after_claim(waiting)
+        instance.create_run_for_job(
+            export_job,
+            run_config={"ops": {"run_data_export": {"config": {"request_id": waiting}}}},
+            tags={**first.tags, "dagster/retry_number": "1"},
+            parent_run_id=first.run_id,
+            root_run_id=first.run_id,
+        )
+        result = _sensor_tick(instance, loaded)
+        assert not result.run_requests and ex.get_request(db, waiting)["status"] == "running"  # type: ignore[index]
+        monkeypatch.setattr(sensors, "ORPHAN_DEFER_MAX_S", 0.0, raising=False)  # ... for a bounded time
+        result = _sensor_tick(instance, loaded, result.cursor)
+        assert [r.run_key for r in result.run_requests or []] == [f"{waiting}-attempt-2"]
+
+        # no retry ever launched
+        request_id = _request(db, "audit_log", "csv.gz", {"start": "2026-02-28"})
+        dead = killed_after_claim(request_id)
+        result = _sensor_tick(instance, loaded, result.cursor)
+        (run,) = result.run_requests or []
+        assert run.run_key == f"{request_id}-attempt-2" and run.tags["perf_pipeline/export_attempts"] == "1"
+        req = ex.get_request(db, request_id)
+        assert req is not None and req["status"] == "pending" and req["run_id"] is None
+        assert f"attempt 1 (run {dead.run_id}) stopped without recording a result" in req["error"]
+
+    # a late notice about the dead run does not fail the re-queued request; the new run's own does
+    assert not ex.mark_run_ended(db, request_id, [dead.run_id], "late notice", launched_at_attempts=0)
+    assert ex.get_request(db, request_id)["status"] == "pending"  # type: ignore[index]
+    assert ex.mark_run_ended(
+        db, request_id, ["new-run"], "the new run failed to start", launched_at_attempts=1
+    )
+    assert ex.get_request(db, request_id)["status"] == "failed"  # type: ignore[index]
+
+
 def test_a_bad_request_fails_its_run_without_a_retry(loaded: str, db: psycopg.Connection) -> None:
     """An op that fails for a recorded reason is a step failure: with retry_on_asset_or_op_failure false
     Dagster marks the run will_retry=false, and the failure sensor fails the request."""
@@ -850,6 +1030,93 @@ def test_cli_request_status_run(
     )
     assert "unknown filter key" in capsys.readouterr().err
     assert main(["export", "status", "999999"]) == 1
+
+
+def _cli(monkeypatch: pytest.MonkeyPatch, url: str, folder: Path) -> Any:
+    from perf_pipeline.cli import main
+
+    monkeypatch.setenv("PERF_PIPELINE_DATABASE_URL", url)
+    monkeypatch.setenv(
+        "PERF_PIPELINE_REDIS_URL", "redis://127.0.0.1:1/0"
+    )  # not used; keeps embedded Redis off
+    monkeypatch.setenv("PERF_PIPELINE_EXPORT_DIR", str(folder))
+    return main
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["--kind", "audit_log", "--end", "9999-12-31"], "dates must be between"),
+        (["--kind", "audit_log", "--start", "0001-01-01"], "dates must be between"),
+        (["--kind", "usage_log", "--start", "0001-01-01", "--end", "9999-12-31"], "dates must be between"),
+        (["--kind", "audit_log", "--end", "2026-02-30"], "'end' is not a valid date"),
+        (["--kind", "audit_log", "--user-id", "x" * 10_000], "'user_id' is not a UUID"),
+        (["--kind", "k" * 10_000], "unknown kind 'kkkk"),
+        (["--kind", "audit_log", "--format", "xlsx"], "unknown format 'xlsx'"),
+    ],
+    ids=["end-9999", "start-0001", "both-absurd", "end-invalid", "huge-user", "huge-kind", "format"],
+)
+def test_cli_refuses_a_bad_request_in_one_line(
+    loaded: str,
+    db: psycopg.Connection,
+    scratch_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    args: list[str],
+    fragment: str,
+) -> None:
+    main = _cli(monkeypatch, loaded, scratch_dir)
+    (before,) = db.execute("SELECT count(*) FROM data_export").fetchone()
+    assert main(["export", "request", "--requested-by", REQUESTER, *args]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith("error: ") and err.count("\n") == 1, err[:500]
+    assert fragment in err and len(err) < 600 and "Traceback" not in err
+    assert db.execute("SELECT count(*) FROM data_export").fetchone() == (before,)  # nothing filed
+
+
+def test_cli_refuses_a_requester_that_is_not_a_uuid(
+    loaded: str, scratch_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    main = _cli(monkeypatch, loaded, scratch_dir)
+    assert main(["export", "request", "--requested-by", "not-a-uuid", "--kind", "audit_log"]) == 2
+    err = capsys.readouterr().err
+    assert err == "error: requested_by is not a UUID: 'not-a-uuid'\n"
+
+
+def test_cli_run_of_a_bad_row_fails_it_in_one_line(
+    loaded: str,
+    db: psycopg.Connection,
+    scratch_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    main = _cli(monkeypatch, loaded, scratch_dir)
+    for filters_json, fragment in (('{"end": "9999-12-31"}', "dates must be between"), (DEEP, "too deeply")):
+        request_id = _raw_request(db, "audit_log", "csv.gz", filters_json)
+        assert main(["export", "run", str(request_id)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1 and fragment in err, err[:500]
+        req = ex.get_request(db, request_id)
+        assert req is not None and req["status"] == "failed" and fragment in req["error"]
+        assert main(["export", "status", str(request_id)]) == 1  # prints the row, deep filters included
+        assert f"id: {request_id}" in capsys.readouterr().out
+    assert _visible(scratch_dir) == []
+
+
+def test_cli_run_of_a_request_held_elsewhere_is_one_line(
+    loaded: str,
+    db: psycopg.Connection,
+    scratch_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    main = _cli(monkeypatch, loaded, scratch_dir)
+    request_id = _request(db, "usage_log", "csv.gz", {})
+    with psycopg.connect(loaded, autocommit=True) as holder:
+        holder.execute("SELECT pg_advisory_lock(%s, %s)", (ex.ADVISORY_LOCK_CLASS, request_id))
+        assert main(["export", "run", str(request_id)]) == 1
+    err = capsys.readouterr().err
+    assert err == f"error: export request {request_id} is being run by another process\n"
 
 
 BIG_USER = "22222222-3333-4444-8555-666666666666"

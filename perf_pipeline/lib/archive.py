@@ -11,8 +11,8 @@ finished by calling :func:`archive_partition` again for the same month:
    waits at most about ``lock_timeout``. Without a DEFAULT partition the CONCURRENTLY form is used.
 2. **export**: ``COPY (SELECT …) TO STDOUT (FORMAT csv)`` in physical order (no sort: the detached table
    no longer changes and ``synchronize_seqscans`` is off, so restore → re-archive gives the same file), cut into ~16 MiB
-   record-aligned batches, parsed by pyarrow and appended to a zstd Parquet file (one row group per
-   batch) in a temporary file, fsynced and renamed: memory stays bounded by the batch size.
+   record-aligned batches, parsed by pyarrow (:mod:`perf_pipeline.lib.pgcsv`, shared with the exports)
+   and appended to a zstd Parquet file (one row group per batch) in a temporary file, fsynced and renamed: memory stays bounded by the batch size.
 3. **verify**: the file is read back (sha256, row count, min/max timestamp) and compared with the
    manifest and with the detached table.
 4. **drop** the table (standalone by now, so no lock on the parent), only if it is still standalone and
@@ -34,11 +34,10 @@ import io
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import psycopg
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -46,6 +45,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 from psycopg import sql
 
+from perf_pipeline.lib import pgcsv
 from perf_pipeline.lib.db import load_query, run_with_lock_retry
 from perf_pipeline.lib.memory import release_free_memory
 from perf_pipeline.lib.partitioning import (
@@ -263,84 +263,13 @@ def table_columns(conn: psycopg.Connection, table: str) -> list[_Column]:
     return [_Column(n, t, _arrow_type(t)) for n, t in rows]
 
 
-def _record_end(buf: bytearray, tail: int = 1 << 20) -> int:
-    """Offset just past the last complete CSV record in ``buf`` (0 if none).
-
-    In PostgreSQL's CSV a newline ends a record iff an even number of quote characters precede it
-    (quotes inside values are doubled). Only the last ``tail`` bytes are inspected with NumPy; the
-    quotes before them are counted by ``bytearray.count`` (C speed, no allocation).
-    """
-    lo = max(0, len(buf) - tail)
-    while True:
-        before = buf.count(b'"', 0, lo)
-        window = np.frombuffer(memoryview(buf)[lo:], dtype=np.uint8)
-        newlines = np.flatnonzero(window == 10)
-        quotes = np.flatnonzero(window == 34)
-        even = newlines[(np.searchsorted(quotes, newlines) + before) % 2 == 0]
-        cut = lo + int(even[-1]) + 1 if even.size else 0
-        del window  # release the buffer export: the caller resizes ``buf``
-        if cut or lo == 0:
-            return cut
-        lo = max(0, lo - 8 * tail)  # a record longer than the tail: look further back
-
-
-def _csv_batches(chunks: Iterator[bytes], batch_bytes: int) -> Iterator[bytes]:
-    """Regroup COPY CSV output (one message per row) into ~``batch_bytes`` pieces ending on a record
-    boundary. Memory: about two batches."""
-    buf = bytearray()
-    for chunk in chunks:
-        buf += chunk
-        if len(buf) < batch_bytes:
-            continue
-        cut = _record_end(buf)
-        if cut:
-            batch = bytes(buf[:cut])
-            del buf[:cut]
-            yield batch
-    if buf:
-        yield bytes(buf)
-
-
-def _parse(batch: bytes, columns: list[_Column]) -> pa.Table:
-    read_types = {
-        c.name: (pa.timestamp("us") if pa.types.is_timestamp(c.arrow) else c.arrow) for c in columns
-    }
-    table = pacsv.read_csv(
-        io.BytesIO(batch),
-        read_options=pacsv.ReadOptions(
-            # the whole batch as one block: with newlines_in_values a record longer than the block size
-            # (audit details of several MiB) fails with "straddling object" — after the detach
-            column_names=[c.name for c in columns],
-            block_size=max(8 << 20, len(batch) + 1),
-            use_threads=False,
-        ),
-        parse_options=pacsv.ParseOptions(newlines_in_values=True),
-        convert_options=pacsv.ConvertOptions(
-            column_types=read_types,
-            null_values=[""],
-            strings_can_be_null=True,
-            quoted_strings_can_be_null=False,
-            true_values=["t"],
-            false_values=["f"],
-        ),
-    )
-    # timestamps were selected AT TIME ZONE 'UTC' (naive UTC text); label them UTC without shifting
-    return pa.table([table[c.name].cast(c.arrow) for c in columns], names=[c.name for c in columns])
-
-
-def _select_for_export(table: str, name: str, columns: list[_Column]) -> sql.Composed:
-    items = []
-    for c in columns:
-        ident = sql.Identifier(c.name)
-        if c.pg_type == "timestamp with time zone":
-            items.append(sql.SQL("{} AT TIME ZONE 'UTC' AS {}").format(ident, ident))
-        else:
-            items.append(ident)
+def _select_for_export(name: str, columns: list[_Column]) -> sql.Composed:
+    schema = pa.schema([pa.field(c.name, c.arrow) for c in columns])
     # physical order, no sort: the detached table no longer changes, synchronize_seqscans is off during
     # the export (see _export), and a restore loads rows in file order, so restore → re-archive writes
-    # the same file (same sha256)
+    # the same file (same sha256); timestamptz columns come as naive UTC text (pgcsv.select_list)
     return sql.SQL("COPY (SELECT {} FROM {}) TO STDOUT (FORMAT csv)").format(
-        sql.SQL(", ").join(items), sql.Identifier(name)
+        pgcsv.select_list(schema), sql.Identifier(name)
     )
 
 
@@ -395,13 +324,13 @@ def _export(conn: psycopg.Connection, table: str, month: dt.date, path: Path, ba
     try:
         with (
             conn.cursor() as cur,
-            cur.copy(_select_for_export(table, name, columns)) as copy,
+            cur.copy(_select_for_export(name, columns)) as copy,
             pq.ParquetWriter(tmp, schema, compression="zstd") as writer,
         ):
-            for i, batch in enumerate(_csv_batches(iter(copy), batch_bytes)):
+            for i, batch in enumerate(pgcsv.record_batches(iter(copy), batch_bytes)):
                 if i % 4 == 3:
                     release_free_memory()  # keeps RSS flat whatever the month's size (lib/memory.py)
-                part = _parse(batch, columns)
+                part = pgcsv.parse(batch, schema)
                 writer.write_table(part)
                 rows += part.num_rows
                 mm = pc.min_max(part[key])

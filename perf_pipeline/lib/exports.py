@@ -3,13 +3,17 @@
 A request is a ``data_export`` row (filed by the platform or :func:`file_request`). :func:`run_export`
 turns it into a file under the export folder:
 
-* **Validation first.** ``kind``, ``format`` and ``filters`` come from users. :func:`validate_request`
-  accepts a fixed set of filter keys with typed values (``user_id`` UUID, ``start``/``end`` dates,
-  ``entity_type`` and ``severity`` for audit_log) and a date range within retention; anything else raises
-  :class:`ExportRequestError` with a message that is stored on the request (status ``failed``).
+* **Validation first.** ``kind``, ``format`` and ``filters`` come from users, who may write anything into
+  the table. :func:`validate_request` accepts a fixed set of filter keys with typed values (``user_id``
+  UUID, ``start``/``end`` dates between the retention floor and tomorrow, ``entity_type`` and ``severity``
+  for audit_log); anything else, of any JSON shape or size, raises :class:`ExportRequestError` with a
+  one-line message of bounded length that is stored on the request (status ``failed``). Requests are read
+  with a jsonb loader that never fails (:func:`load_json`), so one odd row cannot fail a read of many.
 * **Streaming, bounded memory.** ``COPY (SELECT …) TO STDOUT (FORMAT csv)`` is read message by message and
   written through gzip (``csv.gz``) or parsed in bounded blocks by pyarrow's CSV reader into record
-  batches for a ``ParquetWriter`` (``parquet``). Memory is a few blocks, whatever the export's size.
+  batches for a ``ParquetWriter`` (``parquet``), with the conversion the archive uses
+  (:mod:`perf_pipeline.lib.pgcsv`: only an unquoted empty field is NULL). Memory is a few blocks,
+  whatever the export's size.
 * **Not in the platform's way.** The COPY runs in a READ ONLY transaction with ``statement_timeout``, a
   short ``lock_timeout`` (it never queues behind a DDL, nor makes DDL queue behind it for long) and no
   parallel workers (one backend, one core); partitions outside the date range are pruned at plan time.
@@ -21,9 +25,13 @@ turns it into a file under the export folder:
   dies with the connection, so a killed run never blocks its retry (the session asks for TCP keepalives
   so that PostgreSQL also notices a client that vanished without closing its socket). A retry may wait
   for the lock (``lock_wait_s``): if the earlier attempt then finished, its recorded result is returned.
+* **A vanished worker is noticed.** The lock is held from before the claim until the outcome is recorded,
+  so a ``running`` request whose lock nobody holds was left by a dead process (:func:`find_orphans`, which
+  only reads ``pg_locks``). :func:`sweep_orphans` (called by the sensor every tick) puts such a request back
+  to ``pending`` once it has stayed so for a grace period, or fails it after a maximum number of attempts.
 
-Status goes ``pending → running → succeeded | failed``; a ``failed`` or stuck ``running`` request can be
-run again (a succeeded one is returned as is).
+Status goes ``pending → running → succeeded | failed`` (and ``running → pending`` when the worker vanished);
+a ``failed`` or stuck ``running`` request can be run again (a succeeded one is returned as is).
 """
 
 from __future__ import annotations
@@ -44,16 +52,16 @@ import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import psycopg
 import psycopg.rows
 import psycopg.types.json
 import pyarrow as pa
-import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 from psycopg import sql
 
+from perf_pipeline.lib import pgcsv
 from perf_pipeline.lib.db import connect, load_query
 from perf_pipeline.lib.partitioning import add_months, month_start
 
@@ -62,7 +70,7 @@ log = logging.getLogger(__name__)
 UTC = dt.UTC
 FORMATS: tuple[str, ...] = ("csv.gz", "parquet")
 SEVERITIES: tuple[str, ...] = ("low", "medium", "high", "critical")
-_ENTITY_TYPE = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+_ENTITY_TYPE = re.compile(r"[a-z][a-z0-9_]{0,63}")
 #: first key of the two-key advisory lock that serializes attempts at one request ("expo")
 ADVISORY_LOCK_CLASS = 0x6578706F
 #: progress is reported every this many uncompressed bytes
@@ -214,13 +222,64 @@ def retention_floor(kind: str, today: dt.date, retention_months: int) -> dt.date
     return add_months(month_start(today), -retention_months)
 
 
+#: the longest value shown in an error message (a request may hold megabytes of text)
+SHOWN_CHARS = 80
+
+
+def _show(value: object) -> str:
+    """``repr`` of a user-supplied value, cut to SHOWN_CHARS: one line, bounded, whatever the input."""
+    text = repr(value)
+    return text if len(text) <= SHOWN_CHARS else f"{text[:SHOWN_CHARS]}… ({len(text):,} characters)"
+
+
+def _json_type(value: object) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    return type(value).__name__
+
+
+class UnreadableJSON(str):
+    """Stands for a JSON value Python's parser cannot load (nested deeper than its recursion limit, which
+    PostgreSQL's jsonb allows): its first characters, so the request can still be shown; validation
+    rejects it."""
+
+
+def load_json(data: str | bytes) -> object:
+    """``json.loads`` that never raises: unloadable text becomes :class:`UnreadableJSON`. Installed as the
+    jsonb loader of the cursors reading requests, so one deep ``filters`` value cannot fail a whole read."""
+    try:
+        return json.loads(data)
+    except (RecursionError, ValueError):
+        text = data.decode(errors="replace") if isinstance(data, bytes) else data
+        return UnreadableJSON(text[:200])
+
+
+def requester_uuid(value: object) -> str:
+    """``value`` as a canonical UUID string, or :class:`ExportRequestError` naming it."""
+    if not isinstance(value, str):
+        raise ExportRequestError(f"requested_by must be a UUID string, got {_show(value)}")
+    try:
+        return str(uuid.UUID(value))
+    except ValueError:
+        raise ExportRequestError(f"requested_by is not a UUID: {_show(value)}") from None
+
+
 def _date(key: str, value: object) -> dt.date:
-    if not isinstance(value, str) or not re.fullmatch(r"\d{4}-\d{2}-\d{2}", value):
-        raise ExportRequestError(f"filter {key!r} must be a date string YYYY-MM-DD, got {value!r}")
+    # ASCII digits only (\d would take any script's digits), and no more than date.fromisoformat allows
+    if not isinstance(value, str) or not re.fullmatch(r"[0-9]{4}-[0-9]{2}-[0-9]{2}", value):
+        raise ExportRequestError(f"filter {key!r} must be a date string YYYY-MM-DD, got {_show(value)}")
     try:
         return dt.date.fromisoformat(value)
     except ValueError:
-        raise ExportRequestError(f"filter {key!r} is not a valid date: {value!r}") from None
+        raise ExportRequestError(f"filter {key!r} is not a valid date: {_show(value)}") from None
 
 
 def validate_request(
@@ -236,48 +295,66 @@ def validate_request(
 
     ``filters`` keys: ``user_id`` (UUID string), ``start`` and ``end`` (``YYYY-MM-DD``, UTC days, both
     inclusive; default: the retention floor and today), and for audit_log ``entity_type`` (lowercase
-    identifier) and ``severity`` (one of low/medium/high/critical, or a list of them).
-    ``retention_months`` maps kind → months kept online. Raises :class:`ExportRequestError`.
+    identifier) and ``severity`` (one of low/medium/high/critical, or a list of them). Both dates must lie
+    between the retention floor and tomorrow (UTC: a client ahead of UTC may already be there).
+    ``retention_months`` maps kind → months kept online. Raises :class:`ExportRequestError`, whose message
+    is one line of bounded length, for any value of any type (a client may write anything into the table).
     """
     if not isinstance(kind, str) or kind not in KINDS:
-        raise ExportRequestError(f"unknown kind {kind!r}; expected one of {', '.join(KINDS)}")
+        raise ExportRequestError(f"unknown kind {_show(kind)}; expected one of {', '.join(KINDS)}")
     if not isinstance(fmt, str) or fmt not in FORMATS:
-        raise ExportRequestError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
+        raise ExportRequestError(f"unknown format {_show(fmt)}; expected one of {', '.join(FORMATS)}")
+    if isinstance(filters, UnreadableJSON):
+        raise ExportRequestError(
+            "filters cannot be read (JSON nested too deeply, or a number too long); expected a flat JSON object"
+        )
     if not isinstance(filters, dict):
-        raise ExportRequestError(f"filters must be a JSON object, got {type(filters).__name__}")
+        raise ExportRequestError(f"filters must be a JSON object, got {_json_type(filters)}")
     spec = KINDS[kind]
     unknown = sorted(set(filters) - spec.filter_keys)
     if unknown:
+        more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
         raise ExportRequestError(
-            f"unknown filter key(s) for {kind}: {', '.join(map(repr, unknown))}; "
+            f"unknown filter key(s) for {kind}: {', '.join(map(_show, unknown[:5]))}{more}; "
             f"allowed: {', '.join(sorted(spec.filter_keys))}"
         )
 
     user_id = filters.get("user_id")
     if user_id is not None:
         if not isinstance(user_id, str):
-            raise ExportRequestError(f"filter 'user_id' must be a UUID string, got {user_id!r}")
+            raise ExportRequestError(f"filter 'user_id' must be a UUID string, got {_show(user_id)}")
         try:
             user_id = str(uuid.UUID(user_id))
         except ValueError:
-            raise ExportRequestError(f"filter 'user_id' is not a UUID: {user_id!r}") from None
+            raise ExportRequestError(f"filter 'user_id' is not a UUID: {_show(user_id)}") from None
 
-    floor = retention_floor(kind, today, retention_months[kind])
+    months = retention_months[kind]
+    floor = retention_floor(kind, today, months)
+    latest = today + dt.timedelta(days=1)
+    accepted = (
+        f"dates must be between {floor} and {latest} (UTC days: the oldest one {kind} keeps online, "
+        "and tomorrow)"
+    )
     start = _date("start", filters["start"]) if filters.get("start") is not None else floor
     end = _date("end", filters["end"]) if filters.get("end") is not None else today
+    for key, day in (("start", start), ("end", end)):
+        if day < floor:
+            raise ExportRequestError(
+                f"{key} {day} is beyond the retention of {kind} ({months} months: rows before {floor} may "
+                f"be archived); {accepted}"
+            )
+        if day > latest:
+            raise ExportRequestError(f"{key} {day} is in the future; {accepted}")
     if start > end:
         raise ExportRequestError(f"start {start} is after end {end}")
-    if start < floor:
-        raise ExportRequestError(
-            f"start {start} is beyond the retention of {kind} ({retention_months[kind]} months: rows before "
-            f"{floor} may be archived); request {floor} or later"
-        )
 
     entity_type = filters.get("entity_type")
-    if entity_type is not None and (not isinstance(entity_type, str) or not _ENTITY_TYPE.match(entity_type)):
+    if entity_type is not None and (
+        not isinstance(entity_type, str) or not _ENTITY_TYPE.fullmatch(entity_type)
+    ):
         raise ExportRequestError(
             f"filter 'entity_type' must be a lowercase identifier ([a-z][a-z0-9_]*, "
-            f"at most 64 characters), got {entity_type!r}"
+            f"at most 64 characters), got {_show(entity_type)}"
         )
 
     severities: tuple[str, ...] | None = None
@@ -286,12 +363,12 @@ def validate_request(
         values = [raw] if isinstance(raw, str) else raw
         if not isinstance(values, list) or not values or not all(isinstance(v, str) for v in values):
             raise ExportRequestError(
-                f"filter 'severity' must be a severity or a non-empty list of them, got {raw!r}"
+                f"filter 'severity' must be a severity or a non-empty list of them, got {_show(raw)}"
             )
         bad = [v for v in values if v not in SEVERITIES]
         if bad:
             raise ExportRequestError(
-                f"filter 'severity': unknown value(s) {bad!r}; expected {', '.join(SEVERITIES)}"
+                f"filter 'severity': unknown value(s) {_show(bad)}; expected {', '.join(SEVERITIES)}"
             )
         severities = tuple(dict.fromkeys(values))
 
@@ -324,30 +401,45 @@ def file_request(
     fmt: str,
     filters: Mapping[str, object] | None = None,
 ) -> int:
-    """Insert a pending request and return its id (one indexed INSERT; the caller's transaction)."""
+    """Insert a pending request and return its id (one indexed INSERT; the caller's transaction).
+
+    ``requested_by`` must be a UUID (else :class:`ExportRequestError`, before any SQL); kind, format and
+    filters are validated when the request is launched (the platform may file anything)."""
     row = conn.execute(
         "INSERT INTO data_export (requested_by, kind, format, filters) VALUES (%s, %s, %s, %s) RETURNING id",
-        (requested_by, kind, fmt, psycopg.types.json.Jsonb(dict(filters or {}))),
+        (requester_uuid(requested_by), kind, fmt, psycopg.types.json.Jsonb(dict(filters or {}))),
     ).fetchone()
     assert row is not None
     return int(row[0])
 
 
 def get_request(conn: psycopg.Connection, request_id: int) -> dict[str, Any] | None:
-    """The request row as a dict (primary-key lookup), or None."""
+    """The request row as a dict (primary-key lookup), or None. ``filters`` that Python cannot load come
+    back as :class:`UnreadableJSON`."""
     with conn.cursor(row_factory=psycopg.rows.dict_row) as cur:
+        psycopg.types.json.set_json_loads(load_json, cur)
         return cur.execute("SELECT * FROM data_export WHERE id = %s", (request_id,)).fetchone()
 
 
-def pending_requests(
-    conn: psycopg.Connection, limit: int = 200
-) -> list[tuple[int, Any, Any, Any, dt.datetime]]:
-    """Oldest pending requests (id, kind, format, filters, requested_at), read from the partial pending index."""
-    return conn.execute(
-        "SELECT id, kind, format, filters, requested_at FROM data_export WHERE status = 'pending' "
-        "ORDER BY requested_at, id LIMIT %s",
-        (limit,),
-    ).fetchall()
+class PendingRequest(NamedTuple):
+    id: int
+    kind: str
+    format: str
+    filters: Any  # any JSON value (or UnreadableJSON): validated by validate_request
+    requested_at: dt.datetime
+    attempts: int  # claims so far (0 for a new request, more for a re-queued one)
+
+
+def pending_requests(conn: psycopg.Connection, limit: int = 200) -> list[PendingRequest]:
+    """Oldest pending requests, read from the partial pending index. Never fails on a row's content."""
+    with conn.cursor() as cur:
+        psycopg.types.json.set_json_loads(load_json, cur)  # one deeply nested filters must not fail the read
+        rows = cur.execute(
+            "SELECT id, kind, format, filters, requested_at, attempts FROM data_export "
+            "WHERE status = 'pending' ORDER BY requested_at, id LIMIT %s",
+            (limit,),
+        ).fetchall()
+    return [PendingRequest(*row) for row in rows]
 
 
 def mark_failed(
@@ -366,22 +458,165 @@ def mark_failed(
 
 
 def mark_run_ended(
-    conn: psycopg.Connection, request_id: int, run_id: str | Sequence[str], error: str
+    conn: psycopg.Connection,
+    request_id: int,
+    run_id: str | Sequence[str],
+    error: str,
+    launched_at_attempts: int | None = None,
 ) -> bool:
     """Mark a request ``failed`` because its run ``run_id`` failed or was canceled.
 
     ``run_id`` may be several ids: the run and the runs it re-executes (an automatic retry that died
     before its op started leaves the request claimed by its parent run). Only while the request is still
-    ``pending``/``running`` and not claimed by another run (a late notice about an old run must not fail
-    a retry in progress). One-row UPDATE; True if it changed.
+    ``pending``/``running`` and claimed by one of them, or by no run: then only if it has not been claimed
+    since the run was launched (``launched_at_attempts``, the attempt count the run was launched at, when
+    known), so that a late notice about an old run never fails a retry in progress or a request re-queued
+    after that run died. One-row UPDATE; True if it changed.
     """
     run_ids = [run_id] if isinstance(run_id, str) else [r for r in run_id if r]
     cur = conn.execute(
-        "UPDATE data_export SET status = 'failed', error = %s, finished_at = now() "
-        "WHERE id = %s AND status IN ('pending', 'running') AND (run_id IS NULL OR run_id = ANY(%s))",
-        (error[:2000], request_id, [r[:64] for r in run_ids]),
+        "UPDATE data_export SET status = 'failed', error = %(error)s, finished_at = now() "
+        "WHERE id = %(id)s AND status IN ('pending', 'running') AND (run_id = ANY(%(runs)s) "
+        "OR (run_id IS NULL AND (%(attempts)s::int IS NULL OR attempts = %(attempts)s::int)))",
+        {
+            "error": error[:2000],
+            "id": request_id,
+            "runs": [r[:64] for r in run_ids],
+            "attempts": launched_at_attempts,
+        },
     )
     return cur.rowcount == 1
+
+
+# ---------------------------------------------------------------------------- requests whose worker died
+
+
+@dataclass(frozen=True)
+class Orphan:
+    """A ``running`` request whose advisory lock nobody holds: the process that claimed it is gone."""
+
+    request_id: int
+    attempts: int
+    run_id: str | None
+
+    @property
+    def key(self) -> str:
+        """Identifies this orphaned attempt (a new claim makes a new key)."""
+        return f"{self.request_id}:{self.attempts}"
+
+
+def find_orphans(conn: psycopg.Connection) -> tuple[float, list[Orphan]]:
+    """Running requests whose worker is gone (their advisory lock is free), and the server's clock (epoch s).
+
+    Read-only: pg_locks is read, no lock is taken, so a worker starting meanwhile is never disturbed. Cost:
+    the partial index on running requests and one read of the server's lock table.
+    """
+    rows = conn.execute(
+        load_query("export_orphaned_requests"), {"lock_class": ADVISORY_LOCK_CLASS}
+    ).fetchall()
+    now = float(rows[0][0])
+    return now, [Orphan(int(i), int(a), r) for _, i, a, r in rows if i is not None]
+
+
+def release_orphan(conn: psycopg.Connection, orphan: Orphan, max_attempts: int) -> str | None:
+    """Put an orphaned request back to ``pending`` (a new run will claim it), or after ``max_attempts``
+    claims mark it ``failed`` with a reason naming the attempts. Returns "requeued", "failed" or None.
+
+    One short transaction holding the request's advisory lock, taken without waiting: since every worker
+    takes that lock before it claims a request and keeps it until it has recorded the outcome, holding it
+    proves no worker is in the middle of this request; if a worker holds it (it just claimed the request),
+    nothing changes. The UPDATE also requires the status and attempt count seen, so a request claimed
+    again meanwhile is left alone. A worker asking for the lock during these milliseconds waits for it
+    (Dagster runs) or reports the request busy (``export run`` from the command line).
+    """
+    with conn.transaction():
+        row = conn.execute(
+            "SELECT pg_try_advisory_xact_lock(%s, %s)", _lock_key(orphan.request_id)
+        ).fetchone()
+        if not (row and row[0]):
+            return None
+        last = f"attempt {orphan.attempts} (run {orphan.run_id or 'unknown'})"
+        gone = (
+            "stopped without recording a result: its process is gone (killed, out of memory, or its "
+            "connection lost)"
+        )
+        if orphan.attempts >= max_attempts:
+            outcome = "failed"
+            cur = conn.execute(
+                "UPDATE data_export SET status = 'failed', finished_at = now(), error = %s "
+                "WHERE id = %s AND status = 'running' AND attempts = %s",
+                (
+                    f"gave up after {orphan.attempts} attempts (at most {max_attempts}): {last} {gone}; "
+                    f"run it again with `perf-pipeline export run {orphan.request_id}`",
+                    orphan.request_id,
+                    orphan.attempts,
+                ),
+            )
+        else:
+            outcome = "requeued"
+            cur = conn.execute(
+                "UPDATE data_export SET status = 'pending', run_id = NULL, finished_at = NULL, error = %s "
+                "WHERE id = %s AND status = 'running' AND attempts = %s",
+                (
+                    f"{last} {gone}; queued again (at most {max_attempts} attempts)",
+                    orphan.request_id,
+                    orphan.attempts,
+                ),
+            )
+    return outcome if cur.rowcount == 1 else None
+
+
+@dataclass
+class SweepResult:
+    requeued: list[int] = field(default_factory=list)
+    failed: list[int] = field(default_factory=list)
+    deferred: list[int] = field(default_factory=list)  # orphaned past the grace, left to a run on its way
+    errors: list[tuple[int, str]] = field(default_factory=list)
+    seen: dict[str, float] = field(default_factory=dict)  # Orphan.key → server time first seen orphaned
+
+
+def sweep_orphans(
+    conn: psycopg.Connection,
+    seen: Mapping[str, float],
+    *,
+    grace_s: float,
+    max_attempts: int,
+    defer: Callable[[Orphan], bool] | None = None,
+    defer_max_s: float = 0.0,
+) -> SweepResult:
+    """Re-queue or fail the ``running`` requests whose worker has been gone for ``grace_s`` seconds.
+
+    ``seen`` (kept by the caller between calls, e.g. in a sensor cursor) maps each orphaned attempt to the
+    server time it was first seen orphaned; the result's ``seen`` is the map to keep. An attempt orphaned
+    for ``grace_s`` is released (:func:`release_orphan`), unless ``defer(orphan)`` says a run that will
+    claim it is on its way (Dagster's automatic retry), for at most ``defer_max_s`` beyond the grace. The
+    grace lets such a retry, or a step retried in the same run after a lost connection, claim the request
+    first. Called every ``tick`` seconds, a request is re-queued or failed at most
+    ``session end + tick + grace_s + tick`` after its worker died, where the session ends at once for a
+    killed process (its socket closes) and within the TCP keepalive time (:data:`TCP_KEEPALIVES`) for a
+    host that vanished. An error on one request is recorded in ``errors`` and the others go on.
+    Cost: :func:`find_orphans`, plus one short transaction per released request.
+    """
+    now, orphans = find_orphans(conn)
+    result = SweepResult()
+    for orphan in orphans:
+        first = seen.get(orphan.key)
+        first = float(first) if isinstance(first, int | float) else now
+        result.seen[orphan.key] = first
+        if now - first < grace_s:
+            continue
+        try:
+            if defer is not None and now - first < grace_s + defer_max_s and defer(orphan):
+                result.deferred.append(orphan.request_id)
+                continue
+            outcome = release_orphan(conn, orphan, max_attempts)
+        except Exception as exc:  # one request's trouble must not stop the sweep of the others
+            result.errors.append((orphan.request_id, f"{type(exc).__name__}: {exc}"))
+            continue
+        if outcome is not None:
+            del result.seen[orphan.key]
+            (result.requeued if outcome == "requeued" else result.failed).append(orphan.request_id)
+    return result
 
 
 def retention_months_from(settings: object) -> dict[str, int]:
@@ -504,20 +739,6 @@ def sweep_leftovers(export_dir: Path, request_id: int) -> list[Path]:
 # ----------------------------------------------------------------------------------------- streaming
 
 
-def _csv_options(spec: ExportKind) -> tuple[pacsv.ReadOptions, pacsv.ParseOptions, pacsv.ConvertOptions]:
-    read = pacsv.ReadOptions(column_names=spec.schema.names, use_threads=False)
-    # PostgreSQL CSV: NULL is an empty unquoted field, '' is "" (quoted); booleans print as t / f
-    parse = pacsv.ParseOptions(newlines_in_values=True)
-    convert = pacsv.ConvertOptions(
-        column_types={f.name: f.type for f in spec.schema},
-        true_values=["t"],
-        false_values=["f"],
-        strings_can_be_null=True,
-        quoted_strings_can_be_null=False,
-    )
-    return read, parse, convert
-
-
 def _write_csv_gz(
     messages: Iterator[Any], sink: _HashingSink, progress: Progress, report: Callable[[], None]
 ) -> None:
@@ -546,9 +767,10 @@ def _write_parquet(
     """Parse COPY's CSV in blocks of ~PARQUET_BLOCK_BYTES into Arrow, write row groups as they fill.
 
     Each COPY message is one whole row, so a block cut between messages never splits a row (even one
-    with newlines inside a quoted field): every block is a self-contained CSV document.
+    with newlines inside a quoted field): every block is a self-contained CSV document, parsed by the
+    conversion the archive uses too (:func:`perf_pipeline.lib.pgcsv.parse`: only an unquoted empty field is
+    NULL, never text such as ``NA`` or ``null``; timestamps come as naive UTC, see :func:`_stream`).
     """
-    read, parse, convert = _csv_options(spec)
     with pq.ParquetWriter(sink, spec.schema, compression="zstd") as writer:
         tables: list[pa.Table] = []
         rows = 0
@@ -557,15 +779,7 @@ def _write_parquet(
         def parse_block() -> None:
             nonlocal rows
             if buffer:
-                # one pyarrow block for the whole buffer: with newlines_in_values a record longer than the
-                # block size (a multi-MiB audit details value) fails with "straddling object"; the buffer is
-                # in memory already, so a block as large as it costs nothing more
-                block = pacsv.ReadOptions(
-                    column_names=read.column_names,
-                    use_threads=False,
-                    block_size=max(read.block_size, len(buffer) + 1),
-                )
-                table = pacsv.read_csv(pa.BufferReader(bytes(buffer)), block, parse, convert)
+                table = pgcsv.parse(bytes(buffer), spec.schema)
                 progress.csv_bytes += len(buffer)
                 buffer.clear()
                 tables.append(table)
@@ -590,6 +804,11 @@ def _write_parquet(
         write_group()  # an empty result still gets a valid file: schema, no row groups
 
 
+def _lock_key(request_id: int) -> tuple[int, int]:
+    # the two int4 keys of a request's advisory lock (sql/queries/export_orphaned_requests.sql reads them)
+    return ADVISORY_LOCK_CLASS, request_id % 2_147_483_647
+
+
 def _lock(
     conn: psycopg.Connection,
     request_id: int,
@@ -598,7 +817,7 @@ def _lock(
 ) -> bool:
     """Take the request's session advisory lock; True if held. With ``wait_s`` > 0, wait that long for it
     (a server-side wait bounded by ``lock_timeout``, no polling), calling ``on_wait`` first."""
-    key = (ADVISORY_LOCK_CLASS, request_id % 2_147_483_647)
+    key = _lock_key(request_id)
     row = conn.execute("SELECT pg_try_advisory_lock(%s, %s)", key).fetchone()
     if (row and row[0]) or wait_s <= 0:
         return bool(row and row[0])
@@ -736,10 +955,13 @@ def _stream(
             next_report[0] = progress.csv_bytes + progress_every_bytes
             progress_cb(progress)
 
-    header = sql.SQL("true" if plan.format == "csv.gz" else "false")
-    statement = sql.SQL("COPY ({}) TO STDOUT (FORMAT csv, HEADER {})").format(
-        sql.SQL(export_select(conn, plan)), header
-    )  # type: ignore[arg-type]
+    select = sql.SQL(export_select(conn, plan))  # type: ignore[arg-type]
+    if plan.format == "csv.gz":  # PostgreSQL's CSV as is, with a header; timestamps with their +00
+        statement = sql.SQL("COPY ({}) TO STDOUT (FORMAT csv, HEADER true)").format(select)
+    else:  # for pgcsv.parse: no header, timestamptz as naive UTC text (the plan is the same: a subquery)
+        statement = sql.SQL("COPY (SELECT {} FROM ({}) AS export) TO STDOUT (FORMAT csv)").format(
+            pgcsv.select_list(spec.schema), select
+        )
     target = _AtomicFile(final, plan.request_id)
     sink = _HashingSink(target.fd)
     try:

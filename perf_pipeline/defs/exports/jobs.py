@@ -22,6 +22,10 @@ Crash recovery is Dagster's run retries (``run_retries`` in dagster.yaml, opted 
   request and replaces any earlier file atomically, so a request is never exported twice nor lost.
 * A lost PostgreSQL connection (the server restarting) is not a reason to give up: the step is retried in
   the same run (``RetryRequested``, TRANSIENT_RETRIES × TRANSIENT_RETRY_WAIT_S); a statement timeout is.
+* Whatever Dagster does or fails to do (a retry that never launches, a run worker killed with no retry
+  left, an ``export run`` killed on the command line), `pending_exports_sensor` re-queues a ``running``
+  request whose worker is gone (its advisory lock free) after a grace period, or fails it after
+  MAX_ATTEMPTS claims (sensors.py): no request stays ``running`` without a process.
 """
 
 import dagster as dg
@@ -128,7 +132,8 @@ def run_data_export(
 
 
 @dg.job(
-    description="Export one data_export request (launched by pending_exports_sensor, run_key = request id).",
+    description="Export one data_export request (launched by pending_exports_sensor, run_key = request id, "
+    "plus the attempt when re-queued).",
     # A run whose process died (killed, OOM) is retried once by the run-retry daemon (run_retries enabled
     # in dagster.yaml); a run that failed inside the op (bad request, timeout) is not: it recorded why.
     tags={"dagster/max_retries": "1", "dagster/retry_on_asset_or_op_failure": "false"},
