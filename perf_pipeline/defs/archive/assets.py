@@ -35,6 +35,7 @@ def _result(result: ArchiveResult) -> dg.MaterializeResult:
             "steps_run": ", ".join(result.steps_run) or "none (already archived)",
             "sha256": result.sha256 or "",
             "file": dg.MetadataValue.path(result.file_path or ""),
+            "etag": result.etag or "",
             **{f"{step}_ms": ms for step, ms in result.step_ms.items()},
         }
     )
@@ -46,9 +47,10 @@ def _result(result: ArchiveResult) -> dg.MaterializeResult:
     output_required=False,
     group_name="archive",
     kinds={"postgres", "parquet"},
-    description="Audit months older than PERF_PIPELINE_AUDIT_RETENTION_MONTHS: detach → COPY to zstd Parquet → "
-    "verify (rows, sha256, min/max) → drop, each step recorded in archive_manifest; re-running a key "
-    "finishes an interrupted archive and never archives a month twice.",
+    description="Audit months older than PERF_PIPELINE_AUDIT_RETENTION_MONTHS: detach → COPY to zstd Parquet under "
+    "PERF_PIPELINE_ARCHIVE_DIR (a folder or an s3:// prefix) → verify, read back from the store (size, sha256, "
+    "schema, rows, min/max) → drop, each step recorded in archive_manifest; re-running a key finishes an "
+    "interrupted archive and never archives a month twice.",
 )
 def audit_log_archive(
     context: dg.AssetExecutionContext, postgres: PostgresResource
