@@ -63,7 +63,7 @@ from perf_pipeline.lib.partitioning import (
     partition_name,
     prepare_partition_table,
 )
-from perf_pipeline.lib.storage import ObjectInfo, StorageError, Store, locate, open_store
+from perf_pipeline.lib.storage import ObjectInfo, StorageError, Store, describe_error, locate, open_store
 
 log = logging.getLogger(__name__)
 
@@ -685,7 +685,7 @@ def verify_archives(
         try:
             problem, full = _check_object(conn, m, now, rehash_after)
         except (OSError, StorageError, pa.ArrowException) as exc:
-            problem, full = f"cannot read {m.file_path}: {type(exc).__name__}: {exc}", False
+            problem, full = f"cannot read {m.file_path}: {type(exc).__name__}: {describe_error(exc)}", False
         if problem:
             problems[m.partition_name] = problem
         else:

@@ -211,8 +211,9 @@ class Store(ABC):
     @abstractmethod
     def check(self) -> None:
         """Prove the location usable before any data is touched: creates a local folder if needed, checks an
-        S3 bucket exists, writes and deletes a small probe object. Raises :class:`StorageError`.
-        Cost: a few small requests (S3) or file operations."""
+        S3 bucket exists, writes a small probe object the way every object is written (S3: upload, copy into
+        place, list and delete) and deletes it. Raises :class:`StorageError`. Cost: a few small requests (S3,
+        ~8) or file operations."""
 
     @abstractmethod
     def writer(self, key: str, *, temp_tag: str | None = None) -> AtomicWriter:
@@ -576,12 +577,12 @@ class S3Store(Store):
                 f"bucket {self.bucket!r} does not exist {where} (or these credentials cannot see it); "
                 "create it first"
             )
+        # the probe takes the archive's own path: an upload, its copy into place, deletes, a listing of .tmp/
         probe = f"{TMP_FOLDER}/.probe-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
         try:
-            with self.fs.open_output_stream(self.path(probe)) as out:
-                out.write(b"probe")
+            self.write_bytes(probe, b"probe")
             self.fs.delete_file(self.path(probe))
-        except OSError as exc:
+        except (OSError, StorageError) as exc:
             raise self.error(
                 f"cannot write to bucket {self.bucket!r} {where} (credentials from AWS_ACCESS_KEY_ID / "
                 "AWS_SECRET_ACCESS_KEY or the pod/instance role)",
