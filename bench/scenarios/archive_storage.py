@@ -2,7 +2,7 @@
 
 Starts its own SeaweedFS (``perf_pipeline.testing``, the code the tests use) and a throw-away database,
 loads a 1M-row audit month (2025-06), a 250k-row month (2025-05) and ~100 MB of recent audit CSV, then
-alternates local and S3, ``ROUNDS`` times each, every operation in a child process of its own (so its
+alternates local and S3, ``ROUNDS`` (3) times each, every operation in a child process of its own (so its
 peak RSS, VmHWM, is the operation's, imports included):
 
 * **archive** of the 1M-row month (:func:`archive_partition`: detach → Parquet → verify, read back from the
@@ -40,7 +40,7 @@ from perf_pipeline.testing import seaweedfs
 BIG_MONTH = dt.date(2025, 6, 1)
 SMALL_MONTH = dt.date(2025, 5, 1)
 AUDIT_CSV_BYTES_PER_ROW = 247  # measured on the generator's rows (bench/scenarios/exports.py)
-ROUNDS = 2
+ROUNDS = 3  # BENCH_SCALE=small: 2
 REQUESTER = "00000000-0000-4000-8000-00000000b0a5"
 
 
@@ -133,6 +133,7 @@ def _export_op(url: str, redis_url: str, where: str, env: dict[str, str]) -> dic
 )
 def run(ctx: BenchContext) -> None:
     big, small, export_bytes = _scale()
+    rounds = 2 if os.environ.get("BENCH_SCALE") == "small" else ROUNDS
     with (
         tempfile.TemporaryDirectory(prefix="bench_storage_") as tmp,
         seaweedfs(Path(tmp) / "seaweedfs") as server,
@@ -183,7 +184,7 @@ def run(ctx: BenchContext) -> None:
         )
 
         results: dict[tuple[str, str], list[dict]] = {}
-        for round_no in range(1, ROUNDS + 1):
+        for round_no in range(1, rounds + 1):
             for backend in ("local", "s3"):
                 for op in ("archive", "restore"):
                     out = _archive_op(url, op, BIG_MONTH, where[backend], env)
@@ -227,7 +228,7 @@ def run(ctx: BenchContext) -> None:
         for op in ("archive", "restore", "export"):
             for backend in ("local", "s3"):
                 ctx.row(
-                    summary=f"{op} ({backend}), median of {ROUNDS}",
+                    summary=f"{op} ({backend}), median of {rounds}",
                     seconds=median(backend, op, "seconds"),
                     rows_per_s=median(backend, op, "rows") / median(backend, op, "seconds"),
                     peak_rss_mb=median(backend, op, "peak_rss_mb"),
