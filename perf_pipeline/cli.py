@@ -303,7 +303,9 @@ def cmd_export(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except (psycopg.Error, OSError) as exc:  # recorded on the request (unless the database is unreachable)
-        print(f"error: export request {args.id} failed: {type(exc).__name__}: {_redacted(exc)}", file=sys.stderr)
+        print(
+            f"error: export request {args.id} failed: {type(exc).__name__}: {_redacted(exc)}", file=sys.stderr
+        )
         return 1
     print(
         f"{result.uri}: {result.rows:,} rows, {result.bytes:,} bytes ({result.csv_bytes / 1e6:,.1f} MB of CSV) "

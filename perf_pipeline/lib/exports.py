@@ -642,12 +642,12 @@ def _temp_tag(request_id: int) -> str:
     return f".export-{request_id}"
 
 
-def sweep_leftovers(
-    export_dir: Store | str | os.PathLike[str], request_id: int, filename: str = "x"
-) -> list[str]:
-    """Remove temporary names left by killed attempts at ``request_id`` (call only under its lock)."""
+def sweep_leftovers(export_dir: Store | str | os.PathLike[str], request_id: int) -> list[str]:
+    """Remove temporary names left by killed attempts at ``request_id`` (call only under its lock). The
+    export's writer does this itself before it writes; this is for an operator's cleanup."""
     store = open_store(export_dir, SETTING)
-    return store.sweep_temps(filename, _temp_tag(request_id))
+    # a key at the top of the folder: the sweep looks in that folder for the tag .export-<id>
+    return store.sweep_temps(f"export-{request_id}", _temp_tag(request_id))
 
 
 # ----------------------------------------------------------------------------------------- streaming
