@@ -816,6 +816,7 @@ def test_a_bad_archive_location_is_refused_before_anything_is_touched(
     with psycopg.connect(db_url, autocommit=True) as conn:
         _fresh_month(conn, month, 20)
     monkeypatch.setenv("PERF_PIPELINE_DATABASE_URL", db_url)
+    monkeypatch.setenv("PERF_PIPELINE_REDIS_URL", "redis://127.0.0.1:1/0")  # not used; no embedded Redis
     monkeypatch.chdir(tmp_path)  # a relative "s3:" folder would appear here (or under the project root)
     secret = os.environ["AWS_SECRET_ACCESS_KEY"]
     cases = [
