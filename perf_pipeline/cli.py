@@ -110,9 +110,34 @@ def cmd_down(args: argparse.Namespace) -> int:
 def cmd_migrate(args: argparse.Namespace) -> int:
     from perf_pipeline.lib.migrations import apply_migrations
 
-    applied = apply_migrations(_urls().database_url)
+    url = _urls().database_url
+    applied = apply_migrations(url)
     print(f"applied {len(applied)} migration(s)" + (": " + ", ".join(applied) if applied else "; up to date"))
+    if applied and os.environ.get("DAGSTER_HOME"):
+        report_schema_materialization(url, "perf-pipeline migrate")
     return 0
+
+
+def report_schema_materialization(url: str, by: str) -> None:
+    """Show the migrations just applied on ``platform_schema`` in the Dagster instance of DAGSTER_HOME (a
+    runless materialization); without a reachable instance the observe_platform_tables sensor reports them
+    within a minute of the daemon running. Never fails the command."""
+    import dagster as dg
+
+    from perf_pipeline.lib.db import connect
+
+    try:
+        with connect(url, autocommit=True) as conn:
+            total = conn.execute("SELECT count(*) FROM schema_migrations").fetchone()[0]
+        with dg.DagsterInstance.get() as instance:
+            instance.report_runless_asset_event(
+                dg.AssetMaterialization(
+                    asset_key="platform_schema",
+                    metadata={"migrations_applied_total": dg.MetadataValue.int(total), "applied_by": by},
+                )
+            )
+    except Exception as exc:  # noqa: BLE001 — the migrations are applied; the UI catches up through the sensor
+        log.warning("could not report the migrations to the Dagster instance (%s); the sensor will", exc)
 
 
 def cmd_seed(args: argparse.Namespace) -> int:

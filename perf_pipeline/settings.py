@@ -7,6 +7,7 @@ instead of half-way through a run.
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
@@ -76,6 +77,17 @@ def _tokens(name: str, raw: str) -> tuple[str, ...]:
 
 def _str(name: str, raw: str) -> str:
     return raw
+
+
+def _month(name: str, raw: str) -> dt.date:
+    value = raw.strip()
+    try:
+        parsed = dt.date.fromisoformat(value if len(value) > 7 else f"{value}-01")
+    except ValueError:
+        raise SettingsError(f"{name} must be a month YYYY-MM (or YYYY-MM-01), got {raw!r}") from None
+    if parsed.day != 1 or not 2000 <= parsed.year <= 2100:
+        raise SettingsError(f"{name} must be a month YYYY-MM between 2000 and 2100, got {raw!r}")
+    return parsed
 
 
 _PG = _url("postgresql", "postgres")
@@ -151,6 +163,13 @@ class Settings:
         PROJECT_ROOT / ".perf_pipeline" / "audit_spool",
         _path,
         "AuditWriter's local spool: batches not yet acknowledged by PostgreSQL, replayed in order.",
+    )
+    data_start: dt.date | None = _setting(
+        "PERF_PIPELINE_DATA_START",
+        None,
+        _month,
+        "First month of data (YYYY-MM): where the Dagster partitions of the tables, rollups and archives start. "
+        "Unset: the oldest month the database holds (attached or archived), read when the code location loads.",
     )
     premake_months: int = _setting(
         "PERF_PIPELINE_PREMAKE_MONTHS",

@@ -444,6 +444,18 @@ def missing_days(conn: psycopg.Connection, first: dt.date, last: dt.date) -> lis
     return [r[0] for r in rows]
 
 
+def rolled_up(conn: psycopg.Connection, start: dt.date, end: dt.date) -> dict[dt.date, dict[str, Any]]:
+    """The rollup rows of ``[start, end)`` (day → sessions, total_minutes, revenue, active_users,
+    avg_duration, rows_scanned, computed_at). Cost: a primary-key range read, one row per day."""
+    with conn.cursor(row_factory=dict_row) as cur:
+        rows = cur.execute(
+            "SELECT day, sessions, total_minutes, revenue, active_users, avg_duration, rows_scanned, computed_at "
+            "FROM usage_daily_metrics WHERE day >= %s AND day < %s ORDER BY day",
+            (start, end),
+        ).fetchall()
+    return {r.pop("day"): r for r in rows}
+
+
 def negative_days(conn: psycopg.Connection, start: dt.date, end: dt.date) -> list[dt.date]:
     """Days of ``[start, end)`` with a negative number in the day or provider rollup."""
     rows = conn.execute(
