@@ -241,6 +241,12 @@ def _details(value: object) -> str:
         return "\\N"
     try:
         text = _JSON.encode(value)
+    except RecursionError:
+        # the encoder recurses once per level: nesting deeper than the interpreter's recursion limit
+        # (~1000 levels, fewer when log() is itself called deep in a stack) cannot be encoded
+        raise AuditEventError(
+            "details is nested too deeply to encode as JSON (keep it to a few levels of lists/objects)"
+        ) from None
     except (TypeError, ValueError) as exc:
         raise AuditEventError(f"details must be JSON-serializable (no NaN/Infinity): {exc}") from None
     if len(text) * 4 > MAX_DETAILS_BYTES:  # a UTF-8 character is ≤ 4 bytes: only a large text can be over

@@ -138,6 +138,24 @@ def test_invalid_events_raise_at_log_time(
     assert _count(clean) == (1, 1)
 
 
+@pytest.mark.parametrize("container", ["list", "dict"])
+def test_deeply_nested_details_raise_an_event_error(
+    clean: psycopg.Connection, db_url: str, container: str
+) -> None:
+    """5,000 levels of nesting: a clear AuditEventError naming details (not a RecursionError); the writer
+    keeps working."""
+    nested: object = 1
+    for _ in range(5000):
+        nested = [nested] if container == "list" else {"a": nested}
+    with AuditWriter(db_url, flush_interval_ms=5) as writer:
+        with pytest.raises(AuditEventError, match="details"):
+            writer.log("e", None, None, "o", None, details=nested)
+        ok = writer.log("e", None, None, "o", None, details={"a": {"b": [1, 2]}})
+        assert writer.flush(10)
+        assert writer.metrics()["accepted"] == 1
+    assert _ids_in_delivery_order(clean) == [ok]
+
+
 def test_valid_edge_values_round_trip_exactly(clean: psycopg.Connection, db_url: str) -> None:
     tricky = "tab\there\nnewline\r\\backslash \\N «ünïcødé» 🎙️" + "x" * 1900
     details = {"nested": {"list": [1, 2.5, None, True], "text": "a\\u0000 is not NUL\t"}, "emoji": "🎧"}
