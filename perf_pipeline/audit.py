@@ -48,8 +48,9 @@ What a SIGKILL can lose — with a spool: only what is still queued in memory, i
 ``log()`` in about the last ``flush_interval_ms`` (plus the spooler's write in progress), **whatever the
 load and whatever the database does**: the spooler drains the queue every interval, and if it is ever late
 (starved of the GIL by busy producers, a slow disk) the producer that finds a queued event older than
-``flush_interval_ms + max(flush_interval_ms, 50 ms)`` writes the queue to segments itself, under the lock
-(~1 ms per ``batch_size`` events; counted in ``spilled``). Measured (``python -m bench audit_writer``, the
+``flush_interval_ms + max(flush_interval_ms, 50 ms)`` takes the whole queue (a list swap under the lock)
+and writes it to segments itself after releasing the lock (~1 ms per ``batch_size`` events in that one
+``log()`` call; counted in ``spilled``). Measured (``python -m bench audit_writer``, the
 SIGKILL rows: 4 producer threads, child killed after a random 1–3 s, 20 rounds): MEASURED_BOUND.
 Without a spool: everything in memory (the queue, up to ``max_queue`` events, and the batch in flight). Call
 :meth:`flush` after an event that must not be lost, before answering the request.
@@ -629,8 +630,9 @@ class AuditWriter:
         event audit_log would refuse. When the queue is full: with a spool, writes its oldest
         ``batch_size`` events to a segment (~1 ms); without, waits up to ``put_timeout`` then raises
         :class:`AuditQueueFull`. With a spool, also when the spooler is late (the queue has not been empty
-        for flush interval + max(flush interval, 50 ms)): writes the queue to segments itself (~1 ms per
-        ``batch_size`` events), so what only memory holds stays bounded in time.
+        for flush interval + max(flush interval, 50 ms)): takes the queue and writes it to segments itself
+        after releasing the lock (~1 ms per ``batch_size`` events, other producers go on), so what only
+        memory holds stays bounded in time.
         """
         rest = encode_fields(
             event_type, entity_type, entity_id, operation, description, user_id, severity, details, ip
@@ -640,6 +642,7 @@ class AuditWriter:
         except UnicodeEncodeError as exc:
             raise AuditEventError(f"event text is not valid Unicode (lone surrogate?): {exc}") from None
         size = _LINE_PREFIX_BYTES + len(tail)
+        late: tuple[list[bytes], list[_Batch]] | None = None
         with self._lock:
             if self._closed:
                 raise AuditWriterClosed(f"audit writer {self.name!r} is closed")
@@ -648,8 +651,8 @@ class AuditWriter:
             if self._spool is not None:
                 if not self._queue:
                     self._taken_through_ns = time.monotonic_ns()
-                elif time.monotonic_ns() - self._taken_through_ns > self._late_ns:
-                    self._spill_late()
+                elif time.monotonic_ns() - self._taken_through_ns > self._late_ns and not self._spool_failing:
+                    late = self._take_late()
             now = time.time_ns()
             event_id = self._ids.next(now)
             second, micros = divmod(now // 1000, 1_000_000)
@@ -661,6 +664,8 @@ class AuditWriter:
             self._accepted += 1
             if len(self._queue) == self.batch_size:
                 self._wake.notify()
+        if late is not None:
+            self._write_late(*late)
         return event_id
 
     def _full(self, size: int) -> bool:
@@ -704,18 +709,50 @@ class AuditWriter:
         self._spilled += len(lines)
         return batch
 
-    def _spill_late(self) -> None:
-        """The spooler has not emptied the queue for ``_late_ns`` (starved of the GIL by busy producers,
-        a slow disk): write the whole queue to segments from this producer (lock held; ~1 ms per
-        ``batch_size`` events). Not while spool writes fail: then the spooler's retries and the full-queue
-        policy apply."""
-        if self._spool_failing:
+    def _take_late(self) -> tuple[list[bytes], list[_Batch]]:
+        """The spooler has not emptied the queue for ``_late_ns`` (starved of the GIL by busy producers, a
+        slow disk): take the whole queue for the calling producer to write (lock held; a list swap, and
+        one pending batch of at most ``batch_size`` events per future segment, with its sequence number,
+        so the order is kept). The producer writes them after releasing the lock (:meth:`_write_late`)."""
+        lines, self._queue = self._queue, []
+        self._queue_bytes = 0
+        self._taken_through_ns = time.monotonic_ns()
+        batches = []
+        for offset in range(0, len(lines), self.batch_size):
+            batch = _Batch(
+                self._seq,
+                min(self.batch_size, len(lines) - offset),
+                own=True,
+                payload=None,
+                spooled=False,
+                writing=True,
+            )
+            self._seq += 1
+            self._pending.append(batch)
+            batches.append(batch)
+        self._spilled += len(lines)
+        return lines, batches
+
+    def _write_late(self, lines: list[bytes], batches: list[_Batch]) -> None:
+        """Write what :meth:`_take_late` took, from the producer, no lock held (~1 ms per segment). If a
+        write fails, that batch and the ones after it stay in memory, deliverable from there, and are
+        retried by the spooler (which takes nothing more meanwhile)."""
+        log.warning("audit spooler late: a producer writes the %d queued events to the spool", len(lines))
+        offset = 0
+        for i, batch in enumerate(batches):
+            payload = b"".join(lines[offset : offset + batch.count])
+            offset += batch.count
+            if self._write_segment(batch, payload):
+                continue
+            rest = []
+            for b in batches[i + 1 :]:
+                rest.append(b"".join(lines[offset : offset + b.count]))
+                offset += b.count
+            with self._lock:
+                for b, data in zip(batches[i + 1 :], rest, strict=True):
+                    b.payload, b.writing = data, False
+                self._ready.notify_all()
             return
-        n = len(self._queue)
-        while self._queue:
-            if self._spill() is None:
-                return
-        log.warning("audit spooler late: a producer wrote the %d queued events to the spool", n)
 
     def _make_room(self, size: int) -> None:
         """Called with the lock held and the queue full (events or bytes): spill to the spool, or wait."""

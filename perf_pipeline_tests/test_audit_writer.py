@@ -567,6 +567,31 @@ def test_with_spool_a_full_queue_spills_and_order_is_kept(
     assert _ids_in_delivery_order(clean) == logged
 
 
+def test_a_producer_spools_the_queue_when_the_spooler_is_late(
+    clean: psycopg.Connection, db_url: str, scratch_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The spooler stalls (as when busy producers starve it of the GIL, or the disk is slow; simulated by
+    making its passes do nothing): the first log() that finds a queued event older than flush interval +
+    max(flush interval, 50 ms) writes the queue to the spool itself, so memory alone never holds it longer."""
+    writer = AuditWriter(DEAD_URL, flush_interval_ms=5, spool_dir=scratch_dir, metrics_interval_s=None)
+    try:
+        stalled = threading.Event()
+        monkeypatch.setattr(writer, "_spool_queue", stalled.set)
+        assert stalled.wait(10)  # the spooler's passes now do nothing
+        logged = [_log(writer, 0), _log(writer, 1)]
+        assert writer.metrics()["spooled"] == 0  # not late yet: nothing moved
+        time.sleep(0.06)  # the queued events age past 5 + 50 ms
+        logged.append(_log(writer, 2))
+        m = writer.metrics()
+        assert (m["spilled"], m["spooled"], m["queued"]) == (2, 2, 1)  # the late two, on disk; the new one
+        monkeypatch.undo()
+    finally:
+        writer.close(timeout=1)
+    with AuditWriter(db_url, spool_dir=scratch_dir, flush_interval_ms=5) as replay:
+        assert replay.flush(30)
+    assert _ids_in_delivery_order(clean) == logged
+
+
 def test_rows_the_database_refuses_are_set_aside_and_the_rest_delivered(
     clean: psycopg.Connection, db_url: str, scratch_dir: Path
 ) -> None:
