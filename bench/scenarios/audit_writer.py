@@ -21,7 +21,8 @@
    event before the first missing one (consecutive events of a producer are µs apart); duplicates = rows −
    distinct ids (must be 0). Per variant: p50/max over the rounds.
 
-``BENCH_SCALE=small``: 100k events and fewer rounds (about a minute); default: 1M events.
+``BENCH_SCALE=small``: 100k events and fewer rounds (5 kills per variant instead of 20); default: 1M
+events. The SIGKILL rounds take about 2.5 minutes at the default scale, 50 s small.
 ``BENCH_AUDIT_PARTS``: a comma-separated subset of ``seed,delivery,sustained,kill`` (default: all).
 """
 
@@ -345,7 +346,7 @@ FROM acc LEFT JOIN r ON r.p = acc.p GROUP BY acc.p, acc.a ORDER BY acc.p
 
 
 def _kill_round(url: str, rate: int | None, rng: random.Random) -> dict[str, float]:
-    """One child killed after a random 1–3 s of logging; returns accepted, lost, oldest lost age, duplicates."""
+    """One child killed after a random 1–3 s of logging: accepted, lost, oldest lost age, duplicates."""
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute("TRUNCATE audit_log")
     with tempfile.TemporaryDirectory(prefix="bench_audit_kill_") as tmp:
