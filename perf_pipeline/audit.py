@@ -41,8 +41,9 @@ before its batch is sent) and deletes each only after ``COMMIT`` returned. So:
 * an exclusive ``flock`` on ``<spool_dir>/.lock`` keeps two live writers from sharing one folder.
 * spool disk full (a segment write fails): the batch stays in memory and is delivered from there if the
   database is up; no further batch is taken until its segment is written (retried every pass) or it is
-  delivered, so memory holds one such batch plus the bounded queue; ``spool_write_failures`` counts the
-  failures.
+  delivered, so memory holds one such batch plus the bounded queue (plus, if the failing write was a
+  late spill's, below, what that spill took: at most one queue's worth); ``spool_write_failures`` counts
+  the failures.
 
 What a SIGKILL can lose — with a spool: only what is still queued in memory, i.e. events accepted by
 ``log()`` in about the last ``flush_interval_ms`` (plus the spooler's write in progress), **whatever the
