@@ -193,7 +193,7 @@ class Settings:
         "PERF_PIPELINE_KPI_TTL_SECONDS",
         60,
         _int_in(60, 300),
-        "TTL of cached real-time KPIs (the user story asks for 1–5 minutes).",
+        "TTL of cached real-time KPIs (1–5 minutes).",
     )
     trends_ttl_seconds: int = _setting(
         "PERF_PIPELINE_TRENDS_TTL_SECONDS", 300, _int_in(60, 300), "TTL of cached usage trends (1–5 minutes)."

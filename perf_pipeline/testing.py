@@ -37,7 +37,7 @@ class AutomationLoop:
         self.defs = defs()
 
     def observe(self) -> dg.SensorResult:
-        from perf_pipeline.defs.platform.sensors import observe_platform_tables
+        from perf_pipeline.defs.platform.sensors import observe_platform_tables, store_sensor_result
         from perf_pipeline.defs.resources import PostgresResource
 
         ctx = dg.build_sensor_context(
@@ -46,16 +46,7 @@ class AutomationLoop:
             resources={"postgres": PostgresResource(url=self.database_url)},
         )
         result = observe_platform_tables(ctx)
-        for request in result.dynamic_partitions_requests or []:  # the daemon applies them first
-            if isinstance(request, dg.AddDynamicPartitionsRequest):
-                self.instance.add_dynamic_partitions(
-                    request.partitions_def_name, list(request.partition_keys)
-                )
-            else:
-                for key in request.partition_keys:
-                    self.instance.delete_dynamic_partition(request.partitions_def_name, key)
-        for event in result.asset_events or []:
-            self.instance.report_runless_asset_event(event)
+        store_sensor_result(self.instance, result)
         self.observe_cursor = result.cursor
         return result
 

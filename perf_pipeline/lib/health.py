@@ -1,7 +1,7 @@
 """Database health: maintenance (VACUUM/ANALYZE, REINDEX), the health report, latency probes, resources.
 
 Plain Python over psycopg 3 (no Dagster): the assets in ``perf_pipeline/defs/maintenance`` call it, so do
-the tests and the benchmark. What the seed's PerformanceMonitor got wrong, and this module does not:
+the tests and the benchmark. What a naive monitor gets wrong, and this module does not:
 
 * ``VACUUM`` cannot run inside a transaction block: :func:`run_maintenance` opens its own autocommit
   connection, one statement per relation, each bounded by ``statement_timeout`` and ``lock_timeout``;

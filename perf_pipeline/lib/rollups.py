@@ -53,7 +53,7 @@ ROLLUP_LOCK_KEY = 0x726F6C6C  # "roll"
 #: trends granularity → date_trunc unit
 TREND_UNITS: dict[str, str] = {"daily": "day", "weekly": "week", "monthly": "month"}
 
-#: the seed's dashboard looks back this many days (``dashboard_daily_metrics``)
+#: the dashboard's daily metrics view (``dashboard_daily_metrics``) looks back this many days
 LOOKBACK_DAYS = 90
 
 

@@ -292,3 +292,16 @@ def observe_platform_tables(
         cursor=r.cursor(),
         skip_reason=None if r.events or r.partition_requests else "nothing changed since the last tick",
     )
+
+
+def store_sensor_result(instance: dg.DagsterInstance, result: dg.SensorResult) -> None:
+    """What the daemon does with a tick of this sensor, for a tick run outside it (``perf-pipeline dev``
+    before the daemon starts, the tests): the dynamic-partition changes first, then the runless events."""
+    for request in result.dynamic_partitions_requests or []:
+        if isinstance(request, dg.AddDynamicPartitionsRequest):
+            instance.add_dynamic_partitions(request.partitions_def_name, list(request.partition_keys))
+        else:
+            for key in request.partition_keys:
+                instance.delete_dynamic_partition(request.partitions_def_name, key)
+    for event in result.asset_events or []:
+        instance.report_runless_asset_event(event)

@@ -1,4 +1,4 @@
-"""Cadence of the usage rollup: today's partial day every 30 minutes (the seed's cadence), yesterday
+"""Cadence of the usage rollup: today's partial day every 30 minutes (the dashboard's cadence), yesterday
 closed at 02:00 UTC (late rows of the evening, committed after midnight, are then in)."""
 
 import datetime as dt
