@@ -7,7 +7,7 @@ PYTEST_ARGS ?=
 SCENARIO ?= all
 DURATION ?= 30m
 
-.PHONY: install dev test test-system lint bench bench-scale soak validate up down clean
+.PHONY: install dev test test-system test-browser screenshots chromium lint bench bench-scale soak validate up down clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,20 @@ test-system: install
 	PERF_PIPELINE_TEST_DATABASE_URL=postgresql://postgres@127.0.0.1:5432/postgres \
 	PERF_PIPELINE_TEST_REDIS_URL=redis://127.0.0.1:6379/0 \
 	$(BIN)/pytest -n 2 --dist loadfile $(PYTEST_ARGS)
+
+## Debian's Chromium for the screenshots and the browser test (installed when missing; needs root or sudo)
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium; }
+
+## make screenshots: PNGs of the UI of a running `make dev` into docs/images/ (lineage, partitions, checks, plots, runs)
+screenshots: install chromium
+	$(BIN)/python -m perf_pipeline.screenshots
+
+## make test-browser: the UI's pages render without a JavaScript error (needs a running `make dev`)
+test-browser: install chromium
+	$(BIN)/pytest -m browser perf_pipeline_tests/browser $(PYTEST_ARGS)
 
 lint: install
 	$(BIN)/ruff check perf_pipeline perf_pipeline_tests bench deploy

@@ -13,7 +13,6 @@ import os
 import shlex
 import sys
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 from perf_pipeline.settings import PROJECT_ROOT, Settings, SettingsError, get_settings, shown
 
@@ -110,9 +109,34 @@ def cmd_down(args: argparse.Namespace) -> int:
 def cmd_migrate(args: argparse.Namespace) -> int:
     from perf_pipeline.lib.migrations import apply_migrations
 
-    applied = apply_migrations(_urls().database_url)
+    url = _urls().database_url
+    applied = apply_migrations(url)
     print(f"applied {len(applied)} migration(s)" + (": " + ", ".join(applied) if applied else "; up to date"))
+    if applied and os.environ.get("DAGSTER_HOME"):
+        report_schema_materialization(url, "perf-pipeline migrate")
     return 0
+
+
+def report_schema_materialization(url: str, by: str) -> None:
+    """Show the migrations just applied on ``platform_schema`` in the Dagster instance of DAGSTER_HOME (a
+    runless materialization); without a reachable instance the observe_platform_tables sensor reports them
+    within a minute of the daemon running. Never fails the command."""
+    import dagster as dg
+
+    from perf_pipeline.lib.db import connect
+
+    try:
+        with connect(url, autocommit=True) as conn:
+            total = conn.execute("SELECT count(*) FROM schema_migrations").fetchone()[0]
+        with dg.DagsterInstance.get() as instance:
+            instance.report_runless_asset_event(
+                dg.AssetMaterialization(
+                    asset_key="platform_schema",
+                    metadata={"migrations_applied_total": dg.MetadataValue.int(total), "applied_by": by},
+                )
+            )
+    except Exception as exc:  # noqa: BLE001 — the migrations are applied; the UI catches up through the sensor
+        log.warning("could not report the migrations to the Dagster instance (%s); the sensor will", exc)
 
 
 def cmd_seed(args: argparse.Namespace) -> int:
@@ -183,36 +207,10 @@ def cmd_storage(args: argparse.Namespace) -> int:
 
 
 def cmd_dev(args: argparse.Namespace) -> int:
-    """Start servers, migrate, load a demo workload if empty, then exec `dagster dev`."""
-    from perf_pipeline.lib.migrations import apply_migrations
-    from perf_pipeline.lib.workload import WorkloadSpec, database_is_empty, load_workload
+    """Start servers, migrate, load a demo if empty, run `dagster dev` and bootstrap it (perf_pipeline/dev.py)."""
+    from perf_pipeline import dev
 
-    env = dagster_environment()
-    url = env["PERF_PIPELINE_DATABASE_URL"]
-    applied = apply_migrations(url)
-    print(f"migrations: {len(applied)} applied")
-    if database_is_empty(url):
-        print("empty database: loading a small demo workload (120 days)")
-        load_workload(url, WorkloadSpec(days=120, usage_per_day=2000, audit_per_day=5000), progress=True)
-    print("Dagster pools:", ", ".join(f"{k}={v}" for k, v in apply_pool_limits(env).items()))
-    os.environ.update(env)
-    dagster = Path(sys.executable).with_name("dagster")
-    argv = [
-        str(dagster),
-        "dev",
-        "-w",
-        str(PROJECT_ROOT / "workspace.yaml"),
-        "-h",
-        args.host,
-        "-p",
-        str(args.port),
-    ]
-    print("exec", " ".join(argv))
-    os.chdir(
-        env["DAGSTER_HOME"]
-    )  # where its dagster.yaml is; from the project root Dagster warns about the other one
-    os.execve(argv[0], argv, os.environ)
-    return 0  # not reached
+    return dev.run(args.host, args.port, force_bootstrap=args.bootstrap, skip_bootstrap=args.no_bootstrap)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -470,10 +468,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--if-empty", action="store_true", help="do nothing if usage_log or audit_log has rows")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p = add(
-        "dev", cmd_dev, "start servers, migrate, seed a demo if empty, and run `dagster dev` (UI + daemon)"
+        "dev",
+        cmd_dev,
+        "start servers, migrate, load a demo workload if empty, run `dagster dev` (UI + daemon) and bootstrap it",
     )
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=3000)
+    p.add_argument(
+        "--bootstrap", action="store_true", help="launch the first hour's runs even if this instance has them"
+    )
+    p.add_argument("--no-bootstrap", action="store_true", help="only start Dagster, launch nothing")
     p = add(
         "serve",
         cmd_serve,

@@ -7,6 +7,7 @@ instead of half-way through a run.
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import re
 import uuid
@@ -165,6 +166,17 @@ def _str(name: str, raw: str) -> str:
     return raw
 
 
+def _month(name: str, raw: str) -> dt.date:
+    value = raw.strip()
+    try:
+        parsed = dt.date.fromisoformat(value if len(value) > 7 else f"{value}-01")
+    except ValueError:
+        raise SettingsError(f"{name} must be a month YYYY-MM (or YYYY-MM-01), got {raw!r}") from None
+    if parsed.day != 1 or not 2000 <= parsed.year <= 2100:
+        raise SettingsError(f"{name} must be a month YYYY-MM between 2000 and 2100, got {raw!r}")
+    return parsed
+
+
 _PG = _url("postgresql", "postgres")
 _REDIS = _url("redis", "rediss", "unix")
 
@@ -242,6 +254,13 @@ class Settings:
         _path,
         "AuditWriter's local spool: batches not yet acknowledged by PostgreSQL, replayed in order.",
     )
+    data_start: dt.date | None = _setting(
+        "PERF_PIPELINE_DATA_START",
+        None,
+        _month,
+        "First month of data (YYYY-MM): where the Dagster partitions of the tables, rollups and archives start. "
+        "Unset: the oldest month the database holds (attached or archived), read when the code location loads.",
+    )
     premake_months: int = _setting(
         "PERF_PIPELINE_PREMAKE_MONTHS",
         3,
@@ -264,7 +283,7 @@ class Settings:
         "PERF_PIPELINE_KPI_TTL_SECONDS",
         60,
         _int_in(60, 300),
-        "TTL of cached real-time KPIs (the user story asks for 1–5 minutes).",
+        "TTL of cached real-time KPIs (1–5 minutes).",
     )
     trends_ttl_seconds: int = _setting(
         "PERF_PIPELINE_TRENDS_TTL_SECONDS", 300, _int_in(60, 300), "TTL of cached usage trends (1–5 minutes)."

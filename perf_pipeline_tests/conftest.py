@@ -33,11 +33,15 @@ import pytest
 import redis as redis_lib
 from psycopg import sql
 
-from perf_pipeline.embedded import launch_redis_server, start_postgres
-from perf_pipeline.lib.migrations import apply_migrations
-from perf_pipeline.lib.storage import Store, locate, open_store
-from perf_pipeline.settings import get_settings
-from perf_pipeline.testing import SeaweedFS
+# The partitions of the code location start at the first month of data; the tests' fixtures use months
+# from 2021 on. Set before anything imports perf_pipeline.defs (definitions read it once, at load).
+os.environ.setdefault("PERF_PIPELINE_DATA_START", "2021-01")
+
+from perf_pipeline.embedded import launch_redis_server, start_postgres  # noqa: E402
+from perf_pipeline.lib.migrations import apply_migrations  # noqa: E402
+from perf_pipeline.lib.storage import Store, locate, open_store  # noqa: E402
+from perf_pipeline.settings import get_settings  # noqa: E402
+from perf_pipeline.testing import SeaweedFS  # noqa: E402
 
 
 def _with_db(url: str, db: str) -> str:

@@ -39,7 +39,7 @@ from perf_pipeline.lib.partitioning import (
 )
 from perf_pipeline.lib.storage import Store
 from perf_pipeline.lib.workload import WorkloadSpec, load_workload
-from perf_pipeline.settings import PROJECT_ROOT
+from perf_pipeline.settings import PROJECT_ROOT, get_settings
 from perf_pipeline_tests.conftest import Location, create_database, drop_database
 
 UTC = dt.UTC
@@ -401,19 +401,14 @@ def test_dagster_archive_asset_check_and_schedule(
         instance=dg.DagsterInstance.ephemeral(),
     )
     mats = res.asset_materializations_for_node("audit_log_archive")
-    assert len(mats) == 1 and mats[0].metadata["rows"].value == june > 0
+    assert len(mats) == 1 and mats[0].metadata["dagster/row_count"].value == june > 0
     assert mats[0].metadata["state"].value == "dropped"
-    # a month within retention is kept: no materialization
+    # a month within retention is not offered at all: the partitions end at the newest month past it
     this_month = dt.datetime.now(UTC).date().replace(day=1)
-    with psycopg.connect(seeded, autocommit=True) as conn:
-        ensure_partition(conn, "audit_log", this_month)
-    kept = dg.materialize(
-        [audit_log_archive],
-        partition_key=a.add_months(this_month, -1).isoformat(),
-        resources=resources,
-        instance=dg.DagsterInstance.ephemeral(),
-    )
-    assert kept.success and kept.asset_materializations_for_node("audit_log_archive") == []
+    keys = audit_log_archive.partitions_def.get_partition_keys()
+    retention = get_settings().audit_retention_months
+    assert keys[-1] == a.add_months(this_month, -retention - 1).isoformat()
+    assert a.add_months(this_month, -1).isoformat() not in keys
 
     assert audit_log_archive_files_match_manifest(**resources).passed
     victim = "audit_log/audit_log_y2024m06.parquet"
@@ -533,18 +528,22 @@ def test_usage_retention_rule(seeded: str, archive_dir: Path, monkeypatch: pytes
         instance=dg.DagsterInstance.ephemeral(),
     )
     mats = res.asset_materializations_for_node("usage_log_retention")
-    assert len(mats) == 1 and mats[0].metadata["rows"].value == rows > 0
+    assert len(mats) == 1 and mats[0].metadata["dagster/row_count"].value == rows > 0
     with psycopg.connect(seeded, autocommit=True) as conn:
         assert conn.execute("SELECT to_regclass('usage_log_y2024m05') IS NULL").fetchone()[0]
         assert a.manifest_row(conn, "usage_log", may).state == "dropped"
-    # a month the rollups still need: no materialization, the partition stays
+    # a month the rollups still need: the run fails and says which days, the partition stays
     kept = dg.materialize(
         [usage_log_retention],
         partition_key="2024-04-01",
         resources=resources,
         instance=dg.DagsterInstance.ephemeral(),
+        raise_on_error=False,
     )
-    assert kept.success and kept.asset_materializations_for_node("usage_log_retention") == []
+    assert not kept.success and kept.asset_materializations_for_node("usage_log_retention") == []
+    failure = next(e for e in kept.all_events if e.event_type_value == "STEP_FAILURE")
+    assert "usage_log 2024-04 kept" in failure.event_specific_data.error.message
+    assert "Roll those days up" in failure.event_specific_data.error.message
     with psycopg.connect(seeded, autocommit=True) as conn:
         assert conn.execute("SELECT to_regclass('usage_log_y2024m04') IS NOT NULL").fetchone()[0]
 

@@ -19,7 +19,10 @@ from perf_pipeline.defs.partitions.checks import (
     usage_log_default_partition_empty,
 )
 from perf_pipeline.defs.partitions.jobs import move_default_rows
-from perf_pipeline.defs.partitions.schedules import create_partitions_ahead_daily
+from perf_pipeline.defs.partitions.schedules import (
+    create_audit_log_partitions_ahead_daily,
+    create_usage_log_partitions_ahead_daily,
+)
 from perf_pipeline.defs.resources import PostgresResource
 from perf_pipeline.lib import partitioning as p
 from perf_pipeline.lib.db import load_query
@@ -87,50 +90,76 @@ def test_create_ahead_is_idempotent_and_exact(db: psycopg.Connection) -> None:
 
 
 def test_dagster_asset_creates_the_keys_month_with_indexes(db_url: str, db: psycopg.Connection) -> None:
+    instance = dg.DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions("usage_log_months", ["2025-03-01"])  # a key, as the sensor keeps them
     res = dg.materialize(
         [usage_log_partitions],
         partition_key="2025-03-01",
         resources={"postgres": PostgresResource(url=db_url)},
-        instance=dg.DagsterInstance.ephemeral(),
+        instance=instance,
     )
     assert res.success
     assert "usage_log_y2025m03" in _months(db, "usage_log")
     parent, attached = _index_parents(db, "usage_log", "usage_log_y2025m03")
     assert attached == parent and len(parent) == 4
     meta = res.asset_materializations_for_node("usage_log_partitions")[0].metadata
-    assert meta["created"].value == 1 and meta["months"].value == 1
+    assert meta["run_created"].value == 1 and meta["run_months"].value == 1
+    assert meta["created_by_this_run"].value is True and meta["attached"].value is True
     again = dg.materialize(
         [usage_log_partitions],
         partition_key="2025-03-01",
         resources={"postgres": PostgresResource(url=db_url)},
-        instance=dg.DagsterInstance.ephemeral(),
+        instance=instance,
     )
-    assert again.asset_materializations_for_node("usage_log_partitions")[0].metadata["created"].value == 0
+    assert again.asset_materializations_for_node("usage_log_partitions")[0].metadata["run_created"].value == 0
 
 
-def test_daily_schedule_requests_current_plus_premake_months(monkeypatch: pytest.MonkeyPatch) -> None:
+SCHEDULES = {
+    "audit_log": create_audit_log_partitions_ahead_daily,
+    "usage_log": create_usage_log_partitions_ahead_daily,
+}
+
+
+def test_daily_schedules_request_current_plus_premake_months(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PERF_PIPELINE_PREMAKE_MONTHS", "3")
-    ctx = dg.build_schedule_context(scheduled_execution_time=dt.datetime(2026, 11, 27, 0, 10, tzinfo=UTC))
-    request = create_partitions_ahead_daily(ctx)
-    assert request.tags[ASSET_PARTITION_RANGE_START_TAG] == "2026-11-01"
-    assert request.tags[ASSET_PARTITION_RANGE_END_TAG] == "2027-02-01"
+    with dg.instance_for_test() as instance:
+        _requests_name_their_months(instance)
+
+
+def _requests_name_their_months(instance: dg.DagsterInstance) -> None:
+    for table, schedule in SCHEDULES.items():
+        ctx = dg.build_schedule_context(
+            instance=instance, scheduled_execution_time=dt.datetime(2026, 11, 27, 0, 10, tzinfo=UTC)
+        )
+        request = schedule(ctx)
+        assert request.tags[ASSET_PARTITION_RANGE_START_TAG] == "2026-11-01"
+        assert request.tags[ASSET_PARTITION_RANGE_END_TAG] == "2027-02-01"
+        # the months it names are keys of the table's partitions (added when missing)
+        assert {"2026-11-01", "2027-02-01"} <= set(instance.get_dynamic_partitions(f"{table}_months"))
 
 
 def test_the_schedules_range_run_creates_every_premake_month(db_url: str, db: psycopg.Connection) -> None:
     now = dt.datetime.now(UTC)
-    request = create_partitions_ahead_daily(dg.build_schedule_context(scheduled_execution_time=now))
-    res = dg.materialize(
-        [audit_log_partitions, usage_log_partitions],
-        tags=request.tags,
-        resources={"postgres": PostgresResource(url=db_url)},
-        instance=dg.DagsterInstance.ephemeral(),
-    )
-    assert res.success
+    with dg.instance_for_test() as instance:
+        _range_runs(db_url, db, instance, now)
+
+
+def _range_runs(db_url: str, db: psycopg.Connection, instance: dg.DagsterInstance, now: dt.datetime) -> None:
     months = p.months_ahead(now.date(), get_settings().premake_months)
-    for table in ("audit_log", "usage_log"):
+    for table, asset in (("audit_log", audit_log_partitions), ("usage_log", usage_log_partitions)):
+        request = SCHEDULES[table](dg.build_schedule_context(instance=instance, scheduled_execution_time=now))
+        res = dg.materialize(
+            [asset],
+            tags=request.tags,
+            resources={"postgres": PostgresResource(url=db_url)},
+            instance=instance,
+        )
+        assert res.success
         # one run, one materialization per key, and the body saw the whole window at once
         mats = res.asset_materializations_for_node(f"{table}_partitions")
-        assert len(mats) == len(months) and mats[0].metadata["months"].value == len(months)
+        assert len(mats) == len(months) and mats[0].metadata["run_months"].value == len(months)
+        # each month's own facts on its own partition
+        assert {m.metadata["partition"].value for m in mats} == {p.partition_name(table, m) for m in months}
         assert {p.partition_name(table, m) for m in months} <= set(_months(db, table))
 
 
@@ -363,9 +392,14 @@ def test_definitions_expose_the_interface_names() -> None:
     } <= checks
     assert loaded.resolve_job_def("move_default_rows") is not None
     schedules = {s.name: s for s in loaded.schedules or []}
-    for name in ("create_partitions_ahead_daily", "archive_audit_log_monthly", "usage_log_retention_monthly"):
+    for name in (
+        "create_audit_log_partitions_ahead_daily",
+        "create_usage_log_partitions_ahead_daily",
+        "archive_audit_log_monthly",
+        "usage_log_retention_monthly",
+    ):
         assert schedules[name].description
-    assert schedules["create_partitions_ahead_daily"].cron_schedule == "10 0 * * *"
+    assert schedules["create_audit_log_partitions_ahead_daily"].cron_schedule == "10 0 * * *"
     assert schedules["archive_audit_log_monthly"].cron_schedule == "30 3 2 * *"
 
 

@@ -25,9 +25,9 @@ from psycopg import sql
 from perf_pipeline.defs.resources import PostgresResource
 from perf_pipeline.defs.rollups.assets import CHECK_NO_LATE_ROWS_ARCHIVED, usage_daily_metrics
 from perf_pipeline.defs.rollups.reconciliation import rolled_up_days_match_usage_log_last_90
-from perf_pipeline.defs.rollups.sensors import usage_daily_metrics_late_data_sensor
 from perf_pipeline.lib import archive, rollups
 from perf_pipeline.lib.partitioning import add_months, archive_lock_key, ensure_partitions, months_between
+from perf_pipeline.testing import AutomationLoop
 
 UTC = dt.UTC
 TODAY = dt.datetime.now(UTC).date()
@@ -81,21 +81,16 @@ def _pending(conn: psycopg.Connection, day: dt.date) -> bool:
     return bool(marked or claimed)
 
 
-def _tick(url: str, instance: dg.DagsterInstance, cursor: str | None = None) -> dg.SensorResult:
-    ctx = dg.build_sensor_context(instance=instance, cursor=cursor, resources=_resources(url))
-    return usage_daily_metrics_late_data_sensor(ctx)
+def _loop(url: str) -> AutomationLoop:
+    """The daemon's observation + automation loop on a fresh instance, primed with today's database."""
+    loop = AutomationLoop(url, dg.DagsterInstance.ephemeral())
+    loop.prime()
+    return loop
 
 
-def _requested_days(result: dg.SensorResult) -> set[str]:
-    days = set()
-    for r in result.run_requests:
-        if r.partition_key:
-            days.add(r.partition_key)
-            continue
-        first = dt.date.fromisoformat(r.tags["dagster/asset_partition_range_start"])
-        last = dt.date.fromisoformat(r.tags["dagster/asset_partition_range_end"])
-        days |= {(first + dt.timedelta(days=i)).isoformat() for i in range((last - first).days + 1)}
-    return days
+def _requested(loop: AutomationLoop) -> set[str]:
+    """One daemon tick: the days of usage_daily_metrics automation requests."""
+    return loop.tick()["usage_daily_metrics"]
 
 
 def _start_victim(url: str, day: dt.date) -> subprocess.Popen:
@@ -147,6 +142,7 @@ def test_a_rollup_killed_after_claiming_leaves_the_day_marked(
     day = TODAY - dt.timedelta(days=5 if kill == "sigkill" else 6)
     _add_rows(conn, day, 2000, f"base-{kill}")
     rollups.rollup_days(conn, day, day + dt.timedelta(days=1))
+    loop = _loop(url)  # the daemon, running all along
     _add_rows(conn, day, 100, f"late-{kill}")
     assert _sessions(conn, day) == (2000, 2100) and _pending(conn, day)
 
@@ -171,11 +167,12 @@ def test_a_rollup_killed_after_claiming_leaves_the_day_marked(
 
     assert _sessions(conn, day) == (2000, 2100)
     assert _pending(conn, day), "the killed rollup took the day's late-data mark with it"
-    instance = dg.DagsterInstance.ephemeral()
-    tick = _tick(url, instance)
-    assert day.isoformat() in _requested_days(tick)  # re-armed and requested, nobody involved
+    assert day.isoformat() in _requested(loop)  # re-armed and requested, nobody involved
     run = dg.materialize(
-        [usage_daily_metrics], partition_key=day.isoformat(), resources=_resources(url), instance=instance
+        [usage_daily_metrics],
+        partition_key=day.isoformat(),
+        resources=_resources(url),
+        instance=loop.instance,
     )
     assert run.success
     assert _sessions(conn, day) == (2100, 2100)
@@ -193,7 +190,7 @@ def test_rollups_killed_at_random_moments_never_lose_a_day(url: str, conn: psyco
     _add_rows(conn, day, 200_000, "loop-base")  # a rollup of ~0.5 s: kills land inside it often
     rollups.rollup_days(conn, day, day + dt.timedelta(days=1))
     rnd = random.Random(11)
-    instance = dg.DagsterInstance.ephemeral()
+    loop = _loop(url)
     outcomes = {"right": 0, "pending": 0}
     for round_ in range(10):
         _add_rows(conn, day, 50, f"loop-{round_}")
@@ -213,7 +210,7 @@ def test_rollups_killed_at_random_moments_never_lose_a_day(url: str, conn: psyco
         else:
             assert _pending(conn, day), f"round {round_}: {rolled} rolled up, {truth} in usage_log, no mark"
             outcomes["pending"] += 1
-            _tick(url, instance)  # re-arms a dead rollup's claims
+            _requested(loop)  # re-arms a dead rollup's claims
             rollups.rollup_days(conn, day, day + dt.timedelta(days=1))
             assert _sessions(conn, day) == (truth, truth)
     assert sum(outcomes.values()) == 10
@@ -224,6 +221,7 @@ def test_daily_reconciliation_remarks_a_day_whose_mark_was_lost(url: str, conn: 
     for d in (day, marked_day):
         _add_rows(conn, d, 300, f"recon-{d}")
     rollups.rollup_days(conn, marked_day, day + dt.timedelta(days=1))
+    loop = _loop(url)
     check = rolled_up_days_match_usage_log_last_90(**_resources(url))
     assert check.passed
     # a write the triggers did not see (a session with triggers disabled): nothing marks the day
@@ -236,8 +234,7 @@ def test_daily_reconciliation_remarks_a_day_whose_mark_was_lost(url: str, conn: 
     assert not check.passed and check.metadata["disagreeing_days"].value == 1
     assert str(day) in check.metadata["days"].value
     assert _pending(conn, day)  # marked again: the late-data sensor re-runs it
-    tick = _tick(url, dg.DagsterInstance.ephemeral())
-    assert {day.isoformat(), marked_day.isoformat()} <= _requested_days(tick)
+    assert {day.isoformat(), marked_day.isoformat()} <= _requested(loop)
     rollups.rollup_days(conn, marked_day, day + dt.timedelta(days=1))
     assert rolled_up_days_match_usage_log_last_90(**_resources(url)).passed
 
@@ -261,6 +258,7 @@ def test_days_of_an_archived_month_keep_their_history(
         (month, add_months(month, 1)),
     ).fetchall()
     assert archive.archive_partition(conn, "usage_log", month, tmp_path).state == "dropped"
+    loop = _loop(url)
 
     conn.execute(
         "INSERT INTO usage_log (user_id, created_at, duration_minutes, cost_usd, stt_provider) "
@@ -268,10 +266,10 @@ def test_days_of_an_archived_month_keep_their_history(
         (dt.datetime.combine(late_day, dt.time(12), UTC),),
     )
     assert conn.execute("SELECT count(*) FROM usage_log_default").fetchone()[0] == 1
-    instance = dg.DagsterInstance.ephemeral()
-    tick = _tick(url, instance)
-    assert late_day.isoformat() in _requested_days(tick)
-    for key in (late_day, other_day):  # the sensor's run, then a manual run of a neighbouring day
+    instance = loop.instance
+    # the month is not in usage_log any more: nothing to recompute, automation requests nothing
+    assert _requested(loop) == set()
+    for key in (late_day, other_day):  # runs by hand (or a backfill) of the archived days
         run = dg.materialize(
             [usage_daily_metrics], partition_key=key.isoformat(), resources=_resources(url), instance=instance
         )
@@ -288,7 +286,7 @@ def test_days_of_an_archived_month_keep_their_history(
     ).fetchall()
     assert after == history  # nothing recomputed from the rows left
     assert _pending(conn, late_day)  # the mark stays until the rows are all back
-    assert _tick(url, instance, tick.cursor).run_requests == []  # requested once, not every minute
+    assert _requested(loop) == set()  # nothing re-runs the archived days every minute
     assert rolled_up_days_match_usage_log_last_90(**_resources(url)).passed  # archived days are not compared
 
     archive.restore_partition(conn, "usage_log", month)  # moves the late row in

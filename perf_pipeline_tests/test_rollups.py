@@ -32,17 +32,17 @@ from perf_pipeline.defs.rollups.assets import (
     usage_daily_metrics,
 )
 from perf_pipeline.defs.rollups.schedules import (
-    close_yesterday_metrics_daily_0200,
+    close_yesterday_metrics_daily,
     refresh_today_metrics_every_30_min,
-)
-from perf_pipeline.defs.rollups.sensors import (
-    RANGE_END_TAG,
-    RANGE_START_TAG,
-    usage_daily_metrics_late_data_sensor,
 )
 from perf_pipeline.lib import rollups
 from perf_pipeline.lib.migrations import MIGRATIONS_DIR
 from perf_pipeline.lib.partitioning import add_months, ensure_partitions
+from perf_pipeline.testing import AutomationLoop
+
+# Dagster's run tags for a partition range
+RANGE_START_TAG = "dagster/asset_partition_range_start"
+RANGE_END_TAG = "dagster/asset_partition_range_end"
 
 UTC = dt.UTC
 TODAY = dt.datetime.now(UTC).date()
@@ -400,17 +400,22 @@ def test_bad_numbers_are_rolled_back_and_fail_the_blocking_check(
 
 
 def test_late_rows_rerun_exactly_their_day(loaded_url: str, conn: psycopg.Connection) -> None:
+    """The daemon's loop, by hand: observe_platform_tables reports a past day of usage_log changed (its
+    late-data mark) and declarative automation requests exactly that day of usage_daily_metrics — only if it
+    was rolled up before; today is the schedule's."""
     start, end = _window()
-    rollups.rollup_days(conn, start, end)
-    assert conn.execute("SELECT count(*) FROM usage_rollup_stale_days").fetchone()[0] == 0
+    conn.execute("DELETE FROM usage_rollup_stale_days")
     instance = dg.DagsterInstance.ephemeral()
-
-    def tick(cursor: str | None) -> dg.SensorResult:
-        ctx = dg.build_sensor_context(instance=instance, cursor=cursor, resources=_resources(loaded_url))
-        return usage_daily_metrics_late_data_sensor(ctx)
-
-    idle = tick(None)
-    assert idle.run_requests == []
+    loop = AutomationLoop(loaded_url, instance)
+    assert loop.tick()["usage_daily_metrics"] == set()  # days never rolled up: a backfill's business
+    rolled = dg.materialize(
+        [usage_daily_metrics],
+        resources=_resources(loaded_url),
+        instance=instance,
+        tags={RANGE_START_TAG: start.isoformat(), RANGE_END_TAG: (end - dt.timedelta(days=1)).isoformat()},
+    )
+    assert rolled.success
+    assert loop.tick()["usage_daily_metrics"] == set()  # nothing changed since
 
     late_day = DAYS[5]
     late = Row(
@@ -440,14 +445,11 @@ def test_late_rows_rerun_exactly_their_day(loaded_url: str, conn: psycopg.Connec
     )
     assert {r[0] for r in conn.execute("SELECT day FROM usage_rollup_stale_days")} == {late_day, not_rolled}
 
-    result = tick(idle.cursor)
-    assert [r.partition_key for r in result.run_requests] == [late_day.isoformat()]
-    assert result.run_requests[0].tags["perf_pipeline/late_days"].startswith(late_day.isoformat())
-    assert tick(result.cursor).run_requests == []  # requested once, even while the run is queued
-
+    assert loop.tick()["usage_daily_metrics"] == {late_day.isoformat()}
+    assert loop.tick()["usage_daily_metrics"] == set()  # requested once, even while its run is queued
     run = dg.materialize(
         [usage_daily_metrics],
-        partition_key=result.run_requests[0].partition_key,
+        partition_key=late_day.isoformat(),
         resources=_resources(loaded_url),
         instance=instance,
     )
@@ -461,26 +463,31 @@ def test_late_rows_rerun_exactly_their_day(loaded_url: str, conn: psycopg.Connec
     )
     assert (late_day, "newprovider") in _providers(conn)
     assert {r[0] for r in conn.execute("SELECT day FROM usage_rollup_stale_days")} == {not_rolled}
-    assert tick(result.cursor).run_requests == []
+    assert loop.tick()["usage_daily_metrics"] == set()
 
-    # an UPDATE moving a row between two rolled-up days marks both; consecutive days → one ranged run
+    # an UPDATE moving a row between two rolled-up days marks both: both requested (one backfill, one range)
     conn.execute(
         "UPDATE usage_log SET created_at = created_at + interval '1 day' "
         "WHERE created_at = %s AND stt_provider = 'newprovider'",
         (late.created_at,),
     )
-    moved = tick(result.cursor).run_requests
-    assert len(moved) == 1 and moved[0].partition_key is None
-    assert (moved[0].tags[RANGE_START_TAG], moved[0].tags[RANGE_END_TAG]) == (
+    assert loop.tick()["usage_daily_metrics"] == {
         late_day.isoformat(),
         (late_day + dt.timedelta(days=1)).isoformat(),
+    }
+    moved = dg.materialize(
+        [usage_daily_metrics],
+        resources=_resources(loaded_url),
+        instance=instance,
+        tags={
+            RANGE_START_TAG: late_day.isoformat(),
+            RANGE_END_TAG: (late_day + dt.timedelta(days=1)).isoformat(),
+        },
     )
+    assert moved.success
     # a DELETE marks its day
-    rollups.rollup_days(conn, late_day, late_day + dt.timedelta(days=2))
     conn.execute("DELETE FROM usage_log WHERE stt_provider = 'newprovider'")
-    assert [r.partition_key for r in tick(None).run_requests] == [
-        (late_day + dt.timedelta(days=1)).isoformat()
-    ]
+    assert loop.tick()["usage_daily_metrics"] == {(late_day + dt.timedelta(days=1)).isoformat()}
     rollups.rollup_days(conn, start, end)
     conn.execute(
         "DELETE FROM usage_log WHERE created_at >= %s AND created_at < %s",
@@ -579,11 +586,18 @@ def test_asset_materializes_a_range_in_one_run_with_checks_and_metadata(
     assert run.success
     mats = run.asset_materializations_for_node("usage_daily_metrics")
     assert sorted(m.partition for m in mats) == [d.isoformat() for d in DAYS]  # one run, every day
-    meta = mats[0].metadata
-    assert meta["days"].value == len(DAYS)
-    assert meta["rows_scanned"].value == meta["sessions"].value == len(ROWS)
-    assert meta["revenue"].value == pytest.approx(float(sum(r.cost for r in ROWS if r.billable)))
-    assert meta["duration_ms"].value > 0
+    days, _ = _expected(ROWS)
+    for m in mats:
+        day = dt.date.fromisoformat(m.partition)
+        want = days.get(day, {"sessions": 0, "revenue": Decimal(0), "users": set()})
+        # each day carries its own numbers, never the run's totals
+        assert m.metadata["sessions"].value == want["sessions"] == m.metadata["dagster/row_count"].value
+        assert m.metadata["revenue_usd"].value == pytest.approx(round(float(want["revenue"]), 2))
+        assert m.metadata["active_users"].value == len(want["users"])
+        # the run's own figures are named as such (Dagster copies them onto every day)
+        assert m.metadata["run_days"].value == len(DAYS)
+        assert m.metadata["run_rows_read"].value == len(ROWS)
+    assert len({m.metadata["sessions"].value for m in mats}) > 3
     checks = {e.check_name: e for e in run.get_asset_check_evaluations()}
     assert checks[CHECK_RECONCILED].passed and checks[CHECK_NON_NEGATIVE].passed
     # most of the last 90 days were never rolled up here: the (non-blocking) gap check says so
@@ -598,11 +612,11 @@ def test_schedules_target_today_and_yesterday() -> None:
     today = refresh_today_metrics_every_30_min(ctx)
     assert today.partition_key == "2025-08-14"
     assert refresh_today_metrics_every_30_min.cron_schedule == "*/30 * * * *"
-    closing = close_yesterday_metrics_daily_0200(
+    closing = close_yesterday_metrics_daily(
         dg.build_schedule_context(scheduled_execution_time=dt.datetime(2025, 8, 14, 2, 0, tzinfo=UTC))
     )
     assert closing.partition_key == "2025-08-13"
-    assert close_yesterday_metrics_daily_0200.cron_schedule == "0 2 * * *"
+    assert close_yesterday_metrics_daily.cron_schedule == "0 2 * * *"
 
 
 def test_bad_window_is_refused(conn: psycopg.Connection) -> None:

@@ -1,12 +1,13 @@
-"""UI smoke test: a real dagster-webserver on a test instance (PostgreSQL storage), driven through GraphQL.
-
-Lists every asset, check, schedule and sensor the code location defines, launches a materialization of
-`platform_schema` on this module's database and waits for it to succeed.
+"""The UI's truth, through a real dagster-webserver on a test instance (PostgreSQL storage) and GraphQL:
+every definition listed; the lineage edges from the schema and the platform's tables to the cache and
+the archives; the months PostgreSQL holds shown as materialized (whoever created them); and a 3-day range
+run whose days each carry their own numbers.
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import os
 import signal
 import socket
@@ -60,13 +61,19 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
+def dagster_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("dagster_home")
+
+
+@pytest.fixture(scope="module")
 def webserver(
-    db_url: str, redis_server_url: str, pg_server_url: str, tmp_path_factory: pytest.TempPathFactory
+    db_url: str, redis_server_url: str, pg_server_url: str, dagster_home: Path
 ) -> Iterator[DagsterGraphQLClient]:
-    home = tmp_path_factory.mktemp("dagster_home")
+    home = dagster_home
     storage_url = create_database(pg_server_url, prefix="ppt_dagster")
     psycopg2_url = urlunsplit(urlsplit(storage_url)._replace(scheme="postgresql+psycopg2"))
     # the project's dagster.yaml minus the queued coordinator (no daemon here: runs launch at once)
+    os.environ["PERF_PIPELINE_DAGSTER_PG_URL"] = psycopg2_url  # this test opens the same instance
     (home / "dagster.yaml").write_text(
         "storage:\n  postgres:\n    postgres_url:\n      env: PERF_PIPELINE_DAGSTER_PG_URL\n"
         "run_coordinator:\n  module: dagster._core.run_coordinator\n  class: DefaultRunCoordinator\n"
@@ -158,3 +165,142 @@ def test_lists_every_definition_and_materializes(webserver: DagsterGraphQLClient
         assert time.monotonic() < deadline, f"run {run_id} still {status}"
         time.sleep(1)
     assert status == "SUCCESS"
+
+
+LINEAGE = """
+query { assetNodes { assetKey { path } dependencyKeys { path } } }
+"""
+
+PARTITIONS = """
+query($key: AssetKeyInput!) {
+  assetNodeOrError(assetKey: $key) {
+    ... on AssetNode {
+      partitionKeys
+      assetPartitionStatuses {
+        __typename
+        ... on DefaultPartitionStatuses { materializedPartitions }
+        ... on TimePartitionStatuses { ranges { status startKey endKey } }
+      }
+    }
+  }
+}
+"""
+
+DAY_METADATA = """
+query($key: AssetKeyInput!, $partitions: [String!]) {
+  assetOrError(assetKey: $key) {
+    ... on Asset {
+      assetMaterializations(partitions: $partitions) {
+        partition
+        metadataEntries { label ... on IntMetadataEntry { intValue } ... on FloatMetadataEntry { floatValue } }
+      }
+    }
+  }
+}
+"""
+
+
+def test_the_lineage_reads_from_the_schema_to_the_cache_and_the_archives(
+    webserver: DagsterGraphQLClient,
+) -> None:
+    nodes = webserver._execute(LINEAGE)["assetNodes"]
+    edges = {
+        ("/".join(d["path"]), "/".join(n["assetKey"]["path"])) for n in nodes for d in n["dependencyKeys"]
+    }
+    for edge in [
+        ("platform_schema", "audit_log_partitions"),
+        ("platform_schema", "usage_log_partitions"),
+        ("audit_log_partitions", "audit_log"),
+        ("usage_log_partitions", "usage_log"),
+        ("platform_schema", "session"),
+        ("platform_schema", "data_export"),
+        ("usage_log", "usage_daily_metrics"),
+        ("usage_log", "usage_kpi_buckets"),
+        ("usage_daily_metrics", "dashboard_cache"),
+        ("usage_kpi_buckets", "dashboard_cache"),
+        ("audit_log", "audit_log_archive"),
+        ("usage_daily_metrics", "usage_log_retention"),
+        ("data_export", "data_export_files"),
+    ]:
+        assert edge in edges, f"missing lineage edge {edge}"
+    has_parent = {b for _, b in edges}
+    orphans = {"/".join(n["assetKey"]["path"]) for n in nodes} - has_parent - {"platform_schema"}
+    assert orphans == set(), f"assets with no upstream: {orphans}"
+
+
+def test_months_postgresql_holds_are_shown_materialized(
+    webserver: DagsterGraphQLClient, db_url: str, dagster_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import dagster as dg
+    import psycopg
+
+    from perf_pipeline.defs.platform.sensors import observe_platform_tables, store_sensor_result
+    from perf_pipeline.defs.resources import PostgresResource
+    from perf_pipeline.lib.partitioning import ensure_partitions, existing_months
+
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        # months made outside Dagster, as the workload loader or a migration would
+        ensure_partitions(conn, "audit_log", [dt.date(2023, 1, 1), dt.date(2023, 2, 1)])
+        attached = {m.isoformat() for m in existing_months(conn, "audit_log")}
+    monkeypatch.setenv("DAGSTER_HOME", str(dagster_home))
+    with dg.DagsterInstance.get() as instance:  # the webserver's instance: one tick of the sensor, stored
+        ctx = dg.build_sensor_context(instance=instance, resources={"postgres": PostgresResource(url=db_url)})
+        store_sensor_result(instance, observe_platform_tables(ctx))
+    for asset in ("audit_log_partitions", "audit_log"):
+        node = webserver._execute(PARTITIONS, {"key": {"path": [asset]}})["assetNodeOrError"]
+        statuses = node["assetPartitionStatuses"]
+        assert set(statuses["materializedPartitions"]) == attached, asset  # the bar is pg_inherits
+        assert attached <= set(node["partitionKeys"])
+
+
+def test_a_range_run_shows_each_days_own_numbers(webserver: DagsterGraphQLClient, db_url: str) -> None:
+    import psycopg
+
+    days = [dt.date(2024, 3, 10) + dt.timedelta(days=i) for i in range(3)]
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        from perf_pipeline.lib.partitioning import ensure_partitions
+
+        ensure_partitions(conn, "usage_log", [days[0]])
+        for i, day in enumerate(days):  # a different number of sessions each day: 10, 20, 30
+            conn.execute(
+                "INSERT INTO usage_log (user_id, created_at, duration_minutes, cost_usd, stt_provider) "
+                "SELECT gen_random_uuid(), %s::timestamptz + g * interval '1 minute', 1, 0.5, 'google' "
+                "FROM generate_series(1, %s) g",
+                (dt.datetime.combine(day, dt.time(1), dt.UTC), 10 * (i + 1)),
+            )
+    (repo,) = webserver._execute(REPO_QUERY)["repositoriesOrError"]["nodes"]
+    params = {
+        "selector": {
+            "repositoryLocationName": "perf_pipeline",
+            "repositoryName": repo["name"],
+            "jobName": "__ASSET_JOB",
+            "assetSelection": [{"path": ["usage_daily_metrics"]}],
+        },
+        "runConfigData": {},
+        "executionMetadata": {
+            "tags": [
+                {"key": "dagster/asset_partition_range_start", "value": days[0].isoformat()},
+                {"key": "dagster/asset_partition_range_end", "value": days[-1].isoformat()},
+            ]
+        },
+    }
+    launched = webserver._execute(LAUNCH, {"params": params})["launchRun"]
+    assert launched["__typename"] == "LaunchRunSuccess", launched
+    run_id = launched["run"]["runId"]
+    deadline = time.monotonic() + 120
+    while (status := webserver.get_run_status(run_id).value) not in ("SUCCESS", "FAILURE", "CANCELED"):
+        assert time.monotonic() < deadline, f"run {run_id} still {status}"
+        time.sleep(1)
+    assert status == "SUCCESS"
+    events = webserver._execute(
+        DAY_METADATA, {"key": {"path": ["usage_daily_metrics"]}, "partitions": [d.isoformat() for d in days]}
+    )["assetOrError"]["assetMaterializations"]
+    by_day = {
+        e["partition"]: {m["label"]: m.get("intValue", m.get("floatValue")) for m in e["metadataEntries"]}
+        for e in events
+    }
+    assert {d: by_day[d.isoformat()]["sessions"] for d in days} == dict(zip(days, (10, 20, 30), strict=True))
+    assert {d: by_day[d.isoformat()]["revenue_usd"] for d in days} == dict(
+        zip(days, (5.0, 10.0, 15.0), strict=True)
+    )
+    assert {by_day[d.isoformat()]["run_days"] for d in days} == {3}  # the run's own figure, named as such

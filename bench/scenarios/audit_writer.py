@@ -13,19 +13,33 @@
    ≥ 50k events/s. In CPython the producers and the flusher share one GIL, so the saturated p99 also
    measures waiting for the GIL (5 ms switch interval) behind the other threads; (c) saturated again
    with ``sys.setswitchinterval(0.0005)`` (an application-wide knob, not set by the writer) shows it.
+4. SIGKILL: a child process with one ``AuditWriter`` (spool folder) and 4 producer threads, (a) saturating
+   it, (b) paced at 50k events/s in total, killed with SIGKILL after a random 1–3 s; a new writer on the same
+   spool then replays it and the rows in audit_log are counted. Each producer logs ``entity_id`` "p<k>-<n>"
+   and publishes the count ``log()`` accepted in a shared memory map the parent reads after the kill: lost =
+   accepted − distinct present; age of the oldest lost event = kill time − timestamp of the newest present
+   event before the first missing one (consecutive events of a producer are µs apart); duplicates = rows −
+   distinct ids (must be 0). Per variant: p50/max over the rounds.
 
-``BENCH_SCALE=small``: 100k events and fewer rounds (about a minute); default: 1M events.
+``BENCH_SCALE=small``: 100k events and fewer rounds (5 kills per variant instead of 20); default: 1M
+events. The SIGKILL rounds take about 2.5 minutes at the default scale, 50 s small.
+``BENCH_AUDIT_PARTS``: a comma-separated subset of ``seed,delivery,sustained,kill`` (default: all).
 """
 
 from __future__ import annotations
 
+import mmap
 import os
+import random
+import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
 import time
 import uuid
+from pathlib import Path
 
 import psycopg
 from psycopg import sql
@@ -37,6 +51,9 @@ SMALL = os.environ.get("BENCH_SCALE", "").lower() == "small"
 EVENTS = 100_000 if SMALL else 1_000_000
 ROUNDS = 5 if SMALL else 10
 PRODUCERS = 4
+ROOT = str(Path(__file__).resolve().parents[2])  # the checkout the child process imports from
+KILL_ROUNDS = 5 if SMALL else 20
+PARTS = {p.strip() for p in os.environ.get("BENCH_AUDIT_PARTS", "seed,delivery,sustained,kill").split(",")}
 USER = "6f1c1a52-8f8e-4c59-9a55-0d3a7b0c2f11"
 
 
@@ -269,16 +286,170 @@ def _sustained(ctx: BenchContext, url: str, rate: int | None, switch_interval_s:
     )
 
 
+def kill_child() -> None:
+    """The killed process of :func:`_kill_rounds` (``python -c``; argv: url spool counts_file rate|-).
+
+    One writer, 4 producer threads logging "p<k>-<n>" as fast as they can (or paced to ``rate`` in total);
+    after each ``log()`` returned, producer k stores n + 1 in slot k of the shared map, so the parent knows
+    what was accepted when it killed the process. Runs until killed.
+    """
+    url, spool, counts_file, rate_arg = sys.argv[1:5]
+    rate = None if rate_arg == "-" else int(rate_arg)
+    writer = AuditWriter(url, spool_dir=spool, metrics_interval_s=None)
+    with open(counts_file, "r+b") as fh:
+        shared = mmap.mmap(fh.fileno(), PRODUCERS * 8)
+    accepted = memoryview(shared).cast("q")  # one aligned 8-byte store per event: readable after a SIGKILL
+    start = threading.Barrier(PRODUCERS + 1)
+
+    def produce(k: int) -> None:
+        log, prefix = writer.log, f"p{k}-"
+        start.wait()
+        began, n = time.perf_counter(), 0
+        while True:
+            if rate is not None and n % 25 == 0:
+                ahead = began + n * PRODUCERS / rate - time.perf_counter()
+                if ahead > 0:
+                    time.sleep(ahead)
+            log(
+                "session.create",
+                "bench.kill",
+                f"{prefix}{n}",
+                "create",
+                "Session created",
+                user_id=USER,
+                details={"n": n, "provider": "whisper"},
+                ip="10.1.2.3",
+            )
+            n += 1
+            accepted[k] = n
+
+    for k in range(PRODUCERS):
+        threading.Thread(target=produce, args=(k,), daemon=True).start()
+    start.wait()
+    print("READY", flush=True)
+    threading.Event().wait()
+
+
+# per producer: distinct events present among the accepted ones, and the first missing one (NULL: none)
+_KILL_COUNTS = """
+WITH e AS (
+    SELECT split_part(entity_id, '-', 1) AS p, split_part(entity_id, '-', 2)::bigint AS n
+    FROM audit_log WHERE entity_type = 'bench.kill' GROUP BY 1, 2
+), r AS (
+    SELECT p, n, row_number() OVER (PARTITION BY p ORDER BY n) - 1 AS i FROM e
+), acc AS (
+    SELECT 'p' || (k - 1) AS p, a FROM unnest(%s::bigint[]) WITH ORDINALITY AS u(a, k)
+)
+SELECT acc.p, acc.a, count(r.n) FILTER (WHERE r.n < acc.a), min(r.i) FILTER (WHERE r.n <> r.i)
+FROM acc LEFT JOIN r ON r.p = acc.p GROUP BY acc.p, acc.a ORDER BY acc.p
+"""
+
+
+def _kill_round(url: str, rate: int | None, rng: random.Random) -> dict[str, float]:
+    """One child killed after a random 1–3 s of logging: accepted, lost, oldest lost age, duplicates."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("TRUNCATE audit_log")
+    with tempfile.TemporaryDirectory(prefix="bench_audit_kill_") as tmp:
+        spool, counts_file = Path(tmp) / "spool", Path(tmp) / "accepted"
+        counts_file.write_bytes(bytes(PRODUCERS * 8))
+        child = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                "from bench.scenarios.audit_writer import kill_child; kill_child()",
+                url,
+                str(spool),
+                str(counts_file),
+                "-" if rate is None else str(rate),
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+            env={
+                **os.environ,
+                "PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])),
+            },
+        )
+        try:
+            assert child.stdout is not None and child.stdout.readline().strip() == "READY"
+            ready = time.time()
+            time.sleep(rng.uniform(1.0, 3.0))
+            killed_at = time.time()
+            child.send_signal(signal.SIGKILL)
+        finally:
+            child.kill()
+            child.wait(30)
+        with open(counts_file, "rb") as fh:
+            accepted = list(memoryview(fh.read()).cast("q"))
+        started = time.perf_counter()
+        with AuditWriter(url, spool_dir=spool, metrics_interval_s=None) as replay:
+            assert replay.flush(600), "replay did not finish"
+            replayed = replay.metrics()["replayed"]
+        replay_s = time.perf_counter() - started
+    with psycopg.connect(url, autocommit=True) as conn:
+        rows, distinct = conn.execute("SELECT count(*), count(DISTINCT id) FROM audit_log").fetchone()  # type: ignore[misc]
+        lost, oldest = 0, 0.0
+        for p, acc, present, first_gap in conn.execute(_KILL_COUNTS, (accepted,)).fetchall():
+            lost += acc - present
+            if acc == present:
+                continue
+            missing = present if first_gap is None else first_gap  # every n before it is present
+            if missing == 0:
+                age = killed_at - ready  # nothing of this producer survived: as old as the run
+            else:
+                (ts,) = conn.execute(
+                    'SELECT extract(epoch FROM min("timestamp"))::float8 FROM audit_log '
+                    "WHERE entity_type = 'bench.kill' AND entity_id = %s",
+                    (f"{p}-{missing - 1}",),
+                ).fetchone()  # type: ignore[misc]
+                age = killed_at - ts
+            oldest = max(oldest, age)
+    return {
+        "accepted": float(sum(accepted)),
+        "run_s": killed_at - ready,
+        "lost": float(lost),
+        "oldest_lost_ms": oldest * 1000,
+        "duplicates": float(rows - distinct),
+        "replayed": float(replayed),
+        "replay_s": replay_s,
+    }
+
+
+def _kill_rounds(ctx: BenchContext, url: str, rate: int | None) -> None:
+    rng = random.Random(20260301 if rate is None else rate)
+    rounds = [_kill_round(url, rate, rng) for _ in range(KILL_ROUNDS)]
+    col = {k: [r[k] for r in rounds] for k in rounds[0]}
+    ctx.row(
+        test=f"SIGKILL, 4 producers, {'saturated' if rate is None else f'paced {rate:,}/s'}",
+        rounds=len(rounds),
+        accepted_p50=statistics.median(col["accepted"]),
+        events_per_s_p50=statistics.median(a / s for a, s in zip(col["accepted"], col["run_s"], strict=True)),
+        lost_p50=statistics.median(col["lost"]),
+        lost_max=max(col["lost"]),
+        oldest_lost_ms_p50=statistics.median(col["oldest_lost_ms"]),
+        oldest_lost_ms_max=max(col["oldest_lost_ms"]),
+        duplicates=sum(col["duplicates"]),
+        replayed_p50=statistics.median(col["replayed"]),
+        replay_s_p50=statistics.median(col["replay_s"]),
+    )
+
+
 @scenario(
-    "audit_writer", "AuditWriter: seed's 100 audited ops sync vs async, delivery paths, 4-thread throughput"
+    "audit_writer",
+    "AuditWriter: seed's 100 audited ops sync vs async, delivery paths, 4-thread throughput, SIGKILL loss",
 )
 def run(ctx: BenchContext) -> None:
     with ctx.database("bench_audit") as url:
-        _seed_test(ctx, url)
-        _delivery_paths(ctx, url)
+        if "seed" in PARTS:
+            _seed_test(ctx, url)
+        if "delivery" in PARTS:
+            _delivery_paths(ctx, url)
         # the third run shows what the GIL costs the flusher: with 4 busy producers each time it gets the
         # GIL back after network I/O it waits up to the 5 ms switch interval (an application may shorten it)
-        for rate, interval in ((None, None), (50_000, None), (None, 0.0005)):
-            with psycopg.connect(url, autocommit=True) as conn:
-                conn.execute("TRUNCATE audit_log")
-            _sustained(ctx, url, rate, interval)
+        if "sustained" in PARTS:
+            for rate, interval in ((None, None), (50_000, None), (None, 0.0005)):
+                with psycopg.connect(url, autocommit=True) as conn:
+                    conn.execute("TRUNCATE audit_log")
+                _sustained(ctx, url, rate, interval)
+        if "kill" in PARTS:
+            for rate in (None, 50_000):
+                _kill_rounds(ctx, url, rate)

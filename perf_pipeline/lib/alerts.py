@@ -27,7 +27,7 @@ WEBHOOK_TIMEOUT_S = 5.0
 @dataclass(frozen=True)
 class Alert:
     key: str
-    kind: str  # 'run_failure' | 'check_failure'
+    kind: str  # 'run_failure' | 'check_failure' | 'stale_asset'
     source: str
     message: str
     details: Mapping[str, Any]

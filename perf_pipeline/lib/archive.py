@@ -871,13 +871,11 @@ def usage_retention_decision(
 
     1. it is past ``PERF_PIPELINE_USAGE_RETENTION_MONTHS`` (:func:`archive_eligible`);
     2. it ends more than 90 days before ``today``: the rollups recompute the last 90 days;
-    3. if ``usage_daily_metrics`` exists: every day of the month that has usage rows has a rollup row
-       computed after that day's latest usage row (else the rollup may still need to recompute it:
-       never rolled up, or rolled up while the day was still filling), and no day of the month is
-       marked in ``usage_rollup_stale_days`` (late rows the late-data sensor will recompute).
-    Without ``usage_daily_metrics`` rule 3 is skipped (rules 1-2 alone; retention ≥ 4 months already
-    covers the 90-day window). Cost: rule 3 reads the month's rows grouped by day (index/BRIN on
-    created_at), once a month.
+    3. every day of the month that has usage rows has a rollup row computed after that day's latest usage
+       row (else the rollup may still need to recompute it: never rolled up, or rolled up while the day
+       was still filling), and no day of the month is marked in ``usage_rollup_stale_days`` (late rows
+       the rollup will recompute).
+    Cost: rule 3 reads the month's rows grouped by day (index/BRIN on created_at), once a month.
     """
     month = month_start(month)
     if not archive_eligible(month, today, retention_months):
@@ -885,21 +883,17 @@ def usage_retention_decision(
     _, end = month_bounds(month)
     if end.date() > today - dt.timedelta(days=ROLLUP_HORIZON_DAYS):
         return RetentionDecision(False, f"overlaps the rollups' {ROLLUP_HORIZON_DAYS}-day recompute window")
-    has_rollups = conn.execute("SELECT to_regclass('usage_daily_metrics') IS NOT NULL").fetchone()[0]
-    if not has_rollups:
-        return RetentionDecision(True, "past retention and the 90-day window (no usage_daily_metrics table)")
     name = partition_name("usage_log", month)
     if conn.execute("SELECT to_regclass(%s) IS NULL", (name,)).fetchone()[0]:
         return RetentionDecision(True, "past retention; no partition left")
     stale = conn.execute(
         sql.SQL(load_query("archive_usage_days_needing_rollup")).format(partition=sql.Identifier(name))
     ).fetchall()
-    if conn.execute("SELECT to_regclass('usage_rollup_stale_days') IS NOT NULL").fetchone()[0]:
-        start, end = month_bounds(month)
-        marked = conn.execute(
-            load_query("archive_usage_stale_days"), {"start": start.date(), "end": end.date()}
-        ).fetchall()
-        stale = sorted(set(stale) | set(marked))
+    start, end = month_bounds(month)
+    marked = conn.execute(
+        load_query("archive_usage_stale_days"), {"start": start.date(), "end": end.date()}
+    ).fetchall()
+    stale = sorted(set(stale) | set(marked))
     if stale:
         days = ", ".join(str(d) for (d,) in stale[:10])
         return RetentionDecision(

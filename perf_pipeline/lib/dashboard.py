@@ -134,7 +134,7 @@ def _num(value: Any) -> int | float:
 
 
 def compute_usage_trends(conn: psycopg.Connection, request: TrendRequest) -> dict[str, Any]:
-    """Usage trends for ``request`` in the user story's response shape, with a real provider breakdown.
+    """Usage trends for ``request`` in the dashboard API's response shape, with a real provider breakdown.
 
     Cost: two statements over the daily rollups (``usage_daily_metrics`` and
     ``usage_daily_provider_metrics``), one row per day and provider in range: a few ms for 90 days.

@@ -1,7 +1,7 @@
 """Database health: maintenance (VACUUM/ANALYZE, REINDEX), the health report, latency probes, resources.
 
 Plain Python over psycopg 3 (no Dagster): the assets in ``perf_pipeline/defs/maintenance`` call it, so do
-the tests and the benchmark. What the seed's PerformanceMonitor got wrong, and this module does not:
+the tests and the benchmark. What a naive monitor gets wrong, and this module does not:
 
 * ``VACUUM`` cannot run inside a transaction block: :func:`run_maintenance` opens its own autocommit
   connection, one statement per relation, each bounded by ``statement_timeout`` and ``lock_timeout``;
@@ -525,6 +525,36 @@ def report_markdown(report: HealthReport) -> str:
     return "\n\n".join(parts)
 
 
+def report_summary(report: HealthReport) -> str:
+    """The report in four lines for a person: size and connections, the largest tables, unused indexes
+    and the slowest statement, the worst dead-tuple ratio. Markdown."""
+    db = report.database
+    largest = ", ".join(
+        f"{t['table_name']} {human_bytes(t['total_bytes'])}"
+        + (f" ({t['partitions']} partitions)" if t["partitioned"] else "")
+        for t in report.tables[:3]
+    )
+    unused = report.unused_indexes
+    slow = report.slow.rows[0] if report.slow.rows else None
+    worst = max(report.dead_tuples, key=lambda d: d["dead_ratio"], default=None)
+    lines = [
+        f"**Database {human_bytes(db.get('database_bytes', 0))}** · {db.get('connections', 0)} client connections of "
+        f"{db.get('max_connections', 0)} ({db.get('active', 0)} active, {db.get('idle_in_transaction', 0)} idle in "
+        f"transaction) · rollback ratio {db.get('rollback_ratio', 0):.2%} · cache hit {db.get('cache_hit_ratio', 1):.2%}",
+        f"Largest tables: {largest or 'none'}",
+        f"Unused indexes: {len(unused)} ({human_bytes(sum(i['bytes'] for i in unused))})"
+        + (
+            f" · slowest statement {slow['mean_ms']:.2f} ms mean over {slow['calls']} calls"
+            if slow
+            else f" · {report.slow.message}"
+        ),
+        f"Highest dead-tuple ratio: {worst['table_name']} {worst['dead_ratio']:.1%}"
+        if worst
+        else "No dead tuples reported",
+    ]
+    return "\n\n".join(lines)
+
+
 def report_metrics(report: HealthReport) -> dict[str, float]:
     """Numeric, stably keyed values of the report (plotted over time by the UI)."""
     db = report.database
@@ -733,6 +763,7 @@ class ResourceSnapshot:
     connections: int
     active_connections: int
     max_connections: int
+    since_previous: bool = False  # the CPU averages since ``previous`` (else over this call)
 
     @property
     def connection_ratio(self) -> float:
@@ -740,14 +771,19 @@ class ResourceSnapshot:
 
 
 def system_resources(
-    conn: psycopg.Connection, *, previous: CpuSample | None = None, disk_path: str = "/"
+    conn: psycopg.Connection,
+    *,
+    previous: CpuSample | None = None,
+    disk_path: str = "/",
+    min_window_s: float = 0.0,
 ) -> ResourceSnapshot:
     """CPU, memory, disk and database connections, without blocking.
 
     CPU is the average utilisation since ``previous`` (e.g. the sample stored with the last
-    materialization: the seed's "CPU < 60 % average" is about an average, not an instant); without a
-    usable previous sample it is measured over this call's own database round trips (short, noisy).
-    Cost: /proc reads, a statvfs and one pg_stat_activity read.
+    materialization: "CPU < 60 %" is about an average, not an instant); without a usable previous sample
+    (a first run, a reboot since) it is measured over this call, which then lasts at least
+    ``min_window_s`` seconds (it sleeps the rest: an instant's reading is noise, the load average a
+    different quantity). Cost: /proc reads, a statvfs, one pg_stat_activity read, and that sleep.
     """
     first = cpu_sample()
     row = conn.execute(
@@ -761,7 +797,14 @@ def system_resources(
     mem = psutil.virtual_memory()
     disk = psutil.disk_usage(disk_path)
     now = cpu_sample()
-    base = previous if previous is not None and cpu_percent_between(previous, now) is not None else first
+    usable = previous is not None and cpu_percent_between(previous, now) is not None
+    if not usable and min_window_s > 0:
+        cores = psutil.cpu_count() or 1
+        left = min_window_s - (now.total_s - first.total_s) / cores
+        if left > 0:
+            time.sleep(left)
+            now = cpu_sample()
+    base = previous if usable and previous is not None else first
     cpu = cpu_percent_between(base, now)
     cores = psutil.cpu_count() or 1
     return ResourceSnapshot(
@@ -776,4 +819,5 @@ def system_resources(
         connections=row[0],
         active_connections=row[1],
         max_connections=row[2],
+        since_previous=usable,
     )

@@ -31,9 +31,6 @@ UTC = dt.UTC
 #: partitioned tables this project manages, and their partition key column
 PARTITIONED_TABLES: dict[str, str] = {"audit_log": "timestamp", "usage_log": "created_at"}
 
-#: first month of the Dagster monthly partitions (older months can still exist in the database)
-FIRST_MONTH = dt.date(2024, 1, 1)
-
 _PARTITION = re.compile(r"^(?P<table>[a-z_]+)_y(?P<y>\d{4})m(?P<m>\d{2})$")
 
 
@@ -131,6 +128,16 @@ def list_partitions(conn: psycopg.Connection, table: str) -> list[PartitionInfo]
 
 def existing_months(conn: psycopg.Connection, table: str) -> set[dt.date]:
     return {p.month for p in list_partitions(conn, table) if p.month is not None}
+
+
+def oldest_month(conn: psycopg.Connection) -> dt.date | None:
+    """The oldest month audit_log or usage_log holds: attached partitions and archived months (the archive
+    manifest), or None when there is none. Catalog and manifest reads only (milliseconds)."""
+    months = [m for table in PARTITIONED_TABLES for m in existing_months(conn, table)]
+    row = conn.execute("SELECT min(month) FROM archive_manifest").fetchone()
+    if row and row[0] is not None:
+        months.append(row[0])
+    return min(months) if months else None
 
 
 def default_name(table: str) -> str:

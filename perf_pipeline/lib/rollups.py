@@ -53,7 +53,7 @@ ROLLUP_LOCK_KEY = 0x726F6C6C  # "roll"
 #: trends granularity → date_trunc unit
 TREND_UNITS: dict[str, str] = {"daily": "day", "weekly": "week", "monthly": "month"}
 
-#: the seed's dashboard looks back this many days (``dashboard_daily_metrics``)
+#: the dashboard's daily metrics view (``dashboard_daily_metrics``) looks back this many days
 LOOKBACK_DAYS = 90
 
 
@@ -442,6 +442,18 @@ def missing_days(conn: psycopg.Connection, first: dt.date, last: dt.date) -> lis
         (first, last),
     ).fetchall()
     return [r[0] for r in rows]
+
+
+def rolled_up(conn: psycopg.Connection, start: dt.date, end: dt.date) -> dict[dt.date, dict[str, Any]]:
+    """The rollup rows of ``[start, end)`` (day → sessions, total_minutes, revenue, active_users,
+    avg_duration, rows_scanned, computed_at). Cost: a primary-key range read, one row per day."""
+    with conn.cursor(row_factory=dict_row) as cur:
+        rows = cur.execute(
+            "SELECT day, sessions, total_minutes, revenue, active_users, avg_duration, rows_scanned, computed_at "
+            "FROM usage_daily_metrics WHERE day >= %s AND day < %s ORDER BY day",
+            (start, end),
+        ).fetchall()
+    return {r.pop("day"): r for r in rows}
 
 
 def negative_days(conn: psycopg.Connection, start: dt.date, end: dt.date) -> list[dt.date]:

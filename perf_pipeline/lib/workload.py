@@ -376,7 +376,7 @@ def _run_parallel(url: str, jobs: list[Callable[[psycopg.Connection], None]], wo
 
     def worker() -> None:
         with connect(url, application_name="perf_pipeline.seed") as conn:
-            conn.execute("SET synchronous_commit = off")  # a seed is re-runnable; no need to wait for fsync
+            conn.execute("SET synchronous_commit = off")  # a load is re-runnable; no need to wait for fsync
             conn.commit()
             while True:
                 with lock:
@@ -466,7 +466,7 @@ def load_workload(url: str, spec: WorkloadSpec, *, workers: int = 2, progress: b
     by_month = _days_by_month(spec)
 
     total = 2 * spec.total_rows(spec.usage_per_day) + spec.total_rows(spec.audit_per_day)
-    bar = tqdm(total=total, unit="rows", unit_scale=True, disable=not progress, desc="seed")
+    bar = tqdm(total=total, unit="rows", unit_scale=True, disable=not progress, desc="load")
     lock = threading.Lock()
 
     def done(rows: int) -> None:

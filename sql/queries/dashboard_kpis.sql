@@ -1,12 +1,12 @@
 -- dashboard_kpis: the dashboard's real-time KPIs at one instant (the as_of parameter, a timestamptz; NULL = now()).
 --
--- Definitions are the user story's (get_realtime_kpis_optimized), with its defects fixed:
---  * active_transcriptions counts every session in status 'processing'; the seed only looked at
+-- Definitions are the dashboard's original ones (get_realtime_kpis_optimized), with their defects fixed:
+--  * active_transcriptions counts every session in status 'processing'; the original only looked at
 --    sessions created in the last 24 h, so a long transcription vanished from the gauge.
 --  * failed_last_hour counts sessions that failed (updated_at) in the hour before as_of, whenever
---    they were created (the seed also required created_at in the last 24 h).
---  * error_rate_percent = failed_last_hour / transcriptions_last_hour × 100 as in the seed, but the
---    denominator is at least failed_last_hour, so the rate stays within 0–100 percent (the seed reported
+--    they were created (the original also required created_at in the last 24 h).
+--  * error_rate_percent = failed_last_hour / transcriptions_last_hour × 100 as originally, but the
+--    denominator is at least failed_last_hour, so the rate stays within 0–100 percent (the original reported
 --    0 percent when every recent session failed and nothing new was logged, and could exceed 100 percent).
 --  * every window is bounded above by as_of (rows stamped in the future are not "last hour"), so the
 --    same as_of always gives the same numbers: the asset check recomputes a cached snapshot exactly.

@@ -1,6 +1,6 @@
 -- health_database_stats: connections (this database and the whole server), transactions and cache.
 --
--- rollback_ratio = rollbacks / (commits + rollbacks) since the statistics reset (the seed alerts above
+-- rollback_ratio = rollbacks / (commits + rollbacks) since the statistics reset (alerting above
 -- 10 %); cache_hit_ratio = shared-buffer hits / block reads. Cost: one read of pg_stat_activity and
 -- pg_stat_database; no locks.
 SELECT (SELECT count(*) FROM pg_stat_activity

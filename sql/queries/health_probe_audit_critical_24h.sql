@@ -1,4 +1,4 @@
--- health_probe_audit_critical_24h: the user story's audit lookup "high and critical events, last 24 h".
+-- health_probe_audit_critical_24h: the audit views' lookup "high and critical events, last 24 h".
 --
 -- Budget: PERF_PIPELINE_AUDIT_BUDGET_MS. Needs idx_audit_log_critical_events (timestamp DESC) WHERE
 -- severity IN ('high', 'critical'): the predicate repeats the index's so the planner can use it.

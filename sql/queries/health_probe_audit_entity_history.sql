@@ -1,4 +1,4 @@
--- health_probe_audit_entity_history: the user story's audit lookup "history of one entity".
+-- health_probe_audit_entity_history: the audit views' lookup "history of one entity".
 --
 -- Budget: PERF_PIPELINE_AUDIT_BUDGET_MS. Needs idx_audit_log_entity_timestamp
 -- (entity_type, entity_id, timestamp DESC).

@@ -1,4 +1,4 @@
--- health_probe_audit_user_latest: the user story's audit lookup "latest 100 events of a user".
+-- health_probe_audit_user_latest: the audit views' lookup "latest 100 events of a user".
 --
 -- Budget: PERF_PIPELINE_AUDIT_BUDGET_MS. Needs idx_audit_log_user_timestamp (user_id, timestamp DESC):
 -- a Merge Append of per-partition index scans that stops after 100 rows.

@@ -1,6 +1,6 @@
 -- health_slow_statements: the statements of this database with the highest mean execution time.
 --
--- pg_stat_statements ≥ 1.8 (PostgreSQL 13+) names its timing columns *_exec_time (the user story's
+-- pg_stat_statements ≥ 1.8 (PostgreSQL 13+) names its timing columns *_exec_time (older examples'
 -- mean_time/max_time were renamed then). Raises ObjectNotInPrerequisiteState when the library is not in
 -- shared_preload_libraries and UndefinedTable when the extension is not installed: the caller turns
 -- both into a report line. Cost: one read of the extension's shared hash table; no locks.

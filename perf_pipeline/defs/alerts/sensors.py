@@ -1,8 +1,9 @@
-"""Alert sensors: every failed run and every failed asset check becomes one alert (row, log, webhook).
+"""Alert sensors: every failed run, every failed asset check and every asset that turns stale (its freshness
+policy fails or warns) becomes one alert (row, log, webhook).
 
-Both sensors are idempotent per failure: the alert key is the run id or the check evaluation's event
-storage id, and :func:`perf_pipeline.lib.alerts.raise_alert` inserts it at most once. The check sensor keeps
-a JSON cursor (the last event storage id it read), so a tick reads only new evaluations.
+The sensors are idempotent per failure: the alert key is the run id or the event's storage id, and
+:func:`perf_pipeline.lib.alerts.raise_alert` inserts it at most once. The event sensors keep a JSON cursor
+(the last event storage id they read), so a tick reads only new events.
 """
 
 import json
@@ -93,3 +94,43 @@ def alert_on_check_failure(context: dg.SensorEvaluationContext, postgres: Postgr
     if records:
         context.update_cursor(json.dumps({"after_storage_id": records[-1].storage_id}))
     return dg.SkipReason(f"read {len(records)} check evaluation(s), recorded {recorded} alert(s)")
+
+
+@dg.sensor(
+    name="alert_on_stale_asset",
+    description="Records an alert (alert_event row, log, optional webhook) when an asset's freshness policy "
+    "goes to WARN or FAIL (freshness state changes written by Dagster's freshness daemon): today's rollup, "
+    "the KPI buckets, the dashboard cache or the partitions created ahead fell behind their cadence.",
+    minimum_interval_seconds=30,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+)
+def alert_on_stale_asset(context: dg.SensorEvaluationContext, postgres: PostgresResource) -> dg.SkipReason:
+    after = _cursor(context.cursor)
+    records = context.instance.event_log_storage.get_event_records(
+        dg.EventRecordsFilter(
+            event_type=dg.DagsterEventType.FRESHNESS_STATE_CHANGE, after_cursor=after or None
+        ),
+        limit=CHECK_BATCH,
+        ascending=True,
+    )
+    recorded = 0
+    webhook = get_settings().alert_webhook_url
+    with postgres.connection() as conn:
+        for record in records:
+            change = record.event_log_entry.dagster_event.event_specific_data
+            state = getattr(change, "new_state", None)
+            if state is None or state.value not in ("WARN", "FAIL"):
+                continue
+            asset = change.key.to_user_string()
+            alert = Alert(
+                key=f"stale:{record.storage_id}",
+                kind="stale_asset",
+                source=asset,
+                message=f"{asset} is {'stale' if state.value == 'FAIL' else 'about to be stale'} "
+                f"(freshness {change.previous_state.value} → {state.value})",
+                details={"asset": asset, "state": state.value, "previous": change.previous_state.value},
+            )
+            recorded += raise_alert(conn, alert, webhook_url=webhook)
+    if records:
+        context.update_cursor(json.dumps({"after_storage_id": records[-1].storage_id}))
+    return dg.SkipReason(f"read {len(records)} freshness change(s), recorded {recorded} alert(s)")

@@ -1,97 +1,100 @@
 """``audit_log_archive`` and ``usage_log_retention``: one monthly key ↔ one month leaving the database.
 
-A key is materialized only when its month was actually archived (or was already): months still within
-retention, or usage months the rollups may still recompute, yield no materialization and say why in
-the log. The work and its resumability live in :mod:`perf_pipeline.lib.archive`.
+Only months past their retention are keys at all (defs/time_partitions.py): a month still kept online is
+not offered. A key materializes when its month is archived (detach → Parquet → verify → drop, resumable,
+:mod:`perf_pipeline.lib.archive`); a month that cannot go fails its run with the reason (a usage month
+whose days are not all rolled up after their data, a month with nothing to archive), never a green run
+that did nothing. Months archived outside Dagster (the CLI) are shown as archived, and restored months
+as not, by the ``observe_platform_tables`` sensor.
 """
 
 import datetime as dt
-from collections.abc import Iterator
 
 import dagster as dg
 
 from perf_pipeline.defs.resources import PostgresResource
-from perf_pipeline.lib.archive import (
-    ArchiveResult,
-    archive_eligible,
-    archive_partition,
-    usage_retention_decision,
-)
-from perf_pipeline.lib.partitioning import FIRST_MONTH
+from perf_pipeline.defs.time_partitions import AUDIT_ARCHIVE_MONTHS, USAGE_RETENTION_MONTHS
+from perf_pipeline.lib.archive import ArchiveResult, archive_partition, usage_retention_decision
 from perf_pipeline.settings import get_settings
 
-#: completed months only: the current month is never archived
-ARCHIVE_PARTITIONS = dg.MonthlyPartitionsDefinition(start_date=FIRST_MONTH.isoformat(), timezone="UTC")
 
-
-def _result(result: ArchiveResult) -> dg.MaterializeResult:
+def _result(result: ArchiveResult, why: str) -> dg.MaterializeResult:
     return dg.MaterializeResult(
         metadata={
-            "rows": result.rows,
-            "bytes": result.bytes,
-            "duration_ms": result.duration_ms,
+            "dagster/row_count": dg.MetadataValue.int(result.rows),
+            "dagster/size_bytes": dg.MetadataValue.int(result.bytes),
             "state": result.state,
+            "steps_run": ", ".join(result.steps_run) or "none (archived before)",
             "detach_mode": result.detach_mode or "",
-            "steps_run": ", ".join(result.steps_run) or "none (already archived)",
             "sha256": result.sha256 or "",
             "file": dg.MetadataValue.path(result.file_path or ""),
             "etag": result.etag or "",
-            **{f"{step}_ms": ms for step, ms in result.step_ms.items()},
+            "why": why,
+            "duration_ms": round(result.duration_ms, 1),
+            **{f"step_ms.{step}": round(ms, 1) for step, ms in result.step_ms.items()},
         }
     )
 
 
+def _archive(
+    context: dg.AssetExecutionContext, postgres: PostgresResource, table: str, why: str
+) -> ArchiveResult:
+    month = context.partition_time_window.start.date()
+    with postgres.connection(autocommit=True) as conn:
+        result = archive_partition(conn, table, month, get_settings().archive_dir)
+    if result.state == "absent":
+        raise dg.Failure(
+            description=f"{table} {month:%Y-%m}: no partition and no archive of this month: nothing to archive",
+            allow_retries=False,
+        )
+    context.log.info("%s %s: %s (%s)", table, f"{month:%Y-%m}", result.state, why)
+    return result
+
+
 @dg.asset(
-    partitions_def=ARCHIVE_PARTITIONS,
+    partitions_def=AUDIT_ARCHIVE_MONTHS,
     pool="postgres_heavy",
-    output_required=False,
     group_name="archive",
     kinds={"postgres", "parquet"},
-    description="Audit months older than PERF_PIPELINE_AUDIT_RETENTION_MONTHS: detach → COPY to zstd Parquet under "
+    deps=[dg.AssetDep("audit_log", partition_mapping=dg.IdentityPartitionMapping())],
+    description="Audit months past PERF_PIPELINE_AUDIT_RETENTION_MONTHS: detach → COPY to zstd Parquet under "
     "PERF_PIPELINE_ARCHIVE_DIR (a folder or an s3:// prefix) → verify, read back from the store (size, sha256, "
     "schema, rows, min/max) → drop, each step recorded in archive_manifest; re-running a key finishes an "
-    "interrupted archive and never archives a month twice.",
+    "interrupted archive (re-proving the file before any drop) and never archives a month twice.",
 )
-def audit_log_archive(
-    context: dg.AssetExecutionContext, postgres: PostgresResource
-) -> Iterator[dg.MaterializeResult]:
-    settings = get_settings()
-    month = context.partition_time_window.start.date()
-    today = dt.datetime.now(dt.UTC).date()
-    if not archive_eligible(month, today, settings.audit_retention_months):
-        context.log.info("%s is within retention (%d months): kept", month, settings.audit_retention_months)
-        return
-    with postgres.connection(autocommit=True) as conn:
-        result = archive_partition(conn, "audit_log", month, settings.archive_dir)
-    if result.state == "absent":
-        context.log.info("no audit_log partition for %s: nothing to archive", month)
-        return
-    yield _result(result)
+def audit_log_archive(context: dg.AssetExecutionContext, postgres: PostgresResource) -> dg.MaterializeResult:
+    retention = get_settings().audit_retention_months
+    why = f"past {retention} months of retention"
+    return _result(_archive(context, postgres, "audit_log", why), why)
 
 
 @dg.asset(
-    partitions_def=ARCHIVE_PARTITIONS,
+    partitions_def=USAGE_RETENTION_MONTHS,
     pool="postgres_heavy",
-    output_required=False,
     group_name="archive",
     kinds={"postgres", "parquet"},
-    description="Usage months older than PERF_PIPELINE_USAGE_RETENTION_MONTHS, outside the rollups' 90-day window and "
-    "with every day rolled up after its data: archived like audit_log_archive, then dropped.",
+    deps=[
+        dg.AssetDep("usage_log", partition_mapping=dg.AllPartitionMapping()),
+        # a month goes only after its days are rolled up: the rollup keeps their numbers
+        dg.AssetDep("usage_daily_metrics", partition_mapping=dg.TimeWindowPartitionMapping()),
+    ],
+    description="Usage months past PERF_PIPELINE_USAGE_RETENTION_MONTHS, outside the rollups' 90-day window "
+    "and with every day rolled up after its data and no late-data mark pending: archived like "
+    "audit_log_archive, then dropped. A month that may not go yet fails its run with the days to roll up.",
 )
 def usage_log_retention(
     context: dg.AssetExecutionContext, postgres: PostgresResource
-) -> Iterator[dg.MaterializeResult]:
+) -> dg.MaterializeResult:
     settings = get_settings()
     month = context.partition_time_window.start.date()
-    today = dt.datetime.now(dt.UTC).date()
     with postgres.connection(autocommit=True) as conn:
-        decision = usage_retention_decision(conn, month, today, settings.usage_retention_months)
-        if not decision.drop:
-            context.log.info("usage_log %s kept: %s", month, decision.reason)
-            return
-        result = archive_partition(conn, "usage_log", month, settings.archive_dir)
-    if result.state == "absent":
-        context.log.info("no usage_log partition for %s: nothing to drop", month)
-        return
-    context.log.info("usage_log %s archived and dropped: %s", month, decision.reason)
-    yield _result(result)
+        decision = usage_retention_decision(
+            conn, month, dt.datetime.now(dt.UTC).date(), settings.usage_retention_months
+        )
+    if not decision.drop:
+        raise dg.Failure(
+            description=f"usage_log {month:%Y-%m} kept: {decision.reason}. Roll those days up (materialize "
+            "usage_daily_metrics for them), then run this month again.",
+            allow_retries=False,
+        )
+    return _result(_archive(context, postgres, "usage_log", decision.reason), decision.reason)

@@ -8,25 +8,25 @@ from collections.abc import Iterator
 
 import dagster as dg
 
-from perf_pipeline.defs.archive.assets import ARCHIVE_PARTITIONS, audit_log_archive, usage_log_retention
+from perf_pipeline.defs.archive.assets import audit_log_archive, usage_log_retention
 from perf_pipeline.defs.archive.checks import (
     audit_log_archive_files_match_manifest,
     usage_log_archive_files_match_manifest,
 )
 from perf_pipeline.defs.resources import PostgresResource
+from perf_pipeline.defs.time_partitions import AUDIT_ARCHIVE_MONTHS, USAGE_RETENTION_MONTHS
 from perf_pipeline.lib.archive import list_manifest
-from perf_pipeline.lib.partitioning import FIRST_MONTH, add_months, month_start
-from perf_pipeline.settings import get_settings
+from perf_pipeline.lib.partitioning import add_months
 
 #: the newest eligible month plus this many before it: a missed or failed month is retried next time
 CATCH_UP_MONTHS = 2
 #: manifest states of an archive that stopped half-way (its table is detached: rows invisible)
 UNFINISHED = ("detached", "exported", "verified")
 
-audit_archive_job = dg.define_asset_job(
+audit_log_archive_job = dg.define_asset_job(
     "audit_log_archive_job",
     selection=dg.AssetSelection.assets(audit_log_archive),
-    partitions_def=ARCHIVE_PARTITIONS,
+    partitions_def=AUDIT_ARCHIVE_MONTHS,
     description="Archive one audit month (detach → Parquet → verify → drop).",
 )
 archive_files_check_job = dg.define_asset_job(
@@ -37,49 +37,52 @@ archive_files_check_job = dg.define_asset_job(
     description="The archive files checks alone (no archive): every archived object looked up (size, ETag) "
     "and those new, changed or not read in full for 6 days read back and re-hashed.",
 )
-usage_retention_job = dg.define_asset_job(
+usage_log_retention_job = dg.define_asset_job(
     "usage_log_retention_job",
     selection=dg.AssetSelection.assets(usage_log_retention),
-    partitions_def=ARCHIVE_PARTITIONS,
+    partitions_def=USAGE_RETENTION_MONTHS,
     description="Archive and drop one usage month past retention.",
 )
 
 
-def _unfinished_months(postgres: PostgresResource, table: str) -> list[dt.date]:
-    """Months of ``table`` whose archive stopped at detached/exported/verified (one manifest read)."""
-    with postgres.connection(autocommit=True) as conn:
-        if conn.execute("SELECT to_regclass('archive_manifest') IS NULL").fetchone()[0]:
-            return []
-        return [m.month for m in list_manifest(conn, table) if m.state in UNFINISHED]
-
-
 def _requests(
-    context: dg.ScheduleEvaluationContext, retention_months: int, unfinished: list[dt.date]
+    context: dg.ScheduleEvaluationContext,
+    postgres: PostgresResource,
+    table: str,
+    partitions: dg.TimeWindowPartitionsDefinition,
 ) -> Iterator[dg.RunRequest]:
     day = context.scheduled_execution_time.date()
-    newest = add_months(month_start(day), -retention_months - 1)
-    months = {add_months(newest, -back) for back in range(CATCH_UP_MONTHS + 1)}
+    offered = partitions.get_partition_keys(current_time=context.scheduled_execution_time)
+    if not offered:
+        return
+    newest = dt.date.fromisoformat(offered[-1])
+    months = {add_months(newest, -back).isoformat() for back in range(CATCH_UP_MONTHS + 1)}
+    with postgres.connection(autocommit=True) as conn:
+        unfinished = [m.month for m in list_manifest(conn, table) if m.state in UNFINISHED]
     for month in unfinished:
-        if FIRST_MONTH <= month < month_start(day):
-            months.add(month)
-        else:  # not a key of ARCHIVE_PARTITIONS: only `perf-pipeline archive run` can finish it
+        if month.isoformat() in offered:
+            months.add(month.isoformat())
+        else:  # not a key of the archive partitions: only `perf-pipeline archive run` can finish it
             context.log.warning(
-                "archive of %s stopped half-way but is outside the schedule's partitions: run "
-                "`perf-pipeline archive run %s` (or restore it)",
-                month,
+                "archive of %s %s stopped half-way but is not one of this asset's months: run "
+                "`perf-pipeline archive run %s --table %s` (or restore it)",
+                table,
                 f"{month:%Y-%m}",
+                f"{month:%Y-%m}",
+                table,
             )
-    for month in sorted(m for m in months if m >= FIRST_MONTH):
+    for month in sorted(m for m in months if m in offered):
         # the tick's day is in the run_key: Dagster skips a request whose run_key this schedule used before,
         # so a per-month key alone would never retry a failed or interrupted month. Re-requesting an archived
         # month is cheap: archive_partition returns at once for a month in state dropped.
-        yield dg.RunRequest(run_key=f"{month.isoformat()}@{day.isoformat()}", partition_key=month.isoformat())
+        yield dg.RunRequest(run_key=f"{month}@{day.isoformat()}", partition_key=month)
 
 
 @dg.schedule(
-    job=audit_archive_job,
+    job=audit_log_archive_job,
     cron_schedule="30 3 2 * *",
     execution_timezone="UTC",
+    default_status=dg.DefaultScheduleStatus.RUNNING,
     description="Monthly on the 2nd at 03:30 UTC (quiet hours): archive the audit month that just passed "
     "PERF_PIPELINE_AUDIT_RETENTION_MONTHS, retry the two before it, and finish every month whose archive "
     "stopped half-way (manifest state detached / exported / verified).",
@@ -87,15 +90,14 @@ def _requests(
 def archive_audit_log_monthly(
     context: dg.ScheduleEvaluationContext, postgres: PostgresResource
 ) -> Iterator[dg.RunRequest]:
-    yield from _requests(
-        context, get_settings().audit_retention_months, _unfinished_months(postgres, "audit_log")
-    )
+    yield from _requests(context, postgres, "audit_log", AUDIT_ARCHIVE_MONTHS)
 
 
 @dg.schedule(
-    job=usage_retention_job,
+    job=usage_log_retention_job,
     cron_schedule="45 3 2 * *",
     execution_timezone="UTC",
+    default_status=dg.DefaultScheduleStatus.RUNNING,
     description="Monthly on the 2nd at 03:45 UTC (after the audit archive): archive and drop the usage month that "
     "passed PERF_PIPELINE_USAGE_RETENTION_MONTHS, unless the rollups may still recompute it; retry the two "
     "before it and finish every usage month whose archive stopped half-way.",
@@ -103,9 +105,7 @@ def archive_audit_log_monthly(
 def usage_log_retention_monthly(
     context: dg.ScheduleEvaluationContext, postgres: PostgresResource
 ) -> Iterator[dg.RunRequest]:
-    yield from _requests(
-        context, get_settings().usage_retention_months, _unfinished_months(postgres, "usage_log")
-    )
+    yield from _requests(context, postgres, "usage_log", USAGE_RETENTION_MONTHS)
 
 
 @dg.schedule(

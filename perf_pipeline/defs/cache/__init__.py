@@ -1,1 +1,1 @@
-"""Dashboard cache area: the `dashboard_cache` asset (Redis), its checks, schedule and rollup sensor."""
+"""Dashboard cache area: the `dashboard_cache` asset (Redis) and its checks."""

@@ -52,6 +52,7 @@ TRANSIENT_RETRY_WAIT_S = 10.0
 data_export_files = dg.AssetSpec(
     "data_export_files",
     group_name="exports",
+    deps=["data_export"],
     description="Files written by export runs under PERF_PIPELINE_EXPORT_DIR (a folder or an s3:// prefix); one "
     "materialization per finished export (rows, bytes, duration_ms, mb_per_s, sha256, ETag).",
     kinds={"postgres", "file"},

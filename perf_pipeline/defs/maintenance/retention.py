@@ -50,11 +50,12 @@ def prune_run_history_job() -> None:
     prune_run_history()
 
 
-prune_run_history_daily_0400 = dg.ScheduleDefinition(
-    name="prune_run_history_daily_0400",
+prune_run_history_daily = dg.ScheduleDefinition(
+    name="prune_run_history_daily",
     job=prune_run_history_job,
     cron_schedule="0 4 * * *",
     execution_timezone="UTC",
+    default_status=dg.DefaultScheduleStatus.RUNNING,
     description="Daily at 04:00 UTC, after the 03:00 maintenance: Dagster's run and event-log tables "
     "would otherwise grow without bound.",
 )

@@ -21,14 +21,17 @@ db_health_job = dg.define_asset_job(
     description="Health report and query latency budgets.",
 )
 
-system_resources_job = dg.define_asset_job("system_resources_job", selection=[system_resources])
+system_resources_job = dg.define_asset_job(
+    "system_resources_job", selection=[system_resources], description="CPU, memory, disk and connections."
+)
 
-db_maintenance_daily_0300 = dg.ScheduleDefinition(
-    name="db_maintenance_daily_0300",
+nightly_db_maintenance = dg.ScheduleDefinition(
+    name="nightly_db_maintenance",
     job=db_maintenance_job,
     cron_schedule="0 3 * * *",
     execution_timezone="UTC",
-    description="Daily at 03:00 UTC (the seed's cadence): the platform's quietest hour.",
+    default_status=dg.DefaultScheduleStatus.RUNNING,
+    description="Daily at 03:00 UTC, the platform's quietest hour: VACUUM (ANALYZE) of the hot tables and recent partitions, REINDEX CONCURRENTLY of bloated indexes.",
 )
 
 db_health_hourly = dg.ScheduleDefinition(
@@ -36,6 +39,7 @@ db_health_hourly = dg.ScheduleDefinition(
     job=db_health_job,
     cron_schedule="10 * * * *",
     execution_timezone="UTC",
+    default_status=dg.DefaultScheduleStatus.RUNNING,
     description="Hourly at :10: sizes and ratios plot hour by hour, and a latency regression (a dropped "
     "index, a bad plan) fails a check within the hour. Off the hour, away from the rollups.",
 )
@@ -45,5 +49,6 @@ system_resources_every_5_min = dg.ScheduleDefinition(
     job=system_resources_job,
     cron_schedule="*/5 * * * *",
     execution_timezone="UTC",
+    default_status=dg.DefaultScheduleStatus.RUNNING,
     description="Every 5 minutes: the CPU check averages over the interval since the previous sample.",
 )

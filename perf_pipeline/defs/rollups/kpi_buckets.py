@@ -6,6 +6,8 @@ trusted row is read from usage_log, so a late, failed or killed sealing makes th
 wrong. The check is computed by the asset itself, on the sealing's own snapshot (as the daily rollup's).
 """
 
+import datetime as dt
+
 import dagster as dg
 
 from perf_pipeline.defs.resources import PostgresResource
@@ -21,6 +23,12 @@ MAX_LISTED = 20
     key=ASSET_KEY,
     group_name="rollups",
     kinds={"postgres"},
+    # the buckets are the last 48 h of usage_log (today's and yesterday's days)
+    deps=[dg.AssetDep("usage_log", partition_mapping=dg.AllPartitionMapping())],
+    # sealed every 5 minutes: never more than 10 minutes old while the schedule runs
+    freshness_policy=dg.FreshnessPolicy.time_window(
+        fail_window=dt.timedelta(minutes=10), warn_window=dt.timedelta(minutes=7)
+    ),
     description=(
         "usage_log per closed 5-minute UTC bucket of the last 48 h (transcriptions, billable revenue, "
         "duration sum and count, a bitmap of the bucket's users) in usage_kpi_buckets: what a KPI cache "

@@ -11,7 +11,7 @@ import dagster as dg
 
 from perf_pipeline.defs.resources import PostgresResource
 from perf_pipeline.defs.rollups.assets import ASSET_KEY, CHECK_RECONCILE_90, MAX_LISTED
-from perf_pipeline.defs.rollups.partitions import first_rollup_day
+from perf_pipeline.defs.time_partitions import DATA_START
 from perf_pipeline.lib.rollups import LOOKBACK_DAYS, find_disagreeing_days, mark_days, utc_today
 
 
@@ -26,7 +26,7 @@ from perf_pipeline.lib.rollups import LOOKBACK_DAYS, find_disagreeing_days, mark
 )
 def rolled_up_days_match_usage_log_last_90(postgres: PostgresResource) -> dg.AssetCheckResult:
     today = utc_today()
-    first = max(first_rollup_day(), today - dt.timedelta(days=LOOKBACK_DAYS))
+    first = max(DATA_START, today - dt.timedelta(days=LOOKBACK_DAYS))
     last = today - dt.timedelta(days=1)
     if last < first:
         return dg.AssetCheckResult(passed=True, description="no closed day to compare yet")

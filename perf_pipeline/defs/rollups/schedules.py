@@ -1,4 +1,4 @@
-"""Cadence of the usage rollup: today's partial day every 30 minutes (the seed's cadence), yesterday
+"""Cadence of the usage rollup: today's partial day every 30 minutes (the dashboard's cadence), yesterday
 closed at 02:00 UTC (late rows of the evening, committed after midnight, are then in)."""
 
 import datetime as dt
@@ -17,6 +17,7 @@ def _day_of(context: dg.ScheduleEvaluationContext) -> dt.date:
     cron_schedule="*/30 * * * *",
     execution_timezone="UTC",
     job=usage_daily_metrics_job,
+    default_status=dg.DefaultScheduleStatus.RUNNING,
     description="Every 30 minutes: recompute today's (UTC) partial day of usage_daily_metrics. "
     "Costs one day of usage_log, whatever the history.",
 )
@@ -27,13 +28,14 @@ def refresh_today_metrics_every_30_min(context: dg.ScheduleEvaluationContext) ->
 
 
 @dg.schedule(
-    name="close_yesterday_metrics_daily_0200",
+    name="close_yesterday_metrics_daily",
     cron_schedule="0 2 * * *",
     execution_timezone="UTC",
     job=usage_daily_metrics_job,
+    default_status=dg.DefaultScheduleStatus.RUNNING,
     description="At 02:00 UTC: recompute yesterday's day in full, now that it is over (the 30-minute "
     "refresh last ran before midnight).",
 )
-def close_yesterday_metrics_daily_0200(context: dg.ScheduleEvaluationContext) -> dg.RunRequest:
+def close_yesterday_metrics_daily(context: dg.ScheduleEvaluationContext) -> dg.RunRequest:
     day = _day_of(context) - dt.timedelta(days=1)
     return dg.RunRequest(run_key=f"close-{day.isoformat()}", partition_key=day.isoformat())
