@@ -281,6 +281,7 @@ def test_a_resumed_drop_proves_the_file_again_after_a_sigkill(
         assert a.manifest_row(conn, "usage_log", month).state == "verified"
         _damage(store, key, damage)
     monkeypatch.setenv("PERF_PIPELINE_DATABASE_URL", seeded)
+    monkeypatch.setenv("PERF_PIPELINE_REDIS_URL", "redis://127.0.0.1:1/0")  # not used; no embedded Redis
     monkeypatch.setenv("PERF_PIPELINE_ARCHIVE_DIR", str(folder))
     assert cli.main(["archive", "run", month.strftime("%Y-%m"), "--table", "usage_log"]) == 0
     with psycopg.connect(seeded, autocommit=True) as conn:
@@ -451,6 +452,7 @@ def test_cli_archive_restore_and_list(
     seeded: str, archive_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.setenv("PERF_PIPELINE_DATABASE_URL", seeded)
+    monkeypatch.setenv("PERF_PIPELINE_REDIS_URL", "redis://127.0.0.1:1/0")  # not used; no embedded Redis
     monkeypatch.setenv("PERF_PIPELINE_ARCHIVE_DIR", str(archive_dir))
     month = dt.date(2024, 3, 1)
     with psycopg.connect(seeded, autocommit=True) as conn:
