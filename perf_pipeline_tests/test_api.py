@@ -36,6 +36,8 @@ SETTINGS = Settings(admin_tokens=(ADMIN,), user_tokens=(USER,))
 AUTH = {"Authorization": f"Bearer {ADMIN}"}
 TRENDS = "/api/v1/admin/dashboard/usage-trends"
 KPIS = "/api/v1/admin/dashboard/kpis"
+EXPORT = "/api/v1/exports/{request_id}"
+EXPORT_FILE = "/api/v1/exports/{request_id}/file"
 
 
 @pytest.fixture(scope="module")
@@ -555,7 +557,12 @@ def test_openapi_declares_the_error_answers_of_authenticated_endpoints(
         for method, op in item.items()
         if op.get("security")
     ]
-    assert {(path, method) for path, method, _ in secured} == {(KPIS, "get"), (TRENDS, "get")}
+    assert {(path, method) for path, method, _ in secured} == {
+        (KPIS, "get"),
+        (TRENDS, "get"),
+        (EXPORT, "get"),
+        (EXPORT_FILE, "get"),
+    }
     for path, method, op in secured:
         for code in ("401", "403"):
             answer = op["responses"].get(code)

@@ -1,15 +1,21 @@
 """Archive → verify → drop → restore of monthly partitions on real PostgreSQL, crash at every step,
-a concurrent writer, the Dagster assets/checks/schedules, the CLI and the usage retention rule."""
+a concurrent writer, the Dagster assets/checks/schedules, the CLI and the usage retention rule.
+
+The whole module runs twice: archives in a local folder and in an S3 bucket (the session's private
+SeaweedFS), each with a database of its own (``module_location``)."""
 
 from __future__ import annotations
 
 import datetime as dt
+import io
+import os
 import signal
 import subprocess
 import sys
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import dagster as dg
@@ -31,16 +37,25 @@ from perf_pipeline.lib.partitioning import (
     list_partitions,
     move_default_rows,
 )
+from perf_pipeline.lib.storage import Store
 from perf_pipeline.lib.workload import WorkloadSpec, load_workload
-from perf_pipeline.settings import get_settings
-from perf_pipeline_tests.conftest import create_database, drop_database
+from perf_pipeline.settings import PROJECT_ROOT, get_settings
+from perf_pipeline_tests.conftest import Location, create_database, drop_database
 
 UTC = dt.UTC
 
 
 @pytest.fixture(scope="module")
-def seeded(db_url: str) -> str:
-    """Jan-Jun 2024 of generated audit and usage rows (+ hand-made edge rows in March), ~80 rows/day."""
+def seeded(module_location: Location, pg_server_url: str) -> Iterator[str]:
+    """Jan-Jun 2024 of generated audit and usage rows (+ hand-made edge rows in March), ~80 rows/day; a
+    database per storage backend (the module runs once per backend)."""
+    db_url = create_database(pg_server_url)
+    apply_migrations(db_url)
+    yield _seed(db_url)
+    drop_database(pg_server_url, db_url)
+
+
+def _seed(db_url: str) -> str:
     load_workload(
         db_url,
         WorkloadSpec(
@@ -85,9 +100,16 @@ def seeded(db_url: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def archive_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One archive folder for the module, as in production: the file check sees every archived month."""
-    return tmp_path_factory.mktemp("archive")
+def archive_dir(module_location: Location) -> Path | str:
+    """One archive location for the module, as in production: the file check sees every archived month.
+    A local folder (Path) or an s3://bucket/prefix URL."""
+    return module_location.value
+
+
+@pytest.fixture(scope="module")
+def store(module_location: Location) -> Store:
+    """The archive location's store: what the tests read back and damage."""
+    return module_location.store
 
 
 def _rows(conn: psycopg.Connection, table: str, month: dt.date) -> list[tuple]:
@@ -116,7 +138,7 @@ def _crash_after(step: str):
     return hook
 
 
-def test_archive_verify_drop_restore_rearchive(seeded: str, archive_dir: Path) -> None:
+def test_archive_verify_drop_restore_rearchive(seeded: str, archive_dir: Path | str, store: Store) -> None:
     month = dt.date(2024, 3, 1)
     with psycopg.connect(seeded, autocommit=True) as conn:
         before = _rows(conn, "audit_log", month)
@@ -131,14 +153,22 @@ def test_archive_verify_drop_restore_rearchive(seeded: str, archive_dir: Path) -
         assert _rows(conn, "audit_log", month) == []
         m = a.manifest_row(conn, "audit_log", month)
         assert m is not None and m.state == "dropped" and m.rows == len(before)
-        path = Path(m.file_path or "")
-        assert path == archive_dir / "audit_log" / "audit_log_y2024m03.parquet"
-        assert a.file_sha256(path) == m.sha256
-        parquet = pq.ParquetFile(path)
-        assert parquet.metadata.num_rows == len(before)
-        assert parquet.metadata.row_group(0).column(0).compression == "ZSTD"
+        key = "audit_log/audit_log_y2024m03.parquet"
+        assert a.archive_key("audit_log", month) == key
+        if isinstance(archive_dir, Path):
+            assert Path(m.file_path or "") == archive_dir / key
+        else:
+            assert m.file_path == f"{archive_dir}/{key}"  # the object's URI, read back by verify and restore
+        info = store.info(key)
+        assert info is not None and (info.size, info.etag) == (m.bytes, m.etag) and m.etag
+        assert m.verified_at is not None  # read back in full by the verify step
+        assert store.sha256(key) == (m.bytes, m.sha256)
+        with store.open_input(key) as f:
+            parquet = pq.ParquetFile(f)
+            assert parquet.metadata.num_rows == len(before)
+            assert parquet.metadata.row_group(0).column(0).compression == "ZSTD"
         assert m.min_ts == min(r[1] for r in before) and m.max_ts == max(r[1] for r in before)
-        assert not list(path.parent.glob(".*.tmp"))
+        assert [k for k in store.walk() if "/." in f"/{k}"] == []  # no temporary object left
         assert a.verify_archives(conn, "audit_log").problems == {}
         # re-running an archived month does nothing
         again = a.archive_partition(conn, "audit_log", month, archive_dir)
@@ -183,10 +213,9 @@ def test_crash_after_each_step_is_finished_by_a_rerun(seeded: str, archive_dir: 
 
 _KILL_AFTER = """
 import datetime as dt, os, signal, sys
-from pathlib import Path
 import psycopg
 from perf_pipeline.lib.archive import archive_partition
-url, month, folder, step = sys.argv[1], dt.date.fromisoformat(sys.argv[2]), Path(sys.argv[3]), sys.argv[4]
+url, month, folder, step = sys.argv[1], dt.date.fromisoformat(sys.argv[2]), sys.argv[3], sys.argv[4]
 def hook(done):
     if done == step:
         os.kill(os.getpid(), signal.SIGKILL)  # no finally, no rollback: the process just dies
@@ -223,7 +252,7 @@ def test_sigkill_after_each_step_is_finished_by_a_rerun(seeded: str, archive_dir
 
 @pytest.mark.parametrize("damage", ["truncated", "deleted", "replaced"])
 def test_a_resumed_drop_proves_the_file_again_after_a_sigkill(
-    seeded: str, archive_dir: Path, damage: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    seeded: str, module_location: Location, damage: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Killed right after `verify` committed, the file then damaged, lost (a host without the folder) or
     replaced by another valid Parquet file: the resumed run (the CLI, as an operator or the monthly
@@ -234,7 +263,8 @@ def test_a_resumed_drop_proves_the_file_again_after_a_sigkill(
         "deleted": dt.date(2022, 5, 1),
         "replaced": dt.date(2022, 6, 1),
     }[damage]
-    folder = tmp_path / "archive"
+    location = module_location.sub(f"resumed-{damage}")
+    folder, store = location.value, location.store
     with psycopg.connect(seeded, autocommit=True) as conn:
         _fresh_usage_month(conn, month, 300)
         before = _rows(conn, "usage_log", month)
@@ -246,25 +276,45 @@ def test_a_resumed_drop_proves_the_file_again_after_a_sigkill(
         check=False,
     )
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
-    path = a.archive_path(folder, "usage_log", month)
+    key = a.archive_key("usage_log", month)
     with psycopg.connect(seeded, autocommit=True) as conn:
         assert a.manifest_row(conn, "usage_log", month).state == "verified"
-        if damage == "truncated":
-            path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-        elif damage == "deleted":
-            path.unlink()
-        else:  # a valid Parquet file of the right name, but not the verified one (one row short)
-            table = pq.read_table(path)
-            pq.write_table(table.slice(1), path, compression="zstd")
+        _damage(store, key, damage)
     monkeypatch.setenv("PERF_PIPELINE_DATABASE_URL", seeded)
+    monkeypatch.setenv("PERF_PIPELINE_REDIS_URL", "redis://127.0.0.1:1/0")  # not used; no embedded Redis
     monkeypatch.setenv("PERF_PIPELINE_ARCHIVE_DIR", str(folder))
     assert cli.main(["archive", "run", month.strftime("%Y-%m"), "--table", "usage_log"]) == 0
     with psycopg.connect(seeded, autocommit=True) as conn:
         m = a.manifest_row(conn, "usage_log", month)
         assert m.state == "dropped" and m.rows == len(before)
-        assert a.file_sha256(path) == m.sha256 and pq.ParquetFile(path).metadata.num_rows == len(before)
+        assert store.sha256(key)[1] == m.sha256 and _parquet_rows(store, key) == len(before)
         a.restore_partition(conn, "usage_log", month)
         assert _rows(conn, "usage_log", month) == before
+
+
+def _parquet_rows(store: Store, key: str) -> int:
+    with store.open_input(key) as f:
+        return pq.ParquetFile(f).metadata.num_rows
+
+
+def _damage(store: Store, key: str, how: str) -> None:
+    """Damage an archive object in its store: cut in half, deleted, a byte flipped, or replaced by another
+    valid Parquet file of the same name (one row short)."""
+    data = store.read_bytes(key)
+    if how == "truncated":
+        store.write_bytes(key, data[: len(data) // 2])
+    elif how == "deleted":
+        assert store.delete(key)
+    elif how == "flipped":
+        flipped = bytearray(data)
+        flipped[len(flipped) // 2] ^= 0xFF
+        store.write_bytes(key, bytes(flipped))
+    else:
+        with store.open_input(key) as f:
+            table = pq.read_table(f)
+        out = io.BytesIO()
+        pq.write_table(table.slice(1), out, compression="zstd")
+        store.write_bytes(key, out.getvalue())
 
 
 def test_late_rows_of_an_archived_month_come_back_with_its_restore(seeded: str, archive_dir: Path) -> None:
@@ -290,13 +340,13 @@ def test_late_rows_of_an_archived_month_come_back_with_its_restore(seeded: str, 
         assert again.rows == archived_rows + 1 and a.verify_archives(conn, "audit_log").problems == {}
 
 
-def test_damaged_file_is_exported_again_before_the_drop(seeded: str, archive_dir: Path) -> None:
+def test_damaged_file_is_exported_again_before_the_drop(seeded: str, archive_dir: Path, store: Store) -> None:
     month = dt.date(2024, 6, 1)
     with psycopg.connect(seeded, autocommit=True) as conn:
         with pytest.raises(_Crash):
             a.archive_partition(conn, "usage_log", month, archive_dir, hook=_crash_after("export"))
-        path = a.archive_path(archive_dir, "usage_log", month)
-        path.write_bytes(path.read_bytes()[:-100])  # truncated: verification must not pass it
+        key = a.archive_key("usage_log", month)
+        store.write_bytes(key, store.read_bytes(key)[:-100])  # truncated: verification must not pass it
         result = a.archive_partition(conn, "usage_log", month, archive_dir)
         assert result.steps_run == ["export", "verify", "drop"]  # the failed verification re-exported
         assert a.verify_archives(conn, "usage_log").problems == {}
@@ -339,7 +389,7 @@ def test_concurrent_writer_never_fails_during_archive(seeded: str, archive_dir: 
 
 
 def test_dagster_archive_asset_check_and_schedule(
-    seeded: str, archive_dir: Path, monkeypatch: pytest.MonkeyPatch
+    seeded: str, archive_dir: Path, store: Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("PERF_PIPELINE_ARCHIVE_DIR", str(archive_dir))
     resources = {"postgres": PostgresResource(url=seeded)}
@@ -362,13 +412,11 @@ def test_dagster_archive_asset_check_and_schedule(
     assert a.add_months(this_month, -1).isoformat() not in keys
 
     assert audit_log_archive_files_match_manifest(**resources).passed
-    victim = archive_dir / "audit_log" / "audit_log_y2024m06.parquet"
-    data = bytearray(victim.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    victim.write_bytes(bytes(data))
+    victim = "audit_log/audit_log_y2024m06.parquet"
+    _damage(store, victim, "flipped")  # same size, new ETag: read in full, the sha256 no longer matches
     check = audit_log_archive_files_match_manifest(**resources)
     assert not check.passed and check.metadata["files_bad"].value == 1
-    victim.unlink()
+    store.delete(victim)
     assert "missing" in audit_log_archive_files_match_manifest(**resources).metadata["problems"].value
 
     monkeypatch.setenv("PERF_PIPELINE_AUDIT_RETENTION_MONTHS", "12")
@@ -404,6 +452,7 @@ def test_cli_archive_restore_and_list(
     seeded: str, archive_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.setenv("PERF_PIPELINE_DATABASE_URL", seeded)
+    monkeypatch.setenv("PERF_PIPELINE_REDIS_URL", "redis://127.0.0.1:1/0")  # not used; no embedded Redis
     monkeypatch.setenv("PERF_PIPELINE_ARCHIVE_DIR", str(archive_dir))
     month = dt.date(2024, 3, 1)
     with psycopg.connect(seeded, autocommit=True) as conn:
@@ -501,7 +550,9 @@ def test_usage_retention_rule(seeded: str, archive_dir: Path, monkeypatch: pytes
         assert conn.execute("SELECT to_regclass('usage_log_y2024m04') IS NOT NULL").fetchone()[0]
 
 
-def test_without_default_partition_the_detach_is_concurrent(pg_server_url: str, archive_dir: Path) -> None:
+def test_without_default_partition_the_detach_is_concurrent(
+    pg_server_url: str, module_location: Location
+) -> None:
     url = create_database(pg_server_url, "ppt_nodefault")
     try:
         apply_migrations(url)
@@ -515,7 +566,7 @@ def test_without_default_partition_the_detach_is_concurrent(pg_server_url: str, 
                 "FROM generate_series(0, 99) g"
             )
             before = _rows(conn, "audit_log", month)
-            result = a.archive_partition(conn, "audit_log", month, archive_dir / "nodefault")
+            result = a.archive_partition(conn, "audit_log", month, module_location.sub("nodefault").value)
             assert result.state == "dropped" and result.rows == 100 and result.detach_mode == "concurrently"
             a.restore_partition(conn, "audit_log", month)
             assert _rows(conn, "audit_log", month) == before
@@ -635,7 +686,9 @@ def test_drop_refuses_a_reattached_or_changed_table(seeded: str, archive_dir: Pa
         assert a.archive_partition(conn, "audit_log", month, archive_dir).rows == 42
 
 
-def test_a_verify_that_keeps_failing_stops_after_a_few_exports(seeded: str, archive_dir: Path) -> None:
+def test_a_verify_that_keeps_failing_stops_after_a_few_exports(
+    seeded: str, archive_dir: Path, store: Store
+) -> None:
     month = dt.date(2023, 10, 1)
     exports = []
 
@@ -644,8 +697,8 @@ def test_a_verify_that_keeps_failing_stops_after_a_few_exports(seeded: str, arch
             exports.append(done)
             if len(exports) > 6:
                 raise _Crash("still re-exporting after 6 attempts")
-            path = a.archive_path(archive_dir, "audit_log", month)
-            path.write_bytes(path.read_bytes()[:-100])  # a disk that keeps damaging the file
+            key = a.archive_key("audit_log", month)
+            store.write_bytes(key, store.read_bytes(key)[:-100])  # a disk that keeps damaging the file
 
     with psycopg.connect(seeded, autocommit=True) as conn:
         _fresh_month(conn, month, 20)
@@ -680,6 +733,8 @@ def test_a_row_larger_than_the_csv_block_size_archives(seeded: str, archive_dir:
 
 
 def test_a_failed_export_does_not_leave_synchronize_seqscans_off(seeded: str, archive_dir: Path) -> None:
+    if not isinstance(archive_dir, Path):
+        pytest.skip("a folder in the way of the temporary file: local disk only")
     month = dt.date(2023, 12, 1)
     blocker = archive_dir / "audit_log" / ".audit_log_y2023m12.parquet.tmp"
     blocker.mkdir(parents=True)  # the temp file cannot be created: the export fails after the SET
@@ -691,3 +746,102 @@ def test_a_failed_export_does_not_leave_synchronize_seqscans_off(seeded: str, ar
         assert a.manifest_row(conn, "audit_log", month).state == "detached"
         blocker.rmdir()
         assert a.archive_partition(conn, "audit_log", month, archive_dir).state == "dropped"
+
+
+# ------------------------------------------------------------------------------- object storage specifics
+
+
+def test_the_files_check_reads_in_full_only_new_changed_or_due_objects(
+    seeded: str, archive_dir: Path | str, store: Store
+) -> None:
+    """The check looks every archive up (size, ETag) but re-reads and re-hashes only an object never read in
+    full, rewritten since (another ETag), or not read in full for REHASH_AFTER; a match records when."""
+    month = dt.date(2023, 6, 1)
+    key = a.archive_key("audit_log", month)
+    with psycopg.connect(seeded, autocommit=True) as conn:
+        _fresh_month(conn, month, 30)
+        a.archive_partition(conn, "audit_log", month, archive_dir)
+        name = "audit_log_y2023m06"
+        verified_at = a.manifest_row(conn, "audit_log", month).verified_at
+        assert verified_at is not None  # read back in full by the archive's own verify step
+        report = a.verify_archives(conn, "audit_log")
+        assert name in report.ok and name not in report.read_in_full  # size + ETag only
+        assert a.manifest_row(conn, "audit_log", month).verified_at == verified_at
+
+        # due: its last full read is older than REHASH_AFTER (the weekly schedule's run)
+        conn.execute(
+            "UPDATE archive_manifest SET verified_at = verified_at - %s - interval '1 hour' "
+            "WHERE table_name = 'audit_log' AND month = %s",
+            (a.REHASH_AFTER, month),
+        )
+        report = a.verify_archives(conn, "audit_log")
+        assert name in report.ok and name in report.read_in_full
+        assert a.manifest_row(conn, "audit_log", month).verified_at > verified_at
+
+        # rewritten with the same bytes (e.g. put back from a backup): S3's ETag is the content's (the same),
+        # a local file's changes (new inode): then it is read in full once, found fine, the new one recorded
+        old_etag = a.manifest_row(conn, "audit_log", month).etag
+        store.write_bytes(key, store.read_bytes(key))
+        changed = store.info(key).etag != old_etag
+        assert changed == (store.info(key).etag or "").startswith("local:")
+        report = a.verify_archives(conn, "audit_log")
+        assert name in report.ok and (name in report.read_in_full) == changed
+        assert a.manifest_row(conn, "audit_log", month).etag == store.info(key).etag
+        assert name not in a.verify_archives(conn, "audit_log").read_in_full
+
+        # the same size, other bytes: a new ETag gives it away at once, not a week later
+        _damage(store, key, "flipped")
+        problem = a.verify_archives(conn, "audit_log").problems[name]
+        assert "sha256" in problem
+        # never read in full since it was recorded (a row from before migration 0100): read in full
+        store.write_bytes(key, store.read_bytes(key))  # (still the damaged bytes)
+        conn.execute(
+            "UPDATE archive_manifest SET etag = NULL, verified_at = NULL WHERE table_name = 'audit_log' "
+            "AND month = %s",
+            (month,),
+        )
+        assert "sha256" in a.verify_archives(conn, "audit_log").problems[name]
+
+
+def test_a_bad_archive_location_is_refused_before_anything_is_touched(
+    db_url: str,
+    seaweedfs_server: object,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+) -> None:
+    """`PERF_PIPELINE_ARCHIVE_DIR=s3://bucket/audit` used to be taken as a relative folder named `s3:`: the
+    archive "succeeded", dropped the month, and the file sat under `./s3:/bucket/audit`. Now a missing
+    bucket, refused credentials or a malformed URL is one line naming the setting, before the detach."""
+    month = dt.date(2023, 5, 1)
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        _fresh_month(conn, month, 20)
+    monkeypatch.setenv("PERF_PIPELINE_DATABASE_URL", db_url)
+    monkeypatch.setenv("PERF_PIPELINE_REDIS_URL", "redis://127.0.0.1:1/0")  # not used; no embedded Redis
+    monkeypatch.chdir(tmp_path)  # a relative "s3:" folder would appear here (or under the project root)
+    secret = os.environ["AWS_SECRET_ACCESS_KEY"]
+    cases = [
+        ("s3://no-such-bucket-ppt/audit", {}, "bucket 'no-such-bucket-ppt' does not exist"),
+        ("s3://Not_A_Bucket/audit", {}, "is not a bucket name"),
+        ("s3://bucket-ppt/audit?region=x", {}, "AWS_ENDPOINT_URL"),
+        ("gs://bucket-ppt/audit", {}, "only s3:// object storage is supported"),
+        (
+            f"s3://{seaweedfs_server.create_bucket()}/audit",  # type: ignore[attr-defined]
+            {"AWS_SECRET_ACCESS_KEY": "not-the-right-secret-0123456789"},
+            "credentials were refused",
+        ),
+    ]
+    for value, env, fragment in cases:
+        monkeypatch.setenv("PERF_PIPELINE_ARCHIVE_DIR", value)
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
+        assert cli.main(["archive", "run", month.strftime("%Y-%m")]) == 2, value
+        err = capsys.readouterr().err
+        assert "PERF_PIPELINE_ARCHIVE_DIR" in err and fragment in err, err
+        assert err.count("\n") == 1 and "Traceback" not in err
+        assert "not-the-right-secret" not in err and secret not in err
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
+        with psycopg.connect(db_url, autocommit=True) as conn:
+            assert "audit_log_y2023m05" in _attached(conn, "audit_log")  # not detached, not dropped
+            assert a.manifest_row(conn, "audit_log", month) is None
+    assert not list(tmp_path.iterdir()) and not (PROJECT_ROOT / "s3:").exists()

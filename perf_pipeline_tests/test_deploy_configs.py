@@ -7,6 +7,8 @@ checked to render the same launcher settings (the chart itself is not available 
 from __future__ import annotations
 
 import shutil
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -81,3 +83,95 @@ def test_helm_values_render_the_validated_launcher() -> None:
         coordinator["config"]["queuedRunCoordinator"]["maxConcurrentRuns"]
         == instance["concurrency"]["runs"]["max_concurrent_runs"]
     )
+
+
+# ---------------------------------------------------------------- archives and exports on object storage
+
+DEPLOY = PROJECT_ROOT / "deploy"
+FOLDERS = ("PERF_PIPELINE_ARCHIVE_DIR", "PERF_PIPELINE_EXPORT_DIR")
+
+
+def _assignments(node: object) -> Iterator[tuple[str, str]]:
+    """Every (variable, value) a YAML document sets: ``KEY=VALUE`` strings (K8sRunLauncher env_vars, Helm
+    envVars), ``{name: KEY, value: VALUE}`` items (Kubernetes env) and ``KEY: VALUE`` mappings."""
+    if isinstance(node, str):
+        key, sep, value = node.partition("=")
+        if sep and key.strip().isidentifier():
+            yield key.strip(), value.strip()
+    elif isinstance(node, dict):
+        if isinstance(node.get("name"), str) and "value" in node:
+            yield node["name"], str(node["value"])
+        for key, value in node.items():
+            if isinstance(key, str) and isinstance(value, str | int | float) and key.isupper():
+                yield key, str(value)
+            yield from _assignments(value)
+    elif isinstance(node, list):
+        for item in node:
+            yield from _assignments(item)
+
+
+def _env_file(path: Path) -> Iterator[tuple[str, str]]:
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#") and "=" in line:
+            key, _, value = line.partition("=")
+            yield key.removeprefix("export ").strip(), value.strip().strip("'\"")
+
+
+def _deploy_settings() -> dict[str, list[tuple[str, str, str]]]:
+    """file → (variable, value, where) for every PERF_PIPELINE_*_DIR / AWS_* a deploy config sets."""
+    found: dict[str, list[tuple[str, str, str]]] = {}
+    for path in sorted(DEPLOY.rglob("*")):
+        if path.suffix in (".yaml", ".yml"):
+            pairs = list(_assignments(yaml.safe_load(path.read_text())))
+        elif path.suffix == ".env":
+            pairs = list(_env_file(path))
+        else:
+            continue
+        rel = str(path.relative_to(PROJECT_ROOT))
+        found[rel] = [(k, v, rel) for k, v in pairs if k in FOLDERS or k.startswith("AWS_")]
+    return found
+
+
+def test_deployments_keep_archives_and_exports_on_object_storage() -> None:
+    """A run pod (k8s) or a Celery worker's disk is no place for the only copy of an archived month or for a
+    file a user downloads later: every deploy config must point both folders at s3://, with the AWS keys
+    from a secret (never inlined)."""
+    from perf_pipeline.settings import Settings
+
+    found = _deploy_settings()
+    for config in ("deploy/k8s/dagster.yaml", "deploy/k8s/values.yaml", "deploy/celery/perf-pipeline.env"):
+        assert {k for k, _, _ in found[config]} >= set(FOLDERS), f"{config} does not set both folders"
+    for pairs in found.values():
+        for var, value, where in pairs:
+            if var in FOLDERS:
+                parsed = getattr(Settings.from_env({var: value}), var.removeprefix("PERF_PIPELINE_").lower())
+                assert isinstance(parsed, str) and parsed.startswith("s3://"), (
+                    f"{where} sets {var}={value}: a local path; archives and exports must go to object "
+                    "storage (s3://bucket/prefix) in a deployment"
+                )
+            assert var not in ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"), f"{where} inlines {var}"
+    launcher = yaml.safe_load(VARIANTS["k8s"].read_text())["run_launcher"]["config"]
+    helm = yaml.safe_load((DEPLOY / "k8s" / "values.yaml").read_text())
+    assert "perf-pipeline-s3" in launcher["env_secrets"]
+    assert sorted(launcher["env_vars"]) == sorted(helm["runLauncher"]["config"]["k8sRunLauncher"]["envVars"])
+    deployment = helm["dagster-user-deployments"]["deployments"][0]
+    assert {"name": "perf-pipeline-s3"} in deployment["envSecrets"]
+
+
+def test_the_object_storage_check_catches_a_local_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The check above fails on a deploy config that points a folder at a local path (a copy of deploy/)."""
+    copy = tmp_path / "deploy"
+    shutil.copytree(DEPLOY, copy)
+    env = copy / "celery" / "perf-pipeline.env"
+    env.write_text(
+        env.read_text().replace("s3://perf-pipeline-exports/exports", "/var/lib/perf_pipeline/exports")
+    )
+    monkeypatch.setattr(sys.modules[__name__], "DEPLOY", copy)
+    monkeypatch.setattr(sys.modules[__name__], "PROJECT_ROOT", tmp_path)
+    with pytest.raises(
+        AssertionError, match="PERF_PIPELINE_EXPORT_DIR=/var/lib/perf_pipeline/exports: a local"
+    ):
+        test_deployments_keep_archives_and_exports_on_object_storage()

@@ -46,7 +46,7 @@ from perf_pipeline.defs.resources import PostgresResource
 from perf_pipeline.lib import exports as ex
 from perf_pipeline.lib.workload import WorkloadSpec, load_workload
 from perf_pipeline.settings import PROJECT_ROOT
-from perf_pipeline_tests.conftest import create_database, drop_database
+from perf_pipeline_tests.conftest import Location, create_database, drop_database
 
 BIN = Path(sys.executable).parent
 REQUESTER = "00000000-0000-4000-8000-000000000009"
@@ -216,7 +216,7 @@ def test_a_killed_export_run_worker_is_retried_and_finishes_the_request(
 
 
 def _start_cli_export(
-    url: str, request_id: int, export_dir: Path, log: Path, mb_s: float
+    url: str, request_id: int, export_dir: Path | str, log: Path, mb_s: float
 ) -> subprocess.Popen:
     """`perf-pipeline export run ID` in a child process of its own (its own process group)."""
     env = {
@@ -267,9 +267,19 @@ def _orphaned(url: str, request_id: int) -> bool:
     return held == 0
 
 
-def _kill_mid_stream(url: str, request_id: int, attempts: int, export_dir: Path, log: Path) -> None:
+def _visible_names(export_dir: Path | Location) -> list[str]:
+    """Names in the export location that are not hidden temporary ones."""
+    if isinstance(export_dir, Location):
+        return [k for k in export_dir.objects() if not k.startswith(".")]
+    return [n for n in os.listdir(export_dir) if not n.startswith(".")]
+
+
+def _kill_mid_stream(
+    url: str, request_id: int, attempts: int, export_dir: Path | Location, log: Path
+) -> None:
     """Start `export run`, SIGKILL it while its COPY streams, wait until PostgreSQL has ended its session."""
-    child = _start_cli_export(url, request_id, export_dir, log, mb_s=1.0)  # ~7 MB of CSV: ~7 s
+    target = export_dir.value if isinstance(export_dir, Location) else export_dir
+    child = _start_cli_export(url, request_id, target, log, mb_s=1.0)  # ~7 MB of CSV: ~7 s
     try:
         _wait(
             lambda: child.poll() is not None or _streaming(url, request_id, attempts),
@@ -284,7 +294,7 @@ def _kill_mid_stream(url: str, request_id: int, attempts: int, export_dir: Path,
     _wait(lambda: _orphaned(url, request_id), 30, "PostgreSQL to end the killed export's session")
     req = _get(url, request_id)
     assert req["status"] == "running" and req["attempts"] == attempts  # what issue 2 saw: running, forever
-    assert [n for n in os.listdir(export_dir) if not n.startswith(".")] == []  # nothing visible
+    assert _visible_names(export_dir) == []  # nothing visible
 
 
 class _Sensor:
@@ -318,16 +328,16 @@ def quiet_table(platform_url: str) -> str:
 
 
 def test_a_killed_cli_export_is_requeued_by_the_sensor_and_then_succeeds(
-    quiet_table: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    quiet_table: str, tmp_path: Path, location: Location, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """On local disk and on S3 (where the kill lands mid-upload: no object, and the retry's file whole)."""
     import dagster as dg
 
-    url, export_dir = quiet_table, tmp_path / "exports"
-    export_dir.mkdir()
+    url = quiet_table
     monkeypatch.setattr(sensors, "ORPHAN_GRACE_S", 1.0, raising=False)
     with psycopg.connect(url, autocommit=True) as conn:
         request_id = ex.file_request(conn, REQUESTER, "audit_log", "parquet", {"start": str(START)})
-    _kill_mid_stream(url, request_id, 1, export_dir, tmp_path / "cli.log")
+    _kill_mid_stream(url, request_id, 1, location, tmp_path / "cli.log")
 
     sensor = _Sensor(url)
     assert sensor.tick() == []  # first seen orphaned now: within the grace, left alone
@@ -341,7 +351,7 @@ def test_a_killed_cli_export_is_requeued_by_the_sensor_and_then_succeeds(
     assert run.tags["perf_pipeline/export_attempts"] == "1"
     assert sensor.tick() == []  # launched once
 
-    monkeypatch.setenv("PERF_PIPELINE_EXPORT_DIR", str(export_dir))
+    monkeypatch.setenv("PERF_PIPELINE_EXPORT_DIR", str(location.value))
     monkeypatch.setenv("PERF_PIPELINE_EXPORT_MAX_MB_S", "0")
     result = export_job.execute_in_process(
         run_config=run.run_config,
@@ -352,8 +362,8 @@ def test_a_killed_cli_export_is_requeued_by_the_sensor_and_then_succeeds(
     assert result.success
     req = _get(url, request_id)
     assert req["status"] == "succeeded" and req["attempts"] == 2 and req["error"] is None
-    path = Path(req["file_path"])
-    assert os.listdir(export_dir) == [path.name]
+    path = location.fetch(req["file_path"], tmp_path)
+    assert location.objects() == [path.name]  # one object, no leftovers
     data = path.read_bytes()
     assert (req["bytes"], req["sha256"]) == (len(data), hashlib.sha256(data).hexdigest())
     table = pq.read_table(path, columns=["id"])

@@ -1,5 +1,8 @@
 """Background exports on a real PostgreSQL: round trips, bad requests, kill + retry, parallel runs, sensor.
 
+The tests that write files run twice: into a local folder and into an S3 bucket (the session's private
+SeaweedFS), through the ``location`` fixture.
+
 The module's database holds ~20k audit rows and ~10k usage rows over 10 days (2026-02-20 … 2026-03-01)
 plus a few hand-written audit rows with awkward values (quotes, commas, newlines, unicode, NULLs, '',
 IPv6, nested JSON). "Today" is pinned to 2026-03-02 so retention checks are deterministic.
@@ -36,6 +39,7 @@ from perf_pipeline.defs.resources import PostgresResource
 from perf_pipeline.lib import exports as ex
 from perf_pipeline.lib.workload import WorkloadSpec, load_workload
 from perf_pipeline.settings import PROJECT_ROOT
+from perf_pipeline_tests.conftest import Location
 
 END = dt.datetime(2026, 3, 1, 6, tzinfo=dt.UTC)
 TODAY = dt.date(2026, 3, 2)
@@ -180,8 +184,15 @@ def _csv_blank(rows: list[tuple]) -> list[tuple]:
     return [tuple(None if v == "" else v for v in r) for r in rows]
 
 
-def _visible(folder: Path) -> list[str]:
+def _visible(folder: Path | Location) -> list[str]:
+    """Every name in the export folder, hidden temporary ones included (every object of an S3 location)."""
+    if isinstance(folder, Location):
+        return folder.objects()
     return sorted(os.listdir(folder))
+
+
+def _name(uri: str) -> str:
+    return uri.rsplit("/", 1)[-1]
 
 
 # ---------------------------------------------------------------------------------------------- round trip
@@ -190,10 +201,11 @@ def _visible(folder: Path) -> list[str]:
 @pytest.mark.parametrize("fmt", ex.FORMATS)
 @pytest.mark.parametrize("kind", list(ex.KINDS))
 def test_round_trip_every_column(
-    loaded: str, db: psycopg.Connection, scratch_dir: Path, kind: str, fmt: str
+    loaded: str, db: psycopg.Connection, location: Location, tmp_path: Path, kind: str, fmt: str
 ) -> None:
     request_id = _request(db, kind, fmt, {"start": "2026-02-22", "end": "2026-02-25"})
-    result = _run(loaded, request_id, scratch_dir)
+    result = _run(loaded, request_id, location.value)
+    path = location.fetch(result.uri, tmp_path)
 
     time_col = ex.KINDS[kind].schema.names[1 if kind == "audit_log" else 3]
     expected = _expected(
@@ -202,12 +214,12 @@ def test_round_trip_every_column(
         f'"{time_col}" >= %(a)s AND "{time_col}" < %(b)s',
         {"a": dt.datetime(2026, 2, 22, tzinfo=dt.UTC), "b": dt.datetime(2026, 2, 26, tzinfo=dt.UTC)},
     )
-    header, got = _read_file(result.path, kind)
+    header, got = _read_file(path, kind)
     assert header == list(ex.KINDS[kind].schema.names)
     assert len(expected) > 3000
     assert got == (_csv_blank(expected) if fmt == "csv.gz" else expected)
 
-    data = result.path.read_bytes()
+    data = path.read_bytes()
     req = ex.get_request(db, request_id)
     assert req is not None
     assert req["status"] == "succeeded" and req["error"] is None
@@ -216,8 +228,10 @@ def test_round_trip_every_column(
         len(data),
         hashlib.sha256(data).hexdigest(),
     )
-    assert req["file_path"] == str(result.path) and req["csv_bytes"] > len(expected) * 40
-    assert _visible(scratch_dir) == [result.path.name]  # no temp names left behind
+    assert req["file_path"] == result.uri and req["csv_bytes"] > len(expected) * 40
+    assert req["file_path"] == location.store.uri(f"export-{request_id}-{kind}.{fmt}")
+    assert req["etag"] == location.store.info(_name(result.uri)).etag  # the store's, as written
+    assert _visible(location) == [_name(result.uri)]  # no temp names left behind
 
 
 def test_filters_user_entity_and_severities(loaded: str, db: psycopg.Connection, scratch_dir: Path) -> None:
@@ -252,11 +266,13 @@ def test_filters_user_entity_and_severities(loaded: str, db: psycopg.Connection,
     assert result.rows == len(expected) >= 1
 
 
-def test_empty_result_gives_valid_files(loaded: str, db: psycopg.Connection, scratch_dir: Path) -> None:
+def test_empty_result_gives_valid_files(
+    loaded: str, db: psycopg.Connection, location: Location, tmp_path: Path
+) -> None:
     for fmt in ex.FORMATS:
         request_id = _request(db, "usage_log", fmt, {"start": "2025-06-01", "end": "2025-06-30"})
-        result = _run(loaded, request_id, scratch_dir)
-        header, rows = _read_file(result.path, "usage_log")
+        result = _run(loaded, request_id, location.value)
+        header, rows = _read_file(location.fetch(result.uri, tmp_path), "usage_log")
         assert (result.rows, rows, header) == (0, [], list(ex.KINDS["usage_log"].schema.names))
 
 
@@ -360,14 +376,13 @@ def test_quoted_values_cannot_escape_even_unvalidated(loaded: str, db: psycopg.C
 
 _KILL_CHILD = textwrap.dedent("""
     import datetime as dt, sys, time
-    from pathlib import Path
     from perf_pipeline.lib import exports as ex
 
     def stall(progress):
         print("STREAMING", progress.csv_bytes, flush=True)
         time.sleep(120)
 
-    ex.run_export(sys.argv[1], int(sys.argv[2]), Path(sys.argv[3]), statement_timeout_s=60,
+    ex.run_export(sys.argv[1], int(sys.argv[2]), sys.argv[3], statement_timeout_s=60,
                   retention_months={"audit_log": 12, "usage_log": 24}, today=dt.date(2026, 3, 2),
                   progress=stall, progress_every_bytes=1)
 """)
@@ -375,8 +390,9 @@ _KILL_CHILD = textwrap.dedent("""
 
 @pytest.mark.parametrize("fmt", ex.FORMATS)
 def test_kill_mid_export_leaves_no_file_and_retry_succeeds(
-    loaded: str, db: psycopg.Connection, scratch_dir: Path, fmt: str
+    loaded: str, db: psycopg.Connection, location: Location, fmt: str
 ) -> None:
+    scratch_dir = location.value
     request_id = _request(db, "audit_log", fmt, {"start": "2026-02-20"})
     child = subprocess.Popen(
         [sys.executable, "-c", _KILL_CHILD, loaded, str(request_id), str(scratch_dir)],
@@ -391,26 +407,32 @@ def test_kill_mid_export_leaves_no_file_and_retry_succeeds(
         assert ex.get_request(db, request_id)["status"] == "running"  # type: ignore[index]
         with pytest.raises(ex.ExportBusyError):  # a second process cannot run the same request meanwhile
             _run(loaded, request_id, scratch_dir)
-        assert _visible(scratch_dir) == []  # the data being written has no name yet
+        assert _visible(location) == []  # the data being written has no name yet
     finally:
         child.send_signal(signal.SIGKILL)
         child.wait(timeout=30)
         if child.stdout:
             child.stdout.close()
-    assert _visible(scratch_dir) == []  # SIGKILL: nothing to clean, nothing partial visible
-    (scratch_dir / f".export-{request_id}-dead.part").write_bytes(b"partial")  # as a non-O_TMPFILE fs leaves
+    assert _visible(location) == []  # SIGKILL: nothing to clean, nothing partial visible
+    if isinstance(scratch_dir, Path):
+        (scratch_dir / f".export-{request_id}-dead.part").write_bytes(
+            b"partial"
+        )  # as a non-O_TMPFILE fs leaves
+    else:  # as a writer killed between its upload and the copy into place leaves
+        location.store.write_bytes(f".tmp/.export-{request_id}-dead.part", b"partial")
 
     result = _run(loaded, request_id, scratch_dir)  # the retry
     req = ex.get_request(db, request_id)
     assert req is not None and req["status"] == "succeeded" and req["attempts"] == 2
     expected = db.execute("SELECT count(*) FROM audit_log WHERE timestamp >= '2026-02-20'").fetchone()
     assert (result.rows,) == expected
-    assert _visible(scratch_dir) == [result.path.name]
+    assert _visible(location) == [_name(result.uri)]
 
 
 def test_failure_after_some_batches_leaves_no_file_and_retry_succeeds(
-    loaded: str, db: psycopg.Connection, scratch_dir: Path
+    loaded: str, db: psycopg.Connection, location: Location
 ) -> None:
+    scratch_dir = location.value
     request_id = _request(db, "usage_log", "parquet", {"start": "2026-02-20"})
 
     def explode(progress: ex.Progress) -> None:
@@ -420,7 +442,7 @@ def test_failure_after_some_batches_leaves_no_file_and_retry_succeeds(
         _run(loaded, request_id, scratch_dir, progress=explode, progress_every_bytes=100_000)
     req = ex.get_request(db, request_id)
     assert req is not None and req["status"] == "failed" and "RuntimeError: injected failure" in req["error"]
-    assert _visible(scratch_dir) == []
+    assert _visible(location) == []
 
     result = _run(loaded, request_id, scratch_dir)
     assert ex.get_request(db, request_id)["status"] == "succeeded"  # type: ignore[index]
@@ -428,6 +450,7 @@ def test_failure_after_some_batches_leaves_no_file_and_retry_succeeds(
         result.rows
         == db.execute("SELECT count(*) FROM usage_log WHERE created_at >= '2026-02-20'").fetchone()[0]
     )
+    assert _visible(location) == [_name(result.uri)]
 
 
 def test_export_does_not_queue_behind_ddl(loaded: str, db: psycopg.Connection, scratch_dir: Path) -> None:
@@ -488,8 +511,9 @@ def test_without_o_tmpfile_a_hidden_named_temp_is_used(
 
 
 def test_two_requests_in_parallel_both_succeed(
-    loaded: str, db: psycopg.Connection, scratch_dir: Path
+    loaded: str, db: psycopg.Connection, location: Location
 ) -> None:
+    scratch_dir = location.value
     ids = [
         _request(db, "audit_log", "csv.gz", {"start": "2026-02-20"}),
         _request(db, "usage_log", "parquet", {"start": "2026-02-20"}),
@@ -515,7 +539,7 @@ def test_two_requests_in_parallel_both_succeed(
     ]
     assert [results[i].rows for i in ids] == counts
     assert all(ex.get_request(db, i)["status"] == "succeeded" for i in ids)  # type: ignore[index]
-    assert _visible(scratch_dir) == sorted(r.path.name for r in results.values())
+    assert _visible(location) == sorted(_name(r.uri) for r in results.values())
 
 
 def test_late_failure_notice_does_not_fail_a_newer_attempt(db: psycopg.Connection) -> None:
@@ -739,9 +763,9 @@ def test_the_sensor_fails_a_request_it_cannot_check_and_goes_on(
 
 
 def test_export_job_run_records_file_and_metadata(
-    loaded: str, db: psycopg.Connection, scratch_dir: Path, monkeypatch: pytest.MonkeyPatch
+    loaded: str, db: psycopg.Connection, location: Location, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("PERF_PIPELINE_EXPORT_DIR", str(scratch_dir))
+    monkeypatch.setenv("PERF_PIPELINE_EXPORT_DIR", str(location.value))
     (op,) = export_job.graph.node_defs
     assert op.pool == "exports"  # the pool whose limit caps concurrent exports
     instance = dg.DagsterInstance.ephemeral()
@@ -753,7 +777,8 @@ def test_export_job_run_records_file_and_metadata(
     req = ex.get_request(db, good)
     assert req is not None and req["status"] == "succeeded" and req["run_id"] == result.run_id
     assert mat.metadata["rows"].value == req["rows"] > 9000 and mat.metadata["bytes"].value == req["bytes"]
-    assert Path(req["file_path"]).parent == scratch_dir
+    assert req["file_path"] == location.store.uri(f"export-{good}-usage_log.csv.gz")
+    assert mat.metadata["etag"].value == req["etag"] == location.store.info(_name(req["file_path"])).etag
 
     bad = _request(db, "audit_log", "csv.gz", {"start": "1999-01-01"})
     failed = _execute_job(bad, loaded, instance, raise_on_error=False)
@@ -1166,3 +1191,39 @@ def test_max_mb_per_s_paces_the_export(
     paced_s = time.monotonic() - started
     assert paced.rows == fast.rows and paced.csv_bytes == fast.csv_bytes and paced.sha256 == fast.sha256
     assert fast_s < 1.0 <= 1.45 <= paced_s  # the last report waits until bytes / rate seconds have passed
+
+
+def test_an_unusable_export_location_fails_before_the_claim(
+    loaded: str,
+    db: psycopg.Connection,
+    seaweedfs_server: object,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A missing bucket (or refused credentials) is one error naming PERF_PIPELINE_EXPORT_DIR, before the
+    request is claimed: it stays pending, untouched, for a run once the location is fixed."""
+    from perf_pipeline.cli import main
+    from perf_pipeline.lib.storage import StorageError
+
+    request_id = _request(db, "audit_log", "csv.gz", {"start": "2026-02-28"})
+    with pytest.raises(StorageError, match=r"^PERF_PIPELINE_EXPORT_DIR .*bucket 'no-such-bucket-ppt' does"):
+        _run(loaded, request_id, "s3://no-such-bucket-ppt/exports")
+    req = ex.get_request(db, request_id)
+    assert req is not None and (req["status"], req["attempts"], req["file_path"]) == ("pending", 0, None)
+
+    monkeypatch.setenv("PERF_PIPELINE_DATABASE_URL", loaded)
+    monkeypatch.setenv("PERF_PIPELINE_REDIS_URL", "redis://127.0.0.1:1/0")  # not used
+    monkeypatch.setenv("PERF_PIPELINE_EXPORT_DIR", "s3://no-such-bucket-ppt/exports")
+    monkeypatch.setenv(
+        "PERF_PIPELINE_AUDIT_RETENTION_MONTHS", "600"
+    )  # the CLI and the job use the real today
+    assert main(["export", "run", str(request_id)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: PERF_PIPELINE_EXPORT_DIR") and err.count("\n") == 1, err
+    assert os.environ["AWS_SECRET_ACCESS_KEY"] not in err
+
+    run = _execute_job(request_id, loaded, dg.DagsterInstance.ephemeral(), raise_on_error=False)
+    assert not run.success
+    failure = next(e for e in run.all_events if e.event_type_value == "STEP_FAILURE")
+    assert "PERF_PIPELINE_EXPORT_DIR" in str(failure.event_specific_data)
+    assert ex.get_request(db, request_id)["status"] == "pending"  # type: ignore[index]

@@ -43,6 +43,14 @@ def test_values_are_parsed() -> None:
         ("PERF_PIPELINE_REDIS_URL", "http://x", "scheme redis"),
         ("PERF_PIPELINE_ADMIN_TOKENS", "short", "at least 16"),
         ("PERF_PIPELINE_ANALYTICS_BUDGET_MS", "fast", "must be a number"),
+        ("PERF_PIPELINE_ARCHIVE_DIR", "s3:/bucket/audit", "expected an s3://bucket/prefix URL"),
+        ("PERF_PIPELINE_ARCHIVE_DIR", "s3://Bucket_Name/audit", "is not a bucket name"),
+        ("PERF_PIPELINE_ARCHIVE_DIR", "s3://key:secret@bucket/audit", "AWS_ACCESS_KEY_ID"),
+        ("PERF_PIPELINE_EXPORT_DIR", "s3://bucket/exports?endpoint_override=x", "AWS_ENDPOINT_URL"),
+        ("PERF_PIPELINE_EXPORT_DIR", "s3://bucket/../exports", "plain path segments"),
+        ("PERF_PIPELINE_EXPORT_DIR", "gs://bucket/exports", "only s3:// object storage"),
+        ("PERF_PIPELINE_USER_TOKENS", "not-a-uuid:" + "t" * 20, "part before ':' is not a UUID"),
+        ("PERF_PIPELINE_USER_TOKENS", "00000000-0000-4000-8000-000000000001:short", "at least 16"),
     ],
 )
 def test_bad_values_name_the_variable(var: str, value: str, message: str) -> None:
@@ -69,3 +77,39 @@ def test_cli_reports_bad_setting_with_exit_code_2() -> None:
     )
     assert proc.returncode == 2
     assert "PERF_PIPELINE_DATABASE_URL" in proc.stderr
+
+
+def test_object_storage_locations_and_user_tokens() -> None:
+    """An s3:// URL stays a URL (it used to become a relative folder named `s3:` under the project root);
+    a user token may name the user whose exports it reaches."""
+    from perf_pipeline.settings import UserToken, shown
+
+    s = Settings.from_env(
+        {
+            "PERF_PIPELINE_ARCHIVE_DIR": "s3://perf-archive/audit/",
+            "PERF_PIPELINE_EXPORT_DIR": "exports-here",
+            "PERF_PIPELINE_USER_TOKENS": "00000000-0000-4000-8000-0000000000AB:" + "u" * 20 + ", " + "b" * 20,
+        }
+    )
+    assert s.archive_dir == "s3://perf-archive/audit"
+    assert s.export_dir == PROJECT_ROOT / "exports-here"  # a relative folder, as before
+    assert s.user_tokens == (
+        UserToken("u" * 20, "00000000-0000-4000-8000-0000000000ab"),
+        UserToken("b" * 20, None),
+    )
+    assert "u" * 20 not in repr(s) and s.secret_tokens() == ("u" * 20, "b" * 20)
+    assert Settings(user_tokens=("c" * 20,)).user_tokens == (UserToken("c" * 20),)  # type: ignore[arg-type]
+    assert shown("PERF_PIPELINE_USER_TOKENS", "x" * 20 + "," + "y" * 20) == "(2 tokens, not shown)"
+
+
+def test_cli_reports_a_bad_storage_url_naming_the_variable() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "perf_pipeline.cli", "archive", "list"],
+        capture_output=True,
+        text=True,
+        env={"PATH": "/usr/bin:/bin", "PERF_PIPELINE_ARCHIVE_DIR": "s3://key:hunter2secret@bucket/x"},
+        timeout=60,
+        cwd=PROJECT_ROOT,
+    )
+    assert proc.returncode == 2 and "PERF_PIPELINE_ARCHIVE_DIR" in proc.stderr
+    assert "hunter2secret" not in proc.stderr + proc.stdout

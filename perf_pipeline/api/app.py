@@ -12,6 +12,16 @@ Auth: ``Authorization: Bearer <token>``. Tokens come from ``PERF_PIPELINE_ADMIN_
 ``PERF_PIPELINE_USER_TOKENS`` (authenticated but not admin: 403); anything else is 401. Tokens are
 compared with :func:`hmac.compare_digest` against every configured token, so the time taken does not
 tell which prefix or which token matched.
+
+Exports (``/api/v1/exports/{id}`` and ``…/file``): the status of an export request and its file, for the
+user who asked (a user token given as ``<user-uuid>:<token>`` sees the requests whose ``requested_by`` is
+that UUID) or any admin; anyone else's request, or an unknown id, is 404 alike (existence is not revealed);
+a bare user token is 403. The file is streamed through the API from wherever it is (local folder or S3,
+ranged reads of 2 MiB: bounded memory whatever its size) rather than by a presigned URL: pyarrow.fs,
+the project's only storage client, cannot presign, and streaming keeps the bucket private, its
+credentials on the server, and this API's auth on every byte. 409 while the export is not finished (or
+failed), 410 when a finished export's file is gone or no longer the one produced, 503 when the database or
+the storage cannot be reached — never a 500. ``HEAD`` of the file answers its headers without reading it.
 """
 
 from __future__ import annotations
@@ -24,6 +34,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 from urllib.parse import parse_qsl
 
@@ -31,15 +42,18 @@ import anyio
 import psycopg
 import psycopg_pool
 from fastapi import Depends, FastAPI, HTTPException, Query, Request, status
+from fastapi import Path as PathParam
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from perf_pipeline.lib import exports as exports_lib
 from perf_pipeline.lib.cache import KPIS_KEY, DashboardCache, serving_client, trends_key
 from perf_pipeline.lib.dashboard import TrendRangeError, validate_trend_request
 from perf_pipeline.lib.redact import redact_text, url_secrets
+from perf_pipeline.lib.storage import ObjectInfo, StorageError, Store, describe_error, locate
 from perf_pipeline.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -47,6 +61,13 @@ log = logging.getLogger(__name__)
 API_PREFIX = "/api/v1/admin/dashboard"
 KPIS_PATH = f"{API_PREFIX}/kpis"
 TRENDS_PATH = f"{API_PREFIX}/usage-trends"
+EXPORT_PATH = "/api/v1/exports/{request_id}"
+EXPORT_FILE_PATH = "/api/v1/exports/{request_id}/file"
+#: bytes read from the store per chunk of a download (one ranged GET on S3): the memory of one download
+DOWNLOAD_BLOCK_BYTES = 2 << 20
+#: set on the scope by HeadAsGetMiddleware: the GET being answered is a HEAD (no body will be sent)
+HEAD_SCOPE_KEY = "perf_pipeline.head"
+MEDIA_TYPES = {"csv.gz": "application/gzip", "parquet": "application/vnd.apache.parquet"}
 
 
 # --------------------------------------------------------------------------------- response models
@@ -120,6 +141,24 @@ class ErrorResponse(BaseModel):
     detail: str
 
 
+class ExportStatus(BaseModel):
+    id: int
+    requested_by: str
+    kind: str
+    format: str
+    filters: Any
+    status: Literal["pending", "running", "succeeded", "failed"]
+    requested_at: dt.datetime
+    started_at: dt.datetime | None
+    finished_at: dt.datetime | None
+    attempts: int
+    rows: int | None  # rows in the file (succeeded)
+    bytes: int | None  # the file's size
+    sha256: str | None  # of the file, as downloaded
+    error: str | None  # why it failed
+    file_url: str | None  # where to download it, once succeeded
+
+
 class ValidationIssue(BaseModel):
     loc: list[str | int]
     msg: str
@@ -142,9 +181,22 @@ _ADMIN_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
+# the error answers of the export endpoints, as they are sent
+_EXPORT_RESPONSES: dict[int | str, dict[str, Any]] = {
+    401: _ADMIN_RESPONSES[401],
+    403: {"model": ErrorResponse, "description": "A user token that is not linked to a user"},
+    404: {"model": ErrorResponse, "description": "No such export request, or not one of this user's"},
+    503: {"model": ErrorResponse, "description": "The database or the file storage is unavailable"},
+}
+
+
 # ------------------------------------------------------------------------------------------- auth
 
-_bearer = HTTPBearer(auto_error=False, description="Admin bearer token (PERF_PIPELINE_ADMIN_TOKENS)")
+_bearer = HTTPBearer(
+    auto_error=False,
+    description="Bearer token: an admin's (PERF_PIPELINE_ADMIN_TOKENS) or, for exports, a user's "
+    "(PERF_PIPELINE_USER_TOKENS)",
+)
 
 
 def _any_matches(token: bytes, candidates: tuple[bytes, ...]) -> bool:
@@ -175,6 +227,45 @@ async def require_admin(
     if is_user:
         raise HTTPException(status.HTTP_403_FORBIDDEN, "admin role required")
     raise unauthorized
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who is asking for an export: an admin (any request) or the user a token stands for."""
+
+    admin: bool
+    user_id: str | None
+
+    def may_see(self, requested_by: object) -> bool:
+        return self.admin or (self.user_id is not None and str(requested_by) == self.user_id)
+
+
+async def export_caller(
+    request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+) -> Caller:
+    """401 without a configured token, 403 for a user token not linked to a user; else the caller.
+    Every token is compared (constant time each, no early exit)."""
+    if credentials is not None:
+        token = credentials.credentials.encode()
+        is_admin = _any_matches(token, request.app.state.admin_tokens)
+        owner: str | None = None
+        is_user = False
+        for candidate, user_id in request.app.state.user_token_owners:
+            if hmac.compare_digest(token, candidate):
+                is_user, owner = True, user_id
+        if is_admin:
+            return Caller(True, None)
+        if is_user and owner is not None:
+            return Caller(False, owner)
+        if is_user:
+            raise HTTPException(
+                status.HTTP_403_FORBIDDEN, "this token is not linked to a user: no access to exports"
+            )
+    raise HTTPException(
+        status.HTTP_401_UNAUTHORIZED,
+        "a valid bearer token is required",
+        headers={"WWW-Authenticate": "Bearer"},
+    )
 
 
 async def _cache(request: Request) -> DashboardCache:
@@ -290,7 +381,8 @@ class HeadAsGetMiddleware:
                     message = {"type": "http.response.body", "body": b"", "more_body": False}
                 await send(message)
 
-            await self.app({**scope, "method": "GET"}, receive, send_without_body)
+            # HEAD_SCOPE_KEY lets an endpoint whose body is costly (a file download) skip producing it
+            await self.app({**scope, "method": "GET", HEAD_SCOPE_KEY: True}, receive, send_without_body)
         else:
 
             async def send_allow_head(message: Message) -> None:
@@ -388,7 +480,8 @@ def create_app(settings: Settings | None = None, cache: DashboardCache | None = 
         lifespan=lifespan,
     )
     app.state.admin_tokens = tuple(t.encode() for t in settings.admin_tokens)
-    app.state.user_tokens = tuple(t.encode() for t in settings.user_tokens)
+    app.state.user_tokens = tuple(t.token.encode() for t in settings.user_tokens)
+    app.state.user_token_owners = tuple((t.token.encode(), t.user_id) for t in settings.user_tokens)
     if cache is not None:
         app.state.cache = cache
         app.state.health = HealthProbes(
@@ -447,6 +540,79 @@ def create_app(settings: Settings | None = None, cache: DashboardCache | None = 
         return Response(body, media_type="application/json")
 
     @app.get(
+        EXPORT_PATH,
+        response_model=ExportStatus,
+        summary="An export request's status (the user's own, or any for an admin)",
+        responses=_EXPORT_RESPONSES,
+    )
+    async def export_status(
+        request: Request,
+        caller: Annotated[Caller, Depends(export_caller)],
+        request_id: Annotated[int, PathParam(ge=1, le=2**63 - 1, description="the export request's id")],
+    ) -> JSONResponse:
+        req = await _visible_request(request, caller, request_id)
+        body = ExportStatus(
+            **{k: req.get(k) for k in ExportStatus.model_fields if k not in ("requested_by", "file_url")},
+            requested_by=str(req["requested_by"]),
+            file_url=EXPORT_FILE_PATH.format(request_id=request_id) if req["status"] == "succeeded" else None,
+        )
+        return JSONResponse(body.model_dump(mode="json"))
+
+    @app.get(
+        EXPORT_FILE_PATH,
+        # no media type of its own: the 200 is documented by `content` below, the errors as JSON
+        response_class=Response,
+        summary="Download a finished export's file (streamed; HEAD gives its headers only)",
+        responses={
+            200: {
+                "description": "The file, streamed (Content-Length, ETag = its sha256, attachment name)",
+                "content": {
+                    t: {"schema": {"type": "string", "format": "binary"}} for t in MEDIA_TYPES.values()
+                },
+            },
+            **_EXPORT_RESPONSES,
+            409: {
+                "model": ErrorResponse,
+                "description": "The export is not finished yet (pending or running: try again later; "
+                "Retry-After says when), or it failed (no file)",
+            },
+            410: {
+                "model": ErrorResponse,
+                "description": "The export finished but its file is gone or was changed",
+            },
+        },
+    )
+    async def export_file(
+        request: Request,
+        caller: Annotated[Caller, Depends(export_caller)],
+        request_id: Annotated[int, PathParam(ge=1, le=2**63 - 1, description="the export request's id")],
+    ) -> Response:
+        req = await _visible_request(request, caller, request_id)
+        if req["status"] in ("pending", "running"):
+            raise HTTPException(
+                status.HTTP_409_CONFLICT,
+                f"the export is not finished yet (status {req['status']}); try again later",
+                headers={"Retry-After": "15"},
+            )
+        if req["status"] != "succeeded":
+            raise HTTPException(
+                status.HTTP_409_CONFLICT, "the export failed: it has no file (see its status)"
+            )
+        store, key, info = await run_in_threadpool(_export_object, req)
+        headers = {
+            "Content-Length": str(info.size),
+            "Content-Disposition": f'attachment; filename="{_download_name(req)}"',
+            "ETag": f'"{req["sha256"]}"',
+            "Cache-Control": "private, no-store",
+        }
+        media_type = MEDIA_TYPES.get(req["format"], "application/octet-stream")
+        if request.scope.get(HEAD_SCOPE_KEY):  # a HEAD: the headers, without reading the file
+            return Response(status_code=200, headers=headers, media_type=media_type)
+        return StreamingResponse(
+            _stream_object(store, key, info.size), headers=headers, media_type=media_type
+        )
+
+    @app.get(
         "/healthz",
         response_model=HealthResponse,
         summary="PostgreSQL and Redis status, within a second",
@@ -469,6 +635,70 @@ def create_app(settings: Settings | None = None, cache: DashboardCache | None = 
         return JSONResponse(body.model_dump(), status_code=200 if pg.ok else 503)
 
     return app
+
+
+# ------------------------------------------------------------------------------------------ exports
+
+
+def _read_request(connection: Callable[[], Any], request_id: int) -> dict[str, Any] | None:
+    with connection() as conn:
+        return exports_lib.get_request(conn, request_id)
+
+
+async def _visible_request(request: Request, caller: Caller, request_id: int) -> dict[str, Any]:
+    """The request row if ``caller`` may see it; 404 alike for an unknown id and another user's request."""
+    cache: DashboardCache = request.app.state.cache
+    req = await run_in_threadpool(_read_request, cache.connection, request_id)
+    if req is None or not caller.may_see(req["requested_by"]):
+        raise HTTPException(status.HTTP_404_NOT_FOUND, "no such export request")
+    return req
+
+
+def _download_name(req: dict[str, Any]) -> str:
+    fmt = req["format"] if req["format"] in MEDIA_TYPES else "bin"
+    return f"export-{int(req['id'])}-{req['kind'] if req['kind'] in exports_lib.KINDS else 'data'}.{fmt}"
+
+
+def _export_object(req: dict[str, Any]) -> tuple[Store, str, ObjectInfo]:
+    """The finished export's object as the store has it now (one HEAD or stat): 410 when it is gone, or its
+    size or ETag is not what the export recorded; 503 when the storage cannot be reached."""
+    gone = HTTPException(
+        status.HTTP_410_GONE, "the export's file is no longer available; request a new export"
+    )
+    try:
+        store, key = locate(req["file_path"] or "", exports_lib.SETTING)
+        info = store.info(key)
+    except (OSError, StorageError) as exc:
+        log.error("export %s: cannot look up %s: %s", req["id"], req["file_path"], describe_error(exc))
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "the file storage is unavailable") from None
+    if info is None:
+        raise gone
+    if info.size != req["bytes"] or (req.get("etag") and info.etag != req["etag"]):
+        log.warning(
+            "export %s: %s is not the file the export wrote (size or ETag differs)", req["id"], info.uri
+        )
+        raise gone
+    return store, key, info
+
+
+async def _stream_object(store: Store, key: str, size: int) -> AsyncIterator[bytes]:
+    """The object's first ``size`` bytes, DOWNLOAD_BLOCK_BYTES at a time, each read in a worker thread (the
+    event loop never blocks on the store). A read error ends the response early (the client sees a short
+    body against Content-Length); it is logged."""
+    f = await run_in_threadpool(store.open_input, key)
+    try:
+        left = size
+        while left > 0:
+            block = await run_in_threadpool(f.read, min(DOWNLOAD_BLOCK_BYTES, left))
+            if not block:
+                break
+            left -= len(block)
+            yield bytes(block)
+    except Exception as exc:
+        log.error("download of %s stopped: %s", store.uri(key), describe_error(exc))
+        raise
+    finally:
+        await run_in_threadpool(f.close)
 
 
 def _flush_every_second(cache: DashboardCache, stop: threading.Event) -> None:

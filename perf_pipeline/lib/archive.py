@@ -12,9 +12,12 @@ finished by calling :func:`archive_partition` again for the same month:
 2. **export**: ``COPY (SELECT …) TO STDOUT (FORMAT csv)`` in physical order (no sort: the detached table
    no longer changes and ``synchronize_seqscans`` is off, so restore → re-archive gives the same file), cut into ~16 MiB
    record-aligned batches, parsed by pyarrow (:mod:`perf_pipeline.lib.pgcsv`, shared with the exports)
-   and appended to a zstd Parquet file (one row group per batch) in a temporary file, fsynced and renamed: memory stays bounded by the batch size.
-3. **verify**: the file is read back (sha256, row count, min/max timestamp) and compared with the
-   manifest and with the detached table.
+   and appended to a zstd Parquet file (one row group per batch) written atomically to the archive
+   location (:mod:`perf_pipeline.lib.storage`: a folder, or an S3 bucket prefix, where the object appears
+   under its final key only complete), hashed on the way: memory stays bounded by the batch size.
+   The manifest records its URI, size, sha256 and the store's ETag (and VersionId).
+3. **verify**: the object is read back from the store (size, sha256, Parquet schema, row count, min/max
+   timestamp) and compared with the manifest and with the detached table.
 4. **drop** the table (standalone by now, so no lock on the parent), only if it is still standalone and
    holds exactly the exported row count (checked under its ACCESS EXCLUSIVE lock, taken with a
    ``lock_timeout``). Export, verify and drop also refuse a table that was attached again meanwhile.
@@ -60,6 +63,7 @@ from perf_pipeline.lib.partitioning import (
     partition_name,
     prepare_partition_table,
 )
+from perf_pipeline.lib.storage import ObjectInfo, StorageError, Store, describe_error, locate, open_store
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +76,14 @@ DETACH_LOCK_TIMEOUT_MS = 100
 #: exports per archive call whose verification may fail before it gives up (the month stays detached)
 VERIFY_ATTEMPTS = 3
 ROLLUP_HORIZON_DAYS = 90
+#: the setting archives are written under (named in storage errors)
+SETTING = "PERF_PIPELINE_ARCHIVE_DIR"
+#: the files check reads an object in full when it is new or changed (size, ETag), or was last read in full
+#: longer ago than this; otherwise size + ETag suffice (a HEAD). The weekly schedule therefore re-hashes
+#: every archive about once a week, and the checks of the monthly archive runs read only what changed.
+REHASH_AFTER = dt.timedelta(days=6)
+
+ArchiveLocation = Store | str | os.PathLike[str]
 
 
 class ArchiveError(RuntimeError):
@@ -87,6 +99,7 @@ class ArchiveResult:
     bytes: int = 0
     sha256: str | None = None
     file_path: str | None = None
+    etag: str | None = None
     steps_run: list[str] = field(default_factory=list)
     step_ms: dict[str, float] = field(default_factory=dict)
     detach_mode: str | None = None  # plain / concurrently / finalize / none (found already detached)
@@ -109,6 +122,15 @@ class ManifestRow:
     min_ts: dt.datetime | None
     max_ts: dt.datetime | None
     archive_count: int
+    etag: str | None = None
+    version_id: str | None = None
+    verified_at: dt.datetime | None = None
+
+
+_MANIFEST_COLUMNS = (
+    "table_name, month, partition_name, state, file_path, rows, bytes, sha256, min_ts, max_ts, archive_count, "
+    "etag, version_id, verified_at"
+)
 
 
 # ------------------------------------------------------------------------------------------ manifest
@@ -116,8 +138,9 @@ class ManifestRow:
 
 def manifest_row(conn: psycopg.Connection, table: str, month: dt.date) -> ManifestRow | None:
     row = conn.execute(
-        "SELECT table_name, month, partition_name, state, file_path, rows, bytes, sha256, min_ts, max_ts, "
-        "archive_count FROM archive_manifest WHERE table_name = %s AND month = %s",
+        sql.SQL("SELECT {} FROM archive_manifest WHERE table_name = %s AND month = %s").format(
+            sql.SQL(_MANIFEST_COLUMNS)
+        ),
         (table, month),
     ).fetchone()
     return ManifestRow(*row) if row else None
@@ -126,9 +149,10 @@ def manifest_row(conn: psycopg.Connection, table: str, month: dt.date) -> Manife
 def list_manifest(conn: psycopg.Connection, table: str | None = None) -> list[ManifestRow]:
     """Every manifest row (of ``table`` if given), oldest month first."""
     rows = conn.execute(
-        "SELECT table_name, month, partition_name, state, file_path, rows, bytes, sha256, min_ts, max_ts, "
-        "archive_count FROM archive_manifest WHERE %(t)s::text IS NULL OR table_name = %(t)s "
-        "ORDER BY table_name, month",
+        sql.SQL(
+            "SELECT {} FROM archive_manifest WHERE %(t)s::text IS NULL OR table_name = %(t)s "
+            "ORDER BY table_name, month"
+        ).format(sql.SQL(_MANIFEST_COLUMNS)),
         {"t": table},
     ).fetchall()
     return [ManifestRow(*r) for r in rows]
@@ -274,7 +298,7 @@ def _select_for_export(name: str, columns: list[_Column]) -> sql.Composed:
 
 
 def file_sha256(path: Path) -> str:
-    """sha256 of a file, read in 1 MiB blocks (bounded memory; costs one sequential read)."""
+    """sha256 of a local file, read in 1 MiB blocks (bounded memory; costs one sequential read)."""
     digest = hashlib.sha256()
     with path.open("rb") as f:
         while block := f.read(1 << 20):
@@ -282,8 +306,14 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def archive_key(table: str, month: dt.date) -> str:
+    """The object's key under the archive location: ``<table>/<partition>.parquet``."""
+    return f"{table}/{partition_name(table, month)}.parquet"
+
+
 def archive_path(archive_dir: Path, table: str, month: dt.date) -> Path:
-    return archive_dir / table / f"{partition_name(table, month)}.parquet"
+    """Where a month's file is under a local archive folder."""
+    return Path(archive_dir) / archive_key(table, month)
 
 
 @dataclass(frozen=True)
@@ -293,39 +323,31 @@ class FileFacts:
     sha256: str
     min_ts: dt.datetime | None
     max_ts: dt.datetime | None
+    etag: str | None = None
+    version_id: str | None = None
 
 
-def _make_dirs_durable(folder: Path) -> None:
-    """``mkdir -p folder``, fsyncing the parent of every directory it creates: a new ``archive_dir/<table>``
-    whose own entry is not durable could vanish in a crash together with the file renamed into it."""
-    missing = []
-    cur = folder
-    while not cur.exists():
-        missing.append(cur)
-        cur = cur.parent
-    folder.mkdir(parents=True, exist_ok=True)
-    for created in reversed(missing):
-        fd = os.open(created.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+def _arrow_schema(columns: list[_Column]) -> pa.Schema:
+    return pa.schema([pa.field(c.name, c.arrow) for c in columns])
 
 
-def _export(conn: psycopg.Connection, table: str, month: dt.date, path: Path, batch_bytes: int) -> FileFacts:
+def _export(
+    conn: psycopg.Connection, table: str, month: dt.date, store: Store, batch_bytes: int
+) -> tuple[FileFacts, ObjectInfo]:
     name = partition_name(table, month)
     columns = table_columns(conn, table)
-    schema = pa.schema([pa.field(c.name, c.arrow) for c in columns])
+    schema = _arrow_schema(columns)
     key = partition_key_column(table)
-    _make_dirs_durable(path.parent)
-    tmp = path.with_name(f".{path.name}.tmp")
     rows, lo, hi = 0, None, None
     conn.execute("SET synchronize_seqscans = off")  # a scan starting mid-table would reorder the file
     try:
+        # the store's writer: the object appears under its final key only complete (committed on a clean
+        # exit of the block, discarded on an error), hashed as it is written
         with (
+            store.writer(archive_key(table, month)) as out,
             conn.cursor() as cur,
             cur.copy(_select_for_export(name, columns)) as copy,
-            pq.ParquetWriter(tmp, schema, compression="zstd") as writer,
+            pq.ParquetWriter(out.sink, schema, compression="zstd") as writer,
         ):
             for i, batch in enumerate(pgcsv.record_batches(iter(copy), batch_bytes)):
                 if i % 4 == 3:
@@ -342,55 +364,71 @@ def _export(conn: psycopg.Connection, table: str, month: dt.date, path: Path, ba
         # the session goes on (other months, the caller's work): do not leave the setting behind on errors
         if conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE:
             conn.execute("RESET synchronize_seqscans")
-    with tmp.open("rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # make the rename itself durable
-    finally:
-        os.close(dir_fd)
-    return FileFacts(rows, path.stat().st_size, file_sha256(path), lo, hi)
+    info = out.info
+    assert info is not None
+    return FileFacts(rows, out.size, out.sha256, lo, hi, info.etag, info.version_id), info
 
 
-def read_file_facts(path: Path, key: str, *, sha256: str | None = None) -> FileFacts:
-    """Row count, size, sha256 and min/max of ``key`` of an archive file, reading it in row groups.
+def read_file_facts(
+    store: Store, name: str, key: str, *, sha256: str | None = None, schema: pa.Schema | None = None
+) -> FileFacts:
+    """Row count, size, sha256 and min/max of column ``key`` of archive object ``name``, read from the store
+    in row groups (memory: one column chunk). ``sha256``: the digest already computed over this object by
+    the caller (not read a second time). ``schema``: the Arrow schema the file must have (ArchiveError
+    otherwise)."""
+    info = store.info(name)
+    if info is None:
+        raise FileNotFoundError(store.uri(name))
+    with store.open_input(name) as f:
+        parquet = pq.ParquetFile(f)
+        if schema is not None and not parquet.schema_arrow.equals(schema):
+            raise ArchiveError(
+                f"{store.uri(name)} has the schema {_schema_text(parquet.schema_arrow)}, the table has "
+                f"{_schema_text(schema)}"
+            )
+        lo = hi = None
+        for batch in parquet.iter_batches(columns=[key], batch_size=1 << 20):
+            if batch.num_rows:
+                mm = pc.min_max(batch.column(0))
+                lo = mm["min"].as_py() if lo is None else min(lo, mm["min"].as_py())
+                hi = mm["max"].as_py() if hi is None else max(hi, mm["max"].as_py())
+        rows = parquet.metadata.num_rows
+    return FileFacts(rows, info.size, sha256 or store.sha256(name)[1], lo, hi, info.etag, info.version_id)
 
-    ``sha256``: the digest already computed over this file by the caller (not read a second time).
+
+def _schema_text(schema: pa.Schema) -> str:
+    return ", ".join(f"{f.name} {f.type}" for f in schema)
+
+
+def _verify(conn: psycopg.Connection, table: str, month: dt.date, m: ManifestRow) -> FileFacts:
+    """Compare object ↔ manifest ↔ detached table; raise ArchiveError naming the first mismatch.
+
+    Everything is read back from the store as it is now: size and ETag (a HEAD or stat), sha256 (one
+    sequential read), then the Parquet footer (schema, rows) and the key column (min/max). Cost: about two
+    reads of the object and one count/min/max of the table. Returns what was read (ETag and version
+    included, for the manifest).
     """
-    parquet = pq.ParquetFile(path)
-    lo = hi = None
-    for batch in parquet.iter_batches(columns=[key], batch_size=1 << 20):
-        if batch.num_rows:
-            mm = pc.min_max(batch.column(0))
-            lo = mm["min"].as_py() if lo is None else min(lo, mm["min"].as_py())
-            hi = mm["max"].as_py() if hi is None else max(hi, mm["max"].as_py())
-    return FileFacts(parquet.metadata.num_rows, path.stat().st_size, sha256 or file_sha256(path), lo, hi)
-
-
-def _verify(conn: psycopg.Connection, table: str, month: dt.date, m: ManifestRow) -> None:
-    """Compare file ↔ manifest ↔ detached table; raise ArchiveError naming the first mismatch.
-
-    Everything is read back from the file as it is now: size, sha256 (one sequential read), then the
-    Parquet footer and the key column (rows, min/max). Cost: about two reads of the file and one
-    count/min/max of the table.
-    """
-    path = Path(m.file_path or "")
-    if not path.is_file():
-        raise ArchiveError(f"{m.partition_name}: archive file {path} is missing")
+    store, name = _locate(m.file_path)
+    where = store.uri(name)
+    info = store.info(name)
+    if info is None:
+        raise ArchiveError(f"{m.partition_name}: archive file {where} is missing")
     key = partition_key_column(table)
-    size = path.stat().st_size
-    if m.bytes is not None and size != m.bytes:
+    if m.bytes is not None and info.size != m.bytes:
         raise ArchiveError(
-            f"{m.partition_name}: archive file {path} is {size} bytes, the manifest says {m.bytes}"
+            f"{m.partition_name}: archive file {where} is {info.size} bytes, the manifest says {m.bytes}"
         )
-    sha = file_sha256(path)
-    if sha != m.sha256:  # cheap and decisive: a damaged file never reaches the Parquet reader
-        raise ArchiveError(f"{m.partition_name}: archive file {path} does not match its sha256")
+    size, sha = store.sha256(name)
+    if sha != m.sha256 or size != info.size:  # cheap and decisive: a damaged file never reaches the reader
+        raise ArchiveError(f"{m.partition_name}: archive file {where} does not match its sha256")
     try:
-        facts = read_file_facts(path, key, sha256=sha)
+        facts = read_file_facts(
+            store, name, key, sha256=sha, schema=_arrow_schema(table_columns(conn, table))
+        )
     except (OSError, pa.ArrowException) as exc:
-        raise ArchiveError(f"{m.partition_name}: archive file {path} is unreadable: {exc}") from exc
+        raise ArchiveError(f"{m.partition_name}: archive file {where} is unreadable: {exc}") from exc
+    except ArchiveError as exc:
+        raise ArchiveError(f"{m.partition_name}: archive file does not match: {exc}") from exc
     db_rows, db_min, db_max = conn.execute(
         sql.SQL("SELECT count(*), min({k}), max({k}) FROM {t}").format(
             k=sql.Identifier(key), t=sql.Identifier(m.partition_name)
@@ -408,6 +446,16 @@ def _verify(conn: psycopg.Connection, table: str, month: dt.date, m: ManifestRow
         problems.append(f"min/max {key}: file {facts.min_ts}/{facts.max_ts}, table {db_min}/{db_max}")
     if problems:
         raise ArchiveError(f"{m.partition_name}: archive file does not match: " + "; ".join(problems))
+    return facts
+
+
+def _locate(file_path: str | None) -> tuple[Store, str]:
+    """The store and key of a manifest's file_path (a local path, or s3://bucket/key)."""
+    return locate(file_path or "", SETTING)
+
+
+def _now(conn: psycopg.Connection) -> dt.datetime:
+    return conn.execute("SELECT statement_timestamp()").fetchone()[0]
 
 
 def _lock_key(table: str, month: dt.date) -> sql.Composed:
@@ -482,7 +530,7 @@ def archive_partition(
     conn: psycopg.Connection,
     table: str,
     month: dt.date,
-    archive_dir: Path,
+    archive_dir: ArchiveLocation,
     *,
     hook: StepHook | None = None,
     lock_timeout_ms: int = DETACH_LOCK_TIMEOUT_MS,
@@ -490,14 +538,21 @@ def archive_partition(
 ) -> ArchiveResult:
     """Detach → export → verify → drop ``table``'s partition of ``month``, resuming from the manifest.
 
+    ``archive_dir``: a local folder, an ``s3://bucket/prefix`` URL or a :class:`Store`; it is checked
+    (:meth:`Store.check`: bucket there, a probe object written and deleted) before anything else, so a bad
+    location fails with :class:`StorageError` naming PERF_PIPELINE_ARCHIVE_DIR before any table is touched.
+    A month already exported is verified and read where the manifest says it is.
+
     ``conn`` must be in autocommit mode. Idempotent: an already archived month returns at once
     (state ``dropped``, nothing re-exported); a month with no partition and no manifest row returns
     ``absent``. Locks: ACCESS EXCLUSIVE on the parent for the detach only (bounded by ``lock_timeout_ms``,
     retried), then only the detached table. Cost: one sequential read of the partition for the export,
-    one of the file and one count of the table for the verification; memory ~3 × ``batch_bytes``.
+    two of the object and one count of the table for the verification; memory ~3 × ``batch_bytes``.
     """
     month = month_start(month)
     name = partition_name(table, month)
+    store = open_store(archive_dir, SETTING)
+    store.check()
     result = ArchiveResult(table, month, "absent")
     verify_failures = 0
     # the drop relies on the file only if this very run read it back and matched it against the manifest
@@ -512,7 +567,7 @@ def archive_partition(
             if state == "dropped":
                 assert m is not None
                 result.state, result.rows, result.bytes = "dropped", m.rows or 0, m.bytes or 0
-                result.sha256, result.file_path = m.sha256, m.file_path
+                result.sha256, result.file_path, result.etag = m.sha256, m.file_path, m.etag
                 return result
             started = time.perf_counter()
             if state in ("detached", "exported", "verified"):
@@ -524,25 +579,28 @@ def archive_partition(
                 result.detach_mode = _detach(conn, table, month, lock_timeout_ms)
             elif state == "detached":
                 step = "export"
-                facts = _export(conn, table, month, archive_path(archive_dir, table, month), batch_bytes)
+                facts, info = _export(conn, table, month, store, batch_bytes)
                 with conn.transaction():
                     _set_state(
                         conn,
                         table,
                         month,
                         "exported",
-                        file_path=str(archive_path(archive_dir, table, month)),
+                        file_path=info.uri,
                         rows=facts.rows,
                         bytes=facts.bytes,
                         sha256=facts.sha256,
                         min_ts=facts.min_ts,
                         max_ts=facts.max_ts,
+                        etag=facts.etag,
+                        version_id=facts.version_id,
+                        verified_at=None,
                     )
             elif state == "exported" or (state == "verified" and not proven_in_this_run):
                 step = "verify"
                 assert m is not None
                 try:
-                    _verify(conn, table, month, m)
+                    facts = _verify(conn, table, month, m)
                 except ArchiveError as exc:
                     # the table is still there: export again rather than trust a damaged or missing file,
                     # but not forever (a disk that keeps damaging files, data pyarrow cannot round-trip)
@@ -561,10 +619,18 @@ def archive_partition(
                     )
                     continue
                 proven_in_this_run = True
-                if state == "exported":
-                    with conn.transaction():
-                        _set_state(conn, table, month, "verified")
-                else:
+                with conn.transaction():
+                    # what was read back: the ETag/version the files check compares later, and when
+                    _set_state(
+                        conn,
+                        table,
+                        month,
+                        "verified",
+                        etag=facts.etag,
+                        version_id=facts.version_id,
+                        verified_at=_now(conn),
+                    )
+                if state == "verified":
                     log.info("%s: resumed at verified; the file was read back and still matches", name)
             elif state == "verified":
                 step = "drop"
@@ -585,16 +651,28 @@ def archive_partition(
 class VerifyReport:
     ok: list[str]
     problems: dict[str, str]  # partition name → what is wrong
+    read_in_full: list[str] = field(default_factory=list)  # of ok: read back and re-hashed by this check
 
 
-def verify_archives(conn: psycopg.Connection, table: str | None = None) -> VerifyReport:
-    """Check every dropped month's file against its manifest: exists, sha256, row count; and flag every
-    month whose archive stopped half-way (detached / exported / verified: its table is detached, so its
-    rows are invisible to queries until the archive is run again or the month restored).
+def verify_archives(
+    conn: psycopg.Connection,
+    table: str | None = None,
+    *,
+    rehash_after: dt.timedelta = REHASH_AFTER,
+) -> VerifyReport:
+    """Check every dropped month's object against its manifest row, and flag every month whose archive
+    stopped half-way (detached / exported / verified: its table is detached, so its rows are invisible to
+    queries until the archive is run again or the month restored).
 
-    Cost: one full read of every archive file (sha256) plus its Parquet footer.
+    Every object is looked up (a HEAD on S3, a stat on disk): missing, or a size other than the manifest's,
+    is a problem. It is read back in full — sha256 and Parquet row count — when it was never read in full
+    since it was recorded, when its ETag differs from the recorded one (rewritten, restored from a backup),
+    or when its last full read is older than ``rehash_after``; a match then records the ETag, VersionId and
+    ``verified_at`` on the manifest row. Otherwise size and ETag suffice. Cost: one HEAD per archive, plus
+    one full read of each object that is new, changed or due (memory: one block).
     """
-    ok, problems = [], {}
+    ok, problems, read_in_full = [], {}, []
+    now = _now(conn)
     for m in list_manifest(conn, table):
         if m.state in ("detached", "exported", "verified"):
             problems[m.partition_name] = (
@@ -604,18 +682,46 @@ def verify_archives(conn: psycopg.Connection, table: str | None = None) -> Verif
             continue
         if m.state != "dropped":
             continue
-        path = Path(m.file_path or "")
-        if not path.is_file():
-            problems[m.partition_name] = f"file {path} is missing"
-            continue
-        sha = file_sha256(path)
-        if sha != m.sha256:
-            problems[m.partition_name] = f"sha256 {sha[:12]}… ≠ manifest {str(m.sha256)[:12]}…"
-        elif (rows := pq.ParquetFile(path).metadata.num_rows) != m.rows:
-            problems[m.partition_name] = f"file has {rows} rows, manifest says {m.rows}"
+        try:
+            problem, full = _check_object(conn, m, now, rehash_after)
+        except (OSError, StorageError, pa.ArrowException) as exc:
+            problem, full = f"cannot read {m.file_path}: {type(exc).__name__}: {describe_error(exc)}", False
+        if problem:
+            problems[m.partition_name] = problem
         else:
             ok.append(m.partition_name)
-    return VerifyReport(ok, problems)
+            if full:
+                read_in_full.append(m.partition_name)
+    return VerifyReport(ok, problems, read_in_full)
+
+
+def _check_object(
+    conn: psycopg.Connection, m: ManifestRow, now: dt.datetime, rehash_after: dt.timedelta
+) -> tuple[str | None, bool]:
+    """(problem or None, whether the object was read in full) for one dropped month."""
+    store, name = _locate(m.file_path)
+    where = store.uri(name)
+    info = store.info(name)
+    if info is None:
+        return f"file {where} is missing", False
+    if m.bytes is not None and info.size != m.bytes:
+        return f"file {where} is {info.size} bytes, the manifest says {m.bytes}", False
+    due = m.verified_at is None or now - m.verified_at > rehash_after
+    if not due and m.etag is not None and info.etag == m.etag:
+        return None, False
+    size, sha = store.sha256(name)
+    if sha != m.sha256:
+        return f"sha256 {sha[:12]}… ≠ manifest {str(m.sha256)[:12]}…", True
+    with store.open_input(name) as f:
+        rows = pq.ParquetFile(f).metadata.num_rows
+    if rows != m.rows:
+        return f"file has {rows} rows, manifest says {m.rows}", True
+    conn.execute(
+        "UPDATE archive_manifest SET etag = %s, version_id = %s, verified_at = %s "
+        "WHERE table_name = %s AND month = %s AND state = 'dropped' AND sha256 = %s",
+        (info.etag, info.version_id, now, m.table_name, m.month, m.sha256),
+    )
+    return None, True
 
 
 # --------------------------------------------------------------------------------------------- restore
@@ -631,8 +737,14 @@ class RestoreResult:
     late_rows: int = 0  # rows of the month found in DEFAULT (written while it was archived), moved in
 
 
-def _copy_file_into(conn: psycopg.Connection, name: str, path: Path) -> int:
-    parquet = pq.ParquetFile(path)
+def _copy_file_into(conn: psycopg.Connection, name: str, store: Store, key: str) -> int:
+    """COPY the archive object into table ``name``, row group by row group, straight from the store
+    (ranged reads: memory is one batch, whatever the month's size)."""
+    with store.open_input(key) as f:
+        return _copy_parquet_into(conn, name, pq.ParquetFile(f))
+
+
+def _copy_parquet_into(conn: psycopg.Connection, name: str, parquet: pq.ParquetFile) -> int:
     columns = parquet.schema_arrow.names
     stmt = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT csv)").format(
         sql.Identifier(name), sql.SQL(", ").join(map(sql.Identifier, columns))
@@ -655,7 +767,8 @@ def restore_partition(
 ) -> RestoreResult:
     """Load an archived month back from its file and re-attach it to ``table``.
 
-    ``conn`` must be in autocommit mode. The file is checked against the manifest first (sha256). The
+    ``conn`` must be in autocommit mode. The file is read where the manifest says it is (a local path or an
+    s3:// object, streamed from the store) and checked against the manifest first (size, sha256). The
     table is loaded standalone with the parent's indexes and a bound CHECK, so the attach scans
     neither it nor holds locks during the load; attach and manifest update commit together. Safe to
     re-run: a half-loaded table from a crashed restore is dropped and loaded again. A month whose
@@ -674,15 +787,18 @@ def restore_partition(
             return RestoreResult(table, month, m.rows or 0, 0.0, already=True)
         attach_state = _attach_state(conn, table, name)
         if m.state == "dropped":
-            path = Path(m.file_path or "")
-            if not path.is_file() or file_sha256(path) != m.sha256:
-                raise ArchiveError(f"{name}: archive file {path} is missing or does not match its sha256")
+            store, key = _locate(m.file_path)
+            info = store.info(key)
+            if info is None or info.size != m.bytes or store.sha256(key)[1] != m.sha256:
+                raise ArchiveError(
+                    f"{name}: archive file {store.uri(key)} is missing or does not match its sha256"
+                )
             if attach_state == "attached":
                 raise ArchiveError(f"{name} is attached although the manifest says dropped; not touching it")
             with conn.transaction():
                 conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(sql.Identifier(name)))
                 prepare_partition_table(conn, table, month)
-                rows = _copy_file_into(conn, name, path)
+                rows = _copy_file_into(conn, name, store, key)
             if rows != m.rows:
                 raise ArchiveError(f"{name}: loaded {rows} rows, manifest says {m.rows}")
         else:

@@ -17,10 +17,13 @@ turns it into a file under the export folder:
 * **Not in the platform's way.** The COPY runs in a READ ONLY transaction with ``statement_timeout``, a
   short ``lock_timeout`` (it never queues behind a DDL, nor makes DDL queue behind it for long) and no
   parallel workers (one backend, one core); partitions outside the date range are pruned at plan time.
-* **Atomic files.** Data goes to an anonymous ``O_TMPFILE`` in the export folder (a named hidden
+* **Atomic files, on disk or on S3.** The export location (``PERF_PIPELINE_EXPORT_DIR``: a folder or an
+  ``s3://bucket/prefix``) is a :class:`perf_pipeline.lib.storage.Store`, checked before the request is
+  claimed. On disk, data goes to an anonymous ``O_TMPFILE`` in the export folder (a named hidden
   ``.export-<id>-*.part`` where the filesystem lacks O_TMPFILE), is fsynced, then linked/renamed into place
-  and the folder fsynced. A killed process leaves no visible file; a failed run removes its temp file; a
-  retry sweeps leftovers of earlier attempts of the same request.
+  and the folder fsynced; on S3 it is uploaded under ``.tmp/`` and copied to its final key once complete.
+  A killed process leaves no visible file; a failed run removes its temp file; a retry sweeps leftovers of
+  earlier attempts of the same request. ``file_path`` records the URI, ``etag`` the store's ETag.
 * **One process per request.** A session advisory lock keyed by the request id serializes attempts; it
   dies with the connection, so a killed run never blocks its retry (the session asks for TCP keepalives
   so that PostgreSQL also notices a client that vanished without closing its socket). A retry may wait
@@ -38,15 +41,11 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import errno
 import gzip
-import hashlib
-import io
 import json
 import logging
 import os
 import re
-import secrets
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -64,6 +63,7 @@ from psycopg import sql
 from perf_pipeline.lib import pgcsv
 from perf_pipeline.lib.db import connect, load_query
 from perf_pipeline.lib.partitioning import add_months, month_start
+from perf_pipeline.lib.storage import HashingSink, Store, open_store
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +80,8 @@ PROGRESS_EVERY_BYTES = 16 << 20
 GZIP_LEVEL = 1
 #: uncompressed bytes gathered before one gzip write (amortizes per-call overhead)
 WRITE_BUFFER_BYTES = 1 << 20
+#: the setting exports are written under (named in storage errors)
+SETTING = "PERF_PIPELINE_EXPORT_DIR"
 #: CSV bytes parsed at once for Parquet exports: memory is one block plus one row group
 PARQUET_BLOCK_BYTES = 2 << 20
 #: rows per Parquet row group (batches are gathered up to this before a write)
@@ -183,13 +185,21 @@ class ExportPlan:
 @dataclass
 class ExportResult:
     request_id: int
-    path: Path
+    uri: str  # where the file is: a local path, or s3://bucket/key (data_export.file_path)
     rows: int
     bytes: int  # file size
     csv_bytes: int  # uncompressed CSV streamed by COPY
     sha256: str
     seconds: float
     status: str = "succeeded"
+    etag: str | None = None
+
+    @property
+    def path(self) -> Path:
+        """The file, when it is on local disk (ValueError for an object-storage URI)."""
+        if "://" in self.uri:
+            raise ValueError(f"{self.uri} is not a local file")
+        return Path(self.uri)
 
     @property
     def mb_per_s(self) -> float:
@@ -627,120 +637,24 @@ def retention_months_from(settings: object) -> dict[str, int]:
 # ------------------------------------------------------------------------------------------- files
 
 
-class _HashingSink(io.RawIOBase):
-    """Writes to a file descriptor through a 1 MiB buffer, hashing and counting what passes.
-
-    Also the sink of GzipFile and pyarrow's ParquetWriter. It owns its buffer (rather than wrapping the
-    descriptor in a BufferedWriter) so that an abandoned export never flushes stale bytes later, from a
-    garbage collector, into a descriptor number that may by then belong to another file.
-    """
-
-    def __init__(self, fd: int) -> None:
-        super().__init__()
-        self._fd = fd
-        self._buffer = bytearray()
-        self.sha256 = hashlib.sha256()
-        self.size = 0
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, data: Any) -> int:  # type: ignore[override]
-        view = memoryview(data).cast("B")
-        self.sha256.update(view)
-        self._buffer += view
-        self.size += len(view)
-        if len(self._buffer) >= WRITE_BUFFER_BYTES:
-            self.flush()
-        return len(view)
-
-    def tell(self) -> int:
-        return self.size
-
-    def flush(self) -> None:
-        view = memoryview(self._buffer)
-        while view:
-            view = view[os.write(self._fd, view) :]
-        view.release()
-        self._buffer.clear()
-
-    def close(self) -> None:
-        # GzipFile and pyarrow close their sink when done; the descriptor stays open for fsync and link
-        if not self.closed:
-            self.flush()
-        super().close()
-
-    def abort(self) -> None:
-        """Drop unwritten bytes and close without writing (also makes the collector's close a no-op)."""
-        self._buffer.clear()
-        super().close()
+def _temp_tag(request_id: int) -> str:
+    # hidden temp names of a request's attempts: .export-<id>-<random>.part (what a retry sweeps)
+    return f".export-{request_id}"
 
 
-class _AtomicFile:
-    """A file that becomes visible under ``final`` only on :meth:`commit`, complete and fsynced.
-
-    Prefers ``O_TMPFILE`` (an unnamed inode: nothing to clean after SIGKILL), else a hidden named
-    ``.export-<id>-<random>.part`` next to the target, which :func:`sweep_leftovers` removes on retry.
-    """
-
-    def __init__(self, final: Path, request_id: int) -> None:
-        self.final = final
-        self.folder = final.parent
-        self.part: Path | None = None
-        tag = f".export-{request_id}-{secrets.token_hex(4)}"
-        self._tag = tag
-        try:
-            self.fd = os.open(self.folder, os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, 0o640)
-        except (AttributeError, OSError) as exc:
-            if isinstance(exc, OSError) and exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
-                raise
-            self.part = self.folder / f"{tag}.part"
-            self.fd = os.open(self.part, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o640)
-
-    def commit(self) -> None:
-        """fsync the data, put it in place atomically (replacing an older file), fsync the folder."""
-        os.fsync(self.fd)
-        dir_fd = os.open(self.folder, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            if self.part is None:
-                staged = self.folder / f"{self._tag}.link"
-                # linkat(AT_SYMLINK_FOLLOW) gives the unnamed inode a (hidden) name; passing dst_dir_fd
-                # makes Python call linkat rather than link(), which would not follow /proc's symlink
-                os.link(f"/proc/self/fd/{self.fd}", staged.name, dst_dir_fd=dir_fd, follow_symlinks=True)
-            else:
-                staged = self.part
-            os.replace(staged, self.final)  # atomic, replaces the file of an earlier attempt
-            self.part = None
-            os.close(self.fd)
-            self.fd = -1
-            os.fsync(dir_fd)  # make the new name itself durable
-        finally:
-            os.close(dir_fd)
-
-    def discard(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-        if self.part is not None:
-            self.part.unlink(missing_ok=True)
-            self.part = None
-
-
-def sweep_leftovers(export_dir: Path, request_id: int) -> list[Path]:
-    """Remove hidden temp names left by killed attempts at ``request_id`` (call only under its lock)."""
-    removed = []
-    for path in export_dir.glob(f".export-{request_id}-*"):
-        if path.suffix in (".part", ".link"):
-            path.unlink(missing_ok=True)
-            removed.append(path)
-    return removed
+def sweep_leftovers(export_dir: Store | str | os.PathLike[str], request_id: int) -> list[str]:
+    """Remove temporary names left by killed attempts at ``request_id`` (call only under its lock). The
+    export's writer does this itself before it writes; this is for an operator's cleanup."""
+    store = open_store(export_dir, SETTING)
+    # a key at the top of the folder: the sweep looks in that folder for the tag .export-<id>
+    return store.sweep_temps(f"export-{request_id}", _temp_tag(request_id))
 
 
 # ----------------------------------------------------------------------------------------- streaming
 
 
 def _write_csv_gz(
-    messages: Iterator[Any], sink: _HashingSink, progress: Progress, report: Callable[[], None]
+    messages: Iterator[Any], sink: HashingSink, progress: Progress, report: Callable[[], None]
 ) -> None:
     with gzip.GzipFile(fileobj=sink, mode="wb", compresslevel=GZIP_LEVEL, mtime=0) as gz:
         buffer = bytearray()
@@ -759,7 +673,7 @@ def _write_csv_gz(
 
 def _write_parquet(
     messages: Iterator[Any],
-    sink: _HashingSink,
+    sink: HashingSink,
     spec: ExportKind,
     progress: Progress,
     report: Callable[[], None],
@@ -839,7 +753,7 @@ def _lock(
 def run_export(
     url: str,
     request_id: int,
-    export_dir: Path,
+    export_dir: Store | str | os.PathLike[str],
     *,
     statement_timeout_s: int,
     retention_months: Mapping[str, int],
@@ -851,7 +765,8 @@ def run_export(
     lock_wait_s: float = 0.0,
     on_lock_wait: Callable[[], None] | None = None,
 ) -> ExportResult:
-    """Export request ``request_id`` to ``export_dir`` and record the outcome on the request.
+    """Export request ``request_id`` to ``export_dir`` (a folder, ``s3://bucket/prefix`` or a
+    :class:`Store`) and record the outcome on the request.
 
     Cost: one sequential scan of the partitions in the date range (``COPY … TO STDOUT``, one backend, no
     parallel workers), client CPU for gzip or Parquet encoding, and the file's size on disk; memory stays
@@ -867,10 +782,12 @@ def run_export(
     request (an earlier attempt still ending) is waited for up to ``lock_wait_s`` seconds (0: not at all;
     ``on_lock_wait`` is called when the wait starts). Raises :class:`ExportRequestError` (request marked
     ``failed``), :class:`ExportBusyError` (another process still holds the request), or the error that
-    interrupted the export (request marked ``failed``, temp file removed).
+    interrupted the export (request marked ``failed``, temp file removed). The location is checked
+    (:meth:`Store.check`) after the request is validated and before it is claimed: an unusable one raises
+    :class:`perf_pipeline.lib.storage.StorageError` naming PERF_PIPELINE_EXPORT_DIR, the request untouched.
     """
     today = today or dt.datetime.now(UTC).date()
-    export_dir.mkdir(parents=True, exist_ok=True)
+    store = open_store(export_dir, SETTING)
     with connect(url, autocommit=True, application_name="perf_pipeline.export") as conn:
         idle, interval, count = TCP_KEEPALIVES
         conn.execute(
@@ -886,15 +803,15 @@ def run_export(
         if req["status"] == "succeeded":
             return ExportResult(
                 request_id,
-                Path(req["file_path"]),
+                req["file_path"],
                 req["rows"],
                 req["bytes"],
                 req["csv_bytes"] or 0,
                 req["sha256"],
                 0.0,
                 status="succeeded",
+                etag=req.get("etag"),
             )
-        sweep_leftovers(export_dir, request_id)
         try:
             plan = validate_request(
                 request_id,
@@ -907,6 +824,7 @@ def run_export(
         except ExportRequestError as exc:
             mark_failed(conn, request_id, str(exc), statuses=("pending", "running", "failed"))
             raise
+        store.check()  # before the claim: a bad location leaves the request as it was
         conn.execute(
             "UPDATE data_export SET status = 'running', started_at = now(), finished_at = NULL, error = NULL, "
             "attempts = attempts + 1, run_id = %s WHERE id = %s",
@@ -914,7 +832,7 @@ def run_export(
         )
         try:
             result = _stream(
-                conn, plan, export_dir, statement_timeout_s, progress, progress_every_bytes, max_mb_per_s
+                conn, plan, store, statement_timeout_s, progress, progress_every_bytes, max_mb_per_s
             )
         except BaseException as exc:  # also KeyboardInterrupt / Dagster's interrupt: record why, re-raise
             message = f"{type(exc).__name__}: {exc}".strip().rstrip(":")
@@ -925,8 +843,8 @@ def run_export(
             raise
         conn.execute(
             "UPDATE data_export SET status = 'succeeded', finished_at = now(), file_path = %s, rows = %s, "
-            "bytes = %s, csv_bytes = %s, sha256 = %s, error = NULL WHERE id = %s",
-            (str(result.path), result.rows, result.bytes, result.csv_bytes, result.sha256, request_id),
+            "bytes = %s, csv_bytes = %s, sha256 = %s, etag = %s, error = NULL WHERE id = %s",
+            (result.uri, result.rows, result.bytes, result.csv_bytes, result.sha256, result.etag, request_id),
         )
         return result
 
@@ -934,14 +852,13 @@ def run_export(
 def _stream(
     conn: psycopg.Connection,
     plan: ExportPlan,
-    export_dir: Path,
+    store: Store,
     statement_timeout_s: int,
     progress_cb: ProgressCallback | None,
     progress_every_bytes: int,
     max_mb_per_s: float = 0.0,
 ) -> ExportResult:
     spec = KINDS[plan.kind]
-    final = export_dir / plan.filename
     progress = Progress()
     next_report = [progress_every_bytes]
     started = time.monotonic()
@@ -962,8 +879,9 @@ def _stream(
         statement = sql.SQL("COPY (SELECT {} FROM ({}) AS export) TO STDOUT (FORMAT csv)").format(
             pgcsv.select_list(spec.schema), select
         )
-    target = _AtomicFile(final, plan.request_id)
-    sink = _HashingSink(target.fd)
+    # sweeps what killed attempts at this request left, then writes where nothing is visible until commit
+    target = store.writer(plan.filename, temp_tag=_temp_tag(plan.request_id))
+    sink = target.sink
     try:
         with conn.transaction():
             conn.execute(
@@ -981,11 +899,9 @@ def _stream(
                 rows = cur.rowcount  # COPY's command tag: exact, whatever newlines are inside the fields
             if rows < 0:
                 raise RuntimeError("COPY ended without reporting its row count")
-        sink.close()
         size, digest = sink.size, sink.sha256.hexdigest()
-        target.commit()
+        info = target.commit()
     except BaseException:
-        sink.abort()
         target.discard()
         raise
     if progress_cb is not None:
@@ -996,11 +912,13 @@ def _stream(
         plan.request_id,
         rows,
         progress.csv_bytes,
-        final,
+        info.uri,
         size,
         progress.seconds,
     )
-    return ExportResult(plan.request_id, final, rows, size, progress.csv_bytes, digest, progress.seconds)
+    return ExportResult(
+        plan.request_id, info.uri, rows, size, progress.csv_bytes, digest, progress.seconds, etag=info.etag
+    )
 
 
 def describe(req: Mapping[str, Any]) -> str:

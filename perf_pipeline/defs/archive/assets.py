@@ -28,6 +28,7 @@ def _result(result: ArchiveResult, why: str) -> dg.MaterializeResult:
             "detach_mode": result.detach_mode or "",
             "sha256": result.sha256 or "",
             "file": dg.MetadataValue.path(result.file_path or ""),
+            "etag": result.etag or "",
             "why": why,
             "duration_ms": round(result.duration_ms, 1),
             **{f"step_ms.{step}": round(ms, 1) for step, ms in result.step_ms.items()},
@@ -56,9 +57,10 @@ def _archive(
     group_name="archive",
     kinds={"postgres", "parquet"},
     deps=[dg.AssetDep("audit_log", partition_mapping=dg.IdentityPartitionMapping())],
-    description="Audit months past PERF_PIPELINE_AUDIT_RETENTION_MONTHS: detach → COPY to zstd Parquet → "
-    "verify (size, rows, sha256, min/max) → drop, each step recorded in archive_manifest; re-running a key "
-    "finishes an interrupted archive (re-proving the file before any drop) and never archives a month twice.",
+    description="Audit months past PERF_PIPELINE_AUDIT_RETENTION_MONTHS: detach → COPY to zstd Parquet under "
+    "PERF_PIPELINE_ARCHIVE_DIR (a folder or an s3:// prefix) → verify, read back from the store (size, sha256, "
+    "schema, rows, min/max) → drop, each step recorded in archive_manifest; re-running a key finishes an "
+    "interrupted archive (re-proving the file before any drop) and never archives a month twice.",
 )
 def audit_log_archive(context: dg.AssetExecutionContext, postgres: PostgresResource) -> dg.MaterializeResult:
     retention = get_settings().audit_retention_months

@@ -1,5 +1,7 @@
 """Monthly, early morning: archive the audit month that just left retention, and apply usage retention;
-every tick also finishes any month whose archive stopped half-way."""
+every tick also finishes any month whose archive stopped half-way. Weekly: the archive files checks alone,
+which re-hash every archived object not read in full for 6 days (the monthly runs' checks read only new
+or changed objects)."""
 
 import datetime as dt
 from collections.abc import Iterator
@@ -7,6 +9,10 @@ from collections.abc import Iterator
 import dagster as dg
 
 from perf_pipeline.defs.archive.assets import audit_log_archive, usage_log_retention
+from perf_pipeline.defs.archive.checks import (
+    audit_log_archive_files_match_manifest,
+    usage_log_archive_files_match_manifest,
+)
 from perf_pipeline.defs.resources import PostgresResource
 from perf_pipeline.defs.time_partitions import AUDIT_ARCHIVE_MONTHS, USAGE_RETENTION_MONTHS
 from perf_pipeline.lib.archive import list_manifest
@@ -22,6 +28,14 @@ audit_log_archive_job = dg.define_asset_job(
     selection=dg.AssetSelection.assets(audit_log_archive),
     partitions_def=AUDIT_ARCHIVE_MONTHS,
     description="Archive one audit month (detach → Parquet → verify → drop).",
+)
+archive_files_check_job = dg.define_asset_job(
+    "archive_files_check_job",
+    selection=dg.AssetSelection.checks(
+        audit_log_archive_files_match_manifest, usage_log_archive_files_match_manifest
+    ),
+    description="The archive files checks alone (no archive): every archived object looked up (size, ETag) "
+    "and those new, changed or not read in full for 6 days read back and re-hashed.",
 )
 usage_log_retention_job = dg.define_asset_job(
     "usage_log_retention_job",
@@ -92,3 +106,16 @@ def usage_log_retention_monthly(
     context: dg.ScheduleEvaluationContext, postgres: PostgresResource
 ) -> Iterator[dg.RunRequest]:
     yield from _requests(context, postgres, "usage_log", USAGE_RETENTION_MONTHS)
+
+
+@dg.schedule(
+    job=archive_files_check_job,
+    cron_schedule="30 4 * * 0",
+    execution_timezone="UTC",
+    default_status=dg.DefaultScheduleStatus.RUNNING,
+    description="Weekly on Sunday at 04:30 UTC: the archive files checks, which read back and re-hash every "
+    "archived object not read in full for 6 days (so each archive is re-hashed about once a week; a damaged "
+    "or lost object is found within a week even when no archive runs).",
+)
+def archive_files_weekly_rehash(context: dg.ScheduleEvaluationContext) -> dg.RunRequest:
+    return dg.RunRequest(run_key=context.scheduled_execution_time.date().isoformat())

@@ -39,6 +39,7 @@ from perf_pipeline.lib.exports import (
     retention_months_from,
     run_export,
 )
+from perf_pipeline.lib.storage import StorageError
 from perf_pipeline.settings import get_settings
 
 #: run tag naming the request a run exports (read by the run-failure sensors)
@@ -52,8 +53,8 @@ data_export_files = dg.AssetSpec(
     "data_export_files",
     group_name="exports",
     deps=["data_export"],
-    description="Files written by export runs under PERF_PIPELINE_EXPORT_DIR; one materialization per "
-    "finished export (rows, bytes, duration_ms, mb_per_s, sha256).",
+    description="Files written by export runs under PERF_PIPELINE_EXPORT_DIR (a folder or an s3:// prefix); one "
+    "materialization per finished export (rows, bytes, duration_ms, mb_per_s, sha256, ETag).",
     kinds={"postgres", "file"},
 )
 
@@ -105,6 +106,10 @@ def run_data_export(
     except ExportBusyError as exc:
         # still held after the wait: the holder records its own outcome on the request
         raise dg.Failure(description=str(exc), allow_retries=False) from exc
+    except StorageError as exc:
+        # the export location is unusable (names PERF_PIPELINE_EXPORT_DIR); nothing was claimed or written:
+        # the failure sensor marks the request failed with this message
+        raise dg.Failure(description=str(exc), allow_retries=False) from exc
     except psycopg.OperationalError as exc:
         if isinstance(exc, psycopg.errors.QueryCanceled):  # statement_timeout or a cancel: recorded, final
             raise
@@ -126,7 +131,8 @@ def run_data_export(
                 "duration_ms": result.seconds * 1000,
                 "mb_per_s": result.mb_per_s,
                 "sha256": result.sha256,
-                "path": dg.MetadataValue.path(str(result.path)),
+                "path": dg.MetadataValue.path(result.uri),
+                "etag": result.etag or "",
             },
         )
     )
