@@ -23,5 +23,7 @@ def test_the_first_pages_render_without_a_javascript_error() -> None:
     results = capture(URL)
     assert [r.name for r in results] == [p.name for p in PAGES]
     for result in results:
-        assert result.png.startswith(b"\x89PNG") and len(result.png) > 20_000, result.name  # a page, not a blank
+        assert result.png.startswith(b"\x89PNG") and len(result.png) > 20_000, (
+            result.name
+        )  # a page, not a blank
         assert result.errors == [], f"{result.url}: {result.errors}"
