@@ -375,6 +375,8 @@ def test_bad_buckets_are_rolled_back_and_fail_the_blocking_check(
     check = next(e for e in run.get_asset_check_evaluations() if e.check_name == CHECK_RECONCILED)
     assert not check.passed and check.blocking
     assert check.metadata["mismatching_buckets"].value >= 1
+    listed = check.metadata["mismatches"].records
+    assert all(r.data["transcriptions (bucket)"] != r.data["transcriptions (usage_log)"] for r in listed)
     assert _buckets(conn) == {b: v for b, v in before.items() if b != bucket}
     assert bucket in kb.buckets_due(conn, NOW_GRACE)
     _assert_exact(conn)

@@ -149,7 +149,7 @@ def rearm_orphaned_claims(conn: psycopg.Connection) -> list[dt.date]:
     """Turn the claims of rollups that died back into late-data marks; returns the days re-armed.
 
     Only when no rollup is running (``pg_try_advisory_lock`` of the rollup lock, released at once): a
-    claim that exists then belongs to a rollup that was killed after claiming. The late-data sensor calls
+    claim that exists then belongs to a rollup that was killed after claiming. The observation sensor calls
     this every tick, so a lost claim is re-armed within a tick of the next moment no rollup runs; every
     rollup also does it first thing. Cost: a try-lock and two tiny tables. Autocommit connection.
     """
@@ -343,7 +343,7 @@ def late_rows_in_archived_months(conn: psycopg.Connection) -> list[LateRows]:
     ``restored``): written after the archive, they sit in ``usage_log_default`` (no partition is ever
     created for an archived month). The rollup keeps such a month's numbers as they were archived and
     does not count them; restoring the month (``perf-pipeline archive restore YYYY-MM --table usage_log``)
-    moves them into it, and the late-data sensor then recomputes its days. Cost: a manifest read and a scan
+    moves them into it, and the automation then recomputes its days. Cost: a manifest read and a scan
     of ``usage_log_default`` (kept empty)."""
     states = archive_states(conn, "usage_log")
     if not states:
@@ -421,7 +421,7 @@ def find_disagreeing_days(conn: psycopg.Connection, first: dt.date, last: dt.dat
 
 
 def mark_days(conn: psycopg.Connection, days: list[dt.date]) -> None:
-    """Mark ``days`` as changed (as the late-data triggers would), so the late-data sensor re-runs them.
+    """Mark ``days`` as changed (as the late-data triggers would), so the automation re-runs them.
     One small INSERT; a day already marked keeps its mark."""
     if days:
         with conn.transaction():

@@ -1,1 +1,1 @@
-"""Daily usage rollups (issue 4): the `usage_daily_metrics` asset, its checks, schedules and late-data sensor."""
+"""Daily usage rollups: the `usage_daily_metrics` asset, its checks, schedules, KPI buckets and the reconciliation check."""

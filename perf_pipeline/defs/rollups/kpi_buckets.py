@@ -10,6 +10,7 @@ import datetime as dt
 
 import dagster as dg
 
+from perf_pipeline.defs.metadata import table
 from perf_pipeline.defs.resources import PostgresResource
 from perf_pipeline.lib.kpi_buckets import DEFAULT_GRACE, SealResult, seal_buckets, untrusted_buckets
 
@@ -100,9 +101,7 @@ def usage_kpi_buckets(context: dg.AssetExecutionContext, postgres: PostgresResou
                 severity=dg.AssetCheckSeverity.ERROR,
                 metadata={
                     "mismatching_buckets": len(result.mismatches),
-                    "mismatches": dg.MetadataValue.md(_mismatch_table(result))
-                    if result.mismatches
-                    else "none",
+                    "mismatches": _mismatch_table(result) if result.mismatches else "none",
                     "buckets_checked": len(result.buckets) if not result.skipped else 0,
                 },
             ),
@@ -121,15 +120,19 @@ def usage_kpi_buckets(context: dg.AssetExecutionContext, postgres: PostgresResou
     )
 
 
-def _mismatch_table(result: SealResult) -> str:
-    lines = ["| bucket | transcriptions (usage_log / bucket) | revenue | active users |", "|---|---|---|---|"]
-    for m in result.mismatches[:MAX_LISTED]:
-        lines.append(
-            f"| {m.bucket.isoformat()} | {m.expected_transcriptions} / {m.bucket_transcriptions} | "
-            f"{m.expected_billable_cost_usd} / {m.bucket_billable_cost_usd} | "
-            f"{m.expected_active_users} / {m.bucket_active_users} |"
-        )
-    return "\n".join(lines)
+def _mismatch_table(result: SealResult) -> dg.TableMetadataValue:
+    return table(
+        {
+            "bucket": m.bucket.isoformat(),
+            "transcriptions (usage_log)": m.expected_transcriptions,
+            "transcriptions (bucket)": m.bucket_transcriptions,
+            "revenue (usage_log)": m.expected_billable_cost_usd,
+            "revenue (bucket)": m.bucket_billable_cost_usd,
+            "active users (usage_log)": m.expected_active_users,
+            "active users (bucket)": m.bucket_active_users,
+        }
+        for m in result.mismatches[:MAX_LISTED]
+    )
 
 
 usage_kpi_buckets_job = dg.define_asset_job(

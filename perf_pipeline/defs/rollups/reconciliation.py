@@ -1,14 +1,15 @@
 """The safety net behind the late-data marks: once a day, every rolled-up day of the last 90 is compared with
 usage_log (counts and sums per day, one scan), and a day that disagrees with no mark pending is marked
-again, so the late-data sensor re-runs it. A day found here means a mark was lost (a bug, a write the
-triggers did not see such as a session with triggers disabled, a restored backup): the check fails with
-the days and both numbers, and the days are repaired without anyone.
+again, so the observation sensor reports the day changed and the automation re-runs it. A day found here
+means a mark was lost (a bug, a write the triggers did not see such as a session with triggers disabled, a
+restored backup): the check fails with the days and both numbers, and the days are repaired without anyone.
 """
 
 import datetime as dt
 
 import dagster as dg
 
+from perf_pipeline.defs.metadata import table
 from perf_pipeline.defs.resources import PostgresResource
 from perf_pipeline.defs.rollups.assets import ASSET_KEY, CHECK_RECONCILE_90, MAX_LISTED
 from perf_pipeline.defs.time_partitions import DATA_START
@@ -21,7 +22,7 @@ from perf_pipeline.lib.rollups import LOOKBACK_DAYS, find_disagreeing_days, mark
     blocking=False,
     description=f"Daily: every rolled-up day of the last {LOOKBACK_DAYS} (before today) has exactly "
     "usage_log's sessions, minutes and billable revenue, unless a late-data mark is pending for it or its "
-    "month is archived. A day that disagrees is marked again (the late-data sensor re-runs it) and listed "
+    "month is archived. A day that disagrees is marked again (observed, then re-run by the automation) and listed "
     "here: it means a late-data mark was lost.",
 )
 def rolled_up_days_match_usage_log_last_90(postgres: PostgresResource) -> dg.AssetCheckResult:
@@ -33,20 +34,24 @@ def rolled_up_days_match_usage_log_last_90(postgres: PostgresResource) -> dg.Ass
     with postgres.connection(autocommit=True) as conn:
         bad = find_disagreeing_days(conn, first, last)
         mark_days(conn, [d.day for d in bad])
-    table = "\n".join(
-        ["| day | sessions (usage_log / rollup) | minutes | revenue |", "|---|---|---|---|"]
-        + [
-            f"| {d.day} | {d.expected_sessions} / {d.rolled_sessions} | {d.expected_minutes} / "
-            f"{d.rolled_minutes} | {d.expected_revenue} / {d.rolled_revenue} |"
-            for d in bad[:MAX_LISTED]
-        ]
-    )
+    listed = [
+        {
+            "day": d.day.isoformat(),
+            "sessions (usage_log)": d.expected_sessions,
+            "sessions (rollup)": d.rolled_sessions,
+            "minutes (usage_log)": d.expected_minutes,
+            "minutes (rollup)": d.rolled_minutes,
+            "revenue (usage_log)": d.expected_revenue,
+            "revenue (rollup)": d.rolled_revenue,
+        }
+        for d in bad[:MAX_LISTED]
+    ]
     return dg.AssetCheckResult(
         passed=not bad,
         severity=dg.AssetCheckSeverity.WARN,
         description=(
             f"{len(bad)} rolled-up day(s) disagreed with usage_log with no mark pending; marked again for the "
-            "late-data sensor to re-run"
+            "automation to re-run"
             if bad
             else f"every rolled-up day from {first} to {last} agrees with usage_log"
         ),
@@ -55,7 +60,7 @@ def rolled_up_days_match_usage_log_last_90(postgres: PostgresResource) -> dg.Ass
             "threshold": 0,
             "from": first.isoformat(),
             "to": last.isoformat(),
-            "days": dg.MetadataValue.md(table) if bad else "none",
+            "days": table(listed) if bad else "none",
         },
     )
 
@@ -64,7 +69,7 @@ reconcile_usage_rollups_job = dg.define_asset_job(
     "reconcile_usage_rollups_job",
     selection=dg.AssetSelection.checks(dg.AssetCheckKey(ASSET_KEY, CHECK_RECONCILE_90)),
     description=f"Compare the last {LOOKBACK_DAYS} rolled-up days with usage_log and re-mark any day that "
-    "disagrees (the late-data sensor then re-runs it).",
+    "disagrees (the automation then re-runs it).",
 )
 
 reconcile_usage_rollups_daily = dg.ScheduleDefinition(
