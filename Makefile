@@ -37,7 +37,7 @@ chromium:
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium; }
 
-## make screenshots: PNGs of the UI of a running `make dev` into docs/images/ (lineage, partitions, checks, plots, runs)
+## make screenshots: PNGs of the UI of a running `make dev` into docs/images/ (lineage, partitions, checks, plots, freshness, archive, automation, runs)
 screenshots: install chromium
 	$(BIN)/python -m perf_pipeline.screenshots
 

@@ -58,6 +58,12 @@ PAGES: tuple[Page, ...] = (
         click="Plots",
     ),
     Page("freshness.png", "/assets/dashboard_cache", "the cache's freshness policy and automation condition"),
+    Page(
+        "archive.png",
+        "/assets/audit_log_archive?view=partitions",
+        "the audit months past retention, offered for archiving",
+        10.0,
+    ),
     Page("automation.png", "/automation", "every schedule and sensor, running by default"),
     Page("runs.png", "/runs", "the run history"),
 )

@@ -11,7 +11,7 @@ changed (``sql/queries/rollup_period_user_sets.sql``; never for a refresh of tod
 
 Late data (``0021_usage_rollup_stale_days.sql``): writes to ``usage_log`` for past days mark their day in
 ``usage_rollup_stale_days``; :func:`stale_rolled_up_days` lists the marked days that are already rolled
-up (what the sensor re-materializes) and :func:`rollup_days` claims the marks of its window before it
+up (what the automation re-materializes) and :func:`rollup_days` claims the marks of its window before it
 reads, so a late row is always either counted or still marked. A claim (``0090_usage_rollup_claims.sql``)
 is deleted only by the transaction that commits the new numbers: a rollup that dies after claiming
 leaves its claims behind, and they become marks again (:func:`rearm_orphaned_claims`).
