@@ -10,9 +10,9 @@
    starts, so that the daemon's first tick submits it (the backfill daemon looks every 30 s; a backfill
    launched once the UI is up waited that long); then, through the webserver's GraphQL API (the calls the
    UI makes), the schema, the months ahead of both tables, the KPI buckets sealed, the health report and
-   latency budgets; and, once the rollup is done, the machine's resources. The daemon then warms the
-   dashboard cache by itself (declarative automation, after the rollup and the sealing). It runs once per
-   Dagster instance: a later ``make dev`` finds the rollup materialized and leaves the history alone.
+   latency budgets; and, once the rollup is done, the machine's resources. The daemon warms the
+   dashboard cache by itself (declarative automation, after the rollup and the sealing); the command waits
+   for that too before it calls the system living. It runs once per Dagster instance: a later ``make dev`` finds the rollup materialized and leaves the history alone.
 
 The command prints where each step is, then the time it took to reach a populated UI, and stays in the
 foreground with ``dagster dev`` until interrupted (Ctrl-C stops both).
@@ -65,6 +65,11 @@ query($id: String!) {
 _RUN_STATUS = """
 query($id: ID!) { runOrError(runId: $id) { ... on Run { status } } }
 """
+_LATEST_MATERIALIZATION = """
+query($key: AssetKeyInput!) {
+  assetNodes(assetKeys: [$key]) { assetMaterializations(limit: 1) { runId } }
+}
+"""
 _REPO = """
 query { repositoriesOrError { ... on RepositoryConnection { nodes { name location { name } } } } }
 """
@@ -106,6 +111,10 @@ class _GraphQL:
 
     def run_status(self, run_id: str) -> str:
         return self.client._execute(_RUN_STATUS, {"id": run_id})["runOrError"].get("status", "UNKNOWN")
+
+    def materialized(self, asset: str) -> bool:
+        nodes = self.client._execute(_LATEST_MATERIALIZATION, {"key": {"path": [asset]}})["assetNodes"]
+        return bool(nodes and nodes[0]["assetMaterializations"])
 
     def backfill_status(self, backfill_id: str) -> tuple[str, list[str]]:
         data = self.client._execute(_BACKFILL_STATUS, {"id": backfill_id})["partitionBackfillOrError"]
@@ -244,6 +253,14 @@ def bootstrap(host: str, port: int, backfill: str, *, today: dt.date | None = No
     while (status := api.run_status(resources)) not in DONE:
         time.sleep(1)
     log(f"bootstrap: machine resources: {status.lower()}")
+    # the cache is the automation's to warm (after the rollup and the sealing): wait for it to have done so
+    deadline = time.monotonic() + 180
+    while not api.materialized("dashboard_cache"):
+        if time.monotonic() > deadline:
+            log("bootstrap: the automation has not warmed the dashboard cache after 3 minutes; see its sensor")
+            return time.monotonic() - started
+        time.sleep(1)
+    log("bootstrap: dashboard cache warmed by the automation")
     return time.monotonic() - started
 
 

@@ -204,3 +204,55 @@ def test_prune_run_history_job_keeps_recent_runs() -> None:
     result = prune_run_history_job.execute_in_process(instance=instance)
     assert result.success
     assert recent in {r.run_id for r in instance.get_runs()}  # 1 day old at most: within 30 days
+
+
+def test_a_stale_asset_is_alerted_once_per_lapse(
+    clean_alerts: psycopg.Connection, db_url: str, webhook: Webhook, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Dagster's own freshness daemon, over the project's code location, moves dashboard_cache to WARN and then
+    FAIL as its last refresh ages past 16 and 20 minutes; the sensor records each change once (WARN: about
+    to be stale, FAIL: stale), nothing for PASS, and a new lapse after a refresh is a new alert."""
+    from dagster._core.test_utils import create_test_daemon_workspace_context, freeze_time
+    from dagster._core.workspace.load_target import ModuleTarget
+    from dagster._daemon.freshness import FreshnessDaemon
+
+    from perf_pipeline.defs.alerts.sensors import alert_on_stale_asset
+
+    monkeypatch.setenv("PERF_PIPELINE_DATABASE_URL", db_url)
+    resources = {"postgres": PostgresResource(url=db_url)}
+    target = ModuleTarget(
+        module_name="perf_pipeline.definitions", attribute=None, working_directory=None, location_name="pp"
+    )
+    start = dt.datetime.now(dt.UTC)
+    cursor = None
+
+    def at(minutes: float) -> list[tuple]:
+        """One freshness daemon iteration and one sensor tick, ``minutes`` after the refresh."""
+        nonlocal cursor
+        with freeze_time(start + dt.timedelta(minutes=minutes)):
+            for _ in FreshnessDaemon().run_iteration(workspace):
+                pass
+        context = dg.build_sensor_context(instance=instance, cursor=cursor, resources=resources)
+        alert_on_stale_asset(context)
+        cursor = context.cursor
+        return [r for r in _alerts(clean_alerts) if r[2] == "dashboard_cache"]
+
+    with (
+        dg.instance_for_test() as instance,
+        create_test_daemon_workspace_context(target, instance) as workspace,
+    ):
+        with freeze_time(start):
+            instance.report_runless_asset_event(dg.AssetMaterialization("dashboard_cache"))
+        assert at(1) == []  # fresh: PASS is no alert
+        warned = at(17)
+        assert [(r[1], r[3]) for r in warned] == [
+            ("stale_asset", "dashboard_cache is about to be stale (freshness PASS → WARN)")
+        ]
+        assert at(18) == warned  # still WARN: no new change, no new alert
+        failed = at(21)
+        assert len(failed) == 2 and failed[1][3] == "dashboard_cache is stale (freshness WARN → FAIL)"
+        assert [body["kind"] for body in webhook.received] == ["stale_asset", "stale_asset"]
+        with freeze_time(start + dt.timedelta(minutes=22)):
+            instance.report_runless_asset_event(dg.AssetMaterialization("dashboard_cache"))
+        assert len(at(23)) == 2  # refreshed: PASS again, nothing new
+        assert len(at(22 + 17)) == 3  # the next lapse is its own alert

@@ -16,6 +16,7 @@ from psycopg import sql
 from perf_pipeline.defs.partitions.assets import audit_log_partitions, usage_log_partitions
 from perf_pipeline.defs.partitions.checks import (
     audit_log_default_partition_empty,
+    audit_log_months_ahead_exist,
     usage_log_default_partition_empty,
 )
 from perf_pipeline.defs.partitions.jobs import move_default_rows
@@ -161,6 +162,33 @@ def _range_runs(db_url: str, db: psycopg.Connection, instance: dg.DagsterInstanc
         # each month's own facts on its own partition
         assert {m.metadata["partition"].value for m in mats} == {p.partition_name(table, m) for m in months}
         assert {p.partition_name(table, m) for m in months} <= set(_months(db, table))
+
+
+def test_months_ahead_check_names_each_missing_month_and_errors_on_this_month(
+    db_url: str, db: psycopg.Connection
+) -> None:
+    """This month and the PREMAKE months after it must be attached: a later month missing is a warning that
+    names it and the job to run; this month missing (its rows go to DEFAULT now) is an error."""
+    resources = {"postgres": PostgresResource(url=db_url)}
+    today = dt.datetime.now(UTC).date()
+    months = p.months_ahead(today, get_settings().premake_months)
+    p.create_partitions_ahead(db, "audit_log", today, get_settings().premake_months)
+    check = audit_log_months_ahead_exist(**resources)
+    assert check.passed and check.metadata["missing_months"].value == 0
+    for month in (months[-1], months[0]):
+        db.execute(sql.SQL("DROP TABLE {}").format(sql.Identifier(p.partition_name("audit_log", month))))
+    check = audit_log_months_ahead_exist(**resources)
+    assert not check.passed and check.severity == dg.AssetCheckSeverity.ERROR
+    assert check.metadata["missing_months"].value == 2
+    assert p.partition_name("audit_log", months[0]) in check.description
+    assert p.partition_name("audit_log", months[-1]) in check.description
+    assert "create_audit_log_partitions_ahead_job" in check.description
+    p.create_partitions_ahead(db, "audit_log", today, 0)  # this month back: only a later one missing
+    check = audit_log_months_ahead_exist(**resources)
+    assert not check.passed and check.severity == dg.AssetCheckSeverity.WARN
+    assert check.metadata["missing_months"].value == 1
+    p.create_partitions_ahead(db, "audit_log", today, get_settings().premake_months)
+    assert audit_log_months_ahead_exist(**resources).passed
 
 
 def test_default_guard_fails_then_move_default_rows_fixes_it(db_url: str, db: psycopg.Connection) -> None:

@@ -99,7 +99,7 @@ def _ahead_check(asset: dg.AssetsDefinition, table: str) -> dg.AssetChecksDefini
                 if not missing
                 else "missing: "
                 + ", ".join(partition_name(table, m) for m in missing)
-                + f"; next month starts in {days_left} day(s): run create_partitions_ahead_job"
+                + f"; next month starts in {days_left} day(s): run create_{table}_partitions_ahead_job"
             ),
             metadata={
                 "missing_months": len(missing),
