@@ -257,7 +257,9 @@ def bootstrap(host: str, port: int, backfill: str, *, today: dt.date | None = No
     deadline = time.monotonic() + 180
     while not api.materialized("dashboard_cache"):
         if time.monotonic() > deadline:
-            log("bootstrap: the automation has not warmed the dashboard cache after 3 minutes; see its sensor")
+            log(
+                "bootstrap: the automation has not warmed the dashboard cache after 3 minutes; see its sensor"
+            )
             return time.monotonic() - started
         time.sleep(1)
     log("bootstrap: dashboard cache warmed by the automation")

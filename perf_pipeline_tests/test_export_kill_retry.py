@@ -44,6 +44,7 @@ from perf_pipeline.defs.exports import sensors
 from perf_pipeline.defs.exports.jobs import export_job
 from perf_pipeline.defs.resources import PostgresResource
 from perf_pipeline.lib import exports as ex
+from perf_pipeline.lib.db import Locks
 from perf_pipeline.lib.workload import WorkloadSpec, load_workload
 from perf_pipeline.settings import PROJECT_ROOT
 from perf_pipeline_tests.conftest import Location, create_database, drop_database
@@ -262,7 +263,7 @@ def _orphaned(url: str, request_id: int) -> bool:
         (held,) = conn.execute(
             "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND classid = %s::bigint::oid "
             "AND objid = %s::bigint::oid AND objsubid = 2 AND granted",
-            (ex.ADVISORY_LOCK_CLASS, request_id),
+            (Locks.EXPORT_CLASS, request_id),
         ).fetchone()
     return held == 0
 

@@ -37,6 +37,7 @@ from perf_pipeline.defs.exports.jobs import REQUEST_TAG, export_job
 from perf_pipeline.defs.exports.sensors import export_run_failure_sensor, pending_exports_sensor
 from perf_pipeline.defs.resources import PostgresResource
 from perf_pipeline.lib import exports as ex
+from perf_pipeline.lib.db import Locks
 from perf_pipeline.lib.workload import WorkloadSpec, load_workload
 from perf_pipeline.settings import PROJECT_ROOT
 from perf_pipeline_tests.conftest import Location
@@ -602,7 +603,7 @@ def test_a_request_still_held_after_the_wait_is_busy(
 ) -> None:
     request_id = _request(db, "usage_log", "csv.gz", {"start": "2026-02-28"})
     with psycopg.connect(loaded, autocommit=True) as holder:
-        holder.execute("SELECT pg_advisory_lock(%s, %s)", (ex.ADVISORY_LOCK_CLASS, request_id))
+        holder.execute("SELECT pg_advisory_lock(%s, %s)", (Locks.EXPORT_CLASS, request_id))
         started = time.monotonic()
         with pytest.raises(ex.ExportBusyError):
             _run(loaded, request_id, scratch_dir, lock_wait_s=0.5)
@@ -1138,7 +1139,7 @@ def test_cli_run_of_a_request_held_elsewhere_is_one_line(
     main = _cli(monkeypatch, loaded, scratch_dir)
     request_id = _request(db, "usage_log", "csv.gz", {})
     with psycopg.connect(loaded, autocommit=True) as holder:
-        holder.execute("SELECT pg_advisory_lock(%s, %s)", (ex.ADVISORY_LOCK_CLASS, request_id))
+        holder.execute("SELECT pg_advisory_lock(%s, %s)", (Locks.EXPORT_CLASS, request_id))
         assert main(["export", "run", str(request_id)]) == 1
     err = capsys.readouterr().err
     assert err == f"error: export request {request_id} is being run by another process\n"

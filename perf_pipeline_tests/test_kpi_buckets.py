@@ -29,6 +29,7 @@ from perf_pipeline.defs.rollups.kpi_buckets import (
 from perf_pipeline.lib import db as db_lib
 from perf_pipeline.lib import kpi_buckets as kb
 from perf_pipeline.lib.dashboard import compute_kpis
+from perf_pipeline.lib.db import Locks
 from perf_pipeline.lib.partitioning import ensure_partitions
 
 UTC = dt.UTC
@@ -471,10 +472,10 @@ def test_a_late_writer_holding_its_mark_makes_the_sealing_give_up_not_wait(
 
 def test_a_second_sealing_returns_at_once(loaded_url: str, conn: psycopg.Connection) -> None:
     with psycopg.connect(loaded_url, autocommit=True) as other:
-        other.execute("SELECT pg_advisory_lock(%s)", (kb.SEAL_LOCK_KEY,))
+        other.execute("SELECT pg_advisory_lock(%s)", (Locks.KPI_SEALING.number,))
         result = kb.seal_buckets(conn, grace=NOW_GRACE)
         assert result.skipped == "another sealing is running" and not result.committed
-        other.execute("SELECT pg_advisory_unlock(%s)", (kb.SEAL_LOCK_KEY,))
+        other.execute("SELECT pg_advisory_unlock(%s)", (Locks.KPI_SEALING.number,))
 
 
 def test_prune_drops_buckets_beyond_the_horizon(conn: psycopg.Connection) -> None:
@@ -506,8 +507,8 @@ def test_bad_input_is_refused(conn: psycopg.Connection, loaded_url: str) -> None
         kb.seal_buckets(conn, grace=dt.timedelta(minutes=-1))
     with psycopg.connect(loaded_url) as tx, pytest.raises(kb.KpiBucketError, match="autocommit"):
         kb.seal_buckets(tx)
-    assert conn.execute("SELECT pg_try_advisory_lock(%s)", (kb.SEAL_LOCK_KEY,)).fetchone()[0]
-    conn.execute("SELECT pg_advisory_unlock(%s)", (kb.SEAL_LOCK_KEY,))
+    assert conn.execute("SELECT pg_try_advisory_lock(%s)", (Locks.KPI_SEALING.number,)).fetchone()[0]
+    conn.execute("SELECT pg_advisory_unlock(%s)", (Locks.KPI_SEALING.number,))
 
 
 def test_asset_seals_with_its_check(loaded_url: str, conn: psycopg.Connection) -> None:

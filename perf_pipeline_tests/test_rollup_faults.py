@@ -26,7 +26,8 @@ from perf_pipeline.defs.resources import PostgresResource
 from perf_pipeline.defs.rollups.assets import CHECK_NO_LATE_ROWS_ARCHIVED, usage_daily_metrics
 from perf_pipeline.defs.rollups.reconciliation import rolled_up_days_match_usage_log_last_90
 from perf_pipeline.lib import archive, rollups
-from perf_pipeline.lib.partitioning import add_months, archive_lock_key, ensure_partitions, months_between
+from perf_pipeline.lib.db import Locks
+from perf_pipeline.lib.partitioning import add_months, ensure_partitions, months_between
 from perf_pipeline.testing import AutomationLoop
 
 UTC = dt.UTC
@@ -311,9 +312,9 @@ def test_a_running_archive_keeps_its_month_out_of_a_rollup(url: str, conn: psyco
     ensure_partitions(conn, "usage_log", [month])
     _add_rows(conn, month + dt.timedelta(days=3), 100, "held")
     day = month + dt.timedelta(days=3)
-    key = archive_lock_key("usage_log", month)
+    key = Locks.month("usage_log", month)
     with psycopg.connect(url, autocommit=True) as holder:
-        holder.execute(sql.SQL("SELECT pg_advisory_lock({})").format(key))
+        holder.execute(sql.SQL("SELECT pg_advisory_lock({})").format(key.args()))
         result = rollups.rollup_days(conn, day, day + dt.timedelta(days=1))
         assert result.skipped_days == [day] and "right now" in result.unavailable_months[month]
         assert (

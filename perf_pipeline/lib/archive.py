@@ -49,11 +49,18 @@ import pyarrow.parquet as pq
 from psycopg import sql
 
 from perf_pipeline.lib import pgcsv
-from perf_pipeline.lib.db import load_query, run_with_lock_retry
+from perf_pipeline.lib.db import (
+    Locks,
+    advisory_unlock,
+    load_query,
+    lock_timeout,
+    retry,
+    run_with_lock_retry,
+    try_advisory_lock,
+)
 from perf_pipeline.lib.memory import release_free_memory
 from perf_pipeline.lib.partitioning import (
     add_months,
-    archive_lock_key,
     attach_partition,
     default_name,
     drop_bound_constraint,
@@ -227,20 +234,14 @@ def _detach(conn: psycopg.Connection, table: str, month: dt.date, lock_timeout_m
         mode = "concurrently"
         # CONCURRENTLY runs two transactions itself, so it cannot share one with the manifest update;
         # the re-run sees the catalog state (standalone / detach_pending) and finishes.
-        conn.execute(sql.SQL("SET lock_timeout = {}").format(sql.Literal(f"{int(lock_timeout_ms)}ms")))
-        try:
-            for attempt in range(1, 101):
-                try:
-                    conn.execute(
-                        sql.SQL("ALTER TABLE {} DETACH PARTITION {} CONCURRENTLY").format(parent, child)
-                    )
-                    break
-                except psycopg.errors.LockNotAvailable:
-                    if attempt == 100:
-                        raise
-                    time.sleep(min(0.05 * 2 ** min(attempt, 6), 2.0))
-        finally:
-            conn.execute("RESET lock_timeout")
+        with lock_timeout(conn, lock_timeout_ms):
+            retry(
+                lambda: conn.execute(
+                    sql.SQL("ALTER TABLE {} DETACH PARTITION {} CONCURRENTLY").format(parent, child)
+                ),
+                attempts=100,
+                what=f"detach {name} concurrently",
+            )
     elif state == "attached":
 
         def work(c: psycopg.Connection) -> None:
@@ -458,11 +459,6 @@ def _now(conn: psycopg.Connection) -> dt.datetime:
     return conn.execute("SELECT statement_timestamp()").fetchone()[0]
 
 
-def _lock_key(table: str, month: dt.date) -> sql.Composed:
-    # the same key move_default_rows takes before it touches a month's table
-    return archive_lock_key(table, month)
-
-
 def _require_standalone(conn: psycopg.Connection, table: str, month: dt.date, state: str) -> None:
     """Refuse to go on with a month whose detached table was attached to ``table`` again (by hand or by an
     older ``move_default_rows``): rows written since then are in it and not in the file."""
@@ -559,7 +555,7 @@ def archive_partition(
     # and the table: a run resuming at `verified` (after a crash, on another host, with the folder not
     # mounted or the file damaged since) proves it again first, and exports again if it does not hold
     proven_in_this_run = False
-    conn.execute(sql.SQL("SELECT pg_advisory_lock({})").format(_lock_key(table, month)))
+    try_advisory_lock(conn, Locks.month(table, month), wait_s=None)
     try:
         while True:
             m = manifest_row(conn, table, month)
@@ -644,7 +640,7 @@ def archive_partition(
             if hook is not None:
                 hook(step)
     finally:
-        conn.execute(sql.SQL("SELECT pg_advisory_unlock({})").format(_lock_key(table, month)))
+        advisory_unlock(conn, Locks.month(table, month))
 
 
 @dataclass(frozen=True)
@@ -778,7 +774,7 @@ def restore_partition(
     month = month_start(month)
     name = partition_name(table, month)
     started = time.perf_counter()
-    conn.execute(sql.SQL("SELECT pg_advisory_lock({})").format(_lock_key(table, month)))
+    try_advisory_lock(conn, Locks.month(table, month), wait_s=None)
     try:
         m = manifest_row(conn, table, month)
         if m is None:
@@ -831,22 +827,23 @@ def restore_partition(
                 (table, month),
             )
 
-        for attempt in range(1, 11):
-            try:
-                run_with_lock_retry(
-                    conn, work, lock_timeout_ms=lock_timeout_ms, attempts=100, what=f"attach {name}"
-                )
-                break
-            except psycopg.errors.CheckViolation:  # a writer added another late row meanwhile: again
-                if attempt == 10:
-                    raise
+        # a writer that adds another late row meanwhile fails the attach's CHECK: move again
+        retry(
+            lambda: run_with_lock_retry(
+                conn, work, lock_timeout_ms=lock_timeout_ms, attempts=100, what=f"attach {name}"
+            ),
+            attempts=10,
+            what=f"attach {name}",
+            on=(psycopg.errors.CheckViolation,),
+            first_delay_s=0,
+        )
         if m.state != "dropped":
             rows = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(name))).fetchone()[0]
         else:
             rows += late
         return RestoreResult(table, month, rows, (time.perf_counter() - started) * 1000, late_rows=late)
     finally:
-        conn.execute(sql.SQL("SELECT pg_advisory_unlock({})").format(_lock_key(table, month)))
+        advisory_unlock(conn, Locks.month(table, month))
 
 
 # ------------------------------------------------------------------------------------------ retention

@@ -61,7 +61,7 @@ import pyarrow.parquet as pq
 from psycopg import sql
 
 from perf_pipeline.lib import pgcsv
-from perf_pipeline.lib.db import connect, load_query
+from perf_pipeline.lib.db import Locks, connect, load_query, try_advisory_lock
 from perf_pipeline.lib.partitioning import add_months, month_start
 from perf_pipeline.lib.storage import HashingSink, Store, open_store
 
@@ -71,8 +71,6 @@ UTC = dt.UTC
 FORMATS: tuple[str, ...] = ("csv.gz", "parquet")
 SEVERITIES: tuple[str, ...] = ("low", "medium", "high", "critical")
 _ENTITY_TYPE = re.compile(r"[a-z][a-z0-9_]{0,63}")
-#: first key of the two-key advisory lock that serializes attempts at one request ("expo")
-ADVISORY_LOCK_CLASS = 0x6578706F
 #: progress is reported every this many uncompressed bytes
 PROGRESS_EVERY_BYTES = 16 << 20
 #: gzip level 1: ~4x smaller than raw CSV at several times the speed of level 6 (the export is
@@ -521,9 +519,7 @@ def find_orphans(conn: psycopg.Connection) -> tuple[float, list[Orphan]]:
     Read-only: pg_locks is read, no lock is taken, so a worker starting meanwhile is never disturbed. Cost:
     the partial index on running requests and one read of the server's lock table.
     """
-    rows = conn.execute(
-        load_query("export_orphaned_requests"), {"lock_class": ADVISORY_LOCK_CLASS}
-    ).fetchall()
+    rows = conn.execute(load_query("export_orphaned_requests"), {"lock_class": Locks.EXPORT_CLASS}).fetchall()
     now = float(rows[0][0])
     return now, [Orphan(int(i), int(a), r) for _, i, a, r in rows if i is not None]
 
@@ -541,7 +537,7 @@ def release_orphan(conn: psycopg.Connection, orphan: Orphan, max_attempts: int) 
     """
     with conn.transaction():
         row = conn.execute(
-            "SELECT pg_try_advisory_xact_lock(%s, %s)", _lock_key(orphan.request_id)
+            sql.SQL("SELECT pg_try_advisory_xact_lock({})").format(Locks.export(orphan.request_id).args())
         ).fetchone()
         if not (row and row[0]):
             return None
@@ -718,36 +714,23 @@ def _write_parquet(
         write_group()  # an empty result still gets a valid file: schema, no row groups
 
 
-def _lock_key(request_id: int) -> tuple[int, int]:
-    # the two int4 keys of a request's advisory lock (sql/queries/export_orphaned_requests.sql reads them)
-    return ADVISORY_LOCK_CLASS, request_id % 2_147_483_647
-
-
 def _lock(
     conn: psycopg.Connection,
     request_id: int,
     wait_s: float = 0.0,
     on_wait: Callable[[], None] | None = None,
 ) -> bool:
-    """Take the request's session advisory lock; True if held. With ``wait_s`` > 0, wait that long for it
-    (a server-side wait bounded by ``lock_timeout``, no polling), calling ``on_wait`` first."""
-    key = _lock_key(request_id)
-    row = conn.execute("SELECT pg_try_advisory_lock(%s, %s)", key).fetchone()
-    if (row and row[0]) or wait_s <= 0:
-        return bool(row and row[0])
+    """Take the request's session advisory lock (:meth:`Locks.export`); True if held. With ``wait_s`` > 0,
+    wait that long for it (a server-side wait bounded by ``lock_timeout``, no polling), calling ``on_wait``
+    first. Released with the session (the process that runs the export keeps it to the end)."""
+    key = Locks.export(request_id)
+    if try_advisory_lock(conn, key):
+        return True
+    if wait_s <= 0:
+        return False
     if on_wait is not None:
         on_wait()
-    previous = conn.execute(
-        "SELECT current_setting('lock_timeout'), set_config('lock_timeout', %s, false)",
-        (str(max(1, int(wait_s * 1000))),),
-    ).fetchone()
-    try:
-        conn.execute("SELECT pg_advisory_lock(%s, %s)", key)
-        return True
-    except psycopg.errors.LockNotAvailable:
-        return False
-    finally:
-        conn.execute("SELECT set_config('lock_timeout', %s, false)", (previous[0] if previous else "0",))
+    return try_advisory_lock(conn, key, wait_s=wait_s)
 
 
 def run_export(

@@ -46,13 +46,10 @@ from typing import Any
 import psycopg
 from psycopg.rows import dict_row
 
-from perf_pipeline.lib.db import load_query
+from perf_pipeline.lib.db import Locks, advisory_unlock, load_query, try_advisory_lock
 
 #: must equal usage_kpi_bucket_width() (0080)
 BUCKET = dt.timedelta(minutes=5)
-
-#: session-level advisory lock serializing sealings
-SEAL_LOCK_KEY = 0x6B706962  # "kpib"
 
 #: a bucket is sealed once it has been over this long (writers' last statements of it are done)
 DEFAULT_GRACE = dt.timedelta(minutes=2)
@@ -186,8 +183,7 @@ def seal_buckets(
         raise KpiBucketError(f"wait_s must not be negative, got {wait_s}")
     result = SealResult()
     started = time.perf_counter()
-    row = conn.execute("SELECT pg_try_advisory_lock(%s)", (SEAL_LOCK_KEY,)).fetchone()
-    if not (row and row[0]):
+    if not try_advisory_lock(conn, Locks.KPI_SEALING):
         result.skipped = "another sealing is running"
         result.duration_ms = (time.perf_counter() - started) * 1000
         return result
@@ -219,7 +215,7 @@ def seal_buckets(
                 )
         result.pruned_buckets, result.pruned_marks = _prune(conn)
     finally:
-        conn.execute("SELECT pg_advisory_unlock(%s)", (SEAL_LOCK_KEY,))
+        advisory_unlock(conn, Locks.KPI_SEALING)
     result.duration_ms = (time.perf_counter() - started) * 1000
     return result
 

@@ -18,11 +18,10 @@ from pathlib import Path
 
 import psycopg
 
-from perf_pipeline.lib.db import MIGRATIONS_DIR
+from perf_pipeline.lib.db import MIGRATIONS_DIR, Locks, advisory_unlock, try_advisory_lock
 
 log = logging.getLogger(__name__)
 
-ADVISORY_LOCK_KEY = 0x70657266  # "perf"
 _NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
 NO_TRANSACTION = "-- perf_pipeline: no-transaction"
 
@@ -76,7 +75,7 @@ def apply_migrations(url: str, directory: Path = MIGRATIONS_DIR) -> list[str]:
     migrations = discover(directory)
     applied_now: list[str] = []
     with psycopg.connect(url, autocommit=True, application_name="perf_pipeline.migrate") as conn:
-        conn.execute("SELECT pg_advisory_lock(%s)", (ADVISORY_LOCK_KEY,))
+        try_advisory_lock(conn, Locks.MIGRATIONS, wait_s=None)
         try:
             conn.execute(_BOOKKEEPING)
             applied = dict(conn.execute("SELECT filename, checksum FROM schema_migrations").fetchall())
@@ -102,7 +101,7 @@ def apply_migrations(url: str, directory: Path = MIGRATIONS_DIR) -> list[str]:
                     raise MigrationError(f"{mig.name} failed: {exc}") from exc
                 applied_now.append(mig.name)
         finally:
-            conn.execute("SELECT pg_advisory_unlock(%s)", (ADVISORY_LOCK_KEY,))
+            advisory_unlock(conn, Locks.MIGRATIONS)
     return applied_now
 
 

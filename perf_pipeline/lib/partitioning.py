@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import psycopg
 from psycopg import sql
 
-from perf_pipeline.lib.db import load_query, lock_timeout, run_with_lock_retry
+from perf_pipeline.lib.db import Locks, advisory_unlock, load_query, run_with_lock_retry, try_advisory_lock
 
 log = logging.getLogger(__name__)
 
@@ -334,15 +334,6 @@ def drop_bound_constraint(conn: psycopg.Connection, table: str, month: dt.date) 
     )
 
 
-def archive_lock_key(table: str, month: dt.date) -> sql.Composed:
-    """The per-month advisory lock key of the archive (:mod:`perf_pipeline.lib.archive` takes it for a whole
-    archive or restore); :func:`move_default_rows` takes the same one, so neither sees the other half-done,
-    and a rollup takes it shared while it reads the month."""
-    return sql.SQL("hashtextextended({}, 0)").format(
-        sql.Literal(f"perf_pipeline.archive:{table}:{month_start(month)}")
-    )
-
-
 def archive_states(conn: psycopg.Connection, table: str) -> dict[dt.date, str]:
     """Months of ``table`` with an archive in any state but ``restored`` (archive_manifest, migration 0010):
     ``detached`` / ``exported`` / ``verified`` (archive in progress or interrupted: the detached table is
@@ -362,16 +353,11 @@ def _archive_reason(state: str) -> str:
 def _lock_month(conn: psycopg.Connection, table: str, month: dt.date, wait_ms: int) -> bool:
     """The month's advisory lock (exclusive, session level), waiting up to ``wait_ms`` for a rollup (which
     holds it shared for seconds) or an archive/restore (minutes: then False)."""
-    try:
-        with lock_timeout(conn, max(1, wait_ms)):
-            conn.execute(sql.SQL("SELECT pg_advisory_lock({})").format(archive_lock_key(table, month)))
-        return True
-    except psycopg.errors.LockNotAvailable:
-        return False
+    return try_advisory_lock(conn, Locks.month(table, month), wait_s=max(1, wait_ms) / 1000)
 
 
 def _unlock_month(conn: psycopg.Connection, table: str, month: dt.date) -> None:
-    conn.execute(sql.SQL("SELECT pg_advisory_unlock({})").format(archive_lock_key(table, month)))
+    advisory_unlock(conn, Locks.month(table, month))
 
 
 def _standalone_tables(conn: psycopg.Connection, table: str, pattern: str) -> list[str]:

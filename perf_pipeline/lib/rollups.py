@@ -34,12 +34,10 @@ from decimal import Decimal
 from typing import Any
 
 import psycopg
-from psycopg import sql
 from psycopg.rows import dict_row
 
-from perf_pipeline.lib.db import load_query
+from perf_pipeline.lib.db import Locks, advisory_lock, advisory_unlock, load_query, try_advisory_lock
 from perf_pipeline.lib.partitioning import (
-    archive_lock_key,
     archive_states,
     month_start,
     months_between,
@@ -47,8 +45,6 @@ from perf_pipeline.lib.partitioning import (
 
 UTC = dt.UTC
 
-#: session-level advisory lock serializing rollups (two runs of the same day never interleave)
-ROLLUP_LOCK_KEY = 0x726F6C6C  # "roll"
 
 #: trends granularity → date_trunc unit
 TREND_UNITS: dict[str, str] = {"daily": "day", "weekly": "week", "monthly": "month"}
@@ -154,13 +150,11 @@ def rearm_orphaned_claims(conn: psycopg.Connection) -> list[dt.date]:
     rollup also does it first thing. Cost: a try-lock and two tiny tables. Autocommit connection.
     """
     _require_autocommit(conn)
-    if not conn.execute("SELECT pg_try_advisory_lock(%s)", (ROLLUP_LOCK_KEY,)).fetchone()[0]:
-        return []
-    try:
+    with advisory_lock(conn, Locks.ROLLUP, wait_s=0) as held:
+        if not held:
+            return []
         with conn.transaction():
             return [r[0] for r in conn.execute(load_query("rollup_rearm_claims")).fetchall()]
-    finally:
-        conn.execute("SELECT pg_advisory_unlock(%s)", (ROLLUP_LOCK_KEY,))
 
 
 def claim_stale_days(
@@ -198,7 +192,7 @@ def unavailable_months(
     """Months of ``[start, end)`` whose usage_log rows are not all visible, and the months locked shared.
 
     For each month the window touches, takes the archive's per-month advisory lock in *shared* mode
-    without waiting (:func:`perf_pipeline.lib.partitioning.archive_lock_key`): archive, restore and
+    without waiting (:meth:`perf_pipeline.lib.db.Locks.month`): archive, restore and
     ``move_default_rows`` hold it exclusively while they change the month, so a month whose lock is
     taken is "being archived, restored or moved right now", and a month locked here stays as it is
     until :func:`_unlock_months`. Then a month with an archive manifest row in any state but
@@ -208,8 +202,7 @@ def unavailable_months(
     busy: dict[dt.date, str] = {}
     locked: list[dt.date] = []
     for month in months_between(start, end - dt.timedelta(days=1)):
-        key = archive_lock_key("usage_log", month)
-        if conn.execute(sql.SQL("SELECT pg_try_advisory_lock_shared({})").format(key)).fetchone()[0]:
+        if try_advisory_lock(conn, Locks.month("usage_log", month), shared=True):
             locked.append(month)
         else:
             busy[month] = "being archived, restored or moved right now"
@@ -225,9 +218,7 @@ def unavailable_months(
 
 def _unlock_months(conn: psycopg.Connection, months: list[dt.date]) -> None:
     for month in months:
-        conn.execute(
-            sql.SQL("SELECT pg_advisory_unlock_shared({})").format(archive_lock_key("usage_log", month))
-        )
+        advisory_unlock(conn, Locks.month("usage_log", month), shared=True)
 
 
 def reconcile(conn: psycopg.Connection, start: dt.date, end: dt.date) -> list[Mismatch]:
@@ -276,7 +267,7 @@ def rollup_days(
     _window(start, end)  # validates the window
     result = RollupResult(start=start, end=end)
     started = time.perf_counter()
-    conn.execute("SELECT pg_advisory_lock(%s)", (ROLLUP_LOCK_KEY,))
+    try_advisory_lock(conn, Locks.ROLLUP, wait_s=None)
     locked: list[dt.date] = []
     try:
         result.unavailable_months, locked = unavailable_months(conn, start, end)
@@ -322,7 +313,7 @@ def rollup_days(
     finally:
         if not conn.broken:  # a dead session has released its locks already
             _unlock_months(conn, locked)
-            conn.execute("SELECT pg_advisory_unlock(%s)", (ROLLUP_LOCK_KEY,))
+            advisory_unlock(conn, Locks.ROLLUP)
     result.duration_ms = (time.perf_counter() - started) * 1000
     return result
 
