@@ -69,7 +69,8 @@ class Urls:
     embedded_redis: bool
 
     def dagster_storage_url(self) -> str:
-        """Dagster storage needs the psycopg2 driver named explicitly (DESIGN.md: the NOTIFY pitfall)."""
+        """Dagster storage needs the psycopg2 driver named explicitly (README, "Dagster instance": the
+        NOTIFY pitfall)."""
         parts = urlsplit(self.dagster_database_url)
         return urlunsplit(parts._replace(scheme="postgresql+psycopg2"))
 
