@@ -674,7 +674,7 @@ def test_metrics_are_published_for_the_health_report(db_url: str, db: psycopg.Co
     finally:
         writer.close()  # publishes a last snapshot, with every event written
     # the writer's backend drops its TEMP staging table as it exits, after close() returned; the health
-    # query's pg_table_size() of a table being dropped is NULL (a health.py defect, reported): wait it out
+    # query's pg_table_size() of a table being dropped is NULL (a health report defect, reported): wait it out
     _wait_until(
         lambda: (
             db.execute("SELECT count(*) FROM pg_class WHERE relname = 'audit_log_staging'").fetchone()[0] == 0
