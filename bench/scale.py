@@ -278,7 +278,7 @@ def run_size(
         with connect(url, autocommit=True, application_name="bench.scale") as conn:
             rollup_s = rollup_everything(conn, first, today)
             print(f"  rolled {days} days up in {rollup_s:,.1f} s", flush=True)
-            # the KPI buckets, as the seal_kpi_buckets_every_5_min schedule keeps them (0080)
+            # the KPI buckets, as the seal_kpi_buckets schedule keeps them (0080)
             sealed = seal_buckets(conn)
             print(f"  sealed {len(sealed.buckets)} KPI buckets in {sealed.duration_ms:,.0f} ms", flush=True)
             conn.execute("VACUUM (ANALYZE)")

@@ -32,8 +32,8 @@ from perf_pipeline.defs.rollups.assets import (
     usage_daily_metrics,
 )
 from perf_pipeline.defs.rollups.schedules import (
-    close_yesterday_metrics_daily,
-    refresh_today_metrics_every_30_min,
+    close_yesterday_metrics,
+    refresh_today_metrics,
 )
 from perf_pipeline.lib import rollups
 from perf_pipeline.lib.migrations import MIGRATIONS_DIR
@@ -609,14 +609,14 @@ def test_asset_materializes_a_range_in_one_run_with_checks_and_metadata(
 def test_schedules_target_today_and_yesterday() -> None:
     at = dt.datetime(2025, 8, 14, 0, 30, tzinfo=UTC)
     ctx = dg.build_schedule_context(scheduled_execution_time=at)
-    today = refresh_today_metrics_every_30_min(ctx)
+    today = refresh_today_metrics(ctx)
     assert today.partition_key == "2025-08-14"
-    assert refresh_today_metrics_every_30_min.cron_schedule == "*/30 * * * *"
-    closing = close_yesterday_metrics_daily(
+    assert refresh_today_metrics.cron_schedule == "*/30 * * * *"
+    closing = close_yesterday_metrics(
         dg.build_schedule_context(scheduled_execution_time=dt.datetime(2025, 8, 14, 2, 0, tzinfo=UTC))
     )
     assert closing.partition_key == "2025-08-13"
-    assert close_yesterday_metrics_daily.cron_schedule == "0 2 * * *"
+    assert close_yesterday_metrics.cron_schedule == "0 2 * * *"
 
 
 def test_bad_window_is_refused(conn: psycopg.Connection) -> None:

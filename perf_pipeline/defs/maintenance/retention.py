@@ -10,6 +10,7 @@ import datetime as dt
 
 import dagster as dg
 
+from perf_pipeline.defs.scheduling import utc_schedule
 from perf_pipeline.settings import get_settings
 
 FINISHED = [dg.DagsterRunStatus.SUCCESS, dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED]
@@ -50,12 +51,10 @@ def prune_run_history_job() -> None:
     prune_run_history()
 
 
-prune_run_history_daily = dg.ScheduleDefinition(
-    name="prune_run_history_daily",
-    job=prune_run_history_job,
-    cron_schedule="0 4 * * *",
-    execution_timezone="UTC",
-    default_status=dg.DefaultScheduleStatus.RUNNING,
-    description="Daily at 04:00 UTC, after the 03:00 maintenance: Dagster's run and event-log tables "
+prune_old_runs = utc_schedule(
+    "prune_old_runs",
+    prune_run_history_job,
+    "0 4 * * *",
+    "Daily at 04:00 UTC, after the 03:00 maintenance: Dagster's run and event-log tables "
     "would otherwise grow without bound.",
 )

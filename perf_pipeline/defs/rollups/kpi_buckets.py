@@ -12,6 +12,7 @@ import dagster as dg
 
 from perf_pipeline.defs.metadata import table
 from perf_pipeline.defs.resources import PostgresResource
+from perf_pipeline.defs.scheduling import utc_schedule
 from perf_pipeline.lib.kpi_buckets import DEFAULT_GRACE, SealResult, seal_buckets, untrusted_buckets
 
 ASSET_KEY = dg.AssetKey("usage_kpi_buckets")
@@ -142,13 +143,11 @@ usage_kpi_buckets_job = dg.define_asset_job(
     description="Seal the closed 5-minute buckets of usage_log that are due into usage_kpi_buckets.",
 )
 
-seal_kpi_buckets_every_5_min = dg.ScheduleDefinition(
-    name="seal_kpi_buckets_every_5_min",
-    job=usage_kpi_buckets_job,
-    cron_schedule="2-59/5 * * * *",
-    execution_timezone="UTC",
-    default_status=dg.DefaultScheduleStatus.RUNNING,
-    description=(
+seal_kpi_buckets = utc_schedule(
+    "seal_kpi_buckets",
+    usage_kpi_buckets_job,
+    "2-59/5 * * * *",
+    (
         "Every 5 minutes, 2 minutes after a bucket ends: seal the buckets over for at least "
         f"{int(DEFAULT_GRACE.total_seconds() // 60)} minutes and those late rows marked. A KPI cache miss "
         "then reads at most about a quarter of an hour of usage_log rows."

@@ -12,6 +12,7 @@ import dagster as dg
 from perf_pipeline.defs.metadata import table
 from perf_pipeline.defs.resources import PostgresResource
 from perf_pipeline.defs.rollups.assets import ASSET_KEY, CHECK_RECONCILE_90, MAX_LISTED
+from perf_pipeline.defs.scheduling import utc_schedule
 from perf_pipeline.defs.time_partitions import DATA_START
 from perf_pipeline.lib.rollups import LOOKBACK_DAYS, find_disagreeing_days, mark_days, utc_today
 
@@ -72,12 +73,10 @@ reconcile_usage_rollups_job = dg.define_asset_job(
     "disagrees (the automation then re-runs it).",
 )
 
-reconcile_usage_rollups_daily = dg.ScheduleDefinition(
-    name="reconcile_usage_rollups_daily",
-    job=reconcile_usage_rollups_job,
-    cron_schedule="20 5 * * *",
-    execution_timezone="UTC",
-    default_status=dg.DefaultScheduleStatus.RUNNING,
-    description=f"Daily at 05:20 UTC (after yesterday's close at 02:00): the safety net behind the late-data "
+reconcile_usage_rollups = utc_schedule(
+    "reconcile_usage_rollups",
+    reconcile_usage_rollups_job,
+    "20 5 * * *",
+    f"Daily at 05:20 UTC (after yesterday's close at 02:00): the safety net behind the late-data "
     f"marks, one scan of {LOOKBACK_DAYS} days of usage_log (counts and sums, no distinct users).",
 )

@@ -13,7 +13,7 @@ def _day_of(context: dg.ScheduleEvaluationContext) -> dt.date:
 
 
 @dg.schedule(
-    name="refresh_today_metrics_every_30_min",
+    name="refresh_today_metrics",
     cron_schedule="*/30 * * * *",
     execution_timezone="UTC",
     job=usage_daily_metrics_job,
@@ -21,14 +21,14 @@ def _day_of(context: dg.ScheduleEvaluationContext) -> dt.date:
     description="Every 30 minutes: recompute today's (UTC) partial day of usage_daily_metrics. "
     "Costs one day of usage_log, whatever the history.",
 )
-def refresh_today_metrics_every_30_min(context: dg.ScheduleEvaluationContext) -> dg.RunRequest:
+def refresh_today_metrics(context: dg.ScheduleEvaluationContext) -> dg.RunRequest:
     day = _day_of(context)
     tick = context.scheduled_execution_time.astimezone(dt.UTC)
     return dg.RunRequest(run_key=f"today-{tick:%Y-%m-%dT%H%M}", partition_key=day.isoformat())
 
 
 @dg.schedule(
-    name="close_yesterday_metrics_daily",
+    name="close_yesterday_metrics",
     cron_schedule="0 2 * * *",
     execution_timezone="UTC",
     job=usage_daily_metrics_job,
@@ -36,6 +36,6 @@ def refresh_today_metrics_every_30_min(context: dg.ScheduleEvaluationContext) ->
     description="At 02:00 UTC: recompute yesterday's day in full, now that it is over (the 30-minute "
     "refresh last ran before midnight).",
 )
-def close_yesterday_metrics_daily(context: dg.ScheduleEvaluationContext) -> dg.RunRequest:
+def close_yesterday_metrics(context: dg.ScheduleEvaluationContext) -> dg.RunRequest:
     day = _day_of(context) - dt.timedelta(days=1)
     return dg.RunRequest(run_key=f"close-{day.isoformat()}", partition_key=day.isoformat())
