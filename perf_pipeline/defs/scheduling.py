@@ -1,4 +1,5 @@
-"""The one way a fixed-cadence schedule of this code location is defined.
+"""The one way a fixed-cadence schedule of this code location is defined: :func:`utc_schedule` for a job run
+as it is, :func:`utc_schedule_decorator` for a function that builds each tick's run request.
 
 Every such schedule runs in UTC, is on from the first deployment (an operator turns one off in the UI or
 with ``dagster schedule stop``), is named after what it is for, and says its cadence in its description.
@@ -6,12 +7,20 @@ with ``dagster schedule stop``), is named after what it is for, and says its cad
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import dagster as dg
 
 if TYPE_CHECKING:  # what define_asset_job returns
     from dagster._core.definitions.unresolved_asset_job_definition import UnresolvedAssetJobDefinition
+
+
+#: what every schedule here shares: UTC, and on from the first deployment
+_UTC_RUNNING: dict[str, Any] = {
+    "execution_timezone": "UTC",
+    "default_status": dg.DefaultScheduleStatus.RUNNING,
+}
 
 
 def utc_schedule(
@@ -24,7 +33,14 @@ def utc_schedule(
         name=name,
         job=job,
         cron_schedule=cron,
-        execution_timezone="UTC",
-        default_status=dg.DefaultScheduleStatus.RUNNING,
         description=description,
+        **_UTC_RUNNING,
     )
+
+
+def utc_schedule_decorator(
+    job: dg.JobDefinition | UnresolvedAssetJobDefinition, cron: str, description: str
+) -> Callable[[Callable[..., Any]], dg.ScheduleDefinition]:
+    """:func:`utc_schedule` for a schedule that decides each tick's run itself (a partition key, a run
+    key): decorates a function of the tick's context; the function's name is the schedule's name."""
+    return dg.schedule(job=job, cron_schedule=cron, description=description, **_UTC_RUNNING)

@@ -6,19 +6,17 @@ import datetime as dt
 import dagster as dg
 
 from perf_pipeline.defs.rollups.assets import usage_daily_metrics_job
+from perf_pipeline.defs.scheduling import utc_schedule_decorator
 
 
 def _day_of(context: dg.ScheduleEvaluationContext) -> dt.date:
     return context.scheduled_execution_time.astimezone(dt.UTC).date()
 
 
-@dg.schedule(
-    name="refresh_today_metrics",
-    cron_schedule="*/30 * * * *",
-    execution_timezone="UTC",
-    job=usage_daily_metrics_job,
-    default_status=dg.DefaultScheduleStatus.RUNNING,
-    description="Every 30 minutes: recompute today's (UTC) partial day of usage_daily_metrics. "
+@utc_schedule_decorator(
+    usage_daily_metrics_job,
+    "*/30 * * * *",
+    "Every 30 minutes: recompute today's (UTC) partial day of usage_daily_metrics. "
     "Costs one day of usage_log, whatever the history.",
 )
 def refresh_today_metrics(context: dg.ScheduleEvaluationContext) -> dg.RunRequest:
@@ -27,13 +25,10 @@ def refresh_today_metrics(context: dg.ScheduleEvaluationContext) -> dg.RunReques
     return dg.RunRequest(run_key=f"today-{tick:%Y-%m-%dT%H%M}", partition_key=day.isoformat())
 
 
-@dg.schedule(
-    name="close_yesterday_metrics",
-    cron_schedule="0 2 * * *",
-    execution_timezone="UTC",
-    job=usage_daily_metrics_job,
-    default_status=dg.DefaultScheduleStatus.RUNNING,
-    description="At 02:00 UTC: recompute yesterday's day in full, now that it is over (the 30-minute "
+@utc_schedule_decorator(
+    usage_daily_metrics_job,
+    "0 2 * * *",
+    "At 02:00 UTC: recompute yesterday's day in full, now that it is over (the 30-minute "
     "refresh last ran before midnight).",
 )
 def close_yesterday_metrics(context: dg.ScheduleEvaluationContext) -> dg.RunRequest:
