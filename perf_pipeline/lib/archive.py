@@ -49,6 +49,7 @@ import pyarrow.parquet as pq
 from psycopg import sql
 
 from perf_pipeline.lib import pgcsv
+from perf_pipeline.lib.calendar import past_retention
 from perf_pipeline.lib.db import (
     Locks,
     advisory_unlock,
@@ -60,7 +61,8 @@ from perf_pipeline.lib.db import (
 )
 from perf_pipeline.lib.memory import release_free_memory
 from perf_pipeline.lib.partitioning import (
-    add_months,
+    MonthPartition,
+    add_months,  # noqa: F401 (re-exported)
     attach_partition,
     default_name,
     drop_bound_constraint,
@@ -70,6 +72,7 @@ from perf_pipeline.lib.partitioning import (
     partition_name,
     prepare_partition_table,
 )
+from perf_pipeline.lib.rollups import LOOKBACK_DAYS
 from perf_pipeline.lib.storage import ObjectInfo, StorageError, Store, describe_error, locate, open_store
 
 log = logging.getLogger(__name__)
@@ -82,7 +85,6 @@ DROP_LOCK_TIMEOUT_MS = 5000
 DETACH_LOCK_TIMEOUT_MS = 100
 #: exports per archive call whose verification may fail before it gives up (the month stays detached)
 VERIFY_ATTEMPTS = 3
-ROLLUP_HORIZON_DAYS = 90
 #: the setting archives are written under (named in storage errors)
 SETTING = "PERF_PIPELINE_ARCHIVE_DIR"
 #: the files check reads an object in full when it is new or changed (size, ETag), or was last read in full
@@ -793,7 +795,7 @@ def restore_partition(
                 raise ArchiveError(f"{name} is attached although the manifest says dropped; not touching it")
             with conn.transaction():
                 conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(sql.Identifier(name)))
-                prepare_partition_table(conn, table, month)
+                prepare_partition_table(conn, MonthPartition(table, month))
                 rows = _copy_file_into(conn, name, store, key)
             if rows != m.rows:
                 raise ArchiveError(f"{name}: loaded {rows} rows, manifest says {m.rows}")
@@ -819,8 +821,10 @@ def restore_partition(
             # ATTACH fail): they join the restored month in the same transaction
             if has_default:
                 late = c.execute(move, {"start": start, "end": end, "batch": 2**62}).fetchone()[0]
-            attach_partition(c, table, month)
-            drop_bound_constraint(c, table, month)  # the partition bound says the same; siblings have none
+            attach_partition(c, MonthPartition(table, month))
+            drop_bound_constraint(
+                c, MonthPartition(table, month)
+            )  # the partition bound says the same; siblings have none
             c.execute(
                 "UPDATE archive_manifest SET state = 'restored', restored_at = now(), updated_at = now() "
                 "WHERE table_name = %s AND month = %s",
@@ -852,7 +856,7 @@ def restore_partition(
 def archive_eligible(month: dt.date, today: dt.date, retention_months: int) -> bool:
     """A month is past retention when it ends on or before the first day of the oldest kept month:
     with retention 12 on 2026-11-27, months up to 2025-10 are archived and 2025-11 … 2026-11 stay."""
-    return month_start(month) < add_months(month_start(today), -retention_months)
+    return past_retention(month, today, retention_months)
 
 
 @dataclass(frozen=True)
@@ -878,8 +882,8 @@ def usage_retention_decision(
     if not archive_eligible(month, today, retention_months):
         return RetentionDecision(False, f"within retention ({retention_months} months)")
     _, end = month_bounds(month)
-    if end.date() > today - dt.timedelta(days=ROLLUP_HORIZON_DAYS):
-        return RetentionDecision(False, f"overlaps the rollups' {ROLLUP_HORIZON_DAYS}-day recompute window")
+    if end.date() > today - dt.timedelta(days=LOOKBACK_DAYS):
+        return RetentionDecision(False, f"overlaps the rollups' {LOOKBACK_DAYS}-day recompute window")
     name = partition_name("usage_log", month)
     if conn.execute("SELECT to_regclass(%s) IS NULL", (name,)).fetchone()[0]:
         return RetentionDecision(True, "past retention; no partition left")
