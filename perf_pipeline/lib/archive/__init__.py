@@ -50,6 +50,7 @@ from perf_pipeline.lib.archive.files import (
 from perf_pipeline.lib.archive.manifest import (
     UNFINISHED,
     ArchiveError,
+    Attachment,
     ManifestRow,
     State,
     list_manifest,
@@ -80,6 +81,7 @@ __all__ = [
     "ArchiveError",
     "ArchiveLocation",
     "ArchiveResult",
+    "Attachment",
     "FileFacts",
     "ManifestRow",
     "RestoreResult",

@@ -31,6 +31,15 @@ class State(enum.StrEnum):
     RESTORED = "restored"  # loaded back from the file and attached again
 
 
+class Attachment(enum.StrEnum):
+    """Where a month's table stands relative to its parent, from the catalog (:func:`attach_state`)."""
+
+    ATTACHED = "attached"
+    DETACH_PENDING = "detach_pending"  # an interrupted DETACH … CONCURRENTLY
+    STANDALONE = "standalone"
+    ABSENT = "absent"
+
+
 #: states of an archive that stopped half-way: the month's table is detached, its rows invisible to queries
 UNFINISHED: tuple[State, ...] = (State.DETACHED, State.EXPORTED, State.VERIFIED)
 
@@ -116,9 +125,9 @@ def set_state(conn: psycopg.Connection, part: MonthPartition, state: State, **va
         )
 
 
-def attach_state(conn: psycopg.Connection, table: str, name: str) -> str:
-    """``attached``, ``detach_pending`` (an interrupted DETACH CONCURRENTLY), ``standalone`` or ``absent``
-    (table ``name`` relative to parent ``table``). One catalog read."""
+def attach_state(conn: psycopg.Connection, table: str, name: str) -> Attachment:
+    """Whether table ``name`` is attached to parent ``table``, half-detached, standalone or absent. One
+    catalog read."""
     row = conn.execute(
         "SELECT i.inhdetachpending FROM pg_class c LEFT JOIN pg_inherits i "
         "ON i.inhrelid = c.oid AND i.inhparent = %s::regclass "
@@ -126,15 +135,15 @@ def attach_state(conn: psycopg.Connection, table: str, name: str) -> str:
         (table, name),
     ).fetchone()
     if row is None:
-        return "absent"
+        return Attachment.ABSENT
     if row[0] is None:
-        return "standalone"
-    return "detach_pending" if row[0] else "attached"
+        return Attachment.STANDALONE
+    return Attachment.DETACH_PENDING if row[0] else Attachment.ATTACHED
 
 
 def has_default(conn: psycopg.Connection, part: MonthPartition) -> bool:
     """Whether ``part``'s parent has its DEFAULT partition attached. One catalog read."""
-    return attach_state(conn, part.table, part.default) == "attached"
+    return attach_state(conn, part.table, part.default) == Attachment.ATTACHED
 
 
 def db_now(conn: psycopg.Connection) -> dt.datetime:

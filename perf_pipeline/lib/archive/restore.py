@@ -14,7 +14,14 @@ import pyarrow.parquet as pq
 from psycopg import sql
 
 from perf_pipeline.lib.archive.files import locate_file
-from perf_pipeline.lib.archive.manifest import ArchiveError, State, attach_state, has_default, manifest_row
+from perf_pipeline.lib.archive.manifest import (
+    ArchiveError,
+    Attachment,
+    State,
+    attach_state,
+    has_default,
+    manifest_row,
+)
 from perf_pipeline.lib.archive.run import detach
 from perf_pipeline.lib.db import advisory_unlock, load_query, retry, run_with_lock_retry, try_advisory_lock
 from perf_pipeline.lib.memory import release_free_memory
@@ -94,7 +101,7 @@ def restore_partition(
                 raise ArchiveError(
                     f"{name}: archive file {store.uri(key)} is missing or does not match its sha256"
                 )
-            if attached == "attached":
+            if attached == Attachment.ATTACHED:
                 raise ArchiveError(f"{name} is attached although the manifest says dropped; not touching it")
             with conn.transaction():
                 conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(sql.Identifier(name)))
@@ -104,9 +111,9 @@ def restore_partition(
                 raise ArchiveError(f"{name}: loaded {rows} rows, manifest says {m.rows}")
         else:
             rows = m.rows or 0
-            if attached == "absent":
+            if attached == Attachment.ABSENT:
                 raise ArchiveError(f"{name}: manifest state {m.state} but the table is gone")
-            if attached == "detach_pending":
+            if attached == Attachment.DETACH_PENDING:
                 detach(conn, part, lock_timeout_ms)
 
         move = sql.SQL(load_query("partition_move_default_batch")).format(

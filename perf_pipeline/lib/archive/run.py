@@ -21,6 +21,7 @@ from perf_pipeline.lib.archive.files import (
 from perf_pipeline.lib.archive.manifest import (
     UNFINISHED,
     ArchiveError,
+    Attachment,
     ManifestRow,
     State,
     attach_state,
@@ -78,7 +79,7 @@ def detach(conn: psycopg.Connection, part: MonthPartition, lock_timeout_ms: int)
     state = attach_state(conn, table, name)
     parent, child = sql.Identifier(table), sql.Identifier(name)
     mode = "none"
-    if state == "detach_pending":
+    if state == Attachment.DETACH_PENDING:
         mode = "finalize"
         run_with_lock_retry(
             conn,
@@ -87,7 +88,7 @@ def detach(conn: psycopg.Connection, part: MonthPartition, lock_timeout_ms: int)
             attempts=100,
             what=f"finalize detach {name}",
         )
-    elif state == "attached" and not has_default(conn, part):
+    elif state == Attachment.ATTACHED and not has_default(conn, part):
         mode = "concurrently"
         # CONCURRENTLY runs two transactions itself, so it cannot share one with the manifest update;
         # the re-run sees the catalog state (standalone / detach_pending) and finishes.
@@ -99,7 +100,7 @@ def detach(conn: psycopg.Connection, part: MonthPartition, lock_timeout_ms: int)
                 attempts=100,
                 what=f"detach {name} concurrently",
             )
-    elif state == "attached":
+    elif state == Attachment.ATTACHED:
 
         def work(c: psycopg.Connection) -> None:
             c.execute(sql.SQL("ALTER TABLE {} DETACH PARTITION {}").format(parent, child))
@@ -115,7 +116,7 @@ def detach(conn: psycopg.Connection, part: MonthPartition, lock_timeout_ms: int)
 def _require_standalone(conn: psycopg.Connection, part: MonthPartition, state: str) -> None:
     """Refuse to go on with a month whose detached table was attached to its parent again (by hand or by an
     older ``move_default_rows``): rows written since then are in it and not in the file."""
-    if attach_state(conn, part.table, part.name) == "attached":
+    if attach_state(conn, part.table, part.name) == Attachment.ATTACHED:
         raise ArchiveError(
             f"{part.name} is attached to {part.table} again although its archive stopped at {state}: not "
             f"exporting or dropping it (rows written since are not in the file). It is live data again: run "
@@ -137,10 +138,10 @@ def _drop(conn: psycopg.Connection, part: MonthPartition, m: ManifestRow, lock_t
 
     def work(c: psycopg.Connection) -> None:
         state = attach_state(c, table, name)
-        if state != "absent":
+        if state != Attachment.ABSENT:
             c.execute(sql.SQL("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE").format(ident))
             state = attach_state(c, table, name)
-            if state != "standalone":
+            if state != Attachment.STANDALONE:
                 raise ArchiveError(
                     f"{name} is {state.replace('_', ' ')} to {table} although its archive was verified: not "
                     f"dropping it; run perf-pipeline archive restore {month:%Y-%m} --table {table}, then archive "
@@ -223,7 +224,7 @@ def archive_partition(
             if state in UNFINISHED:
                 _require_standalone(conn, part, state)
             if state in (None, State.RESTORED):
-                if attach_state(conn, table, name) == "absent":
+                if attach_state(conn, table, name) == Attachment.ABSENT:
                     return result
                 step = "detach"
                 result.detach_mode = detach(conn, part, lock_timeout_ms)
