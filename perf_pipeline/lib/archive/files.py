@@ -46,6 +46,8 @@ ArchiveLocation = Store | str | os.PathLike[str]
 
 @dataclass(frozen=True)
 class Column:
+    """A column of the archived table: its name, PostgreSQL type and the Arrow type it is written as."""
+
     name: str
     pg_type: str
     arrow: pa.DataType
@@ -78,6 +80,7 @@ def table_columns(conn: psycopg.Connection, table: str) -> list[Column]:
 
 
 def arrow_schema(columns: list[Column]) -> pa.Schema:
+    """The Parquet file's schema for these columns, in order."""
     return pa.schema([pa.field(c.name, c.arrow) for c in columns])
 
 
