@@ -1,4 +1,6 @@
-"""A concurrent client running the user story's three audit lookups, for "p95 before vs during" figures."""
+"""A concurrent client running the audit views' three lookups (a user's latest 100 events, one entity's
+history, the high and critical events of the last 24 h), for "p95 before vs during" figures of a scenario
+that loads the database."""
 
 from __future__ import annotations
 

@@ -644,9 +644,9 @@ def test_drop_refuses_a_reattached_or_changed_table(seeded: str, archive_dir: Pa
         with pytest.raises(_Crash):
             a.archive_partition(conn, "audit_log", month, archive_dir, hook=_crash_after("verify"))
         with conn.transaction():
-            from perf_pipeline.lib.partitioning import attach_partition
+            from perf_pipeline.lib.partitioning import MonthPartition, attach_partition
 
-            attach_partition(conn, "audit_log", month)
+            attach_partition(conn, MonthPartition("audit_log", month))
         _late_row(conn, "2023-08-20 10:00Z", "written after the re-attach")
         with pytest.raises(a.ArchiveError, match="attached to audit_log again.*restore"):
             a.archive_partition(conn, "audit_log", month, archive_dir)

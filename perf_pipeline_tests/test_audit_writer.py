@@ -35,7 +35,7 @@ from perf_pipeline.audit import (
     uuid7_time_ms,
 )
 from perf_pipeline.lib.migrations import apply_migrations
-from perf_pipeline.settings import PROJECT_ROOT, Settings
+from perf_pipeline.settings import PROJECT_ROOT, Settings, SettingsError
 
 USER = "6f1c1a52-8f8e-4c59-9a55-0d3a7b0c2f11"
 DEAD_URL = "postgresql://postgres@127.0.0.1:1/nowhere"  # port 1: connection refused at once
@@ -624,6 +624,23 @@ def test_from_settings_uses_the_configured_database_and_spool(
         assert (scratch_dir / "spool" / ".lock").exists()
         assert writer.flush(10)
     assert _ids_in_delivery_order(clean) == [event_id]
+
+
+def test_from_settings_without_a_database_url_names_the_variable(scratch_dir: Path) -> None:
+    """The library never starts or looks for an embedded server: an unset URL is a clear error."""
+    settings = Settings.from_env({"PERF_PIPELINE_AUDIT_SPOOL_DIR": str(scratch_dir / "spool")})
+    with pytest.raises(SettingsError, match="PERF_PIPELINE_DATABASE_URL"):
+        AuditWriter.from_settings(settings)
+    assert not (scratch_dir / "spool").exists()  # nothing was created
+
+
+def test_the_package_imports_without_dagster_or_the_embedded_servers() -> None:
+    code = (
+        "import sys, perf_pipeline.audit\n"
+        "assert 'dagster' not in sys.modules, 'dagster'\n"
+        "assert 'perf_pipeline.embedded' not in sys.modules, 'perf_pipeline.embedded'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=PROJECT_ROOT, timeout=60)
 
 
 def test_two_writers_cannot_share_a_spool(db_url: str, scratch_dir: Path) -> None:

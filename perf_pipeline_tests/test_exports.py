@@ -731,7 +731,7 @@ def test_bad_rows_are_failed_and_the_sensor_launches_the_good_ones(
         assert req is not None and req["status"] == "failed", (fragment, req and req["status"])
         assert fragment in req["error"] and len(req["error"]) < 600, req["error"][:600]
         assert req["finished_at"] is not None and req["run_id"] is None
-    floor = ex.retention_floor("audit_log", today, 12)
+    floor = ex.retention_floor(today, 12)
     (error,) = db.execute("SELECT error FROM data_export WHERE id = %s", (min(bad),)).fetchone()
     assert f"between {floor} and {today + dt.timedelta(days=1)}" in error  # the accepted range, stated
 

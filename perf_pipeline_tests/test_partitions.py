@@ -248,7 +248,7 @@ def test_rows_an_older_move_left_unattached_are_put_back_then_moved(db: psycopg.
         _insert_audit(db, dt.datetime(2022, 2, 1, tzinfo=UTC) + dt.timedelta(hours=i), description=f"r{i}")
     before = db.execute("SELECT * FROM audit_log ORDER BY id").fetchall()
     with db.transaction():
-        p.prepare_partition_table(db, "audit_log", dt.date(2022, 2, 1))
+        p.prepare_partition_table(db, p.MonthPartition("audit_log", dt.date(2022, 2, 1)))
     start, end = p.month_bounds(dt.date(2022, 2, 1))
     with db.transaction():
         moved = db.execute(
@@ -286,7 +286,9 @@ def test_an_interrupted_move_left_every_row_visible_and_the_next_run_is_exact(db
         _insert_audit(db, dt.datetime(2022, 3, 2, tzinfo=UTC) + dt.timedelta(hours=i), description=f"c{i}")
     start, end = p.month_bounds(month)
     with db.transaction():
-        p.prepare_partition_table(db, "audit_log", month, relation="audit_log_y2022m03_moving")
+        p.prepare_partition_table(
+            db, p.MonthPartition("audit_log", month), relation="audit_log_y2022m03_moving"
+        )
     db.execute(
         sql.SQL(load_query("partition_move_precopy")).format(
             default=sql.Identifier("audit_log_default"),

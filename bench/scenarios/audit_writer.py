@@ -1,8 +1,9 @@
-"""AuditWriter: the seed's "100 audited operations" test side by side, delivery paths, sustained throughput.
+"""AuditWriter: 100 audited operations synchronous vs through the writer, delivery paths, sustained throughput.
 
-1. The seed's test (US010, ``test_audit_logging_performance``): 100 operations, each creating a session
-   (INSERT + COMMIT), audited (a) synchronously, one ``INSERT INTO audit_log`` + ``COMMIT`` per operation,
-   (b) through ``AuditWriter.log()``, (c) not at all (the floor). Milliseconds per 100 operations.
+1. What auditing costs a request path: 100 operations, each creating a session (INSERT + COMMIT), audited
+   (a) synchronously, one ``INSERT INTO audit_log`` + ``COMMIT`` per operation, (b) through
+   ``AuditWriter.log()``, (c) not at all (the floor). Milliseconds per 100 operations (target < 2 s), and
+   the time spent inside the audit call per operation (p50/p99 µs).
 2. Delivery paths alone, same rows: the plain ``COPY`` a batch's first send uses, the idempotent ``COPY`` →
    TEMP staging → ``INSERT … ON CONFLICT DO NOTHING`` every re-send uses, and a replay of batches already
    delivered (all skipped): rows/s.
@@ -23,7 +24,7 @@
 
 ``BENCH_SCALE=small``: 100k events and fewer rounds (5 kills per variant instead of 20); default: 1M
 events. The SIGKILL rounds take about 2.5 minutes at the default scale, 50 s small.
-``BENCH_AUDIT_PARTS``: a comma-separated subset of ``seed,delivery,sustained,kill`` (default: all).
+``BENCH_AUDIT_PARTS``: a comma-separated subset of ``ops,delivery,sustained,kill`` (default: all).
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ import psycopg
 from psycopg import sql
 
 from bench.harness import BenchContext, percentile, scenario
-from perf_pipeline.audit import COLUMNS, AuditWriter, deliver_batch, encode_fields, prepare_connection
+from perf_pipeline.audit import COLUMNS, AuditEvent, AuditWriter, deliver_batch, prepare_connection
 
 SMALL = os.environ.get("BENCH_SCALE", "").lower() == "small"
 EVENTS = 100_000 if SMALL else 1_000_000
@@ -53,7 +54,7 @@ ROUNDS = 5 if SMALL else 10
 PRODUCERS = 4
 ROOT = str(Path(__file__).resolve().parents[2])  # the checkout the child process imports from
 KILL_ROUNDS = 5 if SMALL else 20
-PARTS = {p.strip() for p in os.environ.get("BENCH_AUDIT_PARTS", "seed,delivery,sustained,kill").split(",")}
+PARTS = {p.strip() for p in os.environ.get("BENCH_AUDIT_PARTS", "ops,delivery,sustained,kill").split(",")}
 USER = "6f1c1a52-8f8e-4c59-9a55-0d3a7b0c2f11"
 
 
@@ -67,7 +68,7 @@ def _create_session(conn: psycopg.Connection, i: int) -> str:
     return str(row[0])
 
 
-def _seed_test(ctx: BenchContext, url: str) -> None:
+def _audited_operations(ctx: BenchContext, url: str) -> None:
     insert = sql.SQL("INSERT INTO audit_log ({}) VALUES ({})").format(
         sql.SQL(", ").join(map(sql.Identifier, COLUMNS[2:])), sql.SQL(", ").join(sql.Placeholder() * 9)
     )
@@ -115,7 +116,7 @@ def _seed_test(ctx: BenchContext, url: str) -> None:
     medians = {k: statistics.median(v) for k, v in results.items()}
     for variant, samples in results.items():
         ctx.row(
-            test="seed: 100 audited operations",
+            test="100 audited operations",
             variant=variant,
             rounds=len(samples),
             median_ms=statistics.median(samples),
@@ -125,7 +126,7 @@ def _seed_test(ctx: BenchContext, url: str) -> None:
             target="< 2000 ms",
         )
     ctx.ratio(
-        "seed: sync audit / AuditWriter (100 ops, median)",
+        "sync audit / AuditWriter (100 ops, median)",
         medians["sync INSERT+COMMIT"],
         medians["AuditWriter.log()"],
         target="> 1",
@@ -138,7 +139,7 @@ def _payload(n: int, offset: int) -> bytes:
     gen, lines = UUIDv7(), []
     for i in range(n):
         event_id = gen.next(time.time_ns())
-        rest = encode_fields(
+        rest = AuditEvent(
             "session.create",
             "session",
             str(offset + i),
@@ -147,7 +148,7 @@ def _payload(n: int, offset: int) -> bytes:
             USER,
             details={"i": i},
             ip="10.1.2.3",
-        )
+        ).encode()
         lines.append(f"{event_id}\t2026-03-01 12:00:00.{i % 1_000_000:06d}+00\t{rest}\n")
     return "".join(lines).encode()
 
@@ -435,12 +436,12 @@ def _kill_rounds(ctx: BenchContext, url: str, rate: int | None) -> None:
 
 @scenario(
     "audit_writer",
-    "AuditWriter: seed's 100 audited ops sync vs async, delivery paths, 4-thread throughput, SIGKILL loss",
+    "AuditWriter: 100 audited ops sync vs async, delivery paths, 4-thread throughput, SIGKILL loss",
 )
 def run(ctx: BenchContext) -> None:
     with ctx.database("bench_audit") as url:
-        if "seed" in PARTS:
-            _seed_test(ctx, url)
+        if "ops" in PARTS:
+            _audited_operations(ctx, url)
         if "delivery" in PARTS:
             _delivery_paths(ctx, url)
         # the third run shows what the GIL costs the flusher: with 4 busy producers each time it gets the

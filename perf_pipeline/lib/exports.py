@@ -61,8 +61,8 @@ import pyarrow.parquet as pq
 from psycopg import sql
 
 from perf_pipeline.lib import pgcsv
+from perf_pipeline.lib.calendar import day_start, retention_floor
 from perf_pipeline.lib.db import Locks, connect, load_query, try_advisory_lock
-from perf_pipeline.lib.partitioning import add_months, month_start
 from perf_pipeline.lib.storage import HashingSink, Store, open_store
 
 log = logging.getLogger(__name__)
@@ -221,15 +221,6 @@ ProgressCallback = Callable[[Progress], None]
 # ------------------------------------------------------------------------------------------ validation
 
 
-def retention_floor(kind: str, today: dt.date, retention_months: int) -> dt.date:
-    """First day still online: the first day of the month ``retention_months`` before ``today``'s month.
-
-    Older months may already be archived to files and dropped, so an export of them would be silently
-    incomplete; such requests are refused instead.
-    """
-    return add_months(month_start(today), -retention_months)
-
-
 #: the longest value shown in an error message (a request may hold megabytes of text)
 SHOWN_CHARS = 80
 
@@ -337,7 +328,8 @@ def validate_request(
             raise ExportRequestError(f"filter 'user_id' is not a UUID: {_show(user_id)}") from None
 
     months = retention_months[kind]
-    floor = retention_floor(kind, today, months)
+    # older months may already be archived and dropped: an export of them would be silently incomplete
+    floor = retention_floor(today, months)
     latest = today + dt.timedelta(days=1)
     accepted = (
         f"dates must be between {floor} and {latest} (UTC days: the oldest one {kind} keeps online, "
@@ -380,13 +372,12 @@ def validate_request(
             )
         severities = tuple(dict.fromkeys(values))
 
-    as_instant = lambda d: dt.datetime(d.year, d.month, d.day, tzinfo=UTC)  # noqa: E731
     return ExportPlan(
         request_id=request_id,
         kind=kind,
         format=fmt,
-        start=as_instant(start),
-        end=as_instant(end + dt.timedelta(days=1)),
+        start=day_start(start),
+        end=day_start(end + dt.timedelta(days=1)),
         user_id=user_id,
         entity_type=entity_type,
         severities=severities,

@@ -22,11 +22,19 @@ from dataclasses import dataclass, field
 import psycopg
 from psycopg import sql
 
-from perf_pipeline.lib.db import Locks, advisory_unlock, load_query, run_with_lock_retry, try_advisory_lock
+from perf_pipeline.lib.calendar import add_months, month_bounds, month_start
+from perf_pipeline.lib.calendar import months_between as months_between  # re-exported for older importers
+from perf_pipeline.lib.db import (
+    AdvisoryKey,
+    Locks,
+    advisory_unlock,
+    load_query,
+    run_with_lock_retry,
+    try_advisory_lock,
+)
 
 log = logging.getLogger(__name__)
 
-UTC = dt.UTC
 
 #: partitioned tables this project manages, and their partition key column
 PARTITIONED_TABLES: dict[str, str] = {"audit_log": "timestamp", "usage_log": "created_at"}
@@ -46,18 +54,6 @@ def _check_table(table: str) -> str:
     return table
 
 
-def month_start(value: dt.date | dt.datetime) -> dt.date:
-    """First day of the (UTC) month containing ``value``."""
-    if isinstance(value, dt.datetime):
-        value = value.astimezone(UTC).date() if value.tzinfo else value.date()
-    return value.replace(day=1)
-
-
-def add_months(month: dt.date, n: int) -> dt.date:
-    index = month.year * 12 + (month.month - 1) + n
-    return dt.date(index // 12, index % 12 + 1, 1)
-
-
 def month_of_key(key: str) -> dt.date:
     """Dagster monthly partition key (``2025-08-01``) or ``2025-08`` → first day of that month."""
     try:
@@ -71,8 +67,7 @@ def month_of_key(key: str) -> dt.date:
 
 def partition_name(table: str, month: dt.date) -> str:
     """``audit_log`` + 2025-08 → ``audit_log_y2025m08``."""
-    month = month_start(month)
-    return f"{_check_table(table)}_y{month.year:04d}m{month.month:02d}"
+    return MonthPartition(table, month).name
 
 
 def month_of_partition(name: str) -> dt.date | None:
@@ -81,25 +76,6 @@ def month_of_partition(name: str) -> dt.date | None:
     if not m:
         return None
     return dt.date(int(m["y"]), int(m["m"]), 1)
-
-
-def month_bounds(month: dt.date) -> tuple[dt.datetime, dt.datetime]:
-    """[start, end) of a month as UTC timestamps."""
-    start = month_start(month)
-    end = add_months(start, 1)
-    return (
-        dt.datetime(start.year, start.month, 1, tzinfo=UTC),
-        dt.datetime(end.year, end.month, 1, tzinfo=UTC),
-    )
-
-
-def months_between(first: dt.date, last: dt.date) -> list[dt.date]:
-    """Every month from ``first``'s to ``last``'s, inclusive."""
-    out, cur, last = [], month_start(first), month_start(last)
-    while cur <= last:
-        out.append(cur)
-        cur = add_months(cur, 1)
-    return out
 
 
 @dataclass(frozen=True)
@@ -149,9 +125,52 @@ def partition_key_column(table: str) -> str:
     return PARTITIONED_TABLES[_check_table(table)]
 
 
-def _attach(conn: psycopg.Connection, table: str, name: str, month: dt.date) -> bool:
-    """Create ``name`` standalone (if missing) and attach it for ``month``; False if already attached."""
-    start, end = month_bounds(month)
+@dataclass(frozen=True)
+class MonthPartition:
+    """One month of a partitioned table, named and bounded once: build it where a table and month enter
+    (a CLI argument, a Dagster key) and pass it down. ``month`` may be any day of the month (it is
+    normalised to the first); an unknown table raises :class:`PartitionError`. Pure value, no I/O."""
+
+    table: str
+    month: dt.date
+
+    def __post_init__(self) -> None:
+        _check_table(self.table)
+        object.__setattr__(self, "month", month_start(self.month))
+
+    @property
+    def name(self) -> str:
+        """The partition's table: ``audit_log_y2025m08``."""
+        return f"{self.table}_y{self.month.year:04d}m{self.month.month:02d}"
+
+    @property
+    def start(self) -> dt.datetime:
+        """First instant of the month (00:00Z of its first day), inclusive."""
+        return month_bounds(self.month)[0]
+
+    @property
+    def end(self) -> dt.datetime:
+        """First instant of the next month, exclusive."""
+        return month_bounds(self.month)[1]
+
+    @property
+    def key_column(self) -> str:
+        """The parent's partition key column (``timestamp`` / ``created_at``)."""
+        return PARTITIONED_TABLES[self.table]
+
+    @property
+    def default(self) -> str:
+        """The parent's DEFAULT partition (``audit_log_default``)."""
+        return f"{self.table}_default"
+
+    @property
+    def lock(self) -> AdvisoryKey:
+        """The month's advisory lock (:meth:`perf_pipeline.lib.db.Locks.month`)."""
+        return Locks.month(self.table, self.month)
+
+
+def _attach(conn: psycopg.Connection, part: MonthPartition) -> bool:
+    """Create ``part`` standalone (if missing) and attach it for its month; False if already attached."""
     attached = conn.execute(
         """
         SELECT pg_get_expr(c.relpartbound, c.oid) FROM pg_class c
@@ -159,7 +178,7 @@ def _attach(conn: psycopg.Connection, table: str, name: str, month: dt.date) -> 
         WHERE c.relname = %s AND c.relnamespace = current_schema()::regnamespace
           AND i.inhparent = %s::regclass
         """,
-        (name, table),
+        (part.name, part.table),
     ).fetchone()
     if attached is not None:
         return False
@@ -167,25 +186,27 @@ def _attach(conn: psycopg.Connection, table: str, name: str, month: dt.date) -> 
         sql.SQL(
             "CREATE TABLE IF NOT EXISTS {} (LIKE {} INCLUDING DEFAULTS INCLUDING CONSTRAINTS "
             "INCLUDING STORAGE INCLUDING COMMENTS)"
-        ).format(sql.Identifier(name), sql.Identifier(table))
+        ).format(sql.Identifier(part.name), sql.Identifier(part.table))
     )
     # ATTACH builds the parent's indexes on the (empty) child, so every index of the parent exists on it.
     conn.execute(
         sql.SQL("ALTER TABLE {} ATTACH PARTITION {} FOR VALUES FROM ({}) TO ({})").format(
-            sql.Identifier(table), sql.Identifier(name), sql.Literal(start), sql.Literal(end)
+            sql.Identifier(part.table),
+            sql.Identifier(part.name),
+            sql.Literal(part.start),
+            sql.Literal(part.end),
         )
     )
     return True
 
 
-def attach_partition(conn: psycopg.Connection, table: str, month: dt.date) -> bool:
-    """Create (if missing) and attach ``table``'s partition for ``month`` in the caller's transaction.
+def attach_partition(conn: psycopg.Connection, part: MonthPartition) -> bool:
+    """Create (if missing) and attach the partition ``part`` in the caller's transaction.
 
     For callers that must commit the attach together with their own bookkeeping (archive restore); set a
     ``lock_timeout`` first (:func:`run_with_lock_retry`). False if it was already attached.
     """
-    month = month_start(month)
-    return _attach(conn, table, partition_name(table, month), month)
+    return _attach(conn, part)
 
 
 def ensure_partition(
@@ -200,8 +221,8 @@ def ensure_partition(
     (archive_manifest state other than ``restored``): its detached table must not be attached back, nor a
     fresh one created that would shadow the archive (restore the month instead).
     """
-    month = month_start(month)
-    name = partition_name(table, month)
+    part = MonthPartition(table, month)
+    month, name = part.month, part.name
     state = archive_states(conn, table).get(month)
     if state is not None and name not in {p.name for p in list_partitions(conn, table)}:
         raise PartitionError(
@@ -210,7 +231,7 @@ def ensure_partition(
         )
     created = run_with_lock_retry(
         conn,
-        lambda c: _attach(c, table, name, month),
+        lambda c: _attach(c, part),
         lock_timeout_ms=lock_timeout_ms,
         attempts=attempts,
         what=f"create {name}",
@@ -282,28 +303,26 @@ def default_partition_summary(conn: psycopg.Connection, table: str) -> DefaultSu
 
 
 def prepare_partition_table(
-    conn: psycopg.Connection, table: str, month: dt.date, *, relation: str | None = None
+    conn: psycopg.Connection, part: MonthPartition, *, relation: str | None = None
 ) -> str:
-    """Create ``month``'s partition as a standalone table (if missing), ready to load and attach.
+    """Create the partition ``part`` as a standalone table (if missing), ready to load and attach.
 
     It gets every index of the parent and a CHECK constraint ``<partition>_bound`` equal to the month's
     bounds, so a later ATTACH does not have to scan it under lock (drop it after the attach:
     :func:`drop_bound_constraint`). ``relation``: another name for the table (a move's working copy,
     renamed at the switch). Locks only the new table. Caller's transaction. Returns the table's name.
     """
-    name = partition_name(table, month)
-    relation = relation or name
-    key = partition_key_column(table)
-    start, end = month_bounds(month)
+    relation = relation or part.name
+    key = part.key_column
     conn.execute(
         sql.SQL(
             "CREATE TABLE IF NOT EXISTS {} (LIKE {} INCLUDING DEFAULTS INCLUDING CONSTRAINTS INCLUDING STORAGE "
             "INCLUDING COMMENTS INCLUDING INDEXES)"
-        ).format(sql.Identifier(relation), sql.Identifier(table))
+        ).format(sql.Identifier(relation), sql.Identifier(part.table))
     )
     has_bound = conn.execute(
         "SELECT 1 FROM pg_constraint WHERE conrelid = %s::regclass AND conname = %s",
-        (sql.Identifier(relation).as_string(conn), f"{name}_bound"),
+        (sql.Identifier(relation).as_string(conn), f"{part.name}_bound"),
     ).fetchone()
     if not has_bound:
         conn.execute(
@@ -311,25 +330,24 @@ def prepare_partition_table(
                 "ALTER TABLE {} ADD CONSTRAINT {} CHECK ({} IS NOT NULL AND {} >= {} AND {} < {})"
             ).format(
                 sql.Identifier(relation),
-                sql.Identifier(f"{name}_bound"),
+                sql.Identifier(f"{part.name}_bound"),
                 sql.Identifier(key),
                 sql.Identifier(key),
-                sql.Literal(start),
+                sql.Literal(part.start),
                 sql.Identifier(key),
-                sql.Literal(end),
+                sql.Literal(part.end),
             )
         )
     return relation
 
 
-def drop_bound_constraint(conn: psycopg.Connection, table: str, month: dt.date) -> None:
+def drop_bound_constraint(conn: psycopg.Connection, part: MonthPartition) -> None:
     """Drop the ``<partition>_bound`` CHECK of :func:`prepare_partition_table` once the table is attached:
     its partition bound says the same, and its siblings have no such constraint. Catalog only (ACCESS
     EXCLUSIVE on the partition, which the caller's attach already holds). Caller's transaction."""
-    name = partition_name(table, month)
     conn.execute(
         sql.SQL("ALTER TABLE {} DROP CONSTRAINT IF EXISTS {}").format(
-            sql.Identifier(name), sql.Identifier(f"{name}_bound")
+            sql.Identifier(part.name), sql.Identifier(f"{part.name}_bound")
         )
     )
 
@@ -350,14 +368,10 @@ def _archive_reason(state: str) -> str:
     return "archived" if state == "dropped" else f"archive stopped at {state}"
 
 
-def _lock_month(conn: psycopg.Connection, table: str, month: dt.date, wait_ms: int) -> bool:
+def _lock_month(conn: psycopg.Connection, part: MonthPartition, wait_ms: int) -> bool:
     """The month's advisory lock (exclusive, session level), waiting up to ``wait_ms`` for a rollup (which
     holds it shared for seconds) or an archive/restore (minutes: then False)."""
-    return try_advisory_lock(conn, Locks.month(table, month), wait_s=max(1, wait_ms) / 1000)
-
-
-def _unlock_month(conn: psycopg.Connection, table: str, month: dt.date) -> None:
-    advisory_unlock(conn, Locks.month(table, month))
+    return try_advisory_lock(conn, part.lock, wait_s=max(1, wait_ms) / 1000)
 
 
 def _standalone_tables(conn: psycopg.Connection, table: str, pattern: str) -> list[str]:
@@ -481,12 +495,13 @@ def move_default_rows(
     for name in unattached_partitions(conn, table):
         month = month_of_partition(name)
         assert month is not None
-        if not _lock_month(conn, table, month, month_lock_wait_ms):
+        part = MonthPartition(table, month)
+        if not _lock_month(conn, part, month_lock_wait_ms):
             continue  # an archive or restore of that month is running: the next run returns them
         try:
             result.rows_returned += _return_parked_rows(conn, table, name)
         finally:
-            _unlock_month(conn, table, month)
+            advisory_unlock(conn, part.lock)
     skipped: dict[dt.date, str] = {}  # month → why its rows stay in DEFAULT
     summary = default_partition_summary(conn, table)
     archived = archive_states(conn, table)
@@ -494,7 +509,8 @@ def move_default_rows(
         if month in archived:
             skipped[month] = _archive_reason(archived[month])
             continue
-        if not _lock_month(conn, table, month, month_lock_wait_ms):
+        part = MonthPartition(table, month)
+        if not _lock_month(conn, part, month_lock_wait_ms):
             skipped[month] = "being archived or restored right now"
             continue
         try:
@@ -503,9 +519,9 @@ def move_default_rows(
             if state is not None:
                 skipped[month] = _archive_reason(state)
                 continue
-            _move_month(conn, table, month, batch_size, lock_timeout_ms, attempts, result)
+            _move_month(conn, part, batch_size, lock_timeout_ms, attempts, result)
         finally:
-            _unlock_month(conn, table, month)
+            advisory_unlock(conn, part.lock)
     if skipped:
         months = ", ".join(f"{m:%Y-%m} ({why})" for m, why in sorted(skipped.items()))
         raise PartitionError(
@@ -536,25 +552,24 @@ def _return_parked_rows(conn: psycopg.Connection, table: str, name: str) -> int:
 
 def _move_month(
     conn: psycopg.Connection,
-    table: str,
-    month: dt.date,
+    part: MonthPartition,
     batch_size: int,
     lock_timeout_ms: int,
     attempts: int,
     result: MoveResult,
 ) -> None:
-    """Pre-copy ``month``'s DEFAULT rows into its working copy, then switch (see :func:`move_default_rows`)."""
-    name = partition_name(table, month)
+    """Pre-copy the month's DEFAULT rows into its working copy, then switch (see :func:`move_default_rows`)."""
+    table, month, name = part.table, part.month, part.name
     copy = f"{name}_moving"
-    start, end = month_bounds(month)
-    default = default_name(table)
+    start, end = part.start, part.end
+    default = part.default
     idents = {
         "default": sql.Identifier(default),
         "scratch": sql.Identifier(copy),
-        "key": sql.Identifier(partition_key_column(table)),
+        "key": sql.Identifier(part.key_column),
     }
     with conn.transaction():
-        prepare_partition_table(conn, table, month, relation=copy)
+        prepare_partition_table(conn, part, relation=copy)
     blocks, rows = conn.execute(
         "SELECT greatest(pg_relation_size(%s::regclass) / current_setting('block_size')::int, 1), "
         "greatest(reltuples::bigint, 1) FROM pg_class WHERE oid = %s::regclass",
@@ -606,7 +621,7 @@ def _move_month(
                 sql.Identifier(table), sql.Identifier(name), sql.Literal(start), sql.Literal(end)
             )
         )
-        drop_bound_constraint(c, table, month)
+        drop_bound_constraint(c, part)
         done = time.perf_counter()
         result.switch_ms = max(result.switch_ms, (done - t0) * 1000)
         result.exclusive_ms = max(result.exclusive_ms, (done - t1) * 1000)

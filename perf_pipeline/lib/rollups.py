@@ -36,12 +36,9 @@ from typing import Any
 import psycopg
 from psycopg.rows import dict_row
 
+from perf_pipeline.lib.calendar import day_start, month_start, months_between
 from perf_pipeline.lib.db import Locks, advisory_lock, advisory_unlock, load_query, try_advisory_lock
-from perf_pipeline.lib.partitioning import (
-    archive_states,
-    month_start,
-    months_between,
-)
+from perf_pipeline.lib.partitioning import archive_states
 
 UTC = dt.UTC
 
@@ -55,11 +52,6 @@ LOOKBACK_DAYS = 90
 
 class RollupError(ValueError):
     """Bad window or granularity; the message says which."""
-
-
-def day_start(day: dt.date) -> dt.datetime:
-    """00:00Z of a UTC day."""
-    return dt.datetime(day.year, day.month, day.day, tzinfo=UTC)
 
 
 def utc_today(now: dt.datetime | None = None) -> dt.date:

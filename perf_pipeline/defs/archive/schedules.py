@@ -1,7 +1,7 @@
 """Monthly, early morning: archive the audit month that just left retention, and apply usage retention;
 every tick also finishes any month whose archive stopped half-way. Weekly: the archive files checks alone,
 which re-hash every archived object not read in full for 6 days (the monthly runs' checks read only new
-or changed objects)."""
+or changed objects). The two monthly job + schedule pairs come from one factory, :func:`_monthly`."""
 
 import datetime as dt
 from collections.abc import Iterator
@@ -15,20 +15,12 @@ from perf_pipeline.defs.archive.checks import (
 )
 from perf_pipeline.defs.resources import PostgresResource
 from perf_pipeline.defs.time_partitions import AUDIT_ARCHIVE_MONTHS, USAGE_RETENTION_MONTHS
-from perf_pipeline.lib.archive import list_manifest
-from perf_pipeline.lib.partitioning import add_months
+from perf_pipeline.lib.archive import UNFINISHED, list_manifest
+from perf_pipeline.lib.calendar import add_months
 
 #: the newest eligible month plus this many before it: a missed or failed month is retried next time
 CATCH_UP_MONTHS = 2
-#: manifest states of an archive that stopped half-way (its table is detached: rows invisible)
-UNFINISHED = ("detached", "exported", "verified")
 
-audit_log_archive_job = dg.define_asset_job(
-    "audit_log_archive_job",
-    selection=dg.AssetSelection.assets(audit_log_archive),
-    partitions_def=AUDIT_ARCHIVE_MONTHS,
-    description="Archive one audit month (detach → Parquet → verify → drop).",
-)
 archive_files_check_job = dg.define_asset_job(
     "archive_files_check_job",
     selection=dg.AssetSelection.checks(
@@ -36,12 +28,6 @@ archive_files_check_job = dg.define_asset_job(
     ),
     description="The archive files checks alone (no archive): every archived object looked up (size, ETag) "
     "and those new, changed or not read in full for 6 days read back and re-hashed.",
-)
-usage_log_retention_job = dg.define_asset_job(
-    "usage_log_retention_job",
-    selection=dg.AssetSelection.assets(usage_log_retention),
-    partitions_def=USAGE_RETENTION_MONTHS,
-    description="Archive and drop one usage month past retention.",
 )
 
 
@@ -78,34 +64,67 @@ def _requests(
         yield dg.RunRequest(run_key=f"{month}@{day.isoformat()}", partition_key=month)
 
 
-@dg.schedule(
-    job=audit_log_archive_job,
-    cron_schedule="30 3 2 * *",
-    execution_timezone="UTC",
-    default_status=dg.DefaultScheduleStatus.RUNNING,
-    description="Monthly on the 2nd at 03:30 UTC (quiet hours): archive the audit month that just passed "
-    "PERF_PIPELINE_AUDIT_RETENTION_MONTHS, retry the two before it, and finish every month whose archive "
-    "stopped half-way (manifest state detached / exported / verified).",
-)
-def archive_audit_log_monthly(
-    context: dg.ScheduleEvaluationContext, postgres: PostgresResource
-) -> Iterator[dg.RunRequest]:
-    yield from _requests(context, postgres, "audit_log", AUDIT_ARCHIVE_MONTHS)
+def _monthly(
+    *,
+    table: str,
+    asset: dg.AssetsDefinition,
+    partitions: dg.MonthlyPartitionsDefinition,
+    job_name: str,
+    job_description: str,
+    schedule_name: str,
+    cron: str,
+    schedule_description: str,
+) -> tuple[object, dg.ScheduleDefinition]:
+    """``asset``'s job (one month per run) and its monthly schedule, which requests the newest month past
+    retention, the :data:`CATCH_UP_MONTHS` before it, and every month of ``table`` whose archive stopped
+    half-way (one manifest read per tick)."""
+    job = dg.define_asset_job(
+        job_name,
+        selection=dg.AssetSelection.assets(asset),
+        partitions_def=partitions,
+        description=job_description,
+    )
+
+    @dg.schedule(
+        name=schedule_name,
+        job=job,
+        cron_schedule=cron,
+        execution_timezone="UTC",
+        default_status=dg.DefaultScheduleStatus.RUNNING,
+        description=schedule_description,
+    )
+    def _schedule(
+        context: dg.ScheduleEvaluationContext, postgres: PostgresResource
+    ) -> Iterator[dg.RunRequest]:
+        yield from _requests(context, postgres, table, partitions)
+
+    return job, _schedule
 
 
-@dg.schedule(
-    job=usage_log_retention_job,
-    cron_schedule="45 3 2 * *",
-    execution_timezone="UTC",
-    default_status=dg.DefaultScheduleStatus.RUNNING,
-    description="Monthly on the 2nd at 03:45 UTC (after the audit archive): archive and drop the usage month that "
-    "passed PERF_PIPELINE_USAGE_RETENTION_MONTHS, unless the rollups may still recompute it; retry the two "
-    "before it and finish every usage month whose archive stopped half-way.",
+audit_log_archive_job, archive_audit_log_monthly = _monthly(
+    table="audit_log",
+    asset=audit_log_archive,
+    partitions=AUDIT_ARCHIVE_MONTHS,
+    job_name="audit_log_archive_job",
+    job_description="Archive one audit month (detach → Parquet → verify → drop).",
+    schedule_name="archive_audit_log_monthly",
+    cron="30 3 2 * *",
+    schedule_description="Monthly on the 2nd at 03:30 UTC (quiet hours): archive the audit month that just "
+    "passed PERF_PIPELINE_AUDIT_RETENTION_MONTHS, retry the two before it, and finish every month whose "
+    "archive stopped half-way (manifest state detached / exported / verified).",
 )
-def usage_log_retention_monthly(
-    context: dg.ScheduleEvaluationContext, postgres: PostgresResource
-) -> Iterator[dg.RunRequest]:
-    yield from _requests(context, postgres, "usage_log", USAGE_RETENTION_MONTHS)
+usage_log_retention_job, usage_log_retention_monthly = _monthly(
+    table="usage_log",
+    asset=usage_log_retention,
+    partitions=USAGE_RETENTION_MONTHS,
+    job_name="usage_log_retention_job",
+    job_description="Archive and drop one usage month past retention.",
+    schedule_name="usage_log_retention_monthly",
+    cron="45 3 2 * *",
+    schedule_description="Monthly on the 2nd at 03:45 UTC (after the audit archive): archive and drop the usage "
+    "month that passed PERF_PIPELINE_USAGE_RETENTION_MONTHS, unless the rollups may still recompute it; retry "
+    "the two before it and finish every usage month whose archive stopped half-way.",
+)
 
 
 @dg.schedule(

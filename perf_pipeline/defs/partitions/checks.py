@@ -13,8 +13,8 @@ import dagster as dg
 
 from perf_pipeline.defs.partitions.assets import audit_log_partitions, usage_log_partitions
 from perf_pipeline.defs.resources import PostgresResource
+from perf_pipeline.lib.calendar import add_months
 from perf_pipeline.lib.partitioning import (
-    add_months,
     default_name,
     default_partition_summary,
     existing_months,

@@ -1,93 +1,9 @@
-"""The platform-side audit writer: ``log()`` in microseconds, batched ``COPY`` in background threads.
+"""AuditWriter: validates and queues events on the caller's thread, spools and delivers them in the background.
 
-The platform calls :meth:`AuditWriter.log` on the request path. It validates the event against
-``audit_log``'s constraints (so a bad event fails *there*, with a clear :class:`AuditEventError`, never
-later in the background), gives it a client-side UUIDv7 id and its timestamp, renders it as one line of
-``COPY`` text and appends it to an in-memory queue. No I/O, no database round trip: a few microseconds.
-
-A daemon thread (the flusher) delivers the queue in batches (``batch_size`` events, or every
-``flush_interval_ms``), each batch in its own short transaction; between batches no transaction is open.
-With a spool, a second daemon thread (the spooler) moves the queue to the spool and the flusher only sends
-what the spooler wrote (below). Nothing is created in the schema (no tables, no partitions): a batch lands
-in whichever ``audit_log`` partition covers its timestamps, or in ``audit_log_default``.
-
-Delivery is idempotent. The id and timestamp are fixed at ``log()`` time, so the primary key
-``(id, "timestamp")`` of an event is the same on every attempt. The first attempt of a batch (its ids
-are fresh: nothing can hold them yet) is a plain ``COPY`` into audit_log. Every *re-send* — after any
-failed attempt, whose ``COMMIT`` may or may not have happened, and every segment replayed from a previous
-process's spool — is ``COPY``-ed into a session-private ``TEMP`` staging table (created once per
-connection, ``ON COMMIT DELETE ROWS``) and moved with ``INSERT … SELECT … ON CONFLICT DO NOTHING``: a
-batch whose commit succeeded but whose acknowledgement never arrived (connection lost at ``COMMIT``,
-process killed after ``COMMIT``) writes nothing twice. Rows skipped that way are counted as
-``duplicates_skipped``.
-
-Spool (``spool_dir``, recommended): an append-only local folder of segment files, each the ``COPY`` text
-of at most ``batch_size`` events, named by a sequence number. The spooler thread wakes every
-``flush_interval_ms`` (at once when ``batch_size`` events are queued, or on :meth:`flush`/:meth:`close`)
-and writes what is queued to new segments — taken under the writer's lock with their sequence numbers
-(a list swap), written outside it, so ``log()`` never waits for a file write on this path. It never
-waits for the database. The flusher sends the segments in sequence order (write-ahead: a segment exists
-before its batch is sent) and deletes each only after ``COMMIT`` returned. So:
-
-* database slow, locked or unreachable → the queue still goes to disk every interval; segments wait there
-  (memory stays bounded) and are delivered **in order** (by sequence number) once it answers, with
-  backoff retries (50 ms doubling to 5 s);
-* process killed → the next ``AuditWriter`` on the same folder replays the segments first, in order,
-  through the idempotent path;
-* fsync policy: segments are written with one ``write()`` and renamed into place, not fsynced by default
-  (``spool_fsync=False``): they survive a process crash or SIGKILL (the kernel holds the data), not a
-  power loss. ``spool_fsync=True`` fsyncs each segment and the folder (~1–10 ms per segment, on the
-  spooler thread, never on ``log()``'s normal path).
-* an exclusive ``flock`` on ``<spool_dir>/.lock`` keeps two live writers from sharing one folder.
-* spool disk full (a segment write fails): the batch stays in memory and is delivered from there if the
-  database is up; no further batch is taken until its segment is written (retried every pass) or it is
-  delivered, so memory holds one such batch plus the bounded queue (plus, if the failing write was a
-  late spill's, below, what that spill took: at most one queue's worth); ``spool_write_failures`` counts
-  the failures.
-
-What a SIGKILL can lose — with a spool: only what is still queued in memory, i.e. events accepted by
-``log()`` in about the last ``flush_interval_ms`` (plus the spooler's write in progress), **whatever the
-load and whatever the database does**: the spooler drains the queue every interval, and if it is ever late
-(starved of the GIL by busy producers, a slow disk) the producer that finds a queued event older than
-``flush_interval_ms + max(flush_interval_ms, 50 ms)`` takes the whole queue (a list swap under the lock)
-and writes it to segments itself after releasing the lock (~1 ms per ``batch_size`` events in that one
-``log()`` call; counted in ``spilled``). Measured (``python -m bench audit_writer``, SIGKILL rows: a
-child with 4 producer threads, saturating or paced at 50k/s, killed after a random 1–3 s; 120 kills over
-3 runs at 30–42k events/s on a shared 2-core machine; the default 50 ms interval): the oldest event lost
-was 30–44 ms old at the kill at the median, **76 ms at most** (≤ 3.8k events), 0 duplicates; before the
-spooler thread, 0.1–0.56 s at the median and up to 1.5 s (≤ 55k events). Without a spool: everything in
-memory (the queue, up to ``max_queue`` events, and the batch in flight). Call :meth:`flush` after an event
-that must not be lost, before answering the request.
-
-``close()`` while a delivery is stuck (lock wait, slow server, half-open TCP; the connection uses TCP
-keepalives and ``tcp_user_timeout`` so a dead peer is noticed in about 30 s): the spooler's last pass has
-written the queue to the spool, and the closing thread saves whatever is left (without a spool: counts it as
-dropped, logged at ERROR), so nothing accepted lives only in the memory of a thread that dies at
-interpreter exit.
-
-Full queue (``max_queue`` events or ``max_queue_bytes`` bytes in memory: without a spool, the flusher is
-stuck in a slow connect or ``COPY``; with one, the spooler cannot write fast enough or at all):
-
-* with a spool: **spill** — the producer that finds the queue full writes the oldest ``batch_size``
-  queued events to a new spool segment (one file write, ~1 ms, under the writer's lock) and goes on;
-  order is kept because sequence numbers are taken under that lock (if that write fails, it falls back
-  to blocking, below);
-* without a spool: **block** up to ``put_timeout`` seconds for room, then raise :class:`AuditQueueFull`;
-  the event is counted in ``dropped``. In async code pass ``put_timeout=0`` so ``log()`` never blocks
-  the event loop.
-
-Processes: create the writer in the process that logs (after a fork, e.g. in each gunicorn worker); a
-forked child inherits no flusher or spooler thread. Each process needs its own ``spool_dir``.
-
-Async code: ``log()`` is safe to call directly from a coroutine (no I/O, no await needed);
-:meth:`aflush` and :meth:`aclose` run the blocking waits in a worker thread.
-
-Events whose row the database still refuses (a constraint stricter than the validation here) are retried
-one by one so the rest of their batch goes in; the refused lines are appended to
-``<spool_dir>/rejected.copy`` (or logged at ERROR without a spool) and counted in ``rejected``.
-
-Metrics: :meth:`AuditWriter.metrics` per writer, and the module-level :func:`metrics` summing every live
-writer of the process (for the health report).
+The design (queue, spooler and flusher threads, spill, what a SIGKILL can lose, close(), the full-queue
+policies) is described in the package docstring (:mod:`perf_pipeline.audit`). Encoding is in
+:mod:`~perf_pipeline.audit.events`, the spool folder in :mod:`~perf_pipeline.audit.spool`, sending a batch
+in :mod:`~perf_pipeline.audit.delivery`, the counters in :mod:`~perf_pipeline.audit.counters`.
 """
 
 from __future__ import annotations
@@ -95,14 +11,9 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
-import fcntl
-import functools
-import ipaddress
 import json
 import logging
 import os
-import random
-import re
 import socket
 import threading
 import time
@@ -116,271 +27,15 @@ from typing import Any
 import psycopg
 from psycopg import errors
 
+from perf_pipeline.audit.counters import Counters, combine
+from perf_pipeline.audit.delivery import deliver_batch, deliver_one_by_one, prepare_connection
+from perf_pipeline.audit.errors import AuditQueueFull, AuditWriterClosed
+from perf_pipeline.audit.events import LINE_PREFIX_BYTES, AuditEvent, UUIDv7
+from perf_pipeline.audit.spool import Spool
 from perf_pipeline.lib.db import connect
-from perf_pipeline.lib.stats import percentile
-from perf_pipeline.settings import Settings, get_settings
+from perf_pipeline.settings import Settings, SettingsError, get_settings
 
 log = logging.getLogger(__name__)
-
-#: the column order of every COPY line (and of spool segments)
-COLUMNS: tuple[str, ...] = (
-    "id",
-    "timestamp",
-    "user_id",
-    "entity_type",
-    "entity_id",
-    "event_type",
-    "operation",
-    "severity",
-    "description",
-    "details",
-    "ip",
-)
-SEVERITIES: frozenset[str] = frozenset({"low", "medium", "high", "critical"})
-# (field, min chars, max chars) — mirrors the CHECK constraints of audit_log in 0001_core_schema.sql
-LIMITS: dict[str, tuple[int, int]] = {
-    "event_type": (1, 64),
-    "operation": (1, 32),
-    "entity_type": (0, 64),
-    "entity_id": (0, 128),
-    "description": (0, 2000),
-}
-MAX_DETAILS_BYTES = 1 << 20  # UTF-8 bytes of the JSON; a larger audit payload is a caller's bug, not an event
-# bytes of a queued line before its encoded fields: "<uuid 36>\t<YYYY-MM-DD HH:MM:SS.ffffff+00>\t"
-_LINE_PREFIX_BYTES = 36 + 1 + 29 + 1
-
-_COLS_SQL = ", ".join(f'"{c}"' for c in COLUMNS)
-_STAGING = "audit_log_staging"
-_CREATE_STAGING = f"CREATE TEMP TABLE IF NOT EXISTS {_STAGING} (LIKE audit_log) ON COMMIT DELETE ROWS"
-_COPY_STAGING = f"COPY {_STAGING} ({_COLS_SQL}) FROM STDIN"
-_COPY_DIRECT = f"COPY audit_log ({_COLS_SQL}) FROM STDIN"
-_MOVE_STAGING = (
-    f"INSERT INTO audit_log ({_COLS_SQL}) SELECT {_COLS_SQL} FROM {_STAGING} ON CONFLICT DO NOTHING"
-)
-
-_NEEDS_ESCAPE = re.compile(r"[\\\t\n\r]")
-_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
-_JSON_NUL = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
-_SEGMENT = re.compile(r"^(\d{16})\.copy$")
-_CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
-# one encoder object: json.dumps() with options builds a new JSONEncoder per call (~1 µs more)
-_JSON = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"))
-
-
-class AuditError(Exception):
-    """Base class of the audit writer's errors."""
-
-
-class AuditEventError(AuditError, ValueError):
-    """The event cannot be stored in audit_log (the message names the field); raised by ``log()``."""
-
-
-class AuditQueueFull(AuditError):
-    """No spool and the queue stayed full for ``put_timeout`` seconds; the event was not accepted."""
-
-
-class AuditWriterClosed(AuditError):
-    """``log()`` after ``close()``."""
-
-
-# ------------------------------------------------------------------------------------------- encoding
-
-
-class UUIDv7:
-    """Monotonic UUIDv7 ids (RFC 9562 §5.7; method 1 of §6.2: a 12-bit counter in ``rand_a``).
-
-    48-bit Unix milliseconds, version 7, a counter seeded randomly in [0, 2048) every new millisecond and
-    incremented within it (when it would pass 4095, the millisecond is advanced by one, as §6.2 allows),
-    variant ``10``, then 62 random bits. Ids from one generator therefore sort in generation order, even
-    when the clock steps back. Not thread-safe by itself: the writer calls it under its lock.
-    """
-
-    def __init__(self) -> None:
-        self._rng = random.Random(os.urandom(32))
-        self._ms = -1
-        self._counter = 0
-
-    def next(self, now_ns: int) -> str:
-        ms = now_ns // 1_000_000
-        if ms > self._ms:
-            self._ms, self._counter = ms, self._rng.getrandbits(11)
-        else:
-            self._counter += 1
-            if self._counter > 0xFFF:
-                self._ms, self._counter = self._ms + 1, self._rng.getrandbits(11)
-        value = (
-            (self._ms << 80) | (0x7 << 76) | (self._counter << 64) | (0b10 << 62) | self._rng.getrandbits(62)
-        )
-        h = f"{value:032x}"
-        return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
-
-
-def uuid7_time_ms(value: str | uuid.UUID) -> int:
-    """The Unix millisecond timestamp inside a UUIDv7."""
-    return uuid.UUID(str(value)).int >> 80
-
-
-def _text(name: str, value: object, *, required: bool) -> str:
-    """Validate one text field and return it escaped for COPY text format (``\\N`` for NULL)."""
-    if value is None:
-        if required:
-            raise AuditEventError(f"{name} is required")
-        return "\\N"
-    if not isinstance(value, str):
-        if isinstance(value, (int, uuid.UUID)) and not isinstance(value, bool) and name == "entity_id":
-            value = str(value)
-        else:
-            raise AuditEventError(f"{name} must be a string, got {type(value).__name__}")
-    lo, hi = LIMITS[name]
-    if not lo <= len(value) <= hi:
-        raise AuditEventError(f"{name} must be {lo}–{hi} characters, got {len(value)}")
-    if "\x00" in value:
-        raise AuditEventError(f"{name} contains a NUL character (PostgreSQL text cannot store it)")
-    return value.translate(_ESCAPES) if _NEEDS_ESCAPE.search(value) else value
-
-
-def _user_id(value: object) -> str:
-    if value is None:
-        return "\\N"
-    if isinstance(value, uuid.UUID):
-        return str(value)
-    if isinstance(value, str):
-        if _CANONICAL_UUID.fullmatch(value):  # the common case, ~0.2 µs instead of ~1.5 µs for uuid.UUID()
-            return value
-        try:
-            return str(uuid.UUID(value))
-        except ValueError:
-            pass
-    raise AuditEventError(f"user_id must be a UUID, got {value!r:.80}")
-
-
-def _details(value: object) -> str:
-    if value is None:
-        return "\\N"
-    try:
-        text = _JSON.encode(value)
-    except RecursionError:
-        # the encoder recurses once per level: nesting deeper than the interpreter's recursion limit
-        # (~1000 levels, fewer when log() is itself called deep in a stack) cannot be encoded
-        raise AuditEventError(
-            "details is nested too deeply to encode as JSON (keep it to a few levels of lists/objects)"
-        ) from None
-    except (TypeError, ValueError) as exc:
-        raise AuditEventError(f"details must be JSON-serializable (no NaN/Infinity): {exc}") from None
-    if len(text) * 4 > MAX_DETAILS_BYTES:  # a UTF-8 character is ≤ 4 bytes: only a large text can be over
-        size = len(text.encode("utf-8", "surrogatepass"))  # ~0.1 ms per MB, paid by large payloads only
-        if size > MAX_DETAILS_BYTES:
-            raise AuditEventError(
-                f"details is {size} bytes as UTF-8 JSON; the limit is {MAX_DETAILS_BYTES} bytes"
-            )
-    if "\\u0000" in text and _JSON_NUL.search(text):
-        raise AuditEventError("details contains a NUL character (\\u0000), which jsonb cannot store")
-    return text.translate(_ESCAPES) if _NEEDS_ESCAPE.search(text) else text
-
-
-def _ip(value: object) -> str:
-    if value is None:
-        return "\\N"
-    if isinstance(
-        value,
-        (ipaddress.IPv4Address, ipaddress.IPv6Address, ipaddress.IPv4Interface, ipaddress.IPv6Interface),
-    ):
-        return str(value)
-    if isinstance(value, str):
-        normalized = _parse_ip(value)
-        if normalized is not None:
-            return normalized
-    raise AuditEventError(f"ip must be an IPv4/IPv6 address (optionally /prefix), got {value!r:.80}")
-
-
-@functools.lru_cache(maxsize=8192)  # client addresses repeat; parsing one costs ~2 µs, a cache hit ~0.1 µs
-def _parse_ip(value: str) -> str | None:
-    if "%" in value:  # PostgreSQL's inet has no IPv6 zone ids
-        return None
-    try:
-        return str(ipaddress.ip_interface(value) if "/" in value else ipaddress.ip_address(value))
-    except ValueError:
-        return None
-
-
-def encode_fields(
-    event_type: str,
-    entity_type: str | None,
-    entity_id: str | None,
-    operation: str,
-    description: str | None,
-    user_id: str | uuid.UUID | None = None,
-    severity: str = "low",
-    details: Any = None,
-    ip: str | None = None,
-) -> str:
-    """Validate an event and render every column after ``id`` and ``timestamp`` as COPY text.
-
-    Costs a few µs (most of it ``json.dumps`` of ``details``). Raises :class:`AuditEventError`.
-    """
-    if severity not in SEVERITIES:
-        raise AuditEventError(f"severity must be one of {sorted(SEVERITIES)}, got {severity!r:.80}")
-    return "\t".join(
-        (
-            _user_id(user_id),
-            _text("entity_type", entity_type, required=False),
-            _text("entity_id", entity_id, required=False),
-            _text("event_type", event_type, required=True),
-            _text("operation", operation, required=True),
-            severity,
-            _text("description", description, required=False),
-            _details(details),
-            _ip(ip),
-        )
-    )
-
-
-# ---------------------------------------------------------------------------------------------- delivery
-
-
-def prepare_connection(conn: psycopg.Connection) -> None:
-    """Create this session's TEMP staging table (once per connection; session-private, no locks on
-    audit_log; dropped by PostgreSQL when the session ends)."""
-    conn.execute(_CREATE_STAGING)
-
-
-def deliver_batch(conn: psycopg.Connection, payload: bytes, *, idempotent: bool = True) -> int:
-    """Write one batch of COPY lines into audit_log in one transaction; returns the rows inserted.
-
-    ``idempotent`` (any batch that may have been sent before): ``COPY`` into the TEMP staging table, then
-    ``INSERT … SELECT … ON CONFLICT DO NOTHING`` into audit_log; rows whose primary key is already there
-    are skipped, so re-sending a batch is harmless (~15 µs per row on the server). Otherwise (a batch
-    never sent before, so none of its fresh UUIDv7 ids can exist): a plain ``COPY`` into audit_log, about
-    twice as fast; a unique violation there raises ``UniqueViolation`` and nothing is written.
-    Locks: ROW EXCLUSIVE on audit_log and the partitions written, like any INSERT. ``conn`` must be an
-    autocommit connection on which :func:`prepare_connection` ran.
-    """
-    with conn.cursor() as cur:
-        if not idempotent:
-            # one statement in autocommit is its own transaction: no BEGIN/COMMIT round trips
-            with cur.copy(_COPY_DIRECT) as copy:
-                copy.write(payload)
-            return cur.rowcount
-        with conn.transaction():
-            with cur.copy(_COPY_STAGING) as copy:
-                copy.write(payload)
-            cur.execute(_MOVE_STAGING)
-            return cur.rowcount
-
-
-def _deliver_one_by_one(conn: psycopg.Connection, payload: bytes) -> tuple[int, list[bytes]]:
-    """Slow path for a batch the database refused: each line in its own transaction."""
-    inserted, refused = 0, []
-    for line in payload.splitlines(keepends=True):
-        try:
-            inserted += deliver_batch(conn, line)
-        except (errors.DataError, errors.IntegrityError) as exc:
-            log.error("audit_log refused an event (%s): %r", exc, line[:300])
-            refused.append(line)
-    return inserted, refused
-
-
-# ------------------------------------------------------------------------------------------------ spool
 
 
 @dataclass
@@ -395,91 +50,7 @@ class _Batch:
     sending: bool = False  # the delivery thread is sending it: the spooler leaves it alone
 
 
-class _Spool:
-    """Append-only folder of segment files ``<seq:016d>.copy``; the flusher deletes one once delivered."""
-
-    def __init__(self, folder: Path, fsync: bool) -> None:
-        self.folder = folder
-        self.fsync = fsync
-        folder.mkdir(parents=True, exist_ok=True)
-        self._lock_fh = open(folder / ".lock", "a")  # noqa: SIM115 — held for the writer's lifetime
-        try:
-            fcntl.flock(self._lock_fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self._lock_fh.close()
-            raise AuditError(f"spool folder {folder} is in use by another live AuditWriter") from None
-
-    def path(self, seq: int) -> Path:
-        return self.folder / f"{seq:016d}.copy"
-
-    def recover(self) -> list[tuple[int, int]]:
-        """(seq, events) of the segments left by a previous process, oldest first.
-
-        A ``.tmp`` file is a segment whose writer died mid-write: its complete lines are kept.
-        """
-        for tmp in sorted(self.folder.glob("*.copy.tmp")):
-            data = tmp.read_bytes()
-            data = data[: data.rfind(b"\n") + 1]
-            if data:
-                final = tmp.with_suffix("")
-                final.write_bytes(data)
-                log.warning(
-                    "recovered %d complete events from the partial spool segment %s",
-                    data.count(b"\n"),
-                    tmp.name,
-                )
-            tmp.unlink()
-        found = []
-        for p in self.folder.iterdir():
-            m = _SEGMENT.match(p.name)
-            if m:
-                found.append((int(m.group(1)), p.read_bytes().count(b"\n")))
-        return sorted(found)
-
-    def write(self, seq: int, payload: bytes) -> None:
-        """One write() + rename(); fsync of the file and the folder when ``fsync``."""
-        final = self.path(seq)
-        tmp = final.with_name(final.name + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            view = memoryview(payload)
-            while view:
-                view = view[os.write(fd, view) :]
-            if self.fsync:
-                os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, final)
-        if self.fsync:
-            dfd = os.open(self.folder, os.O_RDONLY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
-
-    def read(self, seq: int) -> bytes:
-        return self.path(seq).read_bytes()
-
-    def remove(self, seq: int) -> None:
-        self.path(seq).unlink(missing_ok=True)
-
-    def reject(self, lines: list[bytes]) -> None:
-        with open(self.folder / "rejected.copy", "ab") as fh:
-            fh.write(b"".join(lines))
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            fcntl.flock(self._lock_fh, fcntl.LOCK_UN)
-        self._lock_fh.close()
-
-
-# ------------------------------------------------------------------------------------------------ writer
-
 _WRITERS: weakref.WeakSet[AuditWriter] = weakref.WeakSet()
-
-
-def _percentile(samples: list[float], pct: float) -> float:
-    return percentile(samples, pct) if samples else 0.0
 
 
 class AuditWriter:
@@ -559,37 +130,12 @@ class AuditWriter:
         self._conn: psycopg.Connection | None = None
         self._retry_at = 0.0
         self._backoff = 0.0
-        # counters (under _lock)
-        self._accepted = 0
-        self._recovered = 0  # events found in the spool at start (a previous process's)
-        self._settled = 0  # events acknowledged or dropped, in delivery order (own and recovered)
-        self._written = 0
-        self._duplicates = 0
-        self._replayed = 0
-        self._spilled = 0
-        self._dropped = 0
-        self._rejected = 0
-        self._batches = 0
-        self._failures = 0
-        self._spool_write_failures = 0
+        self._counters = Counters()  # under _lock
         self._spool_failing = False  # the last segment write failed (errors are logged once per episode)
-        self._last_error: str | None = None
-        self._latencies: deque[float] = deque(maxlen=2048)
-        self._spool = _Spool(Path(spool_dir), spool_fsync) if spool_dir is not None else None
+        self._spool = Spool(Path(spool_dir), spool_fsync) if spool_dir is not None else None
         self._seq = 1
         if self._spool is not None:
-            recovered = self._spool.recover()
-            for seq, count in recovered:
-                self._pending.append(_Batch(seq, count, own=False, payload=None, spooled=True, attempts=1))
-            if recovered:
-                self._seq = recovered[-1][0] + 1
-                self._recovered = sum(c for _, c in recovered)
-                log.info(
-                    "audit spool %s: replaying %d events from %d segments",
-                    spool_dir,
-                    sum(c for _, c in recovered),
-                    len(recovered),
-                )
+            self._replay_leftovers(self._spool)
         # publishing the counters to audit_writer_metrics (0060) lets the health report see this process
         self._metrics_interval = metrics_interval_s
         self._metrics_key = f"{socket.gethostname()}:{os.getpid()}:{name}"
@@ -604,15 +150,38 @@ class AuditWriter:
         self._thread.start()
         _WRITERS.add(self)
 
+    def _replay_leftovers(self, spool: Spool) -> None:
+        """Queue the segments a previous process left in the spool for delivery first, in order, through
+        the idempotent path (constructor only; reads each segment once to count its events)."""
+        recovered = spool.recover()
+        for seq, count in recovered:
+            self._pending.append(_Batch(seq, count, own=False, payload=None, spooled=True, attempts=1))
+        if recovered:
+            self._seq = recovered[-1][0] + 1
+            self._counters.recovered = sum(c for _, c in recovered)
+            log.info(
+                "audit spool %s: replaying %d events from %d segments",
+                spool.folder,
+                self._counters.recovered,
+                len(recovered),
+            )
+
     @classmethod
     def from_settings(cls, settings: Settings | None = None, **kwargs: Any) -> AuditWriter:
-        """A writer on the configured (or running embedded) database, spooling to PERF_PIPELINE_AUDIT_SPOOL_DIR."""
-        from perf_pipeline.embedded import resolve_urls
+        """A writer on PERF_PIPELINE_DATABASE_URL, spooling to PERF_PIPELINE_AUDIT_SPOOL_DIR.
 
+        Raises :class:`~perf_pipeline.settings.SettingsError` when PERF_PIPELINE_DATABASE_URL is unset: the
+        library does not look for an embedded server (a development entry point that wants one resolves
+        its URL first, e.g. with ``perf_pipeline.embedded.resolve_urls``, and passes it to the constructor).
+        """
         settings = settings or get_settings()
+        if not settings.database_url:
+            raise SettingsError(
+                "AuditWriter.from_settings needs PERF_PIPELINE_DATABASE_URL (the platform database); "
+                "it is unset"
+            )
         kwargs.setdefault("spool_dir", settings.audit_spool_dir)
-        url = settings.database_url or resolve_urls(settings, start=False).database_url
-        return cls(url, **kwargs)
+        return cls(settings.database_url, **kwargs)
 
     # ---------------------------------------------------------------------------------------- producers
 
@@ -638,14 +207,10 @@ class AuditWriter:
         after releasing the lock (~1 ms per ``batch_size`` events, other producers go on), so what only
         memory holds stays bounded in time.
         """
-        rest = encode_fields(
+        tail = AuditEvent(
             event_type, entity_type, entity_id, operation, description, user_id, severity, details, ip
-        )
-        try:
-            tail = f"{rest}\n".encode()
-        except UnicodeEncodeError as exc:
-            raise AuditEventError(f"event text is not valid Unicode (lone surrogate?): {exc}") from None
-        size = _LINE_PREFIX_BYTES + len(tail)
+        ).encode_line_tail()
+        size = LINE_PREFIX_BYTES + len(tail)
         late: tuple[list[bytes], list[_Batch]] | None = None
         with self._lock:
             if self._closed:
@@ -665,7 +230,7 @@ class AuditWriter:
                 self._ts_prefix = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(second))
             self._queue.append(f"{event_id}\t{self._ts_prefix}.{micros:06d}+00\t".encode() + tail)
             self._queue_bytes += size
-            self._accepted += 1
+            self._counters.accepted += 1
             if len(self._queue) == self.batch_size:
                 self._wake.notify()
         if late is not None:
@@ -690,27 +255,70 @@ class AuditWriter:
             self._taken_through_ns = time.monotonic_ns()
         return lines, payload
 
+    def _take_queue(self) -> list[bytes]:
+        """Empty the queue and return its lines, oldest first (lock held; a list swap, O(1))."""
+        lines, self._queue = self._queue, []
+        self._queue_bytes = 0
+        self._taken_through_ns = time.monotonic_ns()
+        return lines
+
+    def _next_seq(self) -> int:
+        """Take the next segment sequence number (lock held): sequence order is delivery order."""
+        seq = self._seq
+        self._seq += 1
+        return seq
+
+    def _count_spool_write_failure(self) -> bool:
+        """Count a failed segment write (lock held); True for the first failure of an episode, which is
+        the one to log."""
+        self._counters.spool_write_failures += 1
+        first, self._spool_failing = not self._spool_failing, True
+        return first
+
+    def _spool_leftovers(self, when: str) -> list[bytes]:
+        """At the end of the writer's life, write what is still queued to one new spool segment, queued for
+        delivery after every pending batch (lock held; one file write, ~1 ms per ``batch_size`` events).
+
+        Returns what could not be spooled (no spool, or the write failed: logged) for the caller to count
+        as lost; an empty list otherwise. ``when`` says in the log which end this is.
+        """
+        leftover = self._take_queue()
+        if not leftover or self._spool is None:
+            return leftover
+        seq = self._next_seq()
+        try:
+            self._spool.write(seq, b"".join(leftover))
+        except OSError as exc:
+            log.error("audit writer %r: spooling the queue %s failed: %s", self.name, when, exc)
+            return leftover
+        self._pending.append(_Batch(seq, len(leftover), own=True, payload=None, spooled=True))
+        log.warning(
+            "audit writer %r %s: %d queued events written to spool segment %d",
+            self.name,
+            when,
+            len(leftover),
+            seq,
+        )
+        return []
+
     def _spill(self) -> _Batch | None:
         """Write the oldest ``batch_size`` queued events to a new segment (lock held, spool present; one
         write, ~1 ms). Under the lock, so sequence order == file order == log() order. None when the write
         failed (the events are back in the queue)."""
         assert self._spool is not None
-        seq = self._seq
-        self._seq += 1
+        seq = self._next_seq()
         lines, payload = self._pop_lines(min(self.batch_size, len(self._queue)))
         try:
             self._spool.write(seq, payload)
         except OSError as exc:  # disk full, folder gone
             self._queue[:0] = lines
             self._queue_bytes += len(payload)
-            self._spool_write_failures += 1
-            first, self._spool_failing = not self._spool_failing, True
-            if first:
+            if self._count_spool_write_failure():
                 log.error("audit spool write failed while spilling the queue (%s)", exc)
             return None
         batch = _Batch(seq, len(lines), own=True, payload=None, spooled=True)
         self._pending.append(batch)
-        self._spilled += len(lines)
+        self._counters.spilled += len(lines)
         return batch
 
     def _take_late(self) -> tuple[list[bytes], list[_Batch]]:
@@ -718,23 +326,20 @@ class AuditWriter:
         slow disk): take the whole queue for the calling producer to write (lock held; a list swap, and
         one pending batch of at most ``batch_size`` events per future segment, with its sequence number,
         so the order is kept). The producer writes them after releasing the lock (:meth:`_write_late`)."""
-        lines, self._queue = self._queue, []
-        self._queue_bytes = 0
-        self._taken_through_ns = time.monotonic_ns()
+        lines = self._take_queue()
         batches = []
         for offset in range(0, len(lines), self.batch_size):
             batch = _Batch(
-                self._seq,
+                self._next_seq(),
                 min(self.batch_size, len(lines) - offset),
                 own=True,
                 payload=None,
                 spooled=False,
                 writing=True,
             )
-            self._seq += 1
             self._pending.append(batch)
             batches.append(batch)
-        self._spilled += len(lines)
+        self._counters.spilled += len(lines)
         return lines, batches
 
     def _write_late(self, lines: list[bytes], batches: list[_Batch]) -> None:
@@ -776,7 +381,7 @@ class AuditWriter:
         while self._full(size) and not self._closed:
             left = deadline - time.monotonic()
             if left <= 0:
-                self._dropped += 1
+                self._counters.dropped += 1
                 raise AuditQueueFull(
                     f"audit queue full ({self.max_queue} events / {self.max_queue_bytes} bytes) "
                     f"for {self.put_timeout}s and no room in a spool; event not recorded"
@@ -797,8 +402,8 @@ class AuditWriter:
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._lock:
-            target = self._accepted + self._recovered
-            while self._settled < target:
+            target = self._counters.accepted + self._counters.recovered
+            while self._counters.settled < target:
                 if not self._thread.is_alive():
                     return False
                 self._flush_wanted = True
@@ -817,7 +422,8 @@ class AuditWriter:
         """
         with self._lock:
             if self._stop:
-                return self._settled >= self._accepted + self._recovered
+                c = self._counters
+                return c.settled >= c.accepted + c.recovered
             self._closed = True
             self._room.notify_all()
         # database down and a spool: what is queued goes to the spool below, no point waiting for it
@@ -850,8 +456,6 @@ class AuditWriter:
         ends; if it ever returns it delivers these segments itself and runs its normal shutdown.
         """
         with self._lock:
-            leftover, self._queue = self._queue, []
-            self._queue_bytes = 0
             if self._spool is not None:
                 try:
                     for batch in self._pending:
@@ -859,25 +463,14 @@ class AuditWriter:
                         if not batch.spooled and batch.payload is not None and not batch.writing:
                             self._spool.write(batch.seq, batch.payload)
                             batch.spooled = True
-                    if leftover:
-                        seq = self._seq
-                        self._seq += 1
-                        self._spool.write(seq, b"".join(leftover))
-                        self._pending.append(_Batch(seq, len(leftover), own=True, payload=None, spooled=True))
-                        log.warning(
-                            "audit writer %r closed while its delivery is stuck: %d queued events "
-                            "written to spool segment %d",
-                            self.name,
-                            len(leftover),
-                            seq,
-                        )
-                        leftover = []
                 except OSError as exc:
-                    log.error("audit writer %r: spooling the queue at close failed: %s", self.name, exc)
+                    log.error(
+                        "audit writer %r: spooling the batches in flight at close failed: %s", self.name, exc
+                    )
+            leftover = self._spool_leftovers("closed while its delivery is stuck")
             in_flight = sum(b.count for b in self._pending if b.own and not b.spooled)
             if leftover:
-                self._dropped += len(leftover)
-                self._settled += len(leftover)
+                self._counters.drop(len(leftover))
                 self._done.notify_all()
             if leftover or in_flight:
                 log.error(
@@ -905,29 +498,13 @@ class AuditWriter:
     def metrics(self) -> dict[str, Any]:
         """Counters and gauges of this writer (cheap: one lock, a sort of ≤ 2048 latencies)."""
         with self._lock:
-            latencies = list(self._latencies)
-            return {
-                "accepted": self._accepted,
-                "queued": len(self._queue),
-                "queued_bytes": self._queue_bytes,
-                "pending": sum(b.count for b in self._pending),
-                # events in spool segments not yet acknowledged (a healthy writer shows the batch in flight)
-                "spooled": sum(b.count for b in self._pending if b.spooled),
-                "written": self._written,
-                "duplicates_skipped": self._duplicates,
-                "recovered": self._recovered,
-                "replayed": self._replayed,
-                "spilled": self._spilled,
-                "dropped": self._dropped,
-                "rejected": self._rejected,
-                "batches": self._batches,
-                "failed_attempts": self._failures,
-                "spool_write_failures": self._spool_write_failures,
-                "flush_p50_ms": _percentile(latencies, 50),
-                "flush_p99_ms": _percentile(latencies, 99),
-                "db_reachable": self._conn is not None and self._backoff == 0,
-                "last_error": self._last_error,
-            }
+            return self._counters.metrics(
+                queued=len(self._queue),
+                queued_bytes=self._queue_bytes,
+                pending=sum(b.count for b in self._pending),
+                spooled=sum(b.count for b in self._pending if b.spooled),
+                db_reachable=self._conn is not None and self._backoff == 0,
+            )
 
     # ------------------------------------------------------------------------------------------ flusher
 
@@ -974,8 +551,7 @@ class AuditWriter:
                 return
             n = min(len(self._queue), self.batch_size)
             _, payload = self._pop_lines(n)
-            self._pending.append(_Batch(self._seq, n, own=True, payload=payload, spooled=False))
-            self._seq += 1
+            self._pending.append(_Batch(self._next_seq(), n, own=True, payload=payload, spooled=False))
             self._room.notify_all()
 
     # ------------------------------------------------------------------------------------------ spooler
@@ -1035,16 +611,15 @@ class AuditWriter:
                     return
                 payload: bytes | None = None
                 if len(queue) <= min(remaining, self.batch_size):
-                    lines, self._queue = queue, []
-                    self._queue_bytes = 0
-                    self._taken_through_ns = time.monotonic_ns()
+                    lines = self._take_queue()
                 else:
                     lines, payload = self._pop_lines(min(remaining, self.batch_size))
                 remaining = max(0, remaining - len(lines))
                 if not remaining:  # what was queued when the pass began is taken (spills take the oldest too)
                     self._taken_through_ns = max(self._taken_through_ns, started_ns)
-                batch = _Batch(self._seq, len(lines), own=True, payload=None, spooled=False, writing=True)
-                self._seq += 1
+                batch = _Batch(
+                    self._next_seq(), len(lines), own=True, payload=None, spooled=False, writing=True
+                )
                 self._pending.append(batch)
                 self._room.notify_all()
             if not self._write_segment(batch, b"".join(lines) if payload is None else payload):
@@ -1080,8 +655,7 @@ class AuditWriter:
         except OSError as exc:
             with self._lock:
                 batch.payload, batch.writing = payload, False
-                self._spool_write_failures += 1
-                first, self._spool_failing = not self._spool_failing, True
+                first = self._count_spool_write_failure()
                 self._ready.notify_all()
             if first:
                 log.error(
@@ -1174,7 +748,7 @@ class AuditWriter:
                 log.exception(
                     "audit batch %d refused; retrying its %d events one by one", batch.seq, batch.count
                 )
-                inserted, refused = _deliver_one_by_one(conn, payload)
+                inserted, refused = deliver_one_by_one(conn, payload)
                 if refused and self._spool is not None:
                     self._spool.reject(refused)
         except (psycopg.Error, OSError) as exc:
@@ -1185,29 +759,28 @@ class AuditWriter:
             self._spool.remove(batch.seq)  # the acknowledgement: only now may the segment go
         with self._lock:
             self._pending.popleft()
-            self._batches += 1
-            self._written += inserted
-            self._rejected += len(refused)
-            self._duplicates += batch.count - inserted - len(refused)
-            self._settled += batch.count
-            if not batch.own:
-                self._replayed += batch.count
-            self._latencies.append(latency)
+            self._counters.delivered(
+                count=batch.count,
+                inserted=inserted,
+                refused=len(refused),
+                replay=not batch.own,
+                latency_ms=latency,
+            )
             self._backoff = 0.0
             self._done.notify_all()
         return True
 
     def _fail(self, exc: BaseException) -> None:
         with self._lock:
-            self._failures += 1
-            self._last_error = f"{type(exc).__name__}: {exc}".strip()[:500]
+            self._counters.failed_attempts += 1
+            self._counters.last_error = f"{type(exc).__name__}: {exc}".strip()[:500]
             self._backoff = min(5.0, self._backoff * 2) if self._backoff else 0.05
             self._retry_at = time.monotonic() + self._backoff
             if self._spool is not None:
                 for b in self._pending:
                     if b.spooled:
                         b.payload = None
-        log.warning("audit delivery failed (retry in %.2fs): %s", self._backoff, self._last_error)
+        log.warning("audit delivery failed (retry in %.2fs): %s", self._backoff, self._counters.last_error)
         if self._conn is not None:
             with contextlib.suppress(Exception):
                 self._conn.close()
@@ -1218,22 +791,11 @@ class AuditWriter:
         if self._spool is None:
             self._take_batch()
         with self._lock:
-            leftover, self._queue = self._queue, []  # with a spool: only if the spooler's writes failed
-            self._queue_bytes = 0
-            if leftover and self._spool is not None:
-                seq = self._seq
-                self._seq += 1
-                try:
-                    self._spool.write(seq, b"".join(leftover))
-                except OSError as exc:
-                    log.error("audit writer %r: spooling the queue at shutdown failed: %s", self.name, exc)
-                else:
-                    self._pending.append(_Batch(seq, len(leftover), own=True, payload=None, spooled=True))
-                    leftover = []
+            # with a spool, something is left only if the spooler's writes failed
+            leftover = self._spool_leftovers("at shutdown")
             lost = len(leftover) + sum(b.count for b in self._pending if b.own and not b.spooled)
             if lost:
-                self._dropped += lost
-                self._settled += lost
+                self._counters.drop(lost)
                 log.error(
                     "audit writer %r closed with %d undelivered events and no spool: they are lost",
                     self.name,
@@ -1254,18 +816,7 @@ def metrics() -> dict[str, Any]:
 
     Counters add up; ``flush_p99_ms`` is the worst writer's; ``writers`` says how many there are.
     """
-    out: dict[str, Any] = {"writers": 0}
-    for writer in list(_WRITERS):
-        m = writer.metrics()
-        out["writers"] += 1
-        for key, value in m.items():
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                continue
-            if key.endswith("_ms"):
-                out[key] = max(out.get(key, 0.0), value)
-            else:
-                out[key] = out.get(key, 0) + value
-    return out
+    return combine(writer.metrics() for writer in list(_WRITERS))
 
 
 def _close_all() -> None:
@@ -1276,17 +827,4 @@ def _close_all() -> None:
 
 atexit.register(_close_all)
 
-__all__: list[str] = [
-    "COLUMNS",
-    "AuditError",
-    "AuditEventError",
-    "AuditQueueFull",
-    "AuditWriter",
-    "AuditWriterClosed",
-    "UUIDv7",
-    "deliver_batch",
-    "encode_fields",
-    "metrics",
-    "prepare_connection",
-    "uuid7_time_ms",
-]
+__all__: list[str] = ["AuditWriter", "metrics"]
