@@ -19,9 +19,10 @@ import psycopg
 from psycopg import errors, sql
 from psycopg.rows import dict_row
 
+from perf_pipeline.lib.calendar import add_months, month_start
 from perf_pipeline.lib.db import connect, load_query
 from perf_pipeline.lib.health._catalog import relation_exists
-from perf_pipeline.lib.partitioning import PARTITIONED_TABLES, add_months, list_partitions, month_start
+from perf_pipeline.lib.partitioning import PARTITIONED_TABLES, list_partitions
 
 log = logging.getLogger(__name__)
 
