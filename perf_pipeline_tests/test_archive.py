@@ -26,7 +26,7 @@ import pytest
 from perf_pipeline import cli
 from perf_pipeline.defs.archive.assets import audit_log_archive, usage_log_retention
 from perf_pipeline.defs.archive.checks import audit_log_archive_files_match_manifest
-from perf_pipeline.defs.archive.schedules import archive_audit_log_monthly
+from perf_pipeline.defs.archive.schedules import archive_audit_log
 from perf_pipeline.defs.resources import PostgresResource
 from perf_pipeline.lib import archive as a
 from perf_pipeline.lib.migrations import apply_migrations
@@ -422,7 +422,7 @@ def test_dagster_archive_asset_check_and_schedule(
     monkeypatch.setenv("PERF_PIPELINE_AUDIT_RETENTION_MONTHS", "12")
     tick = dt.datetime(2026, 11, 2, 3, 30, tzinfo=UTC)
     ctx = dg.build_schedule_context(scheduled_execution_time=tick, resources=resources)
-    keys = [r.partition_key for r in archive_audit_log_monthly(ctx)]
+    keys = [r.partition_key for r in archive_audit_log(ctx)]
     assert keys == ["2025-08-01", "2025-09-01", "2025-10-01"]
     # a month whose archive stopped half-way is requested by every tick until it is finished, with a run_key
     # of that tick (a run_key the schedule used before would be skipped by Dagster)
@@ -436,14 +436,14 @@ def test_dagster_archive_asset_check_and_schedule(
             a.archive_partition(conn, "audit_log", may, archive_dir, hook=_crash_after("detach"))
         for day in (tick, tick.replace(month=12)):
             requests = list(
-                archive_audit_log_monthly(
+                archive_audit_log(
                     dg.build_schedule_context(scheduled_execution_time=day, resources=resources)
                 )
             )
             assert requests[0].partition_key == "2024-05-01"
             assert requests[0].run_key == f"2024-05-01@{day.date().isoformat()}"
         assert a.archive_partition(conn, "audit_log", may, archive_dir).state == "dropped"
-    assert [r.partition_key for r in archive_audit_log_monthly(ctx)] == keys
+    assert [r.partition_key for r in archive_audit_log(ctx)] == keys
     assert a.archive_eligible(dt.date(2025, 10, 1), dt.date(2026, 11, 2), 12)
     assert not a.archive_eligible(dt.date(2025, 11, 1), dt.date(2026, 11, 2), 12)
 

@@ -21,8 +21,8 @@ from perf_pipeline.defs.partitions.checks import (
 )
 from perf_pipeline.defs.partitions.jobs import move_default_rows
 from perf_pipeline.defs.partitions.schedules import (
-    create_audit_log_partitions_ahead_daily,
-    create_usage_log_partitions_ahead_daily,
+    create_audit_log_partitions_ahead,
+    create_usage_log_partitions_ahead,
 )
 from perf_pipeline.defs.resources import PostgresResource
 from perf_pipeline.lib import partitioning as p
@@ -116,8 +116,8 @@ def test_dagster_asset_creates_the_keys_month_with_indexes(db_url: str, db: psyc
 
 
 SCHEDULES = {
-    "audit_log": create_audit_log_partitions_ahead_daily,
-    "usage_log": create_usage_log_partitions_ahead_daily,
+    "audit_log": create_audit_log_partitions_ahead,
+    "usage_log": create_usage_log_partitions_ahead,
 }
 
 
@@ -423,14 +423,14 @@ def test_definitions_expose_the_interface_names() -> None:
     assert loaded.resolve_job_def("move_default_rows") is not None
     schedules = {s.name: s for s in loaded.schedules or []}
     for name in (
-        "create_audit_log_partitions_ahead_daily",
-        "create_usage_log_partitions_ahead_daily",
-        "archive_audit_log_monthly",
-        "usage_log_retention_monthly",
+        "create_audit_log_partitions_ahead",
+        "create_usage_log_partitions_ahead",
+        "archive_audit_log",
+        "apply_usage_log_retention",
     ):
         assert schedules[name].description
-    assert schedules["create_audit_log_partitions_ahead_daily"].cron_schedule == "10 0 * * *"
-    assert schedules["archive_audit_log_monthly"].cron_schedule == "30 3 2 * *"
+    assert schedules["create_audit_log_partitions_ahead"].cron_schedule == "10 0 * * *"
+    assert schedules["archive_audit_log"].cron_schedule == "30 3 2 * *"
 
 
 def test_a_move_that_cannot_get_its_locks_changes_nothing(db_url: str, db: psycopg.Connection) -> None:

@@ -39,8 +39,13 @@ def utc_schedule(
 
 
 def utc_schedule_decorator(
-    job: dg.JobDefinition | UnresolvedAssetJobDefinition, cron: str, description: str
+    job: dg.JobDefinition | UnresolvedAssetJobDefinition,
+    cron: str,
+    description: str,
+    *,
+    name: str | None = None,
 ) -> Callable[[Callable[..., Any]], dg.ScheduleDefinition]:
     """:func:`utc_schedule` for a schedule that decides each tick's run itself (a partition key, a run
-    key): decorates a function of the tick's context; the function's name is the schedule's name."""
-    return dg.schedule(job=job, cron_schedule=cron, description=description, **_UTC_RUNNING)
+    key): decorates a function of the tick's context; the schedule's name is ``name``, or the function's
+    name when not given (a factory building one schedule per table passes it)."""
+    return dg.schedule(job=job, cron_schedule=cron, description=description, name=name, **_UTC_RUNNING)

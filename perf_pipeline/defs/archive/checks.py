@@ -20,7 +20,7 @@ def _files_check(asset: dg.AssetsDefinition, table: str) -> dg.AssetChecksDefini
         name=f"{table}_archive_files_match_manifest",
         description=f"Every archived {noun} month's Parquet file exists with its manifest size and ETag, and is "
         "read back in full (sha256, row count) when new, changed, or not read in full for 6 days (the weekly "
-        "archive_files_weekly_rehash); fails too for a month whose archive stopped half-way (detached, exported "
+        "rehash_archive_files); fails too for a month whose archive stopped half-way (detached, exported "
         "or verified: its rows are invisible until it is archived again or restored).",
     )
     def _check(postgres: PostgresResource) -> dg.AssetCheckResult:

@@ -14,6 +14,7 @@ from perf_pipeline.defs.archive.checks import (
     usage_log_archive_files_match_manifest,
 )
 from perf_pipeline.defs.resources import PostgresResource
+from perf_pipeline.defs.scheduling import utc_schedule_decorator
 from perf_pipeline.defs.time_partitions import AUDIT_ARCHIVE_MONTHS, USAGE_RETENTION_MONTHS
 from perf_pipeline.lib.archive import UNFINISHED, list_manifest
 from perf_pipeline.lib.calendar import add_months
@@ -85,14 +86,7 @@ def _monthly(
         description=job_description,
     )
 
-    @dg.schedule(
-        name=schedule_name,
-        job=job,
-        cron_schedule=cron,
-        execution_timezone="UTC",
-        default_status=dg.DefaultScheduleStatus.RUNNING,
-        description=schedule_description,
-    )
+    @utc_schedule_decorator(job, cron, schedule_description, name=schedule_name)
     def _schedule(
         context: dg.ScheduleEvaluationContext, postgres: PostgresResource
     ) -> Iterator[dg.RunRequest]:
@@ -101,25 +95,25 @@ def _monthly(
     return job, _schedule
 
 
-audit_log_archive_job, archive_audit_log_monthly = _monthly(
+audit_log_archive_job, archive_audit_log = _monthly(
     table="audit_log",
     asset=audit_log_archive,
     partitions=AUDIT_ARCHIVE_MONTHS,
     job_name="audit_log_archive_job",
     job_description="Archive one audit month (detach → Parquet → verify → drop).",
-    schedule_name="archive_audit_log_monthly",
+    schedule_name="archive_audit_log",
     cron="30 3 2 * *",
     schedule_description="Monthly on the 2nd at 03:30 UTC (quiet hours): archive the audit month that just "
     "passed PERF_PIPELINE_AUDIT_RETENTION_MONTHS, retry the two before it, and finish every month whose "
     "archive stopped half-way (manifest state detached / exported / verified).",
 )
-usage_log_retention_job, usage_log_retention_monthly = _monthly(
+usage_log_retention_job, apply_usage_log_retention = _monthly(
     table="usage_log",
     asset=usage_log_retention,
     partitions=USAGE_RETENTION_MONTHS,
     job_name="usage_log_retention_job",
     job_description="Archive and drop one usage month past retention.",
-    schedule_name="usage_log_retention_monthly",
+    schedule_name="apply_usage_log_retention",
     cron="45 3 2 * *",
     schedule_description="Monthly on the 2nd at 03:45 UTC (after the audit archive): archive and drop the usage "
     "month that passed PERF_PIPELINE_USAGE_RETENTION_MONTHS, unless the rollups may still recompute it; retry "
@@ -127,14 +121,12 @@ usage_log_retention_job, usage_log_retention_monthly = _monthly(
 )
 
 
-@dg.schedule(
-    job=archive_files_check_job,
-    cron_schedule="30 4 * * 0",
-    execution_timezone="UTC",
-    default_status=dg.DefaultScheduleStatus.RUNNING,
-    description="Weekly on Sunday at 04:30 UTC: the archive files checks, which read back and re-hash every "
+@utc_schedule_decorator(
+    archive_files_check_job,
+    "30 4 * * 0",
+    "Weekly on Sunday at 04:30 UTC: the archive files checks, which read back and re-hash every "
     "archived object not read in full for 6 days (so each archive is re-hashed about once a week; a damaged "
     "or lost object is found within a week even when no archive runs).",
 )
-def archive_files_weekly_rehash(context: dg.ScheduleEvaluationContext) -> dg.RunRequest:
+def rehash_archive_files(context: dg.ScheduleEvaluationContext) -> dg.RunRequest:
     return dg.RunRequest(run_key=context.scheduled_execution_time.date().isoformat())

@@ -78,7 +78,7 @@ def _asset(table: str):
         ),
         description=f"{table}'s monthly partitions: one key ↔ {table}_yYYYYmMM, created (with all indexes) if "
         "missing; DDL under a short lock_timeout with retries. Fresh when the daily run of "
-        f"create_{table}_partitions_ahead_daily succeeded within a day.",
+        f"create_{table}_partitions_ahead succeeded within a day.",
     )
     def _partitions(context: dg.AssetExecutionContext, postgres: PostgresResource) -> dg.MaterializeResult:
         return _create(context, postgres, table)

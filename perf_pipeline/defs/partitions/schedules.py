@@ -4,6 +4,7 @@ import dagster as dg
 from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
 
 from perf_pipeline.defs.partitions.assets import audit_log_partitions, usage_log_partitions
+from perf_pipeline.defs.scheduling import utc_schedule_decorator
 from perf_pipeline.defs.time_partitions import TABLE_MONTHS
 from perf_pipeline.lib.partitioning import months_ahead
 from perf_pipeline.settings import get_settings
@@ -18,15 +19,13 @@ def _create_ahead(table: str, asset: dg.AssetsDefinition, cron: str) -> tuple[ob
         description=f"Create the premake months of {table} and check its DEFAULT partition and months ahead.",
     )
 
-    @dg.schedule(
-        name=f"create_{table}_partitions_ahead_daily",
-        job=job,
-        cron_schedule=cron,
-        execution_timezone="UTC",
-        default_status=dg.DefaultScheduleStatus.RUNNING,
-        description=f"Daily (cron {cron}, UTC): one run over the range current month … +PERF_PIPELINE_PREMAKE_MONTHS of "
+    @utc_schedule_decorator(
+        job,
+        cron,
+        f"Daily (cron {cron}, UTC): one run over the range current month … +PERF_PIPELINE_PREMAKE_MONTHS of "
         f"{table} (single-run backfill policy), so future months exist before any row needs them, even on days "
         "with no data; also evaluates the DEFAULT and months-ahead checks.",
+        name=f"create_{table}_partitions_ahead",
     )
     def _schedule(context: dg.ScheduleEvaluationContext) -> dg.RunRequest:
         day = context.scheduled_execution_time.date()
@@ -44,9 +43,9 @@ def _create_ahead(table: str, asset: dg.AssetsDefinition, cron: str) -> tuple[ob
     return job, _schedule
 
 
-create_audit_log_partitions_ahead_job, create_audit_log_partitions_ahead_daily = _create_ahead(
+create_audit_log_partitions_ahead_job, create_audit_log_partitions_ahead = _create_ahead(
     "audit_log", audit_log_partitions, "10 0 * * *"
 )
-create_usage_log_partitions_ahead_job, create_usage_log_partitions_ahead_daily = _create_ahead(
+create_usage_log_partitions_ahead_job, create_usage_log_partitions_ahead = _create_ahead(
     "usage_log", usage_log_partitions, "12 0 * * *"
 )
