@@ -286,6 +286,20 @@ _CHILD = textwrap.dedent("""
 """)
 
 
+def _wait_until_no_writer_session(conn: psycopg.Connection) -> None:
+    """Wait until no AuditWriter session (application_name perf_pipeline.audit) is connected to this
+    database: a killed client's backend has ended."""
+    _wait_until(
+        lambda: (
+            conn.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'perf_pipeline.audit' "
+                "AND datname = current_database()"
+            ).fetchone()[0]
+            == 0
+        )
+    )
+
+
 def _python_env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
 
@@ -393,15 +407,7 @@ def test_sigkill_under_saturation_with_blocked_database_loses_only_the_last_inte
     finally:
         locker.rollback()  # the dead client's waiting COPY then fails: it commits nothing
         locker.close()
-    _wait_until(
-        lambda: (
-            clean.execute(
-                "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'perf_pipeline.audit' "
-                "AND datname = current_database()"
-            ).fetchone()[0]
-            == 0
-        )
-    )
+    _wait_until_no_writer_session(clean)
     assert _count(clean) == (0, 0)  # nothing went in while the lock was held: all from the spool
     with AuditWriter(db_url, spool_dir=spool, flush_interval_ms=5, metrics_interval_s=None) as replay:
         assert replay.flush(120)
@@ -742,15 +748,7 @@ def test_close_while_delivery_is_stuck_keeps_queued_events(
     logged = ids_line.split()
     _, done, alive, dropped = closed_line.split()
     assert len(logged) == 15 and done == "False" and alive == "True"  # the scenario really happened
-    _wait_until(
-        lambda: (
-            clean.execute(
-                "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'perf_pipeline.audit' "
-                "AND datname = current_database()"
-            ).fetchone()[0]
-            == 0
-        )
-    )
+    _wait_until_no_writer_session(clean)
     assert _count(clean) == (0, 0)
     if not with_spool:
         assert int(dropped) == 5  # the queued events, counted and logged as lost
