@@ -38,7 +38,6 @@ import json
 import os
 import random
 import shutil
-import signal
 import sys
 import tempfile
 import time
@@ -52,7 +51,8 @@ import psycopg
 import redis
 
 from bench.harness import RESULTS_DIR, BenchContext, measure, print_table
-from perf_pipeline.embedded import _free_port, launch_redis_server, resolve_urls
+from perf_pipeline import testing
+from perf_pipeline.embedded import resolve_urls
 from perf_pipeline.lib import health
 from perf_pipeline.lib.archive import archive_partition
 from perf_pipeline.lib.cache import KPIS_KEY, DashboardCache, serving_client, trends_key
@@ -166,13 +166,10 @@ def existing_database(server_url: str, name: str) -> Iterator[str]:
 @contextlib.contextmanager
 def private_redis() -> Iterator[str]:
     root = Path(tempfile.mkdtemp(prefix="scale_redis_"))
-    port = _free_port()
-    pid = launch_redis_server(root, port)
     try:
-        yield f"redis://127.0.0.1:{port}/0"
+        with testing.private_redis(root) as (url, _):
+            yield url
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGTERM)
         shutil.rmtree(root, ignore_errors=True)
 
 

@@ -60,6 +60,7 @@ import psycopg
 import redis
 
 from bench.harness import RESULTS_DIR, percentile, print_table
+from perf_pipeline.dev import LAUNCH_RUN
 from perf_pipeline.settings import PROJECT_ROOT
 
 BIN = Path(sys.executable).parent
@@ -108,16 +109,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def log(msg: str) -> None:
     print(f"[{dt.datetime.now(dt.UTC):%H:%M:%S}] {msg}", flush=True)
-
-
-def _with_db(url: str, db: str) -> str:
-    return urlunsplit(urlsplit(url)._replace(path=f"/{db}"))
-
-
-def _free_port() -> int:
-    from perf_pipeline.embedded import _free_port as free
-
-    return free()
 
 
 # ------------------------------------------------------------------------------------ processes
@@ -377,16 +368,6 @@ class AuditLoad(threading.Thread):
 
 # ------------------------------------------------------------------------------------ Dagster
 
-LAUNCH = """
-mutation($params: ExecutionParams!) {
-  launchRun(executionParams: $params) {
-    __typename
-    ... on LaunchRunSuccess { run { runId } }
-    ... on PythonError { message }
-    ... on InvalidSubsetError { message }
-  }
-}
-"""
 DAEMONS = "query { instance { daemonHealth { allDaemonStatuses { daemonType healthy required } } } }"
 REPO = "query { repositoriesOrError { ... on RepositoryConnection { nodes { name } } } }"
 
@@ -599,7 +580,7 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 — one linear sto
     try:
         pg_url = embedded.start_postgres(state)
         redis_url = embedded.start_redis(state)
-        dagster_url = _with_db(pg_url, embedded.DAGSTER_DB)
+        dagster_url = embedded.with_database(pg_url, embedded.DAGSTER_DB)
         log(f"private PostgreSQL {pg_url}, Redis {redis_url}")
         apply_migrations(pg_url)
         t0 = time.perf_counter()
@@ -638,7 +619,7 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 — one linear sto
         os.environ.update({k: v for k, v in env.items() if k.startswith(("PERF_PIPELINE", "DAGSTER"))})
         log(f"pool limits {pools}")
 
-        web_port, api_port = _free_port(), _free_port()
+        web_port, api_port = embedded.free_port(), embedded.free_port()
         workspace = str(PROJECT_ROOT / "workspace.yaml")
         managed += [
             Managed(
@@ -829,7 +810,7 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 — one linear sto
                             "tags": [{"key": "dagster/partition", "value": month.isoformat()}]
                         },
                     }
-                    launched = graphql(web_port, LAUNCH, {"params": params})["launchRun"]
+                    launched = graphql(web_port, LAUNCH_RUN, {"params": params})["launchRun"]
                     if launched["__typename"] == "LaunchRunSuccess":
                         archive_run = launched["run"]["runId"]
                         events.append(f"archive of audit_log {month:%Y-%m} launched: run {archive_run}")

@@ -7,12 +7,13 @@ or, when those are unset, on the embedded ones, which it starts if needed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import logging
 import os
 import shlex
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 from perf_pipeline.settings import PROJECT_ROOT, Settings, SettingsError, get_settings, shown
 
@@ -61,14 +62,21 @@ def apply_pool_limits(env: dict[str, str]) -> dict[str, int]:
     """Write the pool limits into the Dagster instance (they live in its storage, not in dagster.yaml)."""
     import dagster as dg
 
+    with environment(env), dg.DagsterInstance.get() as instance:
+        limits = pool_limits()
+        for pool, limit in limits.items():
+            instance.event_log_storage.set_concurrency_slots(pool, limit)
+        return limits
+
+
+@contextlib.contextmanager
+def environment(env: Mapping[str, str]) -> Iterator[None]:
+    """``os.environ`` with ``env`` set for the duration, then as it was (variables it added removed again).
+    The environment is the whole process's: not for use while other threads read it."""
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
-        with dg.DagsterInstance.get() as instance:
-            limits = pool_limits()
-            for pool, limit in limits.items():
-                instance.event_log_storage.set_concurrency_slots(pool, limit)
-            return limits
+        yield
     finally:
         for key, value in saved.items():
             if value is None:

@@ -35,7 +35,8 @@ from perf_pipeline.lib.workload import WorkloadSpec
 #: ~0.7M rows in all: a few seconds to load
 DEMO = WorkloadSpec(days=455, usage_per_day=400, audit_per_day=800, users=800)
 
-_LAUNCH_RUN = """
+#: the launchRun mutation the UI sends; its answer's __typename says why a launch was refused
+LAUNCH_RUN = """
 mutation($params: ExecutionParams!) {
   launchRun(executionParams: $params) {
     __typename
@@ -104,7 +105,7 @@ class _GraphQL:
                 {"key": k, "value": v} for k, v in {"perf_pipeline/bootstrap": what, **(tags or {})}.items()
             ]
         }
-        out = self.client._execute(_LAUNCH_RUN, {"params": params})["launchRun"]
+        out = self.client._execute(LAUNCH_RUN, {"params": params})["launchRun"]
         if out["__typename"] != "LaunchRunSuccess":
             raise BootstrapError(f"{what}: {out}")
         return out["run"]["runId"]

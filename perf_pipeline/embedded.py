@@ -86,7 +86,8 @@ class Urls:
 # --------------------------------------------------------------------------------------------- helpers
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (the OS picks it; nothing holds it after the call)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -253,7 +254,7 @@ def start_postgres(state_dir: Path) -> str:
                     timeout=120,
                 )
                 with open(data / "postgresql.conf", "a") as fh:
-                    fh.write(_PG_CONF.format(port=_free_port(), socket_dir=run))
+                    fh.write(_PG_CONF.format(port=free_port(), socket_dir=run))
             port = _pg_port(data)
             assert port is not None
             stale = data / "postmaster.pid"
@@ -374,12 +375,12 @@ def start_redis(state_dir: Path) -> str:
         port = redis_running(state_dir)
         if port is None:
             root.mkdir(parents=True, exist_ok=True)
-            port = int(portfile.read_text()) if portfile.exists() else _free_port()
+            port = int(portfile.read_text()) if portfile.exists() else free_port()
             log.info("starting embedded Redis on 127.0.0.1:%s", port)
             try:
                 launch_redis_server(root, port)
             except EmbeddedError:
-                port = _free_port()  # the remembered port was taken by someone else meanwhile
+                port = free_port()  # the remembered port was taken by someone else meanwhile
                 launch_redis_server(root, port)
             portfile.write_text(str(port))
         return f"redis://127.0.0.1:{port}/0"
@@ -401,7 +402,8 @@ def stop_redis(state_dir: Path) -> bool:
 # --------------------------------------------------------------------------------------------- resolve
 
 
-def _with_db(url: str, db: str) -> str:
+def with_database(url: str, db: str) -> str:
+    """``url`` naming the database ``db`` on the same server (only the URL's path changes)."""
     parts = urlsplit(url)
     return urlunsplit(parts._replace(path=f"/{db}"))
 
@@ -431,13 +433,13 @@ def resolve_urls(settings: Settings | None = None, *, start: bool = True) -> Url
                 raise EmbeddedError("the embedded Redis is not running (start it with `perf-pipeline up`)")
             redis_url = f"redis://127.0.0.1:{port}/0"
     assert db_url is not None and redis_url is not None
-    dagster_url = settings.dagster_database_url or _with_db(db_url, DAGSTER_DB)
+    dagster_url = settings.dagster_database_url or with_database(db_url, DAGSTER_DB)
     return Urls(db_url, redis_url, dagster_url, embedded_pg, embedded_redis)
 
 
 def ensure_database(url: str) -> None:
     """CREATE DATABASE for the database that ``url`` names, if missing (connects to `postgres`)."""
     name = urlsplit(url).path.lstrip("/")
-    with psycopg.connect(_with_db(url, "postgres"), autocommit=True) as conn:
+    with psycopg.connect(with_database(url, "postgres"), autocommit=True) as conn:
         if conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone() is None:
             conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))

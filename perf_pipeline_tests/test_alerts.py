@@ -3,7 +3,6 @@ and the pruning of Dagster's run history."""
 
 import datetime as dt
 import json
-import socket
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, HTTPServer
@@ -16,6 +15,7 @@ from perf_pipeline.defs.alerts.sensors import alert_on_check_failure, alert_on_r
 from perf_pipeline.defs.maintenance.retention import prune_runs
 from perf_pipeline.defs.resources import PostgresResource
 from perf_pipeline.lib.alerts import Alert, raise_alert
+from perf_pipeline.testing import free_port
 
 
 @dg.asset
@@ -100,9 +100,7 @@ def test_raise_alert_records_once_per_key(clean_alerts: psycopg.Connection, db_u
 
 
 def test_webhook_failure_is_recorded_not_raised(clean_alerts: psycopg.Connection, db_url: str) -> None:
-    with socket.socket() as s:  # a port nobody listens on
-        s.bind(("127.0.0.1", 0))
-        dead = f"http://127.0.0.1:{s.getsockname()[1]}/hook"
+    dead = f"http://127.0.0.1:{free_port()}/hook"  # a port nobody listens on
     with psycopg.connect(db_url) as conn:
         assert raise_alert(
             conn, Alert("check_failure:1", "check_failure", "a:b", "failed", {}), webhook_url=dead
@@ -119,19 +117,19 @@ def test_run_failure_sensor_records_logs_and_posts_one_alert_per_failed_run(
     assert not failed.success
     resources = {"postgres": PostgresResource(url=db_url)}
 
-    def tick() -> None:
+    def tick(run: dg.ExecuteInProcessResult) -> None:
         context = dg.build_run_status_sensor_context(
             sensor_name="alert_on_run_failure",
             dagster_instance=instance,
-            dagster_run=failed.dagster_run,
-            dagster_event=failed.get_run_failure_event(),
+            dagster_run=run.dagster_run,
+            dagster_event=run.get_run_failure_event(),
             resources=resources,
         ).for_run_failure()
         alert_on_run_failure(context)
 
     with caplog.at_level("WARNING", logger="perf_pipeline.lib.alerts"):
-        tick()
-        tick()  # the same failure seen again (retried tick): no second alert, no second POST
+        tick(failed)
+        tick(failed)  # the same failure seen again (retried tick): no second alert, no second POST
     rows = _alerts(clean_alerts)
     assert len(rows) == 1
     key, kind, source, message, status, _ = rows[0]
@@ -143,15 +141,7 @@ def test_run_failure_sensor_records_logs_and_posts_one_alert_per_failed_run(
     )
     assert sum(key in r.getMessage() for r in caplog.records) == 1
 
-    other = dg.materialize([exploding_asset], instance=instance, raise_on_error=False)
-    context = dg.build_run_status_sensor_context(
-        sensor_name="alert_on_run_failure",
-        dagster_instance=instance,
-        dagster_run=other.dagster_run,
-        dagster_event=other.get_run_failure_event(),
-        resources=resources,
-    ).for_run_failure()
-    alert_on_run_failure(context)
+    tick(dg.materialize([exploding_asset], instance=instance, raise_on_error=False))
     assert len(_alerts(clean_alerts)) == 2 and len(webhook.received) == 2
 
 

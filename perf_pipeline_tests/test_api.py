@@ -6,9 +6,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import datetime as dt
-import os
-import signal
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,6 +24,7 @@ from perf_pipeline.lib.cache import DashboardCache, serving_client
 from perf_pipeline.lib.dashboard import TrendRequest, compute_kpis
 from perf_pipeline.lib.rollups import rollup_days
 from perf_pipeline.settings import Settings
+from perf_pipeline.testing import asgi_request, free_port, serve_api, silent_server
 
 ADMIN = "admin-token-0123456789abcdef"
 USER = "user-token-0123456789abcdef"
@@ -266,17 +264,6 @@ def test_openapi_schema_documents_the_endpoints(redis_url: str, pool: psycopg_po
 # ------------------------------------------------------------------------------ Redis down, health
 
 
-@pytest.fixture
-def private_redis(tmp_path: Path) -> Iterator[tuple[str, Path, int]]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    launch_redis_server(tmp_path / "redis", port)
-    yield f"redis://127.0.0.1:{port}/0", tmp_path / "redis", port
-    with contextlib.suppress(FileNotFoundError, ValueError, ProcessLookupError):
-        os.kill(int((tmp_path / "redis" / "redis.pid").read_text()), signal.SIGTERM)
-
-
 def test_healthz_reports_postgres_and_redis(
     private_redis: tuple[str, Path, int], pool: psycopg_pool.ConnectionPool
 ) -> None:
@@ -349,44 +336,21 @@ def test_database_down_is_503_unless_cached(redis_url: str, pool: psycopg_pool.C
 
 
 def test_perf_pipeline_serve_runs_the_api(usage_db: str, redis_url: str) -> None:
-    import subprocess
-    import sys
-    import time
-
     import httpx
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = dict(
-        os.environ,
-        PERF_PIPELINE_DATABASE_URL=usage_db,
-        PERF_PIPELINE_REDIS_URL=redis_url,
-        PERF_PIPELINE_ADMIN_TOKENS=ADMIN,
-    )
-    cli = Path(sys.executable).with_name("perf-pipeline")
-    proc = subprocess.Popen(
-        [str(cli), "serve", "--port", str(port), "--workers", "1"], env=env, start_new_session=True
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                health = httpx.get(f"{base}/healthz", timeout=2)
-                break
-            except httpx.TransportError:
-                assert proc.poll() is None and time.monotonic() < deadline, (
-                    "perf-pipeline serve did not start"
-                )
-                time.sleep(0.2)
+    env = {
+        "PERF_PIPELINE_DATABASE_URL": usage_db,
+        "PERF_PIPELINE_REDIS_URL": redis_url,
+        "PERF_PIPELINE_ADMIN_TOKENS": ADMIN,
+    }
+    with serve_api(env, workers=1, timeout=30) as server:
+        base = server.base
+        health = httpx.get(f"{base}/healthz", timeout=2)
         assert health.status_code == 200 and health.json()["status"] == "ok"
         assert httpx.get(f"{base}{KPIS}").status_code == 401
         kpis = httpx.get(f"{base}{KPIS}", headers=AUTH)
         assert kpis.status_code == 200 and kpis.json()["real_time"]["active_transcriptions"] == 2
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=15)
+    assert server.stopped_cleanly  # SIGTERM stops it (and its workers) within 15 s
 
 
 # ------------------------------------------------------------------------- the near-cache fast path
@@ -453,35 +417,8 @@ def _asgi(
 ) -> tuple[int, dict[str, str], bytes]:
     """One request straight through the ASGI app (no HTTP client in between, so a body sent for a HEAD
     is seen): status, headers, body."""
-    import anyio
-
-    headers = [(b"authorization", f"Bearer {auth}".encode())] if auth else []
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": method,
-        "scheme": "http",
-        "path": path,
-        "raw_path": path.encode(),
-        "root_path": "",
-        "query_string": query,
-        "headers": [(b"host", b"testserver"), *headers],
-        "client": ("127.0.0.1", 50000),
-        "server": ("testserver", 80),
-    }
-    messages: list[dict[str, Any]] = []
-
-    async def receive() -> dict[str, Any]:
-        return {"type": "http.request", "body": b"", "more_body": False}
-
-    async def send(message: dict[str, Any]) -> None:
-        messages.append(message)
-
-    anyio.run(app, scope, receive, send)
-    start = next(m for m in messages if m["type"] == "http.response.start")
-    body = b"".join(m.get("body", b"") for m in messages if m["type"] == "http.response.body")
-    return start["status"], {k.decode(): v.decode() for k, v in start["headers"]}, body
+    status, headers, bodies = asgi_request(app, method, path, query=query, token=auth)
+    return status, headers, b"".join(bodies)
 
 
 def test_percent_encoded_non_ascii_bytes_are_answered_not_500(
@@ -636,19 +573,7 @@ def test_schemathesis_finds_no_server_error_and_no_schema_violation(
 # --------------------------------------------------------------------------------- /healthz timing
 
 
-@contextlib.contextmanager
-def _silent_postgres() -> Iterator[tuple[str, socket.socket]]:
-    """A port that accepts TCP connections and never answers: a hung PostgreSQL, as the client sees it."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        s.listen(64)
-        yield f"postgresql://postgres:not-a-real-password@127.0.0.1:{s.getsockname()[1]}/postgres", s
-
-
-def _closed_port_url() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+def _postgres_url(port: int) -> str:
     return f"postgresql://postgres:not-a-real-password@127.0.0.1:{port}/postgres"
 
 
@@ -661,7 +586,7 @@ def _timed_healthz(client: TestClient) -> tuple[float, Any]:
 
 
 def test_healthz_answers_within_a_second_when_postgres_refuses(redis_url: str) -> None:
-    url = _closed_port_url()
+    url = _postgres_url(free_port())  # nobody listens there: connections are refused
     app = create_app(Settings(database_url=url, redis_url=redis_url, admin_tokens=(ADMIN,)))
     with TestClient(app) as client:  # the served configuration: its own pool, near cache, settings
         elapsed, response = _timed_healthz(client)
@@ -677,7 +602,8 @@ def test_healthz_answers_within_a_second_when_postgres_hangs_without_piling_up_t
 ) -> None:
     import threading
 
-    with _silent_postgres() as (url, listener):
+    with silent_server() as listener:  # a hung PostgreSQL, as the client sees it
+        url = _postgres_url(listener.getsockname()[1])
         app = create_app(Settings(database_url=url, redis_url=redis_url, admin_tokens=(ADMIN,)))
         with TestClient(app) as client:
             errors = []

@@ -40,6 +40,7 @@ from perf_pipeline.lib.partitioning import (
 from perf_pipeline.lib.storage import Store
 from perf_pipeline.lib.workload import WorkloadSpec, load_workload
 from perf_pipeline.settings import PROJECT_ROOT, get_settings
+from perf_pipeline.testing import materialize
 from perf_pipeline_tests.conftest import Location, create_database, drop_database
 
 UTC = dt.UTC
@@ -187,11 +188,13 @@ def test_archive_verify_drop_restore_rearchive(seeded: str, archive_dir: Path | 
         assert a.manifest_row(conn, "audit_log", month).archive_count == 2
 
 
-@pytest.mark.parametrize("step", ["detach", "export", "verify"])
+#: the steps of an archive run after which it may die, before the drop (a month of its own for each)
+_STEPS = ["detach", "export", "verify"]
+
+
+@pytest.mark.parametrize("step", _STEPS)
 def test_crash_after_each_step_is_finished_by_a_rerun(seeded: str, archive_dir: Path, step: str) -> None:
-    month = {"detach": dt.date(2024, 2, 1), "export": dt.date(2024, 4, 1), "verify": dt.date(2024, 5, 1)}[
-        step
-    ]
+    month = [dt.date(2024, 2, 1), dt.date(2024, 4, 1), dt.date(2024, 5, 1)][_STEPS.index(step)]
     with psycopg.connect(seeded, autocommit=True) as conn:
         before = _rows(conn, "audit_log", month)
         with pytest.raises(_Crash):
@@ -224,11 +227,9 @@ with psycopg.connect(url, autocommit=True) as conn:
 """
 
 
-@pytest.mark.parametrize("step", ["detach", "export", "verify"])
+@pytest.mark.parametrize("step", _STEPS)
 def test_sigkill_after_each_step_is_finished_by_a_rerun(seeded: str, archive_dir: Path, step: str) -> None:
-    month = {"detach": dt.date(2024, 1, 1), "export": dt.date(2024, 2, 1), "verify": dt.date(2024, 3, 1)}[
-        step
-    ]
+    month = [dt.date(2024, 1, 1), dt.date(2024, 2, 1), dt.date(2024, 3, 1)][_STEPS.index(step)]
     with psycopg.connect(seeded, autocommit=True) as conn:
         before = _rows(conn, "usage_log", month)
     proc = subprocess.run(
@@ -395,12 +396,7 @@ def test_dagster_archive_asset_check_and_schedule(
     resources = {"postgres": PostgresResource(url=seeded)}
     with psycopg.connect(seeded, autocommit=True) as conn:
         june = len(_rows(conn, "audit_log", dt.date(2024, 6, 1)))
-    res = dg.materialize(
-        [audit_log_archive],
-        partition_key="2024-06-01",
-        resources=resources,
-        instance=dg.DagsterInstance.ephemeral(),
-    )
+    res = materialize([audit_log_archive], seeded, partition_key="2024-06-01")
     mats = res.asset_materializations_for_node("audit_log_archive")
     assert len(mats) == 1 and mats[0].metadata["dagster/row_count"].value == june > 0
     assert mats[0].metadata["state"].value == "dropped"
@@ -522,26 +518,14 @@ def test_usage_retention_rule(seeded: str, archive_dir: Path, monkeypatch: pytes
 
     # the asset: 2024-05 is past 24 months of retention and fully rolled up → archived and dropped
     monkeypatch.setenv("PERF_PIPELINE_ARCHIVE_DIR", str(archive_dir))
-    resources = {"postgres": PostgresResource(url=seeded)}
-    res = dg.materialize(
-        [usage_log_retention],
-        partition_key="2024-05-01",
-        resources=resources,
-        instance=dg.DagsterInstance.ephemeral(),
-    )
+    res = materialize([usage_log_retention], seeded, partition_key="2024-05-01")
     mats = res.asset_materializations_for_node("usage_log_retention")
     assert len(mats) == 1 and mats[0].metadata["dagster/row_count"].value == rows > 0
     with psycopg.connect(seeded, autocommit=True) as conn:
         assert conn.execute("SELECT to_regclass('usage_log_y2024m05') IS NULL").fetchone()[0]
         assert a.manifest_row(conn, "usage_log", may).state == "dropped"
     # a month the rollups still need: the run fails and says which days, the partition stays
-    kept = dg.materialize(
-        [usage_log_retention],
-        partition_key="2024-04-01",
-        resources=resources,
-        instance=dg.DagsterInstance.ephemeral(),
-        raise_on_error=False,
-    )
+    kept = materialize([usage_log_retention], seeded, partition_key="2024-04-01", raise_on_error=False)
     assert not kept.success and kept.asset_materializations_for_node("usage_log_retention") == []
     failure = next(e for e in kept.all_events if e.event_type_value == "STEP_FAILURE")
     assert "usage_log 2024-04 kept" in failure.event_specific_data.error.message

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -18,6 +18,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -36,6 +37,7 @@ from perf_pipeline.audit import (
 )
 from perf_pipeline.lib.migrations import apply_migrations
 from perf_pipeline.settings import PROJECT_ROOT, Settings, SettingsError
+from perf_pipeline.testing import silent_server
 
 USER = "6f1c1a52-8f8e-4c59-9a55-0d3a7b0c2f11"
 DEAD_URL = "postgresql://postgres@127.0.0.1:1/nowhere"  # port 1: connection refused at once
@@ -284,8 +286,29 @@ _CHILD = textwrap.dedent("""
 """)
 
 
+def _wait_until_no_writer_session(conn: psycopg.Connection) -> None:
+    """Wait until no AuditWriter session (application_name perf_pipeline.audit) is connected to this
+    database: a killed client's backend has ended."""
+    _wait_until(
+        lambda: (
+            conn.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'perf_pipeline.audit' "
+                "AND datname = current_database()"
+            ).fetchone()[0]
+            == 0
+        )
+    )
+
+
 def _python_env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
+
+
+def _start_child(script: str, *args: str) -> subprocess.Popen[str]:
+    """``python -c script args…`` with the project importable; its stdout is a text pipe to this test."""
+    return subprocess.Popen(
+        [sys.executable, "-c", script, *args], stdout=subprocess.PIPE, text=True, env=_python_env()
+    )
 
 
 def test_killed_process_spool_is_replayed_in_order(
@@ -293,12 +316,7 @@ def test_killed_process_spool_is_replayed_in_order(
 ) -> None:
     spool, n = scratch_dir / "spool", 3000
     spool.mkdir()
-    child = subprocess.Popen(
-        [sys.executable, "-c", _CHILD, DEAD_URL, str(spool), str(n)],
-        stdout=subprocess.PIPE,
-        text=True,
-        env=_python_env(),
-    )
+    child = _start_child(_CHILD, DEAD_URL, str(spool), str(n))
     try:
         assert child.stdout is not None
         assert child.stdout.readline().split() == ["READY", str(n)]
@@ -364,12 +382,7 @@ def test_sigkill_under_saturation_with_blocked_database_loses_only_the_last_inte
     locker = psycopg.connect(db_url)
     try:
         locker.execute("LOCK TABLE audit_log IN ACCESS EXCLUSIVE MODE")
-        child = subprocess.Popen(
-            [sys.executable, "-c", _SATURATED_CHILD, db_url, str(spool), str(counts)],
-            stdout=subprocess.PIPE,
-            text=True,
-            env=_python_env(),
-        )
+        child = _start_child(_SATURATED_CHILD, db_url, str(spool), str(counts))
         try:
             assert child.stdout is not None and child.stdout.readline().strip() == "READY"
             started = time.monotonic()
@@ -394,15 +407,7 @@ def test_sigkill_under_saturation_with_blocked_database_loses_only_the_last_inte
     finally:
         locker.rollback()  # the dead client's waiting COPY then fails: it commits nothing
         locker.close()
-    _wait_until(
-        lambda: (
-            clean.execute(
-                "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'perf_pipeline.audit' "
-                "AND datname = current_database()"
-            ).fetchone()[0]
-            == 0
-        )
-    )
+    _wait_until_no_writer_session(clean)
     assert _count(clean) == (0, 0)  # nothing went in while the lock was held: all from the spool
     with AuditWriter(db_url, spool_dir=spool, flush_interval_ms=5, metrics_interval_s=None) as replay:
         assert replay.flush(120)
@@ -522,27 +527,29 @@ def test_without_spool_a_full_queue_blocks_then_raises(db_url: str) -> None:
         _log(writer, 100)
 
 
-def _silent_server() -> tuple[socket.socket, str]:
-    """A TCP port that accepts connections and never answers: a database stuck in connect."""
-    srv = socket.socket()
-    srv.bind(("127.0.0.1", 0))
-    srv.listen(16)
-    return srv, f"postgresql://postgres@127.0.0.1:{srv.getsockname()[1]}/stuck"
+def _assert_spool_replays(clean: psycopg.Connection, db_url: str, spool: Path, logged: list[str]) -> None:
+    """A new writer on the healthy database replays ``spool`` within 30 s; audit_log then holds exactly
+    ``logged``, in that order."""
+    with AuditWriter(db_url, spool_dir=spool, flush_interval_ms=5) as replay:
+        assert replay.flush(30)
+    assert _ids_in_delivery_order(clean) == logged
+
+
+@contextlib.contextmanager
+def _writer_stuck_in_connect(scratch_dir: Path, **kwargs: Any) -> Iterator[AuditWriter]:
+    """An AuditWriter spooling to ``scratch_dir`` whose database accepts connections and never answers (a
+    database stuck in connect; the writer gives up after 2 s, then tries again); the port is closed on exit."""
+    with silent_server() as listener:
+        stuck_url = f"postgresql://postgres@127.0.0.1:{listener.getsockname()[1]}/stuck"
+        yield AuditWriter(
+            stuck_url, flush_interval_ms=5, spool_dir=scratch_dir, connect_timeout_s=2, **kwargs
+        )
 
 
 def test_with_spool_a_full_queue_spills_and_order_is_kept(
     clean: psycopg.Connection, db_url: str, scratch_dir: Path
 ) -> None:
-    srv, stuck_url = _silent_server()
-    try:
-        writer = AuditWriter(
-            stuck_url,
-            batch_size=50,
-            max_queue=100,
-            flush_interval_ms=5,
-            spool_dir=scratch_dir,
-            connect_timeout_s=2,
-        )
+    with _writer_stuck_in_connect(scratch_dir, batch_size=50, max_queue=100) as writer:
         logged = [_log(writer, 0)]
         _wait_until(
             lambda: writer.metrics()["spooled"] == 1
@@ -559,12 +566,8 @@ def test_with_spool_a_full_queue_spills_and_order_is_kept(
         # the database still hangs, yet every event reaches the spool (the spooler does not wait for it)
         _wait_until(lambda: writer.metrics()["spooled"] == 351)
         writer.close(timeout=1)
-    finally:
-        srv.close()
     assert len(list(scratch_dir.glob("*.copy"))) >= 8  # no segment holds more than batch_size events
-    with AuditWriter(db_url, spool_dir=scratch_dir, flush_interval_ms=5) as replay:
-        assert replay.flush(30)
-    assert _ids_in_delivery_order(clean) == logged
+    _assert_spool_replays(clean, db_url, scratch_dir, logged)
 
 
 def test_a_producer_spools_the_queue_when_the_spooler_is_late(
@@ -587,9 +590,7 @@ def test_a_producer_spools_the_queue_when_the_spooler_is_late(
         monkeypatch.undo()
     finally:
         writer.close(timeout=1)
-    with AuditWriter(db_url, spool_dir=scratch_dir, flush_interval_ms=5) as replay:
-        assert replay.flush(30)
-    assert _ids_in_delivery_order(clean) == logged
+    _assert_spool_replays(clean, db_url, scratch_dir, logged)
 
 
 def test_rows_the_database_refuses_are_set_aside_and_the_rest_delivered(
@@ -764,15 +765,7 @@ def test_close_while_delivery_is_stuck_keeps_queued_events(
     logged = ids_line.split()
     _, done, alive, dropped = closed_line.split()
     assert len(logged) == 15 and done == "False" and alive == "True"  # the scenario really happened
-    _wait_until(
-        lambda: (
-            clean.execute(
-                "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'perf_pipeline.audit' "
-                "AND datname = current_database()"
-            ).fetchone()[0]
-            == 0
-        )
-    )
+    _wait_until_no_writer_session(clean)
     assert _count(clean) == (0, 0)
     if not with_spool:
         assert int(dropped) == 5  # the queued events, counted and logged as lost
@@ -828,17 +821,9 @@ def test_queue_byte_budget_without_spool_blocks_then_raises() -> None:
 def test_queue_byte_budget_with_spool_spills(
     clean: psycopg.Connection, db_url: str, scratch_dir: Path
 ) -> None:
-    srv, stuck_url = _silent_server()
-    try:
-        writer = AuditWriter(
-            stuck_url,
-            batch_size=10,
-            max_queue=100_000,
-            max_queue_bytes=30_000,
-            flush_interval_ms=5,
-            spool_dir=scratch_dir,
-            connect_timeout_s=2,
-        )
+    with _writer_stuck_in_connect(
+        scratch_dir, batch_size=10, max_queue=100_000, max_queue_bytes=30_000
+    ) as writer:
         logged = [_big(writer, 0)]
         _wait_until(lambda: writer.metrics()["spooled"] == 1)  # the flusher hangs in connect() for 2 s
         logged += [_big(writer, i) for i in range(1, 200)]
@@ -847,11 +832,7 @@ def test_queue_byte_budget_with_spool_spills(
         assert m["queued_bytes"] <= 30_000 and m["dropped"] == 0
         _wait_until(lambda: writer.metrics()["spooled"] == 200)
         writer.close(timeout=1)
-    finally:
-        srv.close()
-    with AuditWriter(db_url, spool_dir=scratch_dir, flush_interval_ms=5) as replay:
-        assert replay.flush(30)
-    assert _ids_in_delivery_order(clean) == logged
+    _assert_spool_replays(clean, db_url, scratch_dir, logged)
 
 
 def _failing_spool_writes(writer: AuditWriter, monkeypatch: pytest.MonkeyPatch) -> list[int]:
@@ -884,9 +865,7 @@ def test_spool_disk_full_while_database_down_keeps_memory_bounded(
     finally:
         writer.close(timeout=0.5)
     assert writer.metrics()["dropped"] == 0
-    with AuditWriter(db_url, spool_dir=scratch_dir, flush_interval_ms=5) as replay:
-        assert replay.flush(30)
-    assert _ids_in_delivery_order(clean) == logged
+    _assert_spool_replays(clean, db_url, scratch_dir, logged)
 
 
 def test_spool_disk_full_while_database_up_still_delivers(

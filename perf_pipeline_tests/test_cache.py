@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import os
-import signal
-import socket
 import threading
 import time
 import uuid
@@ -358,20 +355,6 @@ def test_invalidation_makes_every_entry_stale_without_keys(
 
 
 # ------------------------------------------------------------------------- Redis down or slow
-
-
-@pytest.fixture
-def private_redis(tmp_path: Path) -> Iterator[tuple[str, Path, int]]:
-    """A redis-server of this test only (so it can be stopped); yields (url, dir, port)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    pid = launch_redis_server(tmp_path / "redis", port)
-    yield f"redis://127.0.0.1:{port}/0", tmp_path / "redis", port
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGTERM)
-    with contextlib.suppress(FileNotFoundError, ValueError, ProcessLookupError):
-        os.kill(int((tmp_path / "redis" / "redis.pid").read_text()), signal.SIGTERM)
 
 
 def _stop(url: str) -> None:

@@ -7,12 +7,11 @@ import subprocess
 import sys
 import tempfile
 
-import dagster as dg
 import psycopg
 
-from perf_pipeline.defs.resources import PostgresResource
 from perf_pipeline.defs.schema.assets import platform_schema
 from perf_pipeline.settings import PROJECT_ROOT
+from perf_pipeline.testing import materialize
 
 
 def test_definitions_load() -> None:
@@ -50,19 +49,11 @@ def test_dagster_definitions_validate() -> None:
 
 
 def test_platform_schema_materializes_on_an_empty_database(empty_db_url: str) -> None:
-    result = dg.materialize(
-        [platform_schema],
-        resources={"postgres": PostgresResource(url=empty_db_url)},
-        instance=dg.DagsterInstance.ephemeral(),
-    )
+    result = materialize([platform_schema], empty_db_url)
     assert result.success
     metadata = result.asset_materializations_for_node("platform_schema")[0].metadata
     assert metadata["applied"].value == metadata["migrations"].value > 0
     with psycopg.connect(empty_db_url) as conn:
         assert conn.execute("SELECT to_regclass('audit_log') IS NOT NULL").fetchone()[0]
-    again = dg.materialize(
-        [platform_schema],
-        resources={"postgres": PostgresResource(url=empty_db_url)},
-        instance=dg.DagsterInstance.ephemeral(),
-    )
+    again = materialize([platform_schema], empty_db_url)
     assert again.asset_materializations_for_node("platform_schema")[0].metadata["applied"].value == 0

@@ -7,12 +7,10 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import os
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import anyio
 import psycopg
 import psycopg_pool
 import pytest
@@ -25,6 +23,7 @@ from perf_pipeline.lib import exports as ex
 from perf_pipeline.lib.cache import DashboardCache, serving_client
 from perf_pipeline.lib.workload import WorkloadSpec, load_workload
 from perf_pipeline.settings import Settings
+from perf_pipeline.testing import asgi_request, free_port
 from perf_pipeline_tests.conftest import Location
 
 ADMIN = "admin-token-0123456789abcdef"
@@ -164,37 +163,9 @@ def test_a_finished_export_whose_file_is_gone_or_changed_is_410(
 def _asgi_body_messages(
     app: Any, method: str, path: str, token: str
 ) -> tuple[int, dict[str, str], list[bytes]]:
-    """One request straight through the ASGI app: status, headers and each body message as sent."""
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": method,
-        "scheme": "http",
-        "path": path,
-        "raw_path": path.encode(),
-        "root_path": "",
-        "query_string": b"",
-        "headers": [(b"host", b"testserver"), (b"authorization", f"Bearer {token}".encode())],
-        "client": ("127.0.0.1", 50000),
-        "server": ("testserver", 80),
-    }
-    messages: list[dict[str, Any]] = []
-    received: list[bool] = []
-
-    async def receive() -> dict[str, Any]:
-        if received:  # the client stays connected: a streamed answer waits for a disconnect that never comes
-            await anyio.sleep_forever()
-        received.append(True)
-        return {"type": "http.request", "body": b"", "more_body": False}
-
-    async def send(message: dict[str, Any]) -> None:
-        messages.append(message)
-
-    anyio.run(app, scope, receive, send)
-    start = next(m for m in messages if m["type"] == "http.response.start")
-    bodies = [m.get("body", b"") for m in messages if m["type"] == "http.response.body"]
-    return start["status"], {k.decode(): v.decode() for k, v in start["headers"]}, bodies
+    """One request straight through the ASGI app: status, headers and each body message as sent (the client
+    stays connected: a streamed answer waits for a disconnect that never comes)."""
+    return asgi_request(app, method, path, token=token, stay_connected=True)
 
 
 def test_a_large_file_streams_in_bounded_chunks_and_head_does_not_read_it(
@@ -237,9 +208,7 @@ def test_storage_down_is_503_not_500(
     bucket = seaweedfs_server.create_bucket()  # type: ignore[attr-defined]
     try:
         req = _export(loaded, f"s3://{bucket}/x", OWNER)
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            closed = s.getsockname()[1]
+        closed = free_port()
         monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{closed}")  # the store is unreachable
         got = client.get(f"/api/v1/exports/{req['id']}/file", headers=_auth(OWNER_TOKEN))
         assert got.status_code == 503 and got.json() == {"detail": "the file storage is unavailable"}

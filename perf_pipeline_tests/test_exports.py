@@ -1013,19 +1013,10 @@ def test_a_lost_connection_retries_the_step_in_the_same_run(
     assert (req["rows"],) == expected and _visible(scratch_dir) == [Path(req["file_path"]).name]
 
 
-def test_cli_request_status_run(
-    loaded: str, scratch_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    from perf_pipeline.cli import main
-
-    monkeypatch.setenv("PERF_PIPELINE_DATABASE_URL", loaded)
-    monkeypatch.setenv(
-        "PERF_PIPELINE_REDIS_URL", "redis://127.0.0.1:1/0"
-    )  # not used; keeps embedded Redis off
-    monkeypatch.setenv("PERF_PIPELINE_EXPORT_DIR", str(scratch_dir))
+def test_cli_request_status_run(cli: Any, capsys: pytest.CaptureFixture[str]) -> None:
     start = str(dt.date.today() - dt.timedelta(days=3))
     assert (
-        main(
+        cli(
             [
                 "export",
                 "request",
@@ -1044,28 +1035,30 @@ def test_cli_request_status_run(
         == 0
     )
     request_id = int(capsys.readouterr().out.strip())
-    assert main(["export", "status", str(request_id)]) == 0
+    assert cli(["export", "status", str(request_id)]) == 0
     assert "status: pending" in capsys.readouterr().out
-    assert main(["export", "run", str(request_id)]) == 0
-    assert main(["export", "status", str(request_id)]) == 0
+    assert cli(["export", "run", str(request_id)]) == 0
+    assert cli(["export", "status", str(request_id)]) == 0
     out = capsys.readouterr().out
     assert "status: succeeded" in out and "sha256: " in out
     assert (
-        main(["export", "request", "--requested-by", REQUESTER, "--kind", "usage_log", "--severity", "high"])
+        cli(["export", "request", "--requested-by", REQUESTER, "--kind", "usage_log", "--severity", "high"])
         == 2
     )
     assert "unknown filter key" in capsys.readouterr().err
-    assert main(["export", "status", "999999"]) == 1
+    assert cli(["export", "status", "999999"]) == 1
 
 
-def _cli(monkeypatch: pytest.MonkeyPatch, url: str, folder: Path) -> Any:
+@pytest.fixture
+def cli(loaded: str, scratch_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """``perf_pipeline.cli.main`` configured for the loaded database, exports into ``scratch_dir``."""
     from perf_pipeline.cli import main
 
-    monkeypatch.setenv("PERF_PIPELINE_DATABASE_URL", url)
+    monkeypatch.setenv("PERF_PIPELINE_DATABASE_URL", loaded)
     monkeypatch.setenv(
         "PERF_PIPELINE_REDIS_URL", "redis://127.0.0.1:1/0"
     )  # not used; keeps embedded Redis off
-    monkeypatch.setenv("PERF_PIPELINE_EXPORT_DIR", str(folder))
+    monkeypatch.setenv("PERF_PIPELINE_EXPORT_DIR", str(scratch_dir))
     return main
 
 
@@ -1083,64 +1076,44 @@ def _cli(monkeypatch: pytest.MonkeyPatch, url: str, folder: Path) -> Any:
     ids=["end-9999", "start-0001", "both-absurd", "end-invalid", "huge-user", "huge-kind", "format"],
 )
 def test_cli_refuses_a_bad_request_in_one_line(
-    loaded: str,
-    db: psycopg.Connection,
-    scratch_dir: Path,
-    monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str],
-    args: list[str],
-    fragment: str,
+    cli: Any, db: psycopg.Connection, capsys: pytest.CaptureFixture[str], args: list[str], fragment: str
 ) -> None:
-    main = _cli(monkeypatch, loaded, scratch_dir)
     (before,) = db.execute("SELECT count(*) FROM data_export").fetchone()
-    assert main(["export", "request", "--requested-by", REQUESTER, *args]) == 2
+    assert cli(["export", "request", "--requested-by", REQUESTER, *args]) == 2
     out, err = capsys.readouterr()
     assert out == "" and err.startswith("error: ") and err.count("\n") == 1, err[:500]
     assert fragment in err and len(err) < 600 and "Traceback" not in err
     assert db.execute("SELECT count(*) FROM data_export").fetchone() == (before,)  # nothing filed
 
 
-def test_cli_refuses_a_requester_that_is_not_a_uuid(
-    loaded: str, scratch_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    main = _cli(monkeypatch, loaded, scratch_dir)
-    assert main(["export", "request", "--requested-by", "not-a-uuid", "--kind", "audit_log"]) == 2
+def test_cli_refuses_a_requester_that_is_not_a_uuid(cli: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli(["export", "request", "--requested-by", "not-a-uuid", "--kind", "audit_log"]) == 2
     err = capsys.readouterr().err
     assert err == "error: requested_by is not a UUID: 'not-a-uuid'\n"
 
 
 def test_cli_run_of_a_bad_row_fails_it_in_one_line(
-    loaded: str,
-    db: psycopg.Connection,
-    scratch_dir: Path,
-    monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str],
+    cli: Any, db: psycopg.Connection, scratch_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    main = _cli(monkeypatch, loaded, scratch_dir)
     for filters_json, fragment in (('{"end": "9999-12-31"}', "dates must be between"), (DEEP, "too deeply")):
         request_id = _raw_request(db, "audit_log", "csv.gz", filters_json)
-        assert main(["export", "run", str(request_id)]) == 2
+        assert cli(["export", "run", str(request_id)]) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and err.count("\n") == 1 and fragment in err, err[:500]
         req = ex.get_request(db, request_id)
         assert req is not None and req["status"] == "failed" and fragment in req["error"]
-        assert main(["export", "status", str(request_id)]) == 1  # prints the row, deep filters included
+        assert cli(["export", "status", str(request_id)]) == 1  # prints the row, deep filters included
         assert f"id: {request_id}" in capsys.readouterr().out
     assert _visible(scratch_dir) == []
 
 
 def test_cli_run_of_a_request_held_elsewhere_is_one_line(
-    loaded: str,
-    db: psycopg.Connection,
-    scratch_dir: Path,
-    monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str],
+    loaded: str, cli: Any, db: psycopg.Connection, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    main = _cli(monkeypatch, loaded, scratch_dir)
     request_id = _request(db, "usage_log", "csv.gz", {})
     with psycopg.connect(loaded, autocommit=True) as holder:
         holder.execute("SELECT pg_advisory_lock(%s, %s)", (Locks.EXPORT_CLASS, request_id))
-        assert main(["export", "run", str(request_id)]) == 1
+        assert cli(["export", "run", str(request_id)]) == 1
     err = capsys.readouterr().err
     assert err == f"error: export request {request_id} is being run by another process\n"
 

@@ -16,11 +16,9 @@ from dataclasses import dataclass
 from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
 
-import dagster as dg
 import psycopg
 import pytest
 
-from perf_pipeline.defs.resources import PostgresResource
 from perf_pipeline.defs.rollups.kpi_buckets import (
     CHECK_RECONCILED,
     CHECK_TRUSTED,
@@ -31,6 +29,7 @@ from perf_pipeline.lib import kpi_buckets as kb
 from perf_pipeline.lib.dashboard import compute_kpis
 from perf_pipeline.lib.db import Locks
 from perf_pipeline.lib.partitioning import ensure_partitions
+from perf_pipeline.testing import materialize
 
 UTC = dt.UTC
 HOUR = dt.timedelta(hours=1)
@@ -367,12 +366,7 @@ def test_bad_buckets_are_rolled_back_and_fail_the_blocking_check(
         return text.replace("count(*)   ", "count(*) + 1") if name == "kpi_buckets_seal" else text
 
     monkeypatch.setattr(kb, "load_query", corrupt)
-    run = dg.materialize(
-        [usage_kpi_buckets],
-        resources={"postgres": PostgresResource(url=loaded_url)},
-        instance=dg.DagsterInstance.ephemeral(),
-        raise_on_error=False,
-    )
+    run = materialize([usage_kpi_buckets], loaded_url, raise_on_error=False)
     check = next(e for e in run.get_asset_check_evaluations() if e.check_name == CHECK_RECONCILED)
     assert not check.passed and check.blocking
     assert check.metadata["mismatching_buckets"].value >= 1
@@ -513,11 +507,7 @@ def test_bad_input_is_refused(conn: psycopg.Connection, loaded_url: str) -> None
 
 def test_asset_seals_with_its_check(loaded_url: str, conn: psycopg.Connection) -> None:
     conn.execute("DELETE FROM usage_kpi_buckets")
-    run = dg.materialize(
-        [usage_kpi_buckets],
-        resources={"postgres": PostgresResource(url=loaded_url)},
-        instance=dg.DagsterInstance.ephemeral(),
-    )
+    run = materialize([usage_kpi_buckets], loaded_url)
     assert run.success
     meta = run.asset_materializations_for_node("usage_kpi_buckets")[0].metadata
     assert meta["committed"].value is True and meta["buckets_sealed"].value >= ALL_TRUSTED - 2

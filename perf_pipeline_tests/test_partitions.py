@@ -28,6 +28,7 @@ from perf_pipeline.defs.resources import PostgresResource
 from perf_pipeline.lib import partitioning as p
 from perf_pipeline.lib.db import load_query
 from perf_pipeline.settings import get_settings
+from perf_pipeline.testing import PacedWriter, usage_writer
 
 UTC = dt.UTC
 
@@ -355,36 +356,18 @@ def test_a_move_killed_at_any_moment_loses_nothing_and_hides_nothing(
     assert p.move_copies(db, "usage_log") == []
 
 
-class _Writer(threading.Thread):
+def _audit_writer(url: str, rate: float = 300) -> PacedWriter:
     """Inserts into audit_log (current month) at ~``rate``/s on its own connection; records latencies/failures."""
-
-    def __init__(self, url: str, rate: float = 300) -> None:
-        super().__init__(daemon=True)
-        self.url, self.interval = url, 1 / rate
-        self.stop = threading.Event()
-        self.latencies: list[float] = []
-        self.failures: list[BaseException] = []
-
-    def run(self) -> None:
-        with psycopg.connect(self.url, autocommit=True) as conn:
-            nxt = time.perf_counter()
-            while not self.stop.is_set():
-                t0 = time.perf_counter()
-                try:
-                    conn.execute(
-                        "INSERT INTO audit_log (event_type, operation, description) "
-                        "VALUES ('session.create', 'create', 'writer')"
-                    )
-                except BaseException as exc:  # recorded: the test asserts there are none
-                    self.failures.append(exc)
-                self.latencies.append((time.perf_counter() - t0) * 1000)
-                nxt += self.interval
-                time.sleep(max(0.0, nxt - time.perf_counter()))
+    return PacedWriter(
+        url,
+        rate,
+        "INSERT INTO audit_log (event_type, operation, description) VALUES ('session.create', 'create', 'writer')",
+    )
 
 
 def test_concurrent_writer_never_fails_during_partition_creation(db_url: str, db: psycopg.Connection) -> None:
     p.ensure_partition(db, "audit_log", dt.datetime.now(UTC).date())
-    writer = _Writer(db_url)
+    writer = _audit_writer(db_url)
     writer.start()
     time.sleep(0.3)
     created = p.create_partitions_ahead(db, "audit_log", dt.datetime.now(UTC).date(), 24)
@@ -460,37 +443,6 @@ def test_a_move_that_cannot_get_its_locks_changes_nothing(db_url: str, db: psyco
     assert audit_log_default_partition_empty(**resources).passed
 
 
-class _MonthWriter(threading.Thread):
-    """Inserts single rows of ``month`` into usage_log at ``rate``/s, each committed; records failures."""
-
-    def __init__(self, url: str, month: dt.date, rate: float) -> None:
-        super().__init__(daemon=True)
-        self.url, self.month, self.interval = url, month, 1 / rate
-        self.stop = threading.Event()
-        self.written = 0
-        self.failures: list[BaseException] = []
-        self.max_ms = 0.0
-
-    def run(self) -> None:
-        base = dt.datetime(self.month.year, self.month.month, 1, tzinfo=UTC)
-        with psycopg.connect(self.url, autocommit=True) as conn:
-            nxt = time.perf_counter()
-            while not self.stop.is_set():
-                t0 = time.perf_counter()
-                try:
-                    conn.execute(
-                        "INSERT INTO usage_log (user_id, created_at, duration_minutes, cost_usd, stt_provider) "
-                        "VALUES (gen_random_uuid(), %s, 1, 0.01, 'google')",
-                        (base + dt.timedelta(seconds=self.written % 2_000_000),),
-                    )
-                    self.written += 1
-                except BaseException as exc:  # recorded: the test asserts there are none
-                    self.failures.append(exc)
-                self.max_ms = max(self.max_ms, (time.perf_counter() - t0) * 1000)
-                nxt += self.interval
-                time.sleep(max(0.0, nxt - time.perf_counter()))
-
-
 @pytest.mark.parametrize("rate", [200, 500])
 def test_move_under_a_live_writer_keeps_rows_visible_and_the_writer_working(
     db_url: str, db: psycopg.Connection, rate: int
@@ -507,7 +459,7 @@ def test_move_under_a_live_writer_keeps_rows_visible_and_the_writer_working(
         "FROM generate_series(0, 29999) g",
         (dt.datetime(month.year, month.month, 1, tzinfo=UTC),),
     )
-    writer = _MonthWriter(db_url, month, rate)
+    writer = usage_writer(db_url, month, rate)
     seen: list[int] = []
     stop_reader = threading.Event()
 

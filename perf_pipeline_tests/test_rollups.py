@@ -63,6 +63,27 @@ class Row:
     billable: bool
     provider: str
 
+    @classmethod
+    def at(
+        cls,
+        user_id: uuid.UUID,
+        day: dt.date,
+        hour: int,
+        minutes: str | int,
+        cost: str | int,
+        billable: bool = True,
+        provider: str = "google",
+    ) -> Row:
+        """A row of ``day`` at ``hour``:00 UTC (``minutes`` and ``cost`` as Decimal literals)."""
+        return cls(
+            user_id,
+            dt.datetime.combine(day, dt.time(hour), UTC),
+            Decimal(minutes),
+            Decimal(cost),
+            billable,
+            provider,
+        )
+
 
 def _generate() -> list[Row]:
     rnd = random.Random(2024)
@@ -418,30 +439,14 @@ def test_late_rows_rerun_exactly_their_day(loaded_url: str, conn: psycopg.Connec
     assert loop.tick()["usage_daily_metrics"] == set()  # nothing changed since
 
     late_day = DAYS[5]
-    late = Row(
-        USERS[3],
-        dt.datetime.combine(late_day, dt.time(12), UTC),
-        Decimal("7.77"),
-        Decimal("1.2345"),
-        True,
-        "newprovider",
-    )
+    late = Row.at(USERS[3], late_day, 12, "7.77", "1.2345", provider="newprovider")
     now_row = Row(USERS[3], dt.datetime.now(UTC), Decimal("1.00"), Decimal("0.0100"), True, "google")
     _insert(conn, [late, now_row])  # today's row is the schedule's business: not marked
     not_rolled = DAYS[0] - dt.timedelta(days=30)  # marked, but never rolled up: left to its first rollup
     ensure_partitions(conn, "usage_log", [not_rolled])
     _insert(
         conn,
-        [
-            Row(
-                USERS[4],
-                dt.datetime.combine(not_rolled, dt.time(1), UTC),
-                Decimal(1),
-                Decimal(0),
-                False,
-                "google",
-            )
-        ],
+        [Row.at(USERS[4], not_rolled, 1, 1, 0, billable=False)],
     )
     assert {r[0] for r in conn.execute("SELECT day FROM usage_rollup_stale_days")} == {late_day, not_rolled}
 
@@ -533,14 +538,7 @@ def test_late_writer_in_flight_is_never_lost(
     before = _table(conn)[day][0]
     if mark_exists:
         conn.execute("INSERT INTO usage_rollup_stale_days (day) VALUES (%s)", (day,))
-    row = Row(
-        USERS[5],
-        dt.datetime.combine(day, dt.time(3), UTC),
-        Decimal("3.00"),
-        Decimal("0.0300"),
-        True,
-        "google",
-    )
+    row = Row.at(USERS[5], day, 3, "3.00", "0.0300")
     box: dict[str, rollups.RollupResult] = {}
     with psycopg.connect(loaded_url) as writer:
         _insert(writer, [row])
@@ -708,14 +706,7 @@ def test_period_user_sets_keep_weekly_monthly_users_exact_for_any_range(conn: ps
 
     # a late row of a new user on a closed day: its week and month are recomputed, the counts follow
     newcomer = uuid.UUID(int=_RND.getrandbits(128))
-    late = Row(
-        newcomer,
-        dt.datetime.combine(DAYS[2], dt.time(9), UTC),
-        Decimal("1.00"),
-        Decimal("0.1"),
-        True,
-        "google",
-    )
+    late = Row.at(newcomer, DAYS[2], 9, "1.00", "0.1")
     _insert(conn, [late])
     try:
         rerun = rollups.rollup_days(conn, DAYS[2], DAYS[2] + dt.timedelta(days=1))

@@ -8,7 +8,6 @@ import contextlib
 import hashlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ import pytest
 
 from perf_pipeline.lib.storage import StorageError, open_store
 from perf_pipeline.settings import PROJECT_ROOT
+from perf_pipeline.testing import free_port
 from perf_pipeline_tests.conftest import Location
 
 KEY = "audit_log/month.parquet"
@@ -138,9 +138,7 @@ def test_a_missing_bucket_or_refused_credentials_name_the_setting(
         assert "wrong-secret" not in str(info.value) and secret not in str(info.value)
 
         monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            closed = s.getsockname()[1]
+        closed = free_port()
         monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{closed}")
         started = time.monotonic()
         with pytest.raises(StorageError, match=f"cannot reach bucket .* at http://127.0.0.1:{closed}"):

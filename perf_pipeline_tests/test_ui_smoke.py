@@ -10,19 +10,21 @@ import contextlib
 import datetime as dt
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 import requests
 from dagster_graphql import DagsterGraphQLClient
 
+from perf_pipeline.dev import LAUNCH_RUN
 from perf_pipeline.settings import PROJECT_ROOT
+from perf_pipeline.testing import free_port
 from perf_pipeline_tests.conftest import create_database, drop_database
 
 REPO_QUERY = """
@@ -42,22 +44,36 @@ query {
 }
 """
 
-LAUNCH = """
-mutation($params: ExecutionParams!) {
-  launchRun(executionParams: $params) {
-    __typename
-    ... on LaunchRunSuccess { run { runId } }
-    ... on PythonError { message }
-    ... on InvalidSubsetError { message }
-  }
-}
-"""
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _launch_and_succeed(
+    webserver: DagsterGraphQLClient,
+    repository: str,
+    asset: str,
+    *,
+    timeout: float,
+    tags: dict[str, str] | None = None,
+) -> None:
+    """Launch a run of ``asset`` (with ``tags``) through GraphQL, as the UI does, and assert it succeeds
+    within ``timeout`` seconds."""
+    params: dict[str, Any] = {
+        "selector": {
+            "repositoryLocationName": "perf_pipeline",
+            "repositoryName": repository,
+            "jobName": "__ASSET_JOB",
+            "assetSelection": [{"path": [asset]}],
+        },
+        "runConfigData": {},
+    }
+    if tags:
+        params["executionMetadata"] = {"tags": [{"key": k, "value": v} for k, v in tags.items()]}
+    launched = webserver._execute(LAUNCH_RUN, {"params": params})["launchRun"]
+    assert launched["__typename"] == "LaunchRunSuccess", launched
+    run_id = launched["run"]["runId"]
+    deadline = time.monotonic() + timeout
+    while (status := webserver.get_run_status(run_id).value) not in ("SUCCESS", "FAILURE", "CANCELED"):
+        assert time.monotonic() < deadline, f"run {run_id} still {status}"
+        time.sleep(1)
+    assert status == "SUCCESS"
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +95,7 @@ def webserver(
         "run_coordinator:\n  module: dagster._core.run_coordinator\n  class: DefaultRunCoordinator\n"
         "telemetry:\n  enabled: false\n"
     )
-    port = _free_port()
+    port = free_port()
     env = dict(
         os.environ,
         DAGSTER_HOME=str(home),
@@ -148,23 +164,7 @@ def test_lists_every_definition_and_materializes(webserver: DagsterGraphQLClient
     assert {s["name"] for s in repo["schedules"]} == {s.name for s in repository.schedule_defs}
     assert {s["name"] for s in repo["sensors"]} == {s.name for s in repository.sensor_defs}
 
-    params = {
-        "selector": {
-            "repositoryLocationName": "perf_pipeline",
-            "repositoryName": repo["name"],
-            "jobName": "__ASSET_JOB",
-            "assetSelection": [{"path": ["platform_schema"]}],
-        },
-        "runConfigData": {},
-    }
-    launched = webserver._execute(LAUNCH, {"params": params})["launchRun"]
-    assert launched["__typename"] == "LaunchRunSuccess", launched
-    run_id = launched["run"]["runId"]
-    deadline = time.monotonic() + 90
-    while (status := webserver.get_run_status(run_id).value) not in ("SUCCESS", "FAILURE", "CANCELED"):
-        assert time.monotonic() < deadline, f"run {run_id} still {status}"
-        time.sleep(1)
-    assert status == "SUCCESS"
+    _launch_and_succeed(webserver, repo["name"], "platform_schema", timeout=90)
 
 
 LINEAGE = """
@@ -269,29 +269,11 @@ def test_a_range_run_shows_each_days_own_numbers(webserver: DagsterGraphQLClient
                 (dt.datetime.combine(day, dt.time(1), dt.UTC), 10 * (i + 1)),
             )
     (repo,) = webserver._execute(REPO_QUERY)["repositoriesOrError"]["nodes"]
-    params = {
-        "selector": {
-            "repositoryLocationName": "perf_pipeline",
-            "repositoryName": repo["name"],
-            "jobName": "__ASSET_JOB",
-            "assetSelection": [{"path": ["usage_daily_metrics"]}],
-        },
-        "runConfigData": {},
-        "executionMetadata": {
-            "tags": [
-                {"key": "dagster/asset_partition_range_start", "value": days[0].isoformat()},
-                {"key": "dagster/asset_partition_range_end", "value": days[-1].isoformat()},
-            ]
-        },
+    range_tags = {
+        "dagster/asset_partition_range_start": days[0].isoformat(),
+        "dagster/asset_partition_range_end": days[-1].isoformat(),
     }
-    launched = webserver._execute(LAUNCH, {"params": params})["launchRun"]
-    assert launched["__typename"] == "LaunchRunSuccess", launched
-    run_id = launched["run"]["runId"]
-    deadline = time.monotonic() + 120
-    while (status := webserver.get_run_status(run_id).value) not in ("SUCCESS", "FAILURE", "CANCELED"):
-        assert time.monotonic() < deadline, f"run {run_id} still {status}"
-        time.sleep(1)
-    assert status == "SUCCESS"
+    _launch_and_succeed(webserver, repo["name"], "usage_daily_metrics", timeout=120, tags=range_tags)
     events = webserver._execute(
         DAY_METADATA, {"key": {"path": ["usage_daily_metrics"]}, "partitions": [d.isoformat() for d in days]}
     )["assetOrError"]["assetMaterializations"]

@@ -29,11 +29,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from bench.harness import BenchContext, scenario
 from perf_pipeline.lib import exports
 from perf_pipeline.lib.db import connect
-from perf_pipeline.lib.workload import WorkloadSpec, load_workload
+from perf_pipeline.lib.workload import LoadResult, WorkloadSpec, load_workload
 from perf_pipeline.settings import PROJECT_ROOT
 from perf_pipeline.testing import seaweedfs
 
@@ -49,6 +50,12 @@ def _scale() -> tuple[int, int, int]:
     if os.environ.get("BENCH_SCALE") == "small":
         return 100_000, 25_000, 10_000_000
     return 1_000_000, 250_000, 100_000_000
+
+
+def _load_audit(url: str, days: int, rows_per_day: int, **spec: Any) -> LoadResult:
+    """``rows_per_day`` audit rows a day (no usage) over ``days`` days; the WorkloadSpec's other fields from
+    ``spec``."""
+    return load_workload(url, WorkloadSpec(days=days, usage_per_day=0, audit_per_day=rows_per_day, **spec))
 
 
 #: archive or restore one month in this process, then report what it did and the process's peak RSS
@@ -126,6 +133,19 @@ def _export_op(url: str, redis_url: str, where: str, env: dict[str, str]) -> dic
     }
 
 
+def _op_row(ctx: BenchContext, where: dict[str, object], op: str, out: dict, **extra: object) -> None:
+    """The result line of one operation: ``where`` it ran (round, backend), what it was, its seconds, rows/s
+    and peak RSS from ``out``, then ``extra`` figures."""
+    ctx.row(
+        **where,
+        op=op,
+        seconds=out["seconds"],
+        rows_per_s=out["rows"] / out["seconds"],
+        peak_rss_mb=out["peak_rss_mb"],
+        **extra,
+    )
+
+
 @scenario(
     "archive_storage",
     "archive + restore of a 1M-row month and a 100 MB export: local disk vs S3 (SeaweedFS), "
@@ -143,35 +163,10 @@ def run(ctx: BenchContext) -> None:
         bucket = server.create_bucket("bench")
         where = {"local": str(Path(tmp) / "local"), "s3": f"s3://{bucket}/bench"}
         started = time.perf_counter()
-        june = load_workload(
-            url,
-            WorkloadSpec(
-                days=30,
-                usage_per_day=0,
-                audit_per_day=big // 30,
-                end=dt.datetime(2025, 6, 30, 23, 59, tzinfo=dt.UTC),
-            ),
-        )
-        may = load_workload(
-            url,
-            WorkloadSpec(
-                days=31,
-                usage_per_day=0,
-                audit_per_day=small // 31,
-                end=dt.datetime(2025, 5, 31, 23, 59, tzinfo=dt.UTC),
-                seed=7,
-            ),
-        )
+        june = _load_audit(url, 30, big // 30, end=dt.datetime(2025, 6, 30, 23, 59, tzinfo=dt.UTC))
+        may = _load_audit(url, 31, small // 31, end=dt.datetime(2025, 5, 31, 23, 59, tzinfo=dt.UTC), seed=7)
         days = 30
-        recent = load_workload(
-            url,
-            WorkloadSpec(
-                days=days,
-                usage_per_day=0,
-                audit_per_day=export_bytes // AUDIT_CSV_BYTES_PER_ROW // (days - 1) + 1,
-                seed=8,
-            ),
-        )
+        recent = _load_audit(url, days, export_bytes // AUDIT_CSV_BYTES_PER_ROW // (days - 1) + 1, seed=8)
         with connect(url, autocommit=True) as conn:
             conn.execute("VACUUM (ANALYZE) audit_log")
             conn.execute("CHECKPOINT")
@@ -189,37 +184,28 @@ def run(ctx: BenchContext) -> None:
                 for op in ("archive", "restore"):
                     out = _archive_op(url, op, BIG_MONTH, where[backend], env)
                     results.setdefault((backend, op), []).append(out)
-                    ctx.row(
-                        round=round_no,
-                        backend=backend,
-                        op=f"{op} {out['rows']:,}-row month",
-                        seconds=out["seconds"],
-                        rows_per_s=out["rows"] / out["seconds"],
-                        peak_rss_mb=out["peak_rss_mb"],
+                    _op_row(
+                        ctx,
+                        {"round": round_no, "backend": backend},
+                        f"{op} {out['rows']:,}-row month",
+                        out,
                         file_mb=out.get("bytes", 0) / 1e6 or "",
                         **{f"{k}_ms": v for k, v in out.get("step_ms", {}).items()},
                     )
                 out = _export_op(url, ctx.redis_url, where[backend], env)
                 results.setdefault((backend, "export"), []).append(out)
-                ctx.row(
-                    round=round_no,
-                    backend=backend,
-                    op=f"export csv.gz ({out['csv_mb']:,.0f} MB of CSV)",
-                    seconds=out["seconds"],
-                    rows_per_s=out["rows"] / out["seconds"],
+                _op_row(
+                    ctx,
+                    {"round": round_no, "backend": backend},
+                    f"export csv.gz ({out['csv_mb']:,.0f} MB of CSV)",
+                    out,
                     mb_per_s=out["csv_mb"] / out["seconds"],
-                    peak_rss_mb=out["peak_rss_mb"],
                     file_mb=out["file_mb"],
                 )
 
         flat = _archive_op(url, "archive", SMALL_MONTH, where["s3"], env)
-        ctx.row(
-            backend="s3",
-            op=f"archive {flat['rows']:,}-row month",
-            seconds=flat["seconds"],
-            rows_per_s=flat["rows"] / flat["seconds"],
-            peak_rss_mb=flat["peak_rss_mb"],
-            file_mb=flat["bytes"] / 1e6,
+        _op_row(
+            ctx, {"backend": "s3"}, f"archive {flat['rows']:,}-row month", flat, file_mb=flat["bytes"] / 1e6
         )
 
         def median(backend: str, op: str, key: str) -> float:

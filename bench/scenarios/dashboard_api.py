@@ -1,14 +1,16 @@
-"""Dashboard API under load: the user story's `ab` tests, 100 and 1,000 concurrent connections, with Redis
-and with Redis stopped (SQL fallback).
+"""Dashboard API under load: the API's acceptance load tests (``ab -n 1000 -c 10`` on /kpis, ``ab -n 500
+-c 5`` on 14 days of /usage-trends), 100 and 1,000 concurrent connections, with Redis and with Redis stopped
+(SQL fallback).
 
 Setup: a fresh database with ~1M usage rows over 90 days (``BENCH_SCALE=small``: 90k), rolled up; a
 PRIVATE redis-server (so stopping it disturbs nobody); ``perf-pipeline serve`` (uvicorn, 2 workers) on
 127.0.0.1; the cache warmed as the ``dashboard_cache`` asset does. Load generators: ``ab`` (apache2-utils;
-the seed's commands) and ``wrk`` (latency percentiles in µs, many connections), installed with apt-get
-when missing. The hit rate of each run is the difference of the Redis outcome counters around it.
+the acceptance tests' tool) and ``wrk`` (latency percentiles in µs, many connections), installed with
+apt-get when missing. The hit rate of each run is the difference of the Redis outcome counters around it.
 
-Targets (issue 5): seed — /kpis mean < 500 ms and /usage-trends mean < 1 s, 0 failures; p99 ≤ 20 ms at 100
-connections from cache; 0 failures at 1,000 connections; hit rate ≥ 99 % at steady state.
+Targets (issue 5): acceptance tests — /kpis mean < 500 ms and /usage-trends mean < 1 s, 0 failures;
+p99 ≤ 20 ms at 100 connections from cache; 0 failures at 1,000 connections; hit rate ≥ 99 % at steady
+state.
 """
 
 from __future__ import annotations
@@ -18,10 +20,7 @@ import datetime as dt
 import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -31,24 +30,18 @@ import httpx
 import redis
 
 from bench.harness import BenchContext, measure, scenario
-from perf_pipeline.embedded import launch_redis_server
 from perf_pipeline.lib.cache import OUTCOMES, DashboardCache, hit_rate, serving_client, warm_dashboard_cache
 from perf_pipeline.lib.dashboard import TrendRequest, compute_kpis, compute_usage_trends
 from perf_pipeline.lib.db import connect
 from perf_pipeline.lib.rollups import rollup_days
 from perf_pipeline.lib.workload import WorkloadSpec, load_workload
+from perf_pipeline.testing import private_redis, serve_api
 
 TOKEN = "bench-admin-token-0123456789"
 SMALL = os.environ.get("BENCH_SCALE") == "small"
 DAYS = 90
 USAGE_PER_DAY = 1_000 if SMALL else 11_112  # ~90k / ~1M rows (and as many sessions)
 WRK_SECONDS = 5 if SMALL else 15
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _ensure_tools() -> None:
@@ -61,58 +54,16 @@ def _ensure_tools() -> None:
     subprocess.run(["apt-get", "install", "-y", "-qq", *missing], check=True)
 
 
-@contextlib.contextmanager
-def _api_server(db_url: str, redis_url: str, workers: int = 2) -> Iterator[str]:
-    port = _free_port()
-    env = dict(
-        os.environ,
-        PERF_PIPELINE_DATABASE_URL=db_url,
-        PERF_PIPELINE_REDIS_URL=redis_url,
-        PERF_PIPELINE_ADMIN_TOKENS=TOKEN,
-    )
-    cli = Path(sys.executable).with_name("perf-pipeline")
-    proc = subprocess.Popen(
-        [str(cli), "serve", "--port", str(port), "--workers", str(workers)], env=env, start_new_session=True
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{base}/healthz", timeout=2).status_code in (200, 503):
-                    break
-            if time.monotonic() > deadline or proc.poll() is not None:
-                raise RuntimeError("the API server did not start")
-            time.sleep(0.2)
-        yield base
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)  # the server's own process group (its uvicorn workers)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=15)
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+def _load_generator(argv: list[str], url: str) -> str:
+    """The output of a load generator (``argv``: ab or wrk and its options) run against ``url`` with the
+    admin token; CalledProcessError when it fails."""
+    return subprocess.run(
+        [*argv, "-H", f"Authorization: Bearer {TOKEN}", url], capture_output=True, text=True, check=True
+    ).stdout
 
 
 def _ab(url: str, n: int, c: int) -> dict[str, float]:
-    out = subprocess.run(
-        [
-            "ab",
-            "-q",
-            "-l",
-            "-s",
-            "30",
-            "-n",
-            str(n),
-            "-c",
-            str(c),
-            "-H",
-            f"Authorization: Bearer {TOKEN}",
-            url,
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
+    out = _load_generator(["ab", "-q", "-l", "-s", "30", "-n", str(n), "-c", str(c)], url)
 
     def num(pattern: str, default: float = 0.0) -> float:
         m = re.search(pattern, out)
@@ -134,26 +85,9 @@ def _ab_pct(out: str, pct: int) -> float:
 
 
 def _wrk(url: str, connections: int, seconds: int) -> dict[str, float]:
-    out = subprocess.run(
-        [
-            "wrk",
-            "-t",
-            "2",
-            "-c",
-            str(connections),
-            "-d",
-            f"{seconds}s",
-            "--latency",
-            "--timeout",
-            "10s",
-            "-H",
-            f"Authorization: Bearer {TOKEN}",
-            url,
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
+    out = _load_generator(
+        ["wrk", "-t", "2", "-c", str(connections), "-d", f"{seconds}s", "--latency", "--timeout", "10s"], url
+    )
 
     def latency(pct: int) -> float:
         m = re.search(rf"^\s*{pct}%\s+([\d.]+)(us|ms|s)\b", out, re.MULTILINE)
@@ -176,11 +110,6 @@ def _wrk(url: str, connections: int, seconds: int) -> dict[str, float]:
     }
 
 
-def _kill(pid: int) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGTERM)
-
-
 def _counts(client: redis.Redis) -> dict[str, int]:
     try:
         return hit_rate(client, window_minutes=30).counts
@@ -190,7 +119,7 @@ def _counts(client: redis.Redis) -> dict[str, int]:
 
 @scenario(
     "dashboard_api",
-    "dashboard API: seed ab tests, 100 / 1,000 connections, hit rate, Redis stopped "
+    "dashboard API: acceptance ab tests, 100 / 1,000 connections, hit rate, Redis stopped "
     "(~1M usage rows; BENCH_SCALE=small: 90k)",
 )
 def run(ctx: BenchContext) -> None:
@@ -216,12 +145,14 @@ def run(ctx: BenchContext) -> None:
         )
 
         root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench_redis_")))
-        port = _free_port()
-        pid = launch_redis_server(root, port)
-        stack.callback(_kill, pid)
-        redis_url = f"redis://127.0.0.1:{port}/0"
+        redis_url, _ = stack.enter_context(private_redis(root))
         client = redis.Redis.from_url(redis_url)
-        base = stack.enter_context(_api_server(db_url, redis_url))
+        env = {
+            "PERF_PIPELINE_DATABASE_URL": db_url,
+            "PERF_PIPELINE_REDIS_URL": redis_url,
+            "PERF_PIPELINE_ADMIN_TOKENS": TOKEN,
+        }
+        base = stack.enter_context(serve_api(env, workers=2)).base
 
         with connect(db_url, autocommit=True) as conn:
             warm = warm_dashboard_cache(conn, client, today=today, kpi_ttl_s=60, trends_ttl_s=300)
@@ -255,7 +186,9 @@ def run(ctx: BenchContext) -> None:
         ctx.ratio("KPIs: SQL p50 / Redis hit p50", sql_kpis.median, hit_kpis.median)
 
         kpis = f"{base}/api/v1/admin/dashboard/kpis"
-        start = (today - dt.timedelta(days=13)).isoformat()  # the seed's 14-day range, ending today
+        start = (
+            today - dt.timedelta(days=13)
+        ).isoformat()  # the acceptance test's 14-day range, ending today
         trends = f"{base}/api/v1/admin/dashboard/usage-trends?start_date={start}&end_date={today.isoformat()}"
 
         def measured(label: str, fn, target: str = "") -> dict[str, float]:  # type: ignore[no-untyped-def]
@@ -278,9 +211,9 @@ def run(ctx: BenchContext) -> None:
         # 0. the framework's floor on this machine right now: FastAPI's static /docs page, no I/O
         floor = _wrk(f"{base}/docs", 100, WRK_SECONDS)
         ctx.row(test="floor: wrk /docs c=100", **floor, target="(reference)")
-        # 1. the user story's load tests, from the cache
-        measured("seed ab kpis n=1000 c=10", lambda: _ab(kpis, 1000, 10), "mean < 500 ms, 0 failures")
-        measured("seed ab trends n=500 c=5", lambda: _ab(trends, 500, 5), "mean < 1000 ms, 0 failures")
+        # 1. the acceptance load tests (ab, mean latency and failures), answered from the cache
+        measured("acceptance ab kpis n=1000 c=10", lambda: _ab(kpis, 1000, 10), "mean < 500 ms, 0 failures")
+        measured("acceptance ab trends n=500 c=5", lambda: _ab(trends, 500, 5), "mean < 1000 ms, 0 failures")
         # 2. steady state at 100 connections (both endpoints), then 1,000 connections
         c100 = measured(
             "wrk kpis c=100", lambda: _wrk(kpis, 100, WRK_SECONDS), "p99 <= 20 ms, hit rate >= 99%"

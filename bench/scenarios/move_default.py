@@ -26,38 +26,10 @@ import psycopg
 
 from bench.harness import BenchContext, scenario
 from perf_pipeline.lib.partitioning import month_bounds, move_default_rows
+from perf_pipeline.testing import usage_writer
 
 SCALES = {"full": (30_000, 150_000), "small": (10_000, 30_000)}
 RATES = (200, 500)
-
-
-class _Writer(threading.Thread):
-    def __init__(self, url: str, month: dt.date, rate: int) -> None:
-        super().__init__(daemon=True)
-        self.url, self.month, self.interval = url, month, 1 / rate
-        self.stop = threading.Event()
-        self.written = 0
-        self.failures: list[str] = []
-        self.max_ms = 0.0
-
-    def run(self) -> None:
-        base = dt.datetime(self.month.year, self.month.month, 1, tzinfo=dt.UTC)
-        with psycopg.connect(self.url, autocommit=True) as conn:
-            nxt = time.perf_counter()
-            while not self.stop.is_set():
-                t0 = time.perf_counter()
-                try:
-                    conn.execute(
-                        "INSERT INTO usage_log (user_id, created_at, duration_minutes, cost_usd, stt_provider) "
-                        "VALUES (gen_random_uuid(), %s, 1, 0.01, 'google')",
-                        (base + dt.timedelta(seconds=self.written % 2_000_000),),
-                    )
-                    self.written += 1
-                except psycopg.Error as exc:
-                    self.failures.append(f"{type(exc).__name__}: {exc}".splitlines()[0])
-                self.max_ms = max(self.max_ms, (time.perf_counter() - t0) * 1000)
-                nxt += self.interval
-                time.sleep(max(0.0, nxt - time.perf_counter()))
 
 
 class _Reader(threading.Thread):
@@ -109,7 +81,7 @@ def run(ctx: BenchContext) -> None:
                         (dt.datetime(2021, 5, 1, tzinfo=dt.UTC), backlog),
                     )
                     conn.execute("VACUUM ANALYZE usage_log_default")
-                writer, reader = _Writer(url, month, rate), _Reader(url, month)
+                writer, reader = usage_writer(url, month, rate), _Reader(url, month)
                 writer.start()
                 reader.start()
                 time.sleep(1.0)
@@ -144,4 +116,5 @@ def run(ctx: BenchContext) -> None:
                     all_rows_once=total == distinct == backlog + writer.written and left == 0,
                 )
                 if writer.failures:
-                    ctx.row(first_failure=writer.failures[0])
+                    first = writer.failures[0]
+                    ctx.row(first_failure=f"{type(first).__name__}: {first}".splitlines()[0])
