@@ -8,7 +8,7 @@ it creates a fresh database on the configured or embedded PostgreSQL, loads ``--
 data ending now with :func:`perf_pipeline.lib.workload.load_workload` (COPY), rolls every day up (the
 trends read the rollups), ANALYZEs, then measures:
 
-* the seed's three audit lookups (latest 100 of a user, one entity's history, high/critical of the
+* the platform's three audit lookups (latest 100 of a user, one entity's history, high/critical of the
   last 24 h), client-side p95 over arguments drawn from recent events;
 * KPIs and usage trends through the real read path (:class:`perf_pipeline.lib.cache.DashboardCache`
   on a private Redis): a *hit* (entry fresh in Redis) and a *miss* (key deleted first: SQL + write);
@@ -281,7 +281,7 @@ def run_size(
             conn.execute("VACUUM (ANALYZE)")
             res.sizes = table_sizes(conn)
 
-            # the seed's audit lookups, client-side, arguments rotating over recent events. Right after
+            # the platform's audit lookups, client-side, arguments rotating over recent events. Right after
             # the load and VACUUM, a large database's pages are mostly not in memory: the first pass over
             # the arguments (every lookup once) is reported on its own, as "cold", not judged; the judged
             # p95 comes after it, as on a running system whose admins look these up repeatedly.

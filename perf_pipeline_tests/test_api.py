@@ -166,7 +166,7 @@ def test_usage_trends_equal_sql(
     assert set(breakdown) == {"google", "assemblyai", "whisper"}
     for name, b in breakdown.items():
         expected = sum(r["providers"].get(name, (0,))[0] for r in oracle)
-        assert b["session_count"] == expected > 0  # the seed summed an exhausted cursor: always 0
+        assert b["session_count"] == expected > 0  # the original sketch summed an exhausted cursor: always 0
         assert b["percentage"] == pytest.approx(100 * expected / total, abs=0.01)
 
     # the second request is a cache hit with the same body

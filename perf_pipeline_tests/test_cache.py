@@ -1,6 +1,6 @@
 """The dashboard cache read path (lib/cache.py) and KPI SQL (lib/dashboard.py) on real PostgreSQL and Redis.
 
-Covers: KPI values against hand-computed numbers (with the seed's bugs fixed), cache-aside hits and
+Covers: KPI values against hand-computed numbers (with the original sketch's bugs fixed), cache-aside hits and
 misses with their counters, the single-flight stampede protection with many concurrent readers,
 generation-based invalidation, and the SQL fallback when Redis is stopped or hangs (private
 redis-server, never the shared one), then the refill when it is back.
@@ -69,7 +69,7 @@ def kpi_db(db_url: str) -> str:
         # outside the window: older than 24 h, and after AS_OF
         _usage(conn, AS_OF - 25 * h, 1000, 99.0)
         _usage(conn, AS_OF + 0.1 * h, 1000, 99.0)
-        # sessions: processing ones (one started 3 days ago: the seed's 24 h filter dropped it)
+        # sessions: processing ones (one started 3 days ago: the original sketch's 24 h filter dropped it)
         _session(conn, "processing", AS_OF - 0.1 * h, AS_OF - 0.1 * h)
         _session(conn, "processing", AS_OF - 72 * h, AS_OF - 72 * h)
         # failed within the hour before AS_OF (one created 2 days ago), one failed 2 h ago, one completed
@@ -96,7 +96,7 @@ def test_kpis_match_hand_computed_values(kpi_db: str) -> None:
 
 
 def test_error_rate_stays_within_100_percent(kpi_db: str) -> None:
-    # in the hour before AS_OF + 2 h nothing was logged, but two sessions failed: the seed said 0 %
+    # in the hour before AS_OF + 2 h nothing was logged, but two sessions failed: the original sketch said 0 %
     later = AS_OF + dt.timedelta(hours=2)
     with psycopg.connect(kpi_db, autocommit=True) as conn:
         for _ in range(2):
@@ -315,7 +315,7 @@ def test_reader_stops_waiting_for_a_slow_holder_after_wait_s(redis_url: str, db_
 
 def test_without_the_lock_every_reader_recomputes(redis_url: str, db_url: str) -> None:
     """The control experiment: the same stampede where every reader ignores the lock (plain cache-aside,
-    as in the seed) hits the database once per reader. Shows the single-flight test can fail."""
+    as in the original sketch) hits the database once per reader. Shows the single-flight test can fail."""
     compute = CountingCompute(delay=0.2)
     readers = 20
     caches = [_cache(redis_url, db_url) for _ in range(readers)]
@@ -574,7 +574,7 @@ def test_checks_fail_on_wrong_values_and_low_hit_rate(
     key = cache_lib.trends_key(standard_trend_requests(dt.datetime.now(dt.UTC).date())[2])
     entry = Entry.decode(redis_client.get(key))
     assert entry is not None
-    payload = dict(entry.payload, provider_breakdown=[])  # the seed's bug: an empty breakdown
+    payload = dict(entry.payload, provider_breakdown=[])  # the original sketch's bug: an empty breakdown
     redis_client.set(key, Entry.of(entry.gen, entry.computed_at, entry.expires_at, 1.0, payload).encode())
     kpis = Entry.decode(redis_client.get(cache_lib.KPIS_KEY))
     assert kpis is not None

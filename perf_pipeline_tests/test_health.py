@@ -366,7 +366,7 @@ def test_system_resources_sample_without_blocking(seeded_url: str) -> None:
         started = time.perf_counter()
         snap = health.system_resources(conn, previous=previous)
         elapsed = time.perf_counter() - started
-    assert elapsed < 0.5  # the seed's cpu_percent(interval=1) blocked a full second
+    assert elapsed < 0.5  # the original sketch's cpu_percent(interval=1) blocked a full second
     assert snap.cpu_percent is not None and 0 < snap.cpu_percent <= 100
     assert 0 < snap.memory_percent < 100 and 0 <= snap.disk_percent <= 100
     assert snap.connections >= 1 and snap.max_connections > snap.connections

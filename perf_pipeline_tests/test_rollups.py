@@ -1,6 +1,6 @@
 """Daily usage rollups on real PostgreSQL: exact numbers against an independent Python computation,
 idempotent re-runs, range backfills in one run, late data re-running exactly its days, the checks, the
-schedules and the seed-compatible view.
+schedules and the dashboard's daily metrics view.
 
 The data: 8 UTC days ending 3 days ago, one of them empty, four providers (one present on some days
 only), ~20 % non-billable rows, and rows exactly on and just before midnight UTC written with non-UTC
@@ -288,7 +288,7 @@ def test_provider_gone_from_a_day_is_deleted(conn: psycopg.Connection) -> None:
 def test_seed_view_has_the_seed_columns_and_values(conn: psycopg.Connection) -> None:
     start, end = _window()
     rollups.rollup_days(conn, start, end)
-    conn.execute("SET TimeZone = 'UTC'")  # the seed's date_trunc works in the session zone
+    conn.execute("SET TimeZone = 'UTC'")  # the original sketch's date_trunc works in the session zone
     with conn.cursor() as cur:
         cur.execute("SELECT * FROM dashboard_daily_metrics")
         columns = [c.name for c in cur.description]
@@ -303,8 +303,8 @@ def test_seed_view_has_the_seed_columns_and_values(conn: psycopg.Connection) -> 
         "google_sessions",
         "assemblyai_sessions",
     ]
-    # the seed's own matview query, verbatim but for the ::date, straight over usage_log
-    seed = conn.execute("""
+    # the original sketch's materialized view query, verbatim but for the ::date, straight over usage_log
+    sketch = conn.execute("""
         SELECT date_trunc('day', created_at)::date as day, count(*) as total_sessions,
                sum(duration_minutes) as total_minutes,
                sum(CASE WHEN is_billable THEN cost_usd ELSE 0 END) as revenue,
@@ -313,8 +313,8 @@ def test_seed_view_has_the_seed_columns_and_values(conn: psycopg.Connection) -> 
                count(*) FILTER (WHERE stt_provider = 'assemblyai') as assemblyai_sessions
         FROM usage_log WHERE created_at >= CURRENT_DATE - INTERVAL '90 days'
         GROUP BY date_trunc('day', created_at) ORDER BY day DESC""").fetchall()
-    assert view == seed
-    assert EMPTY_DAY not in {r[0] for r in view}  # as in the seed: no usage, no row
+    assert view == sketch
+    assert EMPTY_DAY not in {r[0] for r in view}  # as in the original sketch: no usage, no row
 
 
 def test_trends_weekly_monthly_active_users_are_exact(conn: psycopg.Connection) -> None:

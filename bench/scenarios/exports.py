@@ -3,13 +3,13 @@
 Seeds audit_log with ``load_workload`` (ending now, ~420k rows ≈ 100 MB of CSV over 30 days), then, for
 each format (csv.gz, parquet):
 
-1. a concurrent client runs the seed's three audit lookups (user's latest events, an entity's history,
+1. a concurrent client runs the platform's three audit lookups (user's latest events, an entity's history,
    high/critical events of the last 24 h: ``health_probe_audit_*.sql``) back to back: p95 *before*;
 2. ``perf-pipeline export run ID`` runs in a child process (the same code path as ``export_job``) while
    the client goes on: p95 *during* the export and the ratio; the child's peak RSS is its own VmHWM; seconds and MB/s are the export's own (claim → file in place, from the request row), and
    the child's wall time (Python start-up included) is reported beside them.
 
-Targets (issue 6): seed < 5 min, export ≤ 10 s, peak RSS ≤ 200 MB, p95 during / before ≤ 2.
+Targets: loading < 5 min, export ≤ 10 s, peak RSS ≤ 200 MB, p95 during / before ≤ 2.
 ``BENCH_SCALE=small``: a 10 MB export (about a minute in all).
 """
 
@@ -85,7 +85,7 @@ def run(ctx: BenchContext) -> None:
     per_day = target_bytes // AUDIT_CSV_BYTES_PER_ROW // (days - 1) + 1  # the last day is partial (ends now)
     with ctx.database("bench_exports") as url, tempfile.TemporaryDirectory(prefix="bench_exports_") as tmp:
         loaded = load_workload(url, WorkloadSpec(days=days, usage_per_day=0, audit_per_day=per_day, seed=6))
-        ctx.row(step="seed audit_log", rows=loaded.audit_rows, seconds=loaded.seconds, target="< 300 s")
+        ctx.row(step="load audit_log", rows=loaded.audit_rows, seconds=loaded.seconds, target="< 300 s")
         client = AuditClient(url, lookup_args(url))
         client.start()
         time.sleep(1.0)  # warm the client's connection and caches; not measured

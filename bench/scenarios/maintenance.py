@@ -38,7 +38,7 @@ def run(ctx: BenchContext) -> None:
     with ctx.database("bench_maint") as url:
         loaded = load_workload(url, spec)
         rows = loaded.audit_rows + loaded.usage_rows + loaded.sessions
-        ctx.row(step="seed", rows=rows, seconds=loaded.seconds)
+        ctx.row(step="load", rows=rows, seconds=loaded.seconds)
         with connect(url, autocommit=True) as conn:
             # status changes of 5 % of the sessions: dead tuples for VACUUM to clean, as in production
             t0 = time.perf_counter()
