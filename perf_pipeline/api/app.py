@@ -35,7 +35,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_type_hints
 from urllib.parse import parse_qsl
 
 import anyio
@@ -46,9 +46,10 @@ from fastapi import Path as PathParam
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel
+from pydantic import BaseModel, create_model
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from perf_pipeline.lib import dashboard, rollups
 from perf_pipeline.lib import exports as exports_lib
 from perf_pipeline.lib.cache import KPIS_KEY, DashboardCache, serving_client, trends_key
 from perf_pipeline.lib.dashboard import TrendRangeError, validate_trend_request
@@ -88,33 +89,20 @@ class KpisResponse(BaseModel):
     timestamp: str  # ISO instant the KPIs were computed at (database clock)
 
 
-class TrendPeriod(BaseModel):
-    start_date: dt.date
-    end_date: dt.date
-    granularity: Literal["daily", "weekly", "monthly"]
+def _model_of(row: type, **types: Any) -> type[BaseModel]:
+    """A pydantic model of the TypedDict ``row`` for the OpenAPI schema: its name, its fields in order with
+    their types, except those given in ``types`` (a date served as an ISO string is declared a date; a
+    nested row, by its model). Pure; called once per row type at import."""
+    return create_model(  # type: ignore[call-overload]
+        row.__name__, **{name: (types.get(name, hint), ...) for name, hint in get_type_hints(row).items()}
+    )
 
 
-class ProviderUsage(BaseModel):
-    provider: str
-    session_count: int
-    minutes: float
-    revenue: float
-
-
-class TrendPoint(BaseModel):
-    period: dt.date  # first day of the day/ISO week/month
-    session_count: int
-    total_minutes: float
-    total_cost: float
-    active_users: int
-    avg_duration: float
-    providers: list[ProviderUsage]
-
-
-class ProviderShare(BaseModel):
-    provider: str
-    session_count: int
-    percentage: float
+# the usage-trends body: the rows the SQL layer makes and the cache stores (lib/dashboard.UsageTrends)
+ProviderUsage = _model_of(rollups.ProviderUsage)
+TrendPoint = _model_of(rollups.TrendPoint, period=dt.date, providers=list[ProviderUsage])
+ProviderShare = _model_of(rollups.ProviderShare)
+TrendPeriod = _model_of(dashboard.TrendPeriod, start_date=dt.date, end_date=dt.date)
 
 
 class TrendsResponse(BaseModel):
