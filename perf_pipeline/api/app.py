@@ -157,6 +157,9 @@ class ValidationErrorResponse(BaseModel):
     detail: list[ValidationIssue]
 
 
+#: an export request's id in a path: a positive bigint (anything else is a 422, never a database error)
+RequestId = Annotated[int, PathParam(ge=1, le=2**63 - 1, description="the export request's id")]
+
 # the error answers of the two admin endpoints, as they are sent (OpenAPI documents every one)
 _ADMIN_RESPONSES: dict[int | str, dict[str, Any]] = {
     401: {
@@ -557,7 +560,7 @@ def create_app(settings: Settings | None = None, cache: DashboardCache | None = 
     async def export_status(
         request: Request,
         caller: Annotated[Caller, Depends(export_caller)],
-        request_id: Annotated[int, PathParam(ge=1, le=2**63 - 1, description="the export request's id")],
+        request_id: RequestId,
     ) -> JSONResponse:
         req = await _visible_request(request, caller, request_id)
         body = ExportStatus(
@@ -594,7 +597,7 @@ def create_app(settings: Settings | None = None, cache: DashboardCache | None = 
     async def export_file(
         request: Request,
         caller: Annotated[Caller, Depends(export_caller)],
-        request_id: Annotated[int, PathParam(ge=1, le=2**63 - 1, description="the export request's id")],
+        request_id: RequestId,
     ) -> Response:
         req = await _visible_request(request, caller, request_id)
         if req["status"] in ("pending", "running"):
