@@ -147,11 +147,12 @@ def observe_once(database_url: str) -> None:
     import dagster as dg
 
     from perf_pipeline.defs.platform.sensors import observe_platform_tables, store_sensor_result
-    from perf_pipeline.defs.resources import PostgresResource
+    from perf_pipeline.defs.resources import PostgresResource, SettingsResource
 
     with dg.DagsterInstance.get() as instance:
         ctx = dg.build_sensor_context(
-            instance=instance, resources={"postgres": PostgresResource(url=database_url)}
+            instance=instance,
+            resources={"postgres": PostgresResource(url=database_url), "settings": SettingsResource()},
         )
         store_sensor_result(instance, observe_platform_tables(ctx))
 

@@ -271,12 +271,12 @@ class AutomationLoop:
 
     def observe(self) -> dg.SensorResult:
         from perf_pipeline.defs.platform.sensors import observe_platform_tables, store_sensor_result
-        from perf_pipeline.defs.resources import PostgresResource
+        from perf_pipeline.defs.resources import PostgresResource, SettingsResource
 
         ctx = dg.build_sensor_context(
             instance=self.instance,
             cursor=self.observe_cursor,
-            resources={"postgres": PostgresResource(url=self.database_url)},
+            resources={"postgres": PostgresResource(url=self.database_url), "settings": SettingsResource()},
         )
         result = observe_platform_tables(ctx)
         store_sensor_result(self.instance, result)

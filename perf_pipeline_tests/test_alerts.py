@@ -13,7 +13,7 @@ import pytest
 
 from perf_pipeline.defs.alerts.sensors import alert_on_check_failure, alert_on_run_failure
 from perf_pipeline.defs.maintenance.retention import prune_runs
-from perf_pipeline.defs.resources import PostgresResource
+from perf_pipeline.defs.resources import PostgresResource, SettingsResource
 from perf_pipeline.lib.alerts import Alert, raise_alert
 from perf_pipeline.testing import free_port
 
@@ -115,7 +115,7 @@ def test_run_failure_sensor_records_logs_and_posts_one_alert_per_failed_run(
     instance = dg.DagsterInstance.ephemeral()
     failed = dg.materialize([exploding_asset], instance=instance, raise_on_error=False)
     assert not failed.success
-    resources = {"postgres": PostgresResource(url=db_url)}
+    resources = {"postgres": PostgresResource(url=db_url), "settings": SettingsResource()}
 
     def tick(run: dg.ExecuteInProcessResult) -> None:
         context = dg.build_run_status_sensor_context(
@@ -149,7 +149,7 @@ def test_check_failure_sensor_records_one_alert_per_failed_evaluation(
     clean_alerts: psycopg.Connection, db_url: str, webhook: Webhook
 ) -> None:
     instance = dg.DagsterInstance.ephemeral()
-    resources = {"postgres": PostgresResource(url=db_url)}
+    resources = {"postgres": PostgresResource(url=db_url), "settings": SettingsResource()}
     dg.materialize([checked_asset, fine_asset], instance=instance)
 
     context = dg.build_sensor_context(instance=instance, cursor=None, resources=resources)
@@ -209,7 +209,7 @@ def test_a_stale_asset_is_alerted_once_per_lapse(
     from perf_pipeline.defs.alerts.sensors import alert_on_stale_asset
 
     monkeypatch.setenv("PERF_PIPELINE_DATABASE_URL", db_url)
-    resources = {"postgres": PostgresResource(url=db_url)}
+    resources = {"postgres": PostgresResource(url=db_url), "settings": SettingsResource()}
     target = ModuleTarget(
         module_name="perf_pipeline.definitions", attribute=None, working_directory=None, location_name="pp"
     )

@@ -23,7 +23,7 @@ from perf_pipeline.lib import cache as cache_lib
 from perf_pipeline.lib.cache import DashboardCache, serving_client
 from perf_pipeline.lib.dashboard import TrendRequest, compute_kpis
 from perf_pipeline.lib.rollups import rollup_days
-from perf_pipeline.settings import Settings
+from perf_pipeline.settings import Settings, SettingsError
 from perf_pipeline.testing import asgi_request, free_port, serve_api, silent_server
 
 ADMIN = "admin-token-0123456789abcdef"
@@ -366,6 +366,15 @@ def _scope(app: Any, path: str, query: bytes = b"", auth: list[bytes] | None = N
         "headers": headers,
         "app": app,
     }
+
+
+def test_served_app_needs_configured_urls(redis_url: str) -> None:
+    """The app factory never looks for an embedded server: an unset URL stops it at once, naming the
+    variable (``perf-pipeline serve`` sets both before it builds the app)."""
+    with pytest.raises(SettingsError, match="PERF_PIPELINE_DATABASE_URL"):
+        create_app(Settings(redis_url=redis_url, admin_tokens=(ADMIN,)))
+    with pytest.raises(SettingsError, match="PERF_PIPELINE_REDIS_URL"):
+        create_app(Settings(database_url="postgresql://127.0.0.1:1/x", admin_tokens=(ADMIN,)))
 
 
 def test_fast_path_serves_only_what_fastapi_would_serve(

@@ -452,9 +452,13 @@ def recent_db(kpi_db: str) -> str:
 
 
 def _resources(db_url: str, redis_url: str) -> dict[str, object]:
-    from perf_pipeline.defs.resources import PostgresResource, RedisResource
+    from perf_pipeline.defs.resources import PostgresResource, RedisResource, SettingsResource
 
-    return {"postgres": PostgresResource(url=db_url), "redis": RedisResource(url=redis_url)}
+    return {
+        "postgres": PostgresResource(url=db_url),
+        "redis": RedisResource(url=redis_url),
+        "settings": SettingsResource(),
+    }
 
 
 def _check_results(result: object) -> dict[str, object]:

@@ -42,7 +42,7 @@ import yaml
 from bench.soak import run_pid
 from perf_pipeline.defs.exports import sensors
 from perf_pipeline.defs.exports.jobs import export_job
-from perf_pipeline.defs.resources import PostgresResource
+from perf_pipeline.defs.resources import PostgresResource, SettingsResource
 from perf_pipeline.lib import exports as ex
 from perf_pipeline.lib.db import Locks
 from perf_pipeline.lib.workload import WorkloadSpec, load_workload
@@ -312,7 +312,9 @@ class _Sensor:
         import dagster as dg
 
         ctx = dg.build_sensor_context(
-            instance=self.instance, cursor=self.cursor, resources={"postgres": self.postgres}
+            instance=self.instance,
+            cursor=self.cursor,
+            resources={"postgres": self.postgres, "settings": SettingsResource()},
         )
         result = sensors.pending_exports_sensor(ctx)
         assert isinstance(result, dg.SensorResult)
@@ -357,7 +359,7 @@ def test_a_killed_cli_export_is_requeued_by_the_sensor_and_then_succeeds(
     result = export_job.execute_in_process(
         run_config=run.run_config,
         tags=run.tags,
-        resources={"postgres": PostgresResource(url=url)},
+        resources={"postgres": PostgresResource(url=url), "settings": SettingsResource()},
         instance=dg.DagsterInstance.ephemeral(),
     )
     assert result.success

@@ -35,7 +35,7 @@ from psycopg.types.json import Jsonb
 
 from perf_pipeline.defs.exports.jobs import REQUEST_TAG, export_job
 from perf_pipeline.defs.exports.sensors import export_run_failure_sensor, pending_exports_sensor
-from perf_pipeline.defs.resources import PostgresResource
+from perf_pipeline.defs.resources import PostgresResource, SettingsResource
 from perf_pipeline.lib import exports as ex
 from perf_pipeline.lib.db import Locks
 from perf_pipeline.lib.workload import WorkloadSpec, load_workload
@@ -111,7 +111,7 @@ def _execute_job(
     """export_job for one request, in process (``kwargs``: ``raise_on_error``, ``tags``)."""
     return export_job.execute_in_process(
         run_config={"ops": {"run_data_export": {"config": {"request_id": request_id}}}},
-        resources={"postgres": PostgresResource(url=url)},
+        resources={"postgres": PostgresResource(url=url), "settings": SettingsResource()},
         instance=instance,
         **kwargs,
     )
@@ -625,7 +625,9 @@ def test_sensor_launches_each_pending_request_once(loaded: str, db: psycopg.Conn
     postgres = PostgresResource(url=loaded)
 
     def tick(cursor: str | None) -> dg.SensorResult:
-        ctx = dg.build_sensor_context(instance=instance, cursor=cursor, resources={"postgres": postgres})
+        ctx = dg.build_sensor_context(
+            instance=instance, cursor=cursor, resources={"postgres": postgres, "settings": SettingsResource()}
+        )
         result = pending_exports_sensor(ctx)
         assert isinstance(result, dg.SensorResult)
         return result
@@ -721,7 +723,8 @@ def test_bad_rows_are_failed_and_the_sensor_launches_the_good_ones(
         _request(db, "audit_log", "parquet", {"end": str(today), "severity": ["high", "critical"]}),
     ]
     ctx = dg.build_sensor_context(
-        instance=dg.DagsterInstance.ephemeral(), resources={"postgres": PostgresResource(url=loaded)}
+        instance=dg.DagsterInstance.ephemeral(),
+        resources={"postgres": PostgresResource(url=loaded), "settings": SettingsResource()},
     )
     result = pending_exports_sensor(ctx)
     assert isinstance(result, dg.SensorResult)
@@ -755,7 +758,8 @@ def test_the_sensor_fails_a_request_it_cannot_check_and_goes_on(
 
     monkeypatch.setattr(sensors, "validate_request", flaky)
     ctx = dg.build_sensor_context(
-        instance=dg.DagsterInstance.ephemeral(), resources={"postgres": PostgresResource(url=loaded)}
+        instance=dg.DagsterInstance.ephemeral(),
+        resources={"postgres": PostgresResource(url=loaded), "settings": SettingsResource()},
     )
     result = pending_exports_sensor(ctx)
     assert [r.run_key for r in result.run_requests or []] == [str(second)]  # type: ignore[union-attr]
@@ -878,7 +882,9 @@ def test_a_dead_run_worker_is_retried_and_its_request_left_to_the_retry(
 
 def _sensor_tick(instance: Any, url: str, cursor: str | None = None) -> dg.SensorResult:
     ctx = dg.build_sensor_context(
-        instance=instance, cursor=cursor, resources={"postgres": PostgresResource(url=url)}
+        instance=instance,
+        cursor=cursor,
+        resources={"postgres": PostgresResource(url=url), "settings": SettingsResource()},
     )
     result = pending_exports_sensor(ctx)
     assert isinstance(result, dg.SensorResult)

@@ -235,7 +235,7 @@ def test_months_postgresql_holds_are_shown_materialized(
     import psycopg
 
     from perf_pipeline.defs.platform.sensors import observe_platform_tables, store_sensor_result
-    from perf_pipeline.defs.resources import PostgresResource
+    from perf_pipeline.defs.resources import PostgresResource, SettingsResource
     from perf_pipeline.lib.partitioning import ensure_partitions, existing_months
 
     with psycopg.connect(db_url, autocommit=True) as conn:
@@ -244,7 +244,10 @@ def test_months_postgresql_holds_are_shown_materialized(
         attached = {m.isoformat() for m in existing_months(conn, "audit_log")}
     monkeypatch.setenv("DAGSTER_HOME", str(dagster_home))
     with dg.DagsterInstance.get() as instance:  # the webserver's instance: one tick of the sensor, stored
-        ctx = dg.build_sensor_context(instance=instance, resources={"postgres": PostgresResource(url=db_url)})
+        ctx = dg.build_sensor_context(
+            instance=instance,
+            resources={"postgres": PostgresResource(url=db_url), "settings": SettingsResource()},
+        )
         store_sensor_result(instance, observe_platform_tables(ctx))
     for asset in ("audit_log_partitions", "audit_log"):
         node = webserver._execute(PARTITIONS, {"key": {"path": [asset]}})["assetNodeOrError"]

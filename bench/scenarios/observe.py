@@ -56,7 +56,7 @@ def _measure(ctx: BenchContext, url: str, label: str, dagster_url: str) -> dict[
     import dagster as dg
 
     from perf_pipeline.defs.platform.sensors import observe_platform_tables, store_sensor_result
-    from perf_pipeline.defs.resources import PostgresResource
+    from perf_pipeline.defs.resources import PostgresResource, SettingsResource
     from perf_pipeline.lib.observe import snapshot
 
     with psycopg.connect(url, autocommit=True) as conn:
@@ -64,7 +64,7 @@ def _measure(ctx: BenchContext, url: str, label: str, dagster_url: str) -> dict[
         rows = conn.execute(
             "SELECT (SELECT count(*) FROM audit_log) + (SELECT count(*) FROM usage_log)"
         ).fetchone()[0]
-    resources = {"postgres": PostgresResource(url=url)}
+    resources = {"postgres": PostgresResource(url=url), "settings": SettingsResource()}
     overrides = {"storage": {"postgres": {"postgres_url": dagster_url}}}
     with dg.instance_for_test(overrides=overrides) as instance:
         cursor: list[str | None] = [None]

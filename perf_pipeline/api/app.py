@@ -35,7 +35,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_type_hints
 from urllib.parse import parse_qsl
 
 import anyio
@@ -46,15 +46,16 @@ from fastapi import Path as PathParam
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel
+from pydantic import BaseModel, create_model
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from perf_pipeline.lib import dashboard, rollups
 from perf_pipeline.lib import exports as exports_lib
 from perf_pipeline.lib.cache import KPIS_KEY, DashboardCache, serving_client, trends_key
 from perf_pipeline.lib.dashboard import TrendRangeError, validate_trend_request
 from perf_pipeline.lib.redact import redact_text, url_secrets
 from perf_pipeline.lib.storage import ObjectInfo, StorageError, Store, describe_error, locate
-from perf_pipeline.settings import Settings, get_settings
+from perf_pipeline.settings import Settings, SettingsError, get_settings
 
 log = logging.getLogger(__name__)
 
@@ -88,33 +89,20 @@ class KpisResponse(BaseModel):
     timestamp: str  # ISO instant the KPIs were computed at (database clock)
 
 
-class TrendPeriod(BaseModel):
-    start_date: dt.date
-    end_date: dt.date
-    granularity: Literal["daily", "weekly", "monthly"]
+def _model_of(row: type, **types: Any) -> type[BaseModel]:
+    """A pydantic model of the TypedDict ``row`` for the OpenAPI schema: its name, its fields in order with
+    their types, except those given in ``types`` (a date served as an ISO string is declared a date; a
+    nested row, by its model). Pure; called once per row type at import."""
+    return create_model(  # type: ignore[call-overload]
+        row.__name__, **{name: (types.get(name, hint), ...) for name, hint in get_type_hints(row).items()}
+    )
 
 
-class ProviderUsage(BaseModel):
-    provider: str
-    session_count: int
-    minutes: float
-    revenue: float
-
-
-class TrendPoint(BaseModel):
-    period: dt.date  # first day of the day/ISO week/month
-    session_count: int
-    total_minutes: float
-    total_cost: float
-    active_users: int
-    avg_duration: float
-    providers: list[ProviderUsage]
-
-
-class ProviderShare(BaseModel):
-    provider: str
-    session_count: int
-    percentage: float
+# the usage-trends body: the rows the SQL layer makes and the cache stores (lib/dashboard.UsageTrends)
+ProviderUsage = _model_of(rollups.ProviderUsage)
+TrendPoint = _model_of(rollups.TrendPoint, period=dt.date, providers=list[ProviderUsage])
+ProviderShare = _model_of(rollups.ProviderShare)
+TrendPeriod = _model_of(dashboard.TrendPeriod, start_date=dt.date, end_date=dt.date)
 
 
 class TrendsResponse(BaseModel):
@@ -168,6 +156,9 @@ class ValidationIssue(BaseModel):
 class ValidationErrorResponse(BaseModel):
     detail: list[ValidationIssue]
 
+
+#: an export request's id in a path: a positive bigint (anything else is a 422, never a database error)
+RequestId = Annotated[int, PathParam(ge=1, le=2**63 - 1, description="the export request's id")]
 
 # the error answers of the two admin endpoints, as they are sent (OpenAPI documents every one)
 _ADMIN_RESPONSES: dict[int | str, dict[str, Any]] = {
@@ -403,17 +394,35 @@ def _allow_head(name: bytes, value: bytes) -> tuple[bytes, bytes]:
 # ------------------------------------------------------------------------------------------- app
 
 
+def _served_urls(settings: Settings) -> tuple[str, str]:
+    """(database URL, Redis URL) the served app uses: the configured ones. Pure; raises SettingsError
+    naming the unset variable (``perf-pipeline serve`` sets both, to the embedded servers when none is
+    configured, before it builds the app)."""
+    missing = [
+        var
+        for var, url in (
+            ("PERF_PIPELINE_DATABASE_URL", settings.database_url),
+            ("PERF_PIPELINE_REDIS_URL", settings.redis_url),
+        )
+        if not url
+    ]
+    if missing:
+        raise SettingsError(
+            f"{' and '.join(missing)} must be set to serve the dashboard API "
+            "(`perf-pipeline serve` sets them, to the embedded servers when none is configured)"
+        )
+    return settings.database_url, settings.redis_url  # type: ignore[return-value]
+
+
 def _default_services(settings: Settings) -> tuple[DashboardCache, psycopg_pool.ConnectionPool, HealthProbes]:
     """What the served app runs on: the cache over its own small pool, and the probes of /healthz.
     Starts opening the pool in the background; no other I/O."""
-    from perf_pipeline.embedded import resolve_urls
-
-    urls = resolve_urls(settings, start=False)
+    database_url, redis_url = _served_urls(settings)
     # a small pool per worker process bounds the SQL fallback's load on PostgreSQL when Redis is down:
     # 1,000 concurrent requests queue for 4 connections instead of opening 1,000
     # check=: an idle connection killed by a PostgreSQL restart is replaced, not handed out (a 503 in the soak)
     pool = psycopg_pool.ConnectionPool(
-        urls.database_url,
+        database_url,
         min_size=1,
         max_size=4,
         timeout=5,
@@ -422,7 +431,7 @@ def _default_services(settings: Settings) -> tuple[DashboardCache, psycopg_pool.
         kwargs={"autocommit": True, "application_name": "perf_pipeline.api"},
         name="dashboard",
     )
-    client = serving_client(urls.redis_url, settings.redis_socket_timeout_ms)
+    client = serving_client(redis_url, settings.redis_socket_timeout_ms)
     # hit/miss counters are flushed to Redis once a second per worker, not once per request; fresh bodies
     # are kept one second in process memory (an invalidation reaches each worker within a second)
     cache = DashboardCache(
@@ -435,19 +444,22 @@ def _default_services(settings: Settings) -> tuple[DashboardCache, psycopg_pool.
     )
     # /healthz opens its own short connection: the pool's 5 s wait is for requests, not for a health check
     health = HealthProbes(
-        postgres=_connect_and_select_1(urls.database_url),
+        postgres=_connect_and_select_1(database_url),
         redis=client.ping,
-        secrets=url_secrets(urls.database_url, urls.redis_url),
+        secrets=url_secrets(database_url, redis_url),
     )
     return cache, pool, health
 
 
 def create_app(settings: Settings | None = None, cache: DashboardCache | None = None) -> FastAPI:
-    """The ASGI app. Without ``cache``, one is built at startup from the settings (URLs of the configured
-    or running embedded servers) with its own connection pool, closed at shutdown, and ``/healthz``
-    probes PostgreSQL with its own short connection to that URL. With ``cache`` (tests, benchmarks),
-    ``/healthz`` probes through the cache's connection source and Redis client."""
+    """The ASGI app. Without ``cache``, one is built at startup from the settings'
+    ``PERF_PIPELINE_DATABASE_URL`` / ``PERF_PIPELINE_REDIS_URL`` (both required: SettingsError naming the
+    unset one, raised here) with its own connection pool, closed at shutdown, and ``/healthz`` probes
+    PostgreSQL with its own short connection to that URL. With ``cache`` (tests, benchmarks), ``/healthz``
+    probes through the cache's connection source and Redis client."""
     settings = settings or get_settings()
+    if cache is None:
+        _served_urls(settings)  # fail now, not at the first request
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -548,7 +560,7 @@ def create_app(settings: Settings | None = None, cache: DashboardCache | None = 
     async def export_status(
         request: Request,
         caller: Annotated[Caller, Depends(export_caller)],
-        request_id: Annotated[int, PathParam(ge=1, le=2**63 - 1, description="the export request's id")],
+        request_id: RequestId,
     ) -> JSONResponse:
         req = await _visible_request(request, caller, request_id)
         body = ExportStatus(
@@ -585,7 +597,7 @@ def create_app(settings: Settings | None = None, cache: DashboardCache | None = 
     async def export_file(
         request: Request,
         caller: Annotated[Caller, Depends(export_caller)],
-        request_id: Annotated[int, PathParam(ge=1, le=2**63 - 1, description="the export request's id")],
+        request_id: RequestId,
     ) -> Response:
         req = await _visible_request(request, caller, request_id)
         if req["status"] in ("pending", "running"):

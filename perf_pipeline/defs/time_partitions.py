@@ -31,10 +31,12 @@ log = logging.getLogger(__name__)
 
 
 def resolve_data_start(settings: Settings | None = None, *, today: dt.date | None = None) -> dt.date:
-    """The first month of the partitions: the setting if given; else the oldest month in the database
-    (a short read: one connection, 2 s connect timeout; this month when the database holds none); else,
-    without a reachable database, this month minus the longest retention (a superset, so no month that
-    may exist is hidden). Never starts an embedded server."""
+    """The first month of the partitions: the setting if given; else the oldest month in the database of
+    ``PERF_PIPELINE_DATABASE_URL`` (a short read: one connection, 2 s connect timeout; this month when the
+    database holds none); else, without a configured or reachable database, this month minus the longest
+    retention (a superset, so no month that may exist is hidden). The URL comes from the settings only:
+    ``perf-pipeline dev`` exports the embedded server's URL to ``dagster dev`` before the code location
+    loads."""
     settings = settings or get_settings()
     if settings.data_start is not None:
         return settings.data_start
@@ -42,12 +44,7 @@ def resolve_data_start(settings: Settings | None = None, *, today: dt.date | Non
     fallback = add_months(this_month, -max(settings.audit_retention_months, settings.usage_retention_months))
     url = settings.database_url
     if url is None:
-        from perf_pipeline.embedded import EmbeddedError, resolve_urls
-
-        try:
-            url = resolve_urls(settings, start=False).database_url
-        except EmbeddedError:
-            return fallback
+        return fallback
     try:
         import psycopg
 

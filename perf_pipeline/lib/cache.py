@@ -56,6 +56,7 @@ from redis.retry import Retry
 
 from perf_pipeline.lib.dashboard import (
     TrendRequest,
+    UsageTrends,
     compute_kpis,
     compute_usage_trends,
     standard_trend_requests,
@@ -192,7 +193,7 @@ class DashboardCache:
     def kpis(self) -> dict[str, Any]:
         return json.loads(self.kpis_json())
 
-    def usage_trends(self, request: TrendRequest) -> dict[str, Any]:
+    def usage_trends(self, request: TrendRequest) -> UsageTrends:
         return json.loads(self.usage_trends_json(request))
 
     def peek_local(self, key: str) -> bytes | None:

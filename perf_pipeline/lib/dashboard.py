@@ -2,7 +2,7 @@
 
 These are the source of truth the cache (:mod:`perf_pipeline.lib.cache`) stores and the asset checks
 compare against. KPIs read ``usage_kpi_buckets``, ``usage_log`` and ``session``
-(``sql/queries/dashboard_kpis.sql``); trends read the daily rollups through :mod:`perf_pipeline.lib.rollups` (issue 4), so a 90-day trend
+(``sql/queries/dashboard_kpis.sql``); trends read the daily rollups through :mod:`perf_pipeline.lib.rollups`, so a 90-day trend
 costs 90 rollup rows, not 90 days of ``usage_log``.
 
 Payloads are plain JSON-able dicts (dates as ISO strings, numbers as int/float) so that what the API
@@ -13,13 +13,15 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypedDict
 
 import psycopg
 from psycopg.rows import dict_row
 
+from perf_pipeline.lib import rollups
 from perf_pipeline.lib.db import load_query
 from perf_pipeline.lib.partitioning import add_months, month_start
+from perf_pipeline.lib.rollups import ProviderShare, TrendPoint
 
 Granularity = Literal["daily", "weekly", "monthly"]
 GRANULARITIES: tuple[Granularity, ...] = ("daily", "weekly", "monthly")
@@ -123,62 +125,36 @@ def compute_kpis(conn: psycopg.Connection, as_of: dt.datetime | None = None) -> 
     }
 
 
-def _num(value: Any) -> int | float:
-    """Decimal/float/int from the rollups as a JSON number (ints stay ints)."""
-    if value is None:
-        return 0
-    if isinstance(value, int):
-        return value
-    f = float(value)
-    return f
+class TrendPeriod(TypedDict):
+    """The range a trend covers, as asked (ISO dates, both days included)."""
+
+    start_date: str
+    end_date: str
+    granularity: Granularity
 
 
-def compute_usage_trends(conn: psycopg.Connection, request: TrendRequest) -> dict[str, Any]:
-    """Usage trends for ``request`` in the dashboard API's response shape, with a real provider breakdown.
+class UsageTrends(TypedDict):
+    """The usage-trends payload: what the cache stores and the dashboard API serves, byte for byte."""
+
+    period: TrendPeriod
+    transcription_trend: list[TrendPoint]
+    provider_breakdown: list[ProviderShare]
+
+
+def compute_usage_trends(conn: psycopg.Connection, request: TrendRequest) -> UsageTrends:
+    """Usage trends for ``request`` in the dashboard API's response shape, with a real provider breakdown:
+    the rows of :func:`perf_pipeline.lib.rollups.usage_trends` and ``provider_breakdown`` as they are.
 
     Cost: two statements over the daily rollups (``usage_daily_metrics`` and
     ``usage_daily_provider_metrics``), one row per day and provider in range: a few ms for 90 days.
     ACCESS SHARE locks only.
     """
-    from perf_pipeline.lib import rollups  # issue 4's module: the one place trends are computed
-
-    rows = rollups.usage_trends(conn, request.start, request.end, request.granularity)
-    breakdown = rollups.provider_breakdown(conn, request.start, request.end)
-    trend = []
-    for r in rows:
-        period = r["period"]
-        trend.append(
-            {
-                "period": period.isoformat() if isinstance(period, dt.date) else str(period),
-                "session_count": int(r["session_count"]),
-                "total_minutes": _num(r["total_minutes"]),
-                "total_cost": _num(r["total_cost"]),
-                "active_users": int(r["active_users"]),
-                "avg_duration": _num(r["avg_duration"]),
-                "providers": [
-                    {
-                        "provider": p["provider"],
-                        "session_count": int(p["session_count"]),
-                        "minutes": _num(p["minutes"]),
-                        "revenue": _num(p["revenue"]),
-                    }
-                    for p in r.get("providers") or []
-                ],
-            }
-        )
-    return {
-        "period": {
-            "start_date": request.start.isoformat(),
-            "end_date": request.end.isoformat(),
-            "granularity": request.granularity,
-        },
-        "transcription_trend": trend,
-        "provider_breakdown": [
-            {
-                "provider": b["provider"],
-                "session_count": int(b["session_count"]),
-                "percentage": _num(b["percentage"]),
-            }
-            for b in breakdown
-        ],
-    }
+    return UsageTrends(
+        period=TrendPeriod(
+            start_date=request.start.isoformat(),
+            end_date=request.end.isoformat(),
+            granularity=request.granularity,
+        ),
+        transcription_trend=rollups.usage_trends(conn, request.start, request.end, request.granularity),
+        provider_breakdown=rollups.provider_breakdown(conn, request.start, request.end),
+    )

@@ -31,7 +31,7 @@ import datetime as dt
 import time
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Any
+from typing import Any, TypedDict
 
 import psycopg
 from psycopg.rows import dict_row
@@ -469,17 +469,45 @@ def _unit(granularity: str) -> str:
         ) from None
 
 
+class ProviderUsage(TypedDict):
+    """One STT provider's usage within a trend period."""
+
+    provider: str
+    session_count: int
+    minutes: float
+    revenue: float  # billable
+
+
+class TrendPoint(TypedDict):
+    """One period of a usage trend: the row :func:`usage_trends` returns, cached and served as is (the
+    dashboard API's ``transcription_trend`` items are declared from it). JSON-ready: ``period`` is the ISO
+    date of the period's first day (a day, a Monday, a 1st), numbers are int/float."""
+
+    period: str
+    session_count: int
+    total_minutes: float
+    total_cost: float  # billable revenue
+    active_users: int  # exact distinct users of the period
+    avg_duration: float  # minutes per session, 0.0 without sessions
+    providers: list[ProviderUsage]  # most sessions first
+
+
+class ProviderShare(TypedDict):
+    """One STT provider's sessions over a whole range and their share in percent (2 decimals)."""
+
+    provider: str
+    session_count: int
+    percentage: float
+
+
 def usage_trends(
     conn: psycopg.Connection, start: dt.date, end: dt.date, granularity: str
-) -> list[dict[str, Any]]:
+) -> list[TrendPoint]:
     """Usage per period over the days ``[start, end]`` (inclusive), from the rollup tables only.
 
     ``granularity``: ``daily``, ``weekly`` (ISO weeks, Monday first) or ``monthly``. Every period
-    overlapping the range has an entry, oldest first; ``period`` is the ISO date of the period's start
-    (a Monday, a 1st), its numbers cover only the days inside ``[start, end]``. Keys: ``period``,
-    ``session_count``, ``total_minutes``, ``total_cost`` (billable revenue), ``active_users`` (exact
-    distinct users of the period), ``avg_duration`` (minutes per session, 0.0 without sessions) and
-    ``providers`` (``provider``, ``session_count``, ``minutes``, ``revenue``, most sessions first).
+    overlapping the range has a :class:`TrendPoint`, oldest first; its numbers cover only the days inside
+    ``[start, end]``.
     Cost: two index range scans of the rollup tables, no ``usage_log`` access. Weekly/monthly active
     users: one ``usage_period_user_sets`` row per period starting inside the range, plus the day sets
     of its days not yet in that row (today, yesterday before its closing run); a period cut by the
@@ -491,15 +519,15 @@ def usage_trends(
     with conn.cursor(row_factory=dict_row) as cur:
         periods = cur.execute(load_query("rollup_trends"), params).fetchall()
         providers = cur.execute(load_query("rollup_trends_providers"), params).fetchall()
-    by_period: dict[dt.date, list[dict[str, Any]]] = {}
+    by_period: dict[dt.date, list[ProviderUsage]] = {}
     for p in providers:
         by_period.setdefault(p["period"], []).append(
-            {
-                "provider": p["provider"],
-                "session_count": int(p["session_count"]),
-                "minutes": float(p["minutes"]),
-                "revenue": float(p["revenue"]),
-            }
+            ProviderUsage(
+                provider=p["provider"],
+                session_count=int(p["session_count"]),
+                minutes=float(p["minutes"]),
+                revenue=float(p["revenue"]),
+            )
         )
     return [
         {
@@ -515,7 +543,7 @@ def usage_trends(
     ]
 
 
-def provider_breakdown(conn: psycopg.Connection, start: dt.date, end: dt.date) -> list[dict[str, Any]]:
+def provider_breakdown(conn: psycopg.Connection, start: dt.date, end: dt.date) -> list[ProviderShare]:
     """Sessions per STT provider over the days ``[start, end]`` and their share in percent (2 decimals),
     most sessions first; every provider present. Cost: a few rollup rows per day, no ``usage_log``."""
     with conn.cursor(row_factory=dict_row) as cur:

@@ -9,9 +9,8 @@ import datetime as dt
 
 import dagster as dg
 
-from perf_pipeline.defs.resources import PostgresResource, RedisResource
+from perf_pipeline.defs.resources import PostgresResource, RedisResource, SettingsResource
 from perf_pipeline.lib.cache import KPIS_KEY, warm_dashboard_cache
-from perf_pipeline.settings import get_settings
 
 #: re-warm after an upstream update (a rollup of any day, a KPI sealing), and on every quarter hour. Armed
 #: until a run is requested after the trigger (see defs/rollups/assets.py: an update reported in the tick
@@ -44,9 +43,12 @@ REFRESH = (
     ),
 )
 def dashboard_cache(
-    context: dg.AssetExecutionContext, postgres: PostgresResource, redis: RedisResource
+    context: dg.AssetExecutionContext,
+    postgres: PostgresResource,
+    redis: RedisResource,
+    settings: SettingsResource,
 ) -> dg.MaterializeResult:
-    settings = get_settings()
+    cfg = settings.get()
     today = dt.datetime.now(dt.UTC).date()
     client = redis.client()
     try:
@@ -55,8 +57,8 @@ def dashboard_cache(
                 conn,
                 client,
                 today=today,
-                kpi_ttl_s=settings.kpi_ttl_seconds,
-                trends_ttl_s=settings.trends_ttl_seconds,
+                kpi_ttl_s=cfg.kpi_ttl_seconds,
+                trends_ttl_s=cfg.trends_ttl_seconds,
             )
     finally:
         client.close()
@@ -76,9 +78,7 @@ def dashboard_cache(
                         {
                             "key": key,
                             "compute_ms": round(e.compute_ms, 1),
-                            "ttl_s": settings.kpi_ttl_seconds
-                            if key == KPIS_KEY
-                            else settings.trends_ttl_seconds,
+                            "ttl_s": cfg.kpi_ttl_seconds if key == KPIS_KEY else cfg.trends_ttl_seconds,
                         }
                     )
                     for key, e in result.keys.items()

@@ -6,10 +6,9 @@ import time
 import dagster as dg
 
 from perf_pipeline.defs.cache.assets import dashboard_cache
-from perf_pipeline.defs.resources import PostgresResource, RedisResource
+from perf_pipeline.defs.resources import PostgresResource, RedisResource, SettingsResource
 from perf_pipeline.lib.cache import KPIS_KEY, current_generation, hit_rate, iter_entries, trends_key
 from perf_pipeline.lib.dashboard import compute_kpis, compute_usage_trends, standard_trend_requests
-from perf_pipeline.settings import get_settings
 
 HIT_RATE_THRESHOLD = 0.90
 HIT_RATE_WINDOW_MINUTES = 15  # one warm interval
@@ -26,8 +25,8 @@ def _standard_keys(today: dt.date) -> dict[str, object]:
     blocking=False,
     description="Every warmed key is in Redis, of the current generation, and younger than its TTL.",
 )
-def dashboard_cache_keys_fresh(redis: RedisResource) -> dg.AssetCheckResult:
-    settings = get_settings()
+def dashboard_cache_keys_fresh(redis: RedisResource, settings: SettingsResource) -> dg.AssetCheckResult:
+    cfg = settings.get()
     keys = list(_standard_keys(dt.datetime.now(dt.UTC).date()))
     client = redis.client()
     try:
@@ -39,7 +38,7 @@ def dashboard_cache_keys_fresh(redis: RedisResource) -> dg.AssetCheckResult:
     missing = [k for k, e in entries.items() if e is None]
     old_generation = [k for k, e in entries.items() if e is not None and e.gen < generation]
     ages = {k: now - e.computed_at for k, e in entries.items() if e is not None}
-    ttl = {k: settings.kpi_ttl_seconds if k == KPIS_KEY else settings.trends_ttl_seconds for k in keys}
+    ttl = {k: cfg.kpi_ttl_seconds if k == KPIS_KEY else cfg.trends_ttl_seconds for k in keys}
     too_old = [k for k, age in ages.items() if age > ttl[k]]
     return dg.AssetCheckResult(
         passed=not (missing or old_generation or too_old),
@@ -48,8 +47,8 @@ def dashboard_cache_keys_fresh(redis: RedisResource) -> dg.AssetCheckResult:
             "missing": len(missing),
             "stale": len(old_generation) + len(too_old),
             "max_age_s": round(max(ages.values(), default=0.0), 1),
-            "kpi_ttl_s": settings.kpi_ttl_seconds,
-            "trends_ttl_s": settings.trends_ttl_seconds,
+            "kpi_ttl_s": cfg.kpi_ttl_seconds,
+            "trends_ttl_s": cfg.trends_ttl_seconds,
             "problems": dg.MetadataValue.md(
                 "\n".join(
                     [f"- missing `{k}`" for k in missing]

@@ -31,7 +31,7 @@ Crash recovery is Dagster's run retries (``run_retries`` in dagster.yaml, opted 
 import dagster as dg
 import psycopg
 
-from perf_pipeline.defs.resources import PostgresResource
+from perf_pipeline.defs.resources import PostgresResource, SettingsResource
 from perf_pipeline.lib.exports import (
     ExportBusyError,
     ExportRequestError,
@@ -40,7 +40,6 @@ from perf_pipeline.lib.exports import (
     run_export,
 )
 from perf_pipeline.lib.storage import StorageError
-from perf_pipeline.settings import get_settings
 
 #: run tag naming the request a run exports (read by the run-failure sensors)
 REQUEST_TAG = "perf_pipeline/export_request"
@@ -68,9 +67,12 @@ class ExportRequestConfig(dg.Config):
     description="Stream one export request to its file (COPY … TO STDOUT → csv.gz or parquet), atomically.",
 )
 def run_data_export(
-    context: dg.OpExecutionContext, config: ExportRequestConfig, postgres: PostgresResource
+    context: dg.OpExecutionContext,
+    config: ExportRequestConfig,
+    postgres: PostgresResource,
+    settings: SettingsResource,
 ) -> None:
-    settings = get_settings()
+    cfg = settings.get()
 
     def progress(p: Progress) -> None:
         context.log.info(
@@ -81,21 +83,21 @@ def run_data_export(
     def waiting() -> None:
         context.log.warning(
             f"export request {config.request_id} is held by another process (an earlier attempt still "
-            f"ending?); waiting up to {settings.export_statement_timeout_s} s for it"
+            f"ending?); waiting up to {cfg.export_statement_timeout_s} s for it"
         )
 
     try:
         result = run_export(
             postgres.url,
             config.request_id,
-            settings.export_dir,
-            statement_timeout_s=settings.export_statement_timeout_s,
-            retention_months=retention_months_from(settings),
+            cfg.export_dir,
+            statement_timeout_s=cfg.export_statement_timeout_s,
+            retention_months=retention_months_from(cfg),
             run_id=context.run_id,
             progress=progress,
-            max_mb_per_s=settings.export_max_mb_s,
+            max_mb_per_s=cfg.export_max_mb_s,
             # a live attempt's COPY ends within statement_timeout; after that the holder is stuck
-            lock_wait_s=settings.export_statement_timeout_s,
+            lock_wait_s=cfg.export_statement_timeout_s,
             on_lock_wait=waiting,
         )
     except ExportRequestError as exc:

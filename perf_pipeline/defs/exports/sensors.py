@@ -28,7 +28,7 @@ from typing import Any
 import dagster as dg
 
 from perf_pipeline.defs.exports.jobs import REQUEST_TAG, export_job
-from perf_pipeline.defs.resources import PostgresResource
+from perf_pipeline.defs.resources import PostgresResource, SettingsResource
 from perf_pipeline.lib.exports import (
     ExportRequestError,
     Orphan,
@@ -40,7 +40,6 @@ from perf_pipeline.lib.exports import (
     sweep_orphans,
     validate_request,
 )
-from perf_pipeline.settings import get_settings
 
 #: pending requests read per tick: bounds the tick's time and the cursor's size
 MAX_REQUESTS_PER_TICK = 200
@@ -106,13 +105,12 @@ def newer_run_in_flight(instance: dg.DagsterInstance, orphan: Orphan) -> bool:
     f"whose worker is gone are re-queued, or failed after {MAX_ATTEMPTS} attempts.",
 )
 def pending_exports_sensor(
-    context: dg.SensorEvaluationContext, postgres: PostgresResource
+    context: dg.SensorEvaluationContext, postgres: PostgresResource, settings: SettingsResource
 ) -> dg.SensorResult:
     cursor = _load_cursor(context.cursor)
     launched: set[int] = {i for i in cursor.get("launched", []) if isinstance(i, int)}
     orphans_seen = cursor.get("orphans", {})
-    settings = get_settings()
-    retention = retention_months_from(settings)
+    retention = retention_months_from(settings.get())
     today = dt.datetime.now(dt.UTC).date()
     runs: list[dg.RunRequest] = []
     rejected: list[int] = []

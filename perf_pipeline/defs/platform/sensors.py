@@ -36,7 +36,7 @@ from collections.abc import Iterable
 
 import dagster as dg
 
-from perf_pipeline.defs.resources import PostgresResource
+from perf_pipeline.defs.resources import PostgresResource, SettingsResource
 from perf_pipeline.defs.time_partitions import (
     AUDIT_ARCHIVE_MONTHS,
     TABLE_MONTHS,
@@ -46,7 +46,6 @@ from perf_pipeline.defs.time_partitions import (
 from perf_pipeline.lib import observe
 from perf_pipeline.lib.partitioning import months_ahead, partition_name
 from perf_pipeline.lib.rollups import rearm_orphaned_claims
-from perf_pipeline.settings import get_settings
 
 #: dagster._core.definitions.data_version.DATA_VERSION_TAG (and its "user provided" companion): the tags a
 #: runless event carries its data version in (not re-exported by dagster)
@@ -155,7 +154,7 @@ def _table_metadata(rel: observe.RelationStats | None, newest: dt.datetime | Non
     "assets; migrations applied outside Dagster on platform_schema.",
 )
 def observe_platform_tables(
-    context: dg.SensorEvaluationContext, postgres: PostgresResource
+    context: dg.SensorEvaluationContext, postgres: PostgresResource, settings: SettingsResource
 ) -> dg.SensorResult:
     cursor = json.loads(context.cursor) if context.cursor else {}
     r = _Reporter(context, cursor)
@@ -171,7 +170,7 @@ def observe_platform_tables(
         snap = observe.snapshot(conn)
         today = snap.taken_at.astimezone(dt.UTC).date()
         this_month = today.replace(day=1)
-        ahead = [m.isoformat() for m in months_ahead(today, get_settings().premake_months)]
+        ahead = [m.isoformat() for m in months_ahead(today, settings.get().premake_months)]
 
         for table, partitions in TABLE_MONTHS.items():
             attached = {_month_key(m) for m in snap.months(table)}
