@@ -145,11 +145,15 @@ def usage_writer(url: str, month: dt.date, rate: float) -> PacedWriter:
 def materialize(assets: Sequence[Any], database_url: str, **kwargs: Any) -> dg.ExecuteInProcessResult:
     """``dg.materialize`` of ``assets`` in this process with the ``postgres`` resource on ``database_url``
     and, unless ``instance`` is among ``kwargs`` (passed on as they are), a new ephemeral instance."""
-    from perf_pipeline.defs.resources import PostgresResource
+    from perf_pipeline.defs.resources import PostgresResource, SettingsResource
 
     if "instance" not in kwargs:
         kwargs["instance"] = dg.DagsterInstance.ephemeral()
-    return dg.materialize(assets, resources={"postgres": PostgresResource(url=database_url)}, **kwargs)
+    return dg.materialize(
+        assets,
+        resources={"postgres": PostgresResource(url=database_url), "settings": SettingsResource()},
+        **kwargs,
+    )
 
 
 def asgi_request(

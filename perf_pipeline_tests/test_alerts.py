@@ -191,7 +191,9 @@ def test_prune_run_history_job_keeps_recent_runs() -> None:
 
     instance = dg.DagsterInstance.ephemeral()
     recent = dg.materialize([fine_asset], instance=instance).run_id
-    result = prune_run_history_job.execute_in_process(instance=instance)
+    result = prune_run_history_job.execute_in_process(
+        instance=instance, resources={"settings": SettingsResource()}
+    )
     assert result.success
     assert recent in {r.run_id for r in instance.get_runs()}  # 1 day old at most: within 30 days
 

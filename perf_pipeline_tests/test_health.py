@@ -17,7 +17,7 @@ from perf_pipeline.defs.maintenance.assets import (
     query_latency_budgets,
     system_resources,
 )
-from perf_pipeline.defs.resources import PostgresResource
+from perf_pipeline.defs.resources import PostgresResource, SettingsResource
 from perf_pipeline.lib import health
 from perf_pipeline.lib.partitioning import (
     add_months,
@@ -45,7 +45,7 @@ def _materialize(
 ) -> dg.ExecuteInProcessResult:
     return dg.materialize(
         assets,
-        resources={"postgres": PostgresResource(url=url)},
+        resources={"postgres": PostgresResource(url=url), "settings": SettingsResource()},
         instance=instance or dg.DagsterInstance.ephemeral(),
         run_config=run_config,
         raise_on_error=False,

@@ -24,7 +24,7 @@ from perf_pipeline.defs.partitions.schedules import (
     create_audit_log_partitions_ahead,
     create_usage_log_partitions_ahead,
 )
-from perf_pipeline.defs.resources import PostgresResource
+from perf_pipeline.defs.resources import PostgresResource, SettingsResource
 from perf_pipeline.lib import partitioning as p
 from perf_pipeline.lib.db import load_query
 from perf_pipeline.settings import get_settings
@@ -97,7 +97,7 @@ def test_dagster_asset_creates_the_keys_month_with_indexes(db_url: str, db: psyc
     res = dg.materialize(
         [usage_log_partitions],
         partition_key="2025-03-01",
-        resources={"postgres": PostgresResource(url=db_url)},
+        resources={"postgres": PostgresResource(url=db_url), "settings": SettingsResource()},
         instance=instance,
     )
     assert res.success
@@ -110,7 +110,7 @@ def test_dagster_asset_creates_the_keys_month_with_indexes(db_url: str, db: psyc
     again = dg.materialize(
         [usage_log_partitions],
         partition_key="2025-03-01",
-        resources={"postgres": PostgresResource(url=db_url)},
+        resources={"postgres": PostgresResource(url=db_url), "settings": SettingsResource()},
         instance=instance,
     )
     assert again.asset_materializations_for_node("usage_log_partitions")[0].metadata["run_created"].value == 0
@@ -130,10 +130,12 @@ def test_daily_schedules_request_current_plus_premake_months(monkeypatch: pytest
 
 def _requests_name_their_months(instance: dg.DagsterInstance) -> None:
     for table, schedule in SCHEDULES.items():
-        ctx = dg.build_schedule_context(
-            instance=instance, scheduled_execution_time=dt.datetime(2026, 11, 27, 0, 10, tzinfo=UTC)
-        )
-        request = schedule(ctx)
+        with dg.build_schedule_context(
+            instance=instance,
+            scheduled_execution_time=dt.datetime(2026, 11, 27, 0, 10, tzinfo=UTC),
+            resources={"settings": SettingsResource()},
+        ) as ctx:
+            request = schedule(ctx)
         assert request.tags[ASSET_PARTITION_RANGE_START_TAG] == "2026-11-01"
         assert request.tags[ASSET_PARTITION_RANGE_END_TAG] == "2027-02-01"
         # the months it names are keys of the table's partitions (added when missing)
@@ -149,11 +151,14 @@ def test_the_schedules_range_run_creates_every_premake_month(db_url: str, db: ps
 def _range_runs(db_url: str, db: psycopg.Connection, instance: dg.DagsterInstance, now: dt.datetime) -> None:
     months = p.months_ahead(now.date(), get_settings().premake_months)
     for table, asset in (("audit_log", audit_log_partitions), ("usage_log", usage_log_partitions)):
-        request = SCHEDULES[table](dg.build_schedule_context(instance=instance, scheduled_execution_time=now))
+        with dg.build_schedule_context(
+            instance=instance, scheduled_execution_time=now, resources={"settings": SettingsResource()}
+        ) as ctx:
+            request = SCHEDULES[table](ctx)
         res = dg.materialize(
             [asset],
             tags=request.tags,
-            resources={"postgres": PostgresResource(url=db_url)},
+            resources={"postgres": PostgresResource(url=db_url), "settings": SettingsResource()},
             instance=instance,
         )
         assert res.success
@@ -170,7 +175,7 @@ def test_months_ahead_check_names_each_missing_month_and_errors_on_this_month(
 ) -> None:
     """This month and the PREMAKE months after it must be attached: a later month missing is a warning that
     names it and the job to run; this month missing (its rows go to DEFAULT now) is an error."""
-    resources = {"postgres": PostgresResource(url=db_url)}
+    resources = {"postgres": PostgresResource(url=db_url), "settings": SettingsResource()}
     today = dt.datetime.now(UTC).date()
     months = p.months_ahead(today, get_settings().premake_months)
     p.create_partitions_ahead(db, "audit_log", today, get_settings().premake_months)

@@ -24,7 +24,7 @@ import dagster as dg
 import psycopg
 import pytest
 
-from perf_pipeline.defs.resources import PostgresResource
+from perf_pipeline.defs.resources import PostgresResource, SettingsResource
 from perf_pipeline.defs.rollups.assets import (
     CHECK_NO_MISSING_DAYS,
     CHECK_NON_NEGATIVE,
@@ -203,7 +203,7 @@ def _providers(conn: psycopg.Connection) -> dict[tuple[dt.date, str], tuple]:
 
 
 def _resources(url: str) -> dict[str, Any]:
-    return {"postgres": PostgresResource(url=url)}
+    return {"postgres": PostgresResource(url=url), "settings": SettingsResource()}
 
 
 # --------------------------------------------------------------------------------------------- tests

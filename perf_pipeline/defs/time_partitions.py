@@ -24,7 +24,8 @@ import logging
 
 import dagster as dg
 
-from perf_pipeline.lib.partitioning import add_months, month_start, oldest_month
+from perf_pipeline.lib.calendar import month_start, retention_floor
+from perf_pipeline.lib.partitioning import oldest_month
 from perf_pipeline.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -41,7 +42,9 @@ def resolve_data_start(settings: Settings | None = None, *, today: dt.date | Non
     if settings.data_start is not None:
         return settings.data_start
     this_month = month_start(today or dt.datetime.now(dt.UTC).date())
-    fallback = add_months(this_month, -max(settings.audit_retention_months, settings.usage_retention_months))
+    fallback = retention_floor(
+        this_month, max(settings.audit_retention_months, settings.usage_retention_months)
+    )
     url = settings.database_url
     if url is None:
         return fallback

@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 import dagster as dg
 import psycopg
 
-from perf_pipeline.defs.resources import PostgresResource
+from perf_pipeline.defs.resources import PostgresResource, SettingsResource
 from perf_pipeline.defs.time_partitions import AUDIT_ARCHIVE_MONTHS, USAGE_RETENTION_MONTHS
 from perf_pipeline.lib.archive import (
     ArchiveResult,
@@ -24,10 +24,10 @@ from perf_pipeline.lib.archive import (
     usage_retention_decision,
 )
 from perf_pipeline.lib.rollups import LOOKBACK_DAYS
-from perf_pipeline.settings import get_settings
+from perf_pipeline.settings import Settings
 
 #: whether a month (past retention: it is a key) may be archived now, and why; reads the database if needed
-Decide = Callable[[psycopg.Connection, dt.date], RetentionDecision]
+Decide = Callable[[psycopg.Connection, dt.date, Settings], RetentionDecision]
 
 
 def _result(result: ArchiveResult, why: str) -> dg.MaterializeResult:
@@ -71,16 +71,19 @@ def _archive_asset(
         deps=list(deps),
         description=description,
     )
-    def _asset(context: dg.AssetExecutionContext, postgres: PostgresResource) -> dg.MaterializeResult:
+    def _asset(
+        context: dg.AssetExecutionContext, postgres: PostgresResource, settings: SettingsResource
+    ) -> dg.MaterializeResult:
         month = context.partition_time_window.start.date()
+        config = settings.get()
         with postgres.connection(autocommit=True) as conn:
-            decision = decide(conn, month)
+            decision = decide(conn, month, config)
             if not decision.drop:
                 raise dg.Failure(
                     description=f"{table} {month:%Y-%m} kept: {decision.reason}.{kept_hint}",
                     allow_retries=False,
                 )
-            result = archive_partition(conn, table, month, get_settings().archive_dir)
+            result = archive_partition(conn, table, month, config.archive_dir)
         if result.state == "absent":
             raise dg.Failure(
                 description=f"{table} {month:%Y-%m}: no partition and no archive of this month: nothing to archive",
@@ -92,15 +95,15 @@ def _archive_asset(
     return _asset
 
 
-def _past_audit_retention(conn: psycopg.Connection, month: dt.date) -> RetentionDecision:
+def _past_audit_retention(conn: psycopg.Connection, month: dt.date, settings: Settings) -> RetentionDecision:
     """Every key of the audit archive may go: its month is past retention (the keys stop there)."""
-    return RetentionDecision(True, f"past {get_settings().audit_retention_months} months of retention")
+    return RetentionDecision(True, f"past {settings.audit_retention_months} months of retention")
 
 
-def _usage_may_go(conn: psycopg.Connection, month: dt.date) -> RetentionDecision:
+def _usage_may_go(conn: psycopg.Connection, month: dt.date, settings: Settings) -> RetentionDecision:
     """:func:`usage_retention_decision` for today (UTC); one grouped read of the month."""
     today = dt.datetime.now(dt.UTC).date()
-    return usage_retention_decision(conn, month, today, get_settings().usage_retention_months)
+    return usage_retention_decision(conn, month, today, settings.usage_retention_months)
 
 
 audit_log_archive = _archive_asset(

@@ -11,10 +11,9 @@ import time
 import dagster as dg
 
 from perf_pipeline.defs.metadata import as_metadata, check_result
-from perf_pipeline.defs.resources import PostgresResource
+from perf_pipeline.defs.resources import PostgresResource, SettingsResource
 from perf_pipeline.lib import health
 from perf_pipeline.lib.health import report
-from perf_pipeline.settings import get_settings
 
 GROUP = "maintenance"
 
@@ -130,12 +129,15 @@ _GROUP_CHECKS = {health.AUDIT: "audit_lookups_within_budget", health.ANALYTICS: 
     ],
 )
 def query_latency_budgets(
-    context: dg.AssetExecutionContext, config: BudgetConfig, postgres: PostgresResource
+    context: dg.AssetExecutionContext,
+    config: BudgetConfig,
+    postgres: PostgresResource,
+    settings: SettingsResource,
 ) -> dg.MaterializeResult:
-    settings = get_settings()
+    configured = settings.get()  # a run-config value overrides the deployment's setting for one run
     budgets = {
-        health.AUDIT: config.audit_budget_ms or settings.audit_budget_ms,
-        health.ANALYTICS: config.analytics_budget_ms or settings.analytics_budget_ms,
+        health.AUDIT: config.audit_budget_ms or configured.audit_budget_ms,
+        health.ANALYTICS: config.analytics_budget_ms or configured.analytics_budget_ms,
     }
     with postgres.connection(autocommit=True) as conn:
         results = health.run_probes(conn, runs=config.runs)
@@ -191,7 +193,10 @@ class ResourceConfig(dg.Config):
     ],
 )
 def system_resources(
-    context: dg.AssetExecutionContext, config: ResourceConfig, postgres: PostgresResource
+    context: dg.AssetExecutionContext,
+    config: ResourceConfig,
+    postgres: PostgresResource,
+    settings: SettingsResource,
 ) -> dg.MaterializeResult:
     previous = None
     last = context.instance.get_latest_materialization_event(context.asset_key)
@@ -201,7 +206,7 @@ def system_resources(
             previous = health.CpuSample(
                 float(md["cpu_busy_s"].value), float(md["cpu_total_s"].value), float(md["boot_time"].value)
             )
-    state_dir = get_settings().state_dir
+    state_dir = settings.get().state_dir
     with postgres.connection(autocommit=True) as conn:
         # psutil measures the machine this run executes on (with the embedded setup, the database's too)
         snap = health.system_resources(

@@ -10,8 +10,8 @@ import datetime as dt
 
 import dagster as dg
 
+from perf_pipeline.defs.resources import SettingsResource
 from perf_pipeline.defs.scheduling import utc_schedule
-from perf_pipeline.settings import get_settings
 
 FINISHED = [dg.DagsterRunStatus.SUCCESS, dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED]
 BATCH = 200
@@ -39,8 +39,10 @@ class PruneConfig(dg.Config):
 
 
 @dg.op(description="Delete finished Dagster runs (and their event logs) older than the retention.")
-def prune_run_history(context: dg.OpExecutionContext, config: PruneConfig) -> None:
-    days = config.days or get_settings().run_history_days
+def prune_run_history(
+    context: dg.OpExecutionContext, config: PruneConfig, settings: SettingsResource
+) -> None:
+    days = config.days or settings.get().run_history_days
     cutoff = dt.datetime.now(dt.UTC) - dt.timedelta(days=days)
     deleted = prune_runs(context.instance, cutoff, keep_run_id=context.run_id)
     context.log.info("deleted %d run(s) created before %s", deleted, cutoff.isoformat())

@@ -12,7 +12,7 @@ import datetime as dt
 import dagster as dg
 
 from perf_pipeline.defs.partitions.assets import audit_log_partitions, usage_log_partitions
-from perf_pipeline.defs.resources import PostgresResource
+from perf_pipeline.defs.resources import PostgresResource, SettingsResource
 from perf_pipeline.lib.calendar import add_months
 from perf_pipeline.lib.partitioning import (
     default_name,
@@ -23,7 +23,6 @@ from perf_pipeline.lib.partitioning import (
     partition_name,
     unattached_partitions,
 )
-from perf_pipeline.settings import get_settings
 
 #: the next month must exist this many days before it starts
 NEXT_MONTH_DEADLINE_DAYS = 7
@@ -80,9 +79,9 @@ def _ahead_check(asset: dg.AssetsDefinition, table: str) -> dg.AssetChecksDefini
         f"The next month missing {NEXT_MONTH_DEADLINE_DAYS} days or less before it starts is an error: from its "
         "first second, its rows would land in DEFAULT.",
     )
-    def _check(postgres: PostgresResource) -> dg.AssetCheckResult:
+    def _check(postgres: PostgresResource, settings: SettingsResource) -> dg.AssetCheckResult:
         today = dt.datetime.now(dt.UTC).date()
-        wanted = months_ahead(today, get_settings().premake_months)
+        wanted = months_ahead(today, settings.get().premake_months)
         with postgres.connection(autocommit=True) as conn:
             attached = existing_months(conn, table)
         missing = [m for m in wanted if m not in attached]

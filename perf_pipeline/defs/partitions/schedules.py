@@ -4,10 +4,10 @@ import dagster as dg
 from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
 
 from perf_pipeline.defs.partitions.assets import audit_log_partitions, usage_log_partitions
+from perf_pipeline.defs.resources import SettingsResource
 from perf_pipeline.defs.scheduling import utc_schedule_decorator
 from perf_pipeline.defs.time_partitions import TABLE_MONTHS
 from perf_pipeline.lib.partitioning import months_ahead
-from perf_pipeline.settings import get_settings
 
 
 def _create_ahead(table: str, asset: dg.AssetsDefinition, cron: str) -> tuple[object, dg.ScheduleDefinition]:
@@ -27,9 +27,9 @@ def _create_ahead(table: str, asset: dg.AssetsDefinition, cron: str) -> tuple[ob
         "with no data; also evaluates the DEFAULT and months-ahead checks.",
         name=f"create_{table}_partitions_ahead",
     )
-    def _schedule(context: dg.ScheduleEvaluationContext) -> dg.RunRequest:
+    def _schedule(context: dg.ScheduleEvaluationContext, settings: SettingsResource) -> dg.RunRequest:
         day = context.scheduled_execution_time.date()
-        keys = [m.isoformat() for m in months_ahead(day, get_settings().premake_months)]
+        keys = [m.isoformat() for m in months_ahead(day, settings.get().premake_months)]
         # the months ahead must be keys of the dynamic partitions before the run names them (the
         # observe_platform_tables sensor adds them too, every minute)
         missing = [k for k in keys if not context.instance.has_dynamic_partition(partitions.name, k)]
