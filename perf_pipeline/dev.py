@@ -268,6 +268,21 @@ def bootstrap(host: str, port: int, backfill: str, *, today: dt.date | None = No
     return time.monotonic() - started
 
 
+def _port_in_use(host: str, port: int) -> str | None:
+    """Why ``port`` cannot be listened on at ``host`` (e.g. "Address already in use"), or None when it can.
+    Checked before anything starts: otherwise the wait for the UI would find the other process's webserver
+    and the bootstrap would talk to the wrong Dagster."""
+    import socket
+
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the webserver binds: TIME_WAIT is fine
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            return exc.strerror or str(exc)
+    return None
+
+
 def run(host: str, port: int, *, force_bootstrap: bool = False, skip_bootstrap: bool = False) -> int:
     """What ``perf-pipeline dev`` does (see the module docstring). Returns dagster dev's exit code."""
     from perf_pipeline.cli import apply_pool_limits, dagster_environment
@@ -276,6 +291,14 @@ def run(host: str, port: int, *, force_bootstrap: bool = False, skip_bootstrap: 
     from perf_pipeline.settings import PROJECT_ROOT
 
     started = time.monotonic()
+    busy = _port_in_use(host, port)
+    if busy:
+        print(
+            f"error: {host}:{port} is already in use ({busy}): is another `make dev` running? Stop it "
+            "(Ctrl-C in its terminal) or choose another port with `perf-pipeline dev --port N`",
+            file=sys.stderr,
+        )
+        return 2
     env = dagster_environment()
     url = env["PERF_PIPELINE_DATABASE_URL"]
     applied = apply_migrations(url)

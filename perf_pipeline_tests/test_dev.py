@@ -186,3 +186,20 @@ def _tag(run: dict, key: str) -> str | None:
 def _nodes(client: DagsterGraphQLClient) -> dict[str, dict]:
     repo = _state(client)["repositoriesOrError"]["nodes"][0]
     return {"/".join(n["assetKey"]["path"]): n for n in repo["assetNodes"]}
+
+
+def test_dev_refuses_a_port_already_in_use(capsys: pytest.CaptureFixture[str]) -> None:
+    """A second ``perf-pipeline dev`` while one runs (the port taken) stops at once with one line, before it
+    starts or touches anything: it used to take the other webserver for its own and report it up in 2 s."""
+    import socket
+
+    from perf_pipeline import dev
+
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        assert dev.run("127.0.0.1", port) == 2
+    err = capsys.readouterr().err
+    assert f"127.0.0.1:{port} is already in use" in err and "--port" in err
+    assert dev._port_in_use("127.0.0.1", port) is None  # free again once the other process let it go
