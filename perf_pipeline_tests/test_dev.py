@@ -75,9 +75,9 @@ def _really_busy(execution: dict) -> bool:
 
 
 @pytest.fixture
-def dev(
-    pg_server_url: str, redis_server_url: str, tmp_path: Path
-) -> Iterator[tuple[DagsterGraphQLClient, str]]:
+def dev(pg_server_url: str, redis_url: str, tmp_path: Path) -> Iterator[tuple[DagsterGraphQLClient, str]]:
+    # redis_url: this worker's Redis database, emptied first: the hit-rate check reads the last 15 minutes'
+    # outcome counters, and earlier tests of this worker (cache misses on purpose) must not count
     data = create_database(pg_server_url)
     # created by the command itself, as on a fresh machine
     dagster_db = urlunsplit(urlsplit(data)._replace(path=urlsplit(data).path + "_dagster"))
@@ -85,7 +85,7 @@ def dev(
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PERF_PIPELINE_", "DAGSTER_"))}
     env.update(
         PERF_PIPELINE_DATABASE_URL=data,
-        PERF_PIPELINE_REDIS_URL=redis_server_url,
+        PERF_PIPELINE_REDIS_URL=redis_url,
         PERF_PIPELINE_DAGSTER_DATABASE_URL=dagster_db,
         PERF_PIPELINE_STATE_DIR=str(tmp_path / "state"),
         PERF_PIPELINE_ARCHIVE_DIR=str(tmp_path / "archive"),

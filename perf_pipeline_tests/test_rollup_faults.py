@@ -320,6 +320,9 @@ def test_a_running_archive_keeps_its_month_out_of_a_rollup(url: str, conn: psyco
         assert (
             conn.execute("SELECT count(*) FROM usage_daily_metrics WHERE day = %s", (day,)).fetchone()[0] == 0
         )
+        # released explicitly: a closed connection's backend drops its session locks only once it has
+        # exited, which closing the client does not wait for
+        holder.execute(sql.SQL("SELECT pg_advisory_unlock({})").format(key.args()))
     result = rollups.rollup_days(conn, day, day + dt.timedelta(days=1))
     assert result.skipped_days == [] and _sessions(conn, day) == (100, 100)
 
