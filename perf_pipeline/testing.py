@@ -243,16 +243,35 @@ def serve_api(env: Mapping[str, str], *, workers: int = 1, timeout: float = 60.0
             time.sleep(0.2)
         yield server
     finally:
+        server.stopped_cleanly = stop_process_tree(proc, grace_s=15)
+
+
+def stop_process_tree(proc: subprocess.Popen, *, grace_s: float) -> bool:
+    """Stop ``proc`` (started with ``start_new_session=True``) and everything it started: SIGTERM to its
+    process group, SIGKILL to the group after ``grace_s``, then SIGKILL to any descendant that had left the
+    group (Dagster starts its code servers in sessions of their own; orphaned, they outlive the test).
+    Returns whether the group stopped within the grace period."""
+    import psutil
+
+    try:
+        descendants = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        descendants = []
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=grace_s)
+        clean = True
+    except subprocess.TimeoutExpired:
+        clean = False
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-            server.stopped_cleanly = True
-        except subprocess.TimeoutExpired:
-            server.stopped_cleanly = False
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(30)
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+    for child in descendants:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.kill()
+    psutil.wait_procs(descendants, timeout=10)
+    return clean
 
 
 @dataclass

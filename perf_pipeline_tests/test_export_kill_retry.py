@@ -47,6 +47,7 @@ from perf_pipeline.lib import exports as ex
 from perf_pipeline.lib.db import Locks
 from perf_pipeline.lib.workload import WorkloadSpec, load_workload
 from perf_pipeline.settings import PROJECT_ROOT
+from perf_pipeline.testing import stop_process_tree
 from perf_pipeline_tests.conftest import Location, create_database, drop_database
 
 BIN = Path(sys.executable).parent
@@ -116,15 +117,8 @@ def daemon(
         with dg.DagsterInstance.get() as instance:
             yield instance, env
     finally:
-        if proc is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(5)
-            except subprocess.TimeoutExpired:  # its threads finish their iteration first: no need to wait
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(10)
+        if proc is not None:  # its threads finish their iteration first: no need to wait long
+            stop_process_tree(proc, grace_s=5)
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)
