@@ -62,6 +62,7 @@ import redis
 from bench.harness import RESULTS_DIR, percentile, print_table
 from perf_pipeline.dev import LAUNCH_RUN
 from perf_pipeline.settings import PROJECT_ROOT
+from perf_pipeline.testing import stop_process_tree
 
 BIN = Path(sys.executable).parent
 ADMIN_TOKEN = "soak-admin-token-" + "x" * 16
@@ -144,14 +145,7 @@ class Managed:
         if not self.alive():
             return
         assert self.proc is not None
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(10)
+        stop_process_tree(self.proc, grace_s=timeout)
 
     def rss_mb(self) -> dict[str, tuple[int, float]]:
         """label → (pid, RSS MB) of the process and of each descendant (labelled by command)."""

@@ -512,14 +512,7 @@ class SeaweedFS:
         proc, self.process = self.process, None
         if proc is None or proc.poll() is not None:
             return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(STOP_GRACE_S)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(30)
+        stop_process_tree(proc, grace_s=STOP_GRACE_S)
 
 
 @contextlib.contextmanager

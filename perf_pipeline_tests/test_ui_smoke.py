@@ -6,10 +6,8 @@ run whose days each carry their own numbers.
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -24,7 +22,7 @@ from dagster_graphql import DagsterGraphQLClient
 
 from perf_pipeline.dev import LAUNCH_RUN
 from perf_pipeline.settings import PROJECT_ROOT
-from perf_pipeline.testing import free_port
+from perf_pipeline.testing import free_port, stop_process_tree
 from perf_pipeline_tests.conftest import create_database, drop_database
 
 REPO_QUERY = """
@@ -135,14 +133,8 @@ def webserver(
             time.sleep(0.5)
         yield DagsterGraphQLClient("127.0.0.1", port_number=port)
     finally:
-        # the whole process group: terminating the webserver alone left its code server running
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(30)
-        finally:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)  # whatever of the group is still there
+        # the whole tree: terminating the webserver alone left its code server running
+        stop_process_tree(proc, grace_s=30)
         drop_database(pg_server_url, storage_url)
 
 
