@@ -372,6 +372,16 @@ def test_system_resources_sample_without_blocking(seeded_url: str) -> None:
     assert snap.connections >= 1 and snap.max_connections > snap.connections
 
 
+def test_a_previous_sample_of_a_moment_ago_still_gives_a_full_window(seeded_url: str) -> None:
+    """Two samples close together (a scheduled run right after another) average over at least
+    ``min_window_s``, never over a few milliseconds: such a reading failed the CPU check in a busy test run."""
+    with psycopg.connect(seeded_url, autocommit=True) as conn:
+        previous = health.cpu_sample()
+        time.sleep(0.05)  # a few clock ticks: the two samples differ, so the previous one is usable
+        snap = health.system_resources(conn, previous=previous, min_window_s=0.5)
+    assert snap.cpu_window_s >= 0.45 and snap.cpu_percent is not None
+
+
 def test_system_resources_asset_checks_against_thresholds(seeded_url: str) -> None:
     instance = dg.DagsterInstance.ephemeral()
     first = _materialize([system_resources], seeded_url, instance=instance)

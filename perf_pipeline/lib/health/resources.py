@@ -66,9 +66,9 @@ def system_resources(
 
     CPU is the average utilisation since ``previous`` (e.g. the sample stored with the last
     materialization: "CPU < 60 %" is about an average, not an instant); without a usable previous sample
-    (a first run, a reboot since) it is measured over this call, which then lasts at least
-    ``min_window_s`` seconds (it sleeps the rest: an instant's reading is noise, the load average a
-    different quantity). Cost: /proc reads, a statvfs, one pg_stat_activity read, and that sleep.
+    (a first run, a reboot since) it is measured over this call. Either way the window lasts at least
+    ``min_window_s`` seconds: the call sleeps the rest (a previous sample taken a moment ago, or none, would
+    give an instant's reading, which is noise; the load average is a different quantity). Cost: /proc reads, a statvfs, one pg_stat_activity read, and that sleep.
     """
     first = cpu_sample()
     row = conn.execute(
@@ -83,15 +83,13 @@ def system_resources(
     disk = psutil.disk_usage(disk_path)
     now = cpu_sample()
     usable = previous is not None and cpu_percent_between(previous, now) is not None
-    if not usable and min_window_s > 0:
-        cores = psutil.cpu_count() or 1
-        left = min_window_s - (now.total_s - first.total_s) / cores
-        if left > 0:
-            time.sleep(left)
-            now = cpu_sample()
     base = previous if usable and previous is not None else first
-    cpu = cpu_percent_between(base, now)
     cores = psutil.cpu_count() or 1
+    left = min_window_s - (now.total_s - base.total_s) / cores
+    if left > 0:
+        time.sleep(left)
+        now = cpu_sample()
+    cpu = cpu_percent_between(base, now)
     return ResourceSnapshot(
         cpu_percent=cpu,
         cpu_window_s=(now.total_s - base.total_s) / cores,
