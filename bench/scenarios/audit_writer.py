@@ -24,7 +24,11 @@
 
 ``BENCH_SCALE=small``: 100k events and fewer rounds (5 kills per variant instead of 20); default: 1M
 events. The SIGKILL rounds take about 2.5 minutes at the default scale, 50 s small.
-``BENCH_AUDIT_PARTS``: a comma-separated subset of ``ops,delivery,sustained,kill`` (default: all).
+``spool``: one spool segment of ``batch_size`` (5000) realistic events written as the writer writes it
+(:meth:`perf_pipeline.audit.spool.Spool.write`: one write + rename), without and with fsync; median and
+max ms over 50 segments — the cost the writer's docstrings quote per segment.
+
+``BENCH_AUDIT_PARTS``: a comma-separated subset of ``ops,delivery,sustained,kill,spool`` (default: all).
 """
 
 from __future__ import annotations
@@ -54,7 +58,9 @@ ROUNDS = 5 if SMALL else 10
 PRODUCERS = 4
 ROOT = str(Path(__file__).resolve().parents[2])  # the checkout the child process imports from
 KILL_ROUNDS = 5 if SMALL else 20
-PARTS = {p.strip() for p in os.environ.get("BENCH_AUDIT_PARTS", "ops,delivery,sustained,kill").split(",")}
+PARTS = {
+    p.strip() for p in os.environ.get("BENCH_AUDIT_PARTS", "ops,delivery,sustained,kill,spool").split(",")
+}
 USER = "6f1c1a52-8f8e-4c59-9a55-0d3a7b0c2f11"
 
 
@@ -434,6 +440,46 @@ def _kill_rounds(ctx: BenchContext, url: str, rate: int | None) -> None:
     )
 
 
+def _spool_segments(ctx: BenchContext, segments: int = 50, events: int = 5000) -> None:
+    """Median/max time of one :meth:`Spool.write` of ``events`` encoded events, fsync off and on."""
+    import tempfile
+    import uuid
+
+    from perf_pipeline.audit.spool import Spool
+
+    tail = AuditEvent(
+        "document.update",
+        "document",
+        str(uuid.uuid4()),
+        "update",
+        "edited the transcript",
+        str(uuid.uuid4()),
+        "low",
+        {"changed": ["title", "speakers"], "words": 1234},
+        "10.1.2.3",
+    ).encode_line_tail()
+    payload = b"".join(
+        f"{uuid.uuid4()}\t2026-12-02 19:00:00.000000+00\t".encode() + tail for _ in range(events)
+    )
+    for fsync in (False, True):
+        with tempfile.TemporaryDirectory() as folder:
+            spool = Spool(Path(folder), fsync)
+            times = []
+            for seq in range(segments):
+                t0 = time.perf_counter()
+                spool.write(seq, payload)
+                times.append((time.perf_counter() - t0) * 1000)
+                spool.remove(seq)
+            spool.close()
+        ctx.row(
+            test=f"spool segment, {events} events, fsync {'on' if fsync else 'off'}",
+            rounds=segments,
+            segment_kb=round(len(payload) / 1024),
+            write_ms_p50=statistics.median(times),
+            write_ms_max=max(times),
+        )
+
+
 @scenario(
     "audit_writer",
     "AuditWriter: 100 audited ops sync vs async, delivery paths, 4-thread throughput, SIGKILL loss",
@@ -454,3 +500,5 @@ def run(ctx: BenchContext) -> None:
         if "kill" in PARTS:
             for rate in (None, 50_000):
                 _kill_rounds(ctx, url, rate)
+    if "spool" in PARTS:
+        _spool_segments(ctx)

@@ -36,8 +36,10 @@ before its batch is sent) and deletes each only after ``COMMIT`` returned. So:
   through the idempotent path;
 * fsync policy: segments are written with one ``write()`` and renamed into place, not fsynced by default
   (``spool_fsync=False``): they survive a process crash or SIGKILL (the kernel holds the data), not a
-  power loss. ``spool_fsync=True`` fsyncs each segment and the folder (~1–10 ms per segment, on the
-  spooler thread, never on ``log()``'s normal path).
+  power loss. ``spool_fsync=True`` fsyncs each segment and the folder (on the spooler thread, never on
+  ``log()``'s normal path). A segment of 5000 events (1.2 MB) takes ~0.2 ms without fsync and ~1.1–1.4 ms
+  with it, medians on this project's ext4 disk (``BENCH_AUDIT_PARTS=spool python -m bench audit_writer``;
+  slower disks pay more for the fsync).
 * an exclusive ``flock`` on ``<spool_dir>/.lock`` keeps two live writers from sharing one folder.
 * spool disk full (a segment write fails): the batch stays in memory and is delivered from there if the
   database is up; no further batch is taken until its segment is written (retried every pass) or it is
@@ -50,7 +52,7 @@ What a SIGKILL can lose — with a spool: only what is still queued in memory, i
 load and whatever the database does**: the spooler drains the queue every interval, and if it is ever late
 (starved of the GIL by busy producers, a slow disk) the producer that finds a queued event older than
 ``flush_interval_ms + max(flush_interval_ms, 50 ms)`` takes the whole queue (a list swap under the lock)
-and writes it to segments itself after releasing the lock (~1 ms per ``batch_size`` events in that one
+and writes it to segments itself after releasing the lock (~0.2 ms per ``batch_size`` events in that one
 ``log()`` call; counted in ``spilled``). Measured (``python -m bench audit_writer``, SIGKILL rows: a
 child with 4 producer threads, saturating or paced at 50k/s, killed after a random 1–3 s; 120 kills over
 3 runs at 30–42k events/s on a shared 2-core machine; the default 50 ms interval): the oldest event lost
@@ -69,7 +71,7 @@ Full queue (``max_queue`` events or ``max_queue_bytes`` bytes in memory: without
 stuck in a slow connect or ``COPY``; with one, the spooler cannot write fast enough or at all):
 
 * with a spool: **spill** — the producer that finds the queue full writes the oldest ``batch_size``
-  queued events to a new spool segment (one file write, ~1 ms, under the writer's lock) and goes on;
+  queued events to a new spool segment (one file write, ~0.2 ms, under the writer's lock) and goes on;
   order is kept because sequence numbers are taken under that lock (if that write fails, it falls back
   to blocking, below);
 * without a spool: **block** up to ``put_timeout`` seconds for room, then raise :class:`AuditQueueFull`;

@@ -201,10 +201,10 @@ class AuditWriter:
 
         Cost: ~5–15 µs (validation, ``json.dumps`` of ``details``). Raises :class:`AuditEventError` for an
         event audit_log would refuse. When the queue is full: with a spool, writes its oldest
-        ``batch_size`` events to a segment (~1 ms); without, waits up to ``put_timeout`` then raises
+        ``batch_size`` events to a segment (~0.2 ms); without, waits up to ``put_timeout`` then raises
         :class:`AuditQueueFull`. With a spool, also when the spooler is late (the queue has not been empty
         for flush interval + max(flush interval, 50 ms)): takes the queue and writes it to segments itself
-        after releasing the lock (~1 ms per ``batch_size`` events, other producers go on), so what only
+        after releasing the lock (~0.2 ms per ``batch_size`` events, other producers go on), so what only
         memory holds stays bounded in time.
         """
         tail = AuditEvent(
@@ -277,7 +277,7 @@ class AuditWriter:
 
     def _spool_leftovers(self, when: str) -> list[bytes]:
         """At the end of the writer's life, write what is still queued to one new spool segment, queued for
-        delivery after every pending batch (lock held; one file write, ~1 ms per ``batch_size`` events).
+        delivery after every pending batch (lock held; one file write, ~0.2 ms per ``batch_size`` events).
 
         Returns what could not be spooled (no spool, or the write failed: logged) for the caller to count
         as lost; an empty list otherwise. ``when`` says in the log which end this is.
@@ -303,7 +303,7 @@ class AuditWriter:
 
     def _spill(self) -> _Batch | None:
         """Write the oldest ``batch_size`` queued events to a new segment (lock held, spool present; one
-        write, ~1 ms). Under the lock, so sequence order == file order == log() order. None when the write
+        write, ~0.2 ms). Under the lock, so sequence order == file order == log() order. None when the write
         failed (the events are back in the queue)."""
         assert self._spool is not None
         seq = self._next_seq()
@@ -343,7 +343,7 @@ class AuditWriter:
         return lines, batches
 
     def _write_late(self, lines: list[bytes], batches: list[_Batch]) -> None:
-        """Write what :meth:`_take_late` took, from the producer, no lock held (~1 ms per segment). If a
+        """Write what :meth:`_take_late` took, from the producer, no lock held (~0.2 ms per segment). If a
         write fails, that batch and the ones after it stay in memory, deliverable from there, and are
         retried by the spooler (which takes nothing more meanwhile)."""
         log.warning("audit spooler late: a producer writes the %d queued events to the spool", len(lines))
@@ -368,7 +368,7 @@ class AuditWriter:
         if self._spool is not None:
             # the oldest batch_size events become the next segment: they are older than what stays queued
             # and newer than every pending batch, so the sequence order is still the log() order; one
-            # batch-sized write (~1 ms) instead of the whole queue keeps this producer's stall short (more
+            # batch-sized write (~0.2 ms) instead of the whole queue keeps this producer's stall short (more
             # than one only when a batch's bytes do not free room for a large event)
             while self._queue and self._full(size):
                 batch = self._spill()
@@ -452,7 +452,7 @@ class AuditWriter:
         (delivery order is kept) and no producer or spill interleaves. Batches the flusher took but has
         not spooled (no spool, or a spool write that failed) are written to their own segment too: if the
         stuck delivery does commit later, the replay of that segment is idempotent (duplicates skipped).
-        Cost: one segment write per batch, ~1 ms each. The stuck thread keeps the spool's flock until it
+        Cost: one segment write per batch, ~0.2 ms each. The stuck thread keeps the spool's flock until it
         ends; if it ever returns it delivers these segments itself and runs its normal shutdown.
         """
         with self._lock:
@@ -589,7 +589,7 @@ class AuditWriter:
         interval at a steady rate, not a stream of tiny ones).
 
         Each batch is taken under the lock — the sequence number with it, so segment order is log() order
-        even with producers spilling meanwhile — and written outside it (one write, ~1 ms per 5000 events),
+        even with producers spilling meanwhile — and written outside it (one write, ~0.2 ms per 5000 events),
         so ``log()`` never waits for a file write on this path. Taking the whole queue is a list swap
         (O(1)); a queue longer than one batch gives a slice and a join under the lock (~0.15 ms per 5000).
 
